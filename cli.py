@@ -1,0 +1,189 @@
+"""``digpt``: the command line. Thin on purpose: it parses, builds a config, and calls one function.
+
+    digpt prepare synthetic --out data/syn --num-samples 512
+    digpt extract --shards data/syn --teacher efficientnet_lite0 --views 2 --out cache/syn
+    digpt verify --shards data/syn --cache cache/syn
+    digpt teachers
+    digpt demo --out demo_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="turn images into webdataset shards + a Parquet manifest")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{imagefolder,wds,synthetic}")
+    f = kinds.add_parser("imagefolder", help="ImageNet-style class folders -> tar shards")
+    f.add_argument("root", help="directory with one sub-directory per class")
+    f.add_argument("--out", required=True, help="dataset directory to write")
+    f.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    w = kinds.add_parser("wds", help="index existing webdataset / img2dataset shards in place")
+    w.add_argument("pattern", help="shard pattern, e.g. '/data/laion/{00000..00099}.tar'")
+    w.add_argument("--out", required=True, help="dataset directory to write the manifest into")
+    s = kinds.add_parser("synthetic", help="generate a class-structured image set (demo, tests)")
+    s.add_argument("--out", required=True, help="dataset directory to write")
+    s.add_argument("--num-samples", type=int, default=512)
+    s.add_argument("--num-classes", type=int, default=8)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--shard-size", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+
+
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from teacher_cache import prepare as P
+
+    if a.kind == "synthetic":
+        ds = P.prepare_synthetic(P.SyntheticConfig(out=a.out, num_samples=a.num_samples, num_classes=a.num_classes,
+                                                   image_size=a.image_size, shard_size=a.shard_size, seed=a.seed))
+    elif a.kind == "imagefolder":
+        ds = P.prepare_imagefolder(P.ImageFolderConfig(root=a.root, out=a.out, shard_size=a.shard_size))
+    else:
+        ds = P.prepare_wds(P.WdsConfig(pattern=a.pattern, out=a.out))
+    print(ds.summary())
+    return 0
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="run teachers once over the shards and write the Zarr cache")
+    p.add_argument("--shards", required=True, help="prepared dataset directory")
+    p.add_argument("--out", required=True, help="cache directory or fsspec URL")
+    p.add_argument("--teacher", action="append", required=True, metavar="NAME",
+                   help="teacher to extract (repeatable); see `digpt teachers`")
+    p.add_argument("--weights", action="append", default=None, metavar="FILE",
+                   help="local weights file, one per --teacher in order (use '-' for none)")
+    p.add_argument("--layer", type=int, default=None, help="block whose tokens are stored (1-based; default last)")
+    p.add_argument("--group", action="append", default=None, help="cache group name per --teacher")
+    p.add_argument("--views", type=int, default=2, help="augmented views per sample (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the view plan")
+    p.add_argument("--dtype", default="fp16", help="token storage: fp32, fp16, bf16 or int8 (default fp16)")
+    p.add_argument("--chunk-rows", type=int, default=64, help="samples per Zarr chunk")
+    p.add_argument("--batch-size", type=int, default=64, help="views per teacher forward")
+    p.add_argument("--codebook-size", type=int, default=512, help="kmeans:<teacher> codebook size")
+    p.add_argument("--fit-samples", type=int, default=512, help="kmeans:<teacher> samples to fit on")
+    p.add_argument("--codebook", default=None, help="kmeans:<teacher> codebook file instead of fitting")
+    p.add_argument("--executor", default="ray", help="ray (default) or local (in-process, serial)")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. auto)")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: GPUs, else cores/threads)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--allow-hub", action="store_true", help="let teachers download weights from a hub")
+
+
+def _extract_config(a: argparse.Namespace):
+    from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+    from teacher_cache.views import AugConfig
+
+    n = len(a.teacher)
+    weights = a.weights or [None] * n
+    groups = a.group or [None] * n
+    for flag, vals in (("--weights", weights), ("--group", groups)):
+        if len(vals) != n:
+            raise ValueError(f"{flag} was given {len(vals)} times for {n} --teacher(s); give one per teacher")
+    teachers = tuple(
+        TeacherConfig(name=t, weights=None if w in (None, "-") else w, layer=a.layer, group=g,
+                      codebook=a.codebook, codebook_size=a.codebook_size, fit_samples=a.fit_samples,
+                      allow_hub=a.allow_hub)
+        for t, w, g in zip(a.teacher, weights, groups)
+    )
+    return ExtractConfig(shards=a.shards, out=a.out, teachers=teachers, aug=AugConfig(views=a.views, seed=a.seed),
+                         storage=StorageConfig(dtype=a.dtype, chunk_rows=a.chunk_rows), batch_size=a.batch_size,
+                         executor=a.executor, ray_address=a.ray_address, workers=a.workers, threads=a.threads,
+                         device=a.device)
+
+
+def _cmd_extract(a: argparse.Namespace) -> int:
+    from teacher_cache.extract import run_extract
+
+    summary = run_extract(_extract_config(a))
+    print(summary.table())
+    return 0 if summary.ok else 1
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a cache: complete, finite, consistent, aligned")
+    p.add_argument("--shards", required=True, help="prepared dataset directory")
+    p.add_argument("--cache", required=True, help="cache directory or URL")
+    p.add_argument("--tokenizer", action="append", default=None, help="group(s) to check (default all)")
+    p.add_argument("--spot-checks", type=int, default=8, help="views recomputed by the teacher (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from teacher_cache.verify import VerifyConfig, run_verify
+
+    report = run_verify(VerifyConfig(shards=a.shards, cache=a.cache, tokenizers=tuple(a.tokenizer or ()),
+                                     spot_checks=a.spot_checks, seed=a.seed, device=a.device))
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def _add_teachers(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("teachers", help="list teacher families and presets")
+
+
+def _cmd_teachers(a: argparse.Namespace) -> int:
+    from teacher_cache.teachers import PRESETS, describe_teachers, list_teachers
+
+    print("families (NAME or NAME:ARG):")
+    for fam, doc in describe_teachers().items():
+        print(f"  {fam:18s} {doc}")
+    print("presets (need --weights FILE or --allow-hub):")
+    for k, v in PRESETS.items():
+        print(f"  {k:18s} {v}")
+    print("tiny, offline test variants: " + ", ".join(list_teachers(tiny=True)))
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on a generated dataset, on a CPU, in minutes")
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--num-samples", type=int, default=None, help="override the demo's dataset size")
+    p.add_argument("--executor", default="ray", help="ray (default) or local")
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from pipelines.demo import DemoConfig, run_demo
+
+    kwargs = {"out": a.out, "executor": a.executor}
+    if a.num_samples is not None:
+        kwargs["num_samples"] = a.num_samples
+    return 0 if run_demo(DemoConfig(**kwargs)).ok else 1
+
+
+COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "prepare": (_add_prepare, _cmd_prepare),
+    "extract": (_add_extract, _cmd_extract),
+    "verify": (_add_verify, _cmd_verify),
+    "teachers": (_add_teachers, _cmd_teachers),
+    "demo": (_add_demo, _cmd_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="digpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ValueError, FileNotFoundError) as e:
+        # Configuration and input errors: one line that names the problem, no traceback, nothing run.
+        if os.environ.get("DIGPT_DEBUG"):
+            raise
+        print(f"digpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

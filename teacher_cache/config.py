@@ -1,0 +1,120 @@
+"""Typed, frozen configs of the teacher-cache stage. The CLI builds these; nothing below sees argparse.
+
+Every field is validated in ``__post_init__`` with an error that names it, so bad configuration fails
+before any work starts (DESIGN invariant 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .store import DTYPES, slug
+from .views import AugConfig
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """One tokenizer to extract."""
+
+    name: str
+    """Registry name or preset: ``efficientnet_lite0``, ``pixel:224/16``, ``openclip:ViT-B-16@openai``, ``kmeans:<teacher>``."""
+    weights: str | None = None
+    """Local weights file (no network). For ``kmeans:<t>`` these are the base teacher's weights."""
+    layer: int | None = None
+    """Block whose output is stored (1-based); ``None``: the teacher's default (last)."""
+    group: str | None = None
+    """Name of the tokenizer group in the cache; default derived from name and layer."""
+    codebook: str | None = None
+    """``kmeans`` only: a codebook file (safetensors) to use instead of fitting one."""
+    codebook_size: int = 512
+    """``kmeans`` only: number of centroids to fit."""
+    fit_samples: int = 512
+    """``kmeans`` only: samples (first view each) whose tokens the codebook is fit on."""
+    allow_hub: bool = False
+    """Let hub-backed teachers download weights when no ``weights`` file is given."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("teacher name must not be empty")
+        if self.layer is not None and self.layer < 1:
+            raise ValueError(f"layer must be >= 1 (1-based block index), got {self.layer}")
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.fit_samples < 1:
+            raise ValueError(f"fit_samples must be >= 1, got {self.fit_samples}")
+
+    @property
+    def group_name(self) -> str:
+        return self.group or slug(self.name + (f"_l{self.layer}" if self.layer else ""))
+
+    def options(self) -> dict:
+        """Keyword options for :func:`create_teacher` beyond name/weights/layer."""
+        return {"allow_hub": True} if self.allow_hub else {}
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How tokens are stored."""
+
+    dtype: str = "fp16"
+    """``fp32``, ``fp16``, ``bf16`` or ``int8`` (per-token absmax scale)."""
+    chunk_rows: int = 64
+    """Samples per Zarr chunk; the loader reads whole chunks."""
+    clevel: int = 3
+    """Blosc/zstd compression level (0 = store raw)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if not 0 <= self.clevel <= 9:
+            raise ValueError(f"clevel must be in [0, 9], got {self.clevel}")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """``digpt extract``: run teachers once over prepared shards and write the cache."""
+
+    shards: str
+    """Prepared dataset directory (has ``manifest.parquet`` and ``dataset.json``)."""
+    out: str
+    """Cache location: a local directory or an fsspec URL."""
+    teachers: tuple[TeacherConfig, ...]
+    """Tokenizers to extract; each becomes a group in the cache."""
+    aug: AugConfig = field(default_factory=AugConfig)
+    """The view plan's augmentation (shared by every teacher)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Storage form of the tokens."""
+    batch_size: int = 64
+    """Views per teacher forward."""
+    executor: str = "ray"
+    """``ray`` (default; embedded local cluster unless ``ray_address``) or ``local`` (in-process, serial)."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster (``auto`` or ``ray://host:port``)."""
+    workers: int | None = None
+    """Ray workers (each loads every teacher once); default: one per GPU, else cores / threads."""
+    threads: int | None = None
+    """Torch threads per worker on CPU; default: cores / workers."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ValueError("teachers must name at least one teacher")
+        groups = [t.group_name for t in self.teachers]
+        if len(set(groups)) != len(groups):
+            raise ValueError(f"teachers map to duplicate cache groups {groups}; set distinct group names")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.executor not in ("ray", "local"):
+            raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    def to_json(self) -> dict:
+        return asdict(self)

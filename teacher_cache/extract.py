@@ -1,0 +1,533 @@
+"""``digpt extract``: run each teacher once over the prepared shards and write the Zarr cache.
+
+One job per (tokenizer, shard). On Ray each worker is an actor that builds every teacher once and
+processes whole shards; :func:`extract_shard` is the unit of work and is also what the ``local``
+executor runs in-process. A shard group is complete only when its ``complete`` attribute exists,
+and that attribute is written after every array (DESIGN invariant 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from .config import ExtractConfig, StorageConfig, TeacherConfig
+from .images import BadImage, decode_image, to_uint8_chw
+from .prepare import PreparedDataset, iter_dataset_samples, load_dataset
+from .shards import pick_image
+from .store import (
+    REPORTS_DIR,
+    SCHEMA_VERSION,
+    ShardLayout,
+    create_shard_group,
+    encode_block,
+    is_complete,
+    package_version,
+    shard_ids,
+    stored_bytes,
+)
+from .teachers import Teacher, create_teacher, resolve_name
+from .teachers.kmeans import fit_kmeans
+from .views import AugConfig, plan_fingerprint, plan_shard, replay_view
+
+
+# ---------------------------------------------------------------------------------------------
+# building teachers from configs
+
+
+def build_teacher(tc: TeacherConfig, codebook: torch.Tensor | None = None) -> Teacher:
+    """The one place a :class:`TeacherConfig` becomes a model (driver, workers and verify alike)."""
+    opts = tc.options()
+    if resolve_name(tc.name).startswith("kmeans:"):
+        opts["codebook"] = codebook if codebook is not None else tc.codebook
+    return create_teacher(tc.name, weights=tc.weights, layer=tc.layer, **opts)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but no CUDA device is visible")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the unit of work: one shard, one tokenizer
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    dataset: str
+    shard: str
+    sid: str
+    cache: str
+    group: str
+    aug: AugConfig
+    storage: StorageConfig
+    batch_size: int
+
+
+@dataclass
+class ShardResult:
+    group: str
+    shard: str
+    rows: int
+    valid: int
+    views: int
+    seconds: float
+    bytes: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    error: str = ""
+    """Non-empty when the shard failed as a whole (left incomplete; a re-run redoes it)."""
+
+
+def _views_of(job: ShardJob, teacher: Teacher, rows: dict[str, list], plan, lo: int, hi: int,
+              samples: dict[int, Any], skipped: list[dict[str, str]]) -> tuple[list[int], torch.Tensor]:
+    """Decode rows [lo, hi) and replay their views at the teacher's resolution.
+
+    Returns the rows that decoded and their views ``[n_ok * K, 3, S, S]``. Bad rows are appended
+    to ``skipped`` with shard, key and reason."""
+    ok, views = [], []
+    size = teacher.spec.input_size
+    for i in range(lo, hi):
+        key = rows["key"][i]
+        reason = rows["error"][i]
+        raw = samples.pop(i, None)
+        if not reason:
+            picked = pick_image(raw) if raw is not None else None
+            if picked is None:
+                reason = "no image member"
+            else:
+                try:
+                    img = torch.from_numpy(to_uint8_chw(decode_image(picked[1])))
+                    if tuple(img.shape[1:]) != (rows["height"][i], rows["width"][i]):
+                        raise BadImage(f"decoded size {tuple(img.shape[1:])} differs from manifest")
+                    views.extend(replay_view(img, plan.boxes[i, v], plan.flips[i, v], size)
+                                 for v in range(job.aug.views))
+                    ok.append(i)
+                except BadImage as e:
+                    reason = str(e)
+        if reason:
+            skipped.append({"shard": job.shard, "key": key, "reason": reason})
+    stacked = torch.stack(views) if views else torch.empty(0, 3, size, size)
+    return ok, stacked
+
+
+def _run_teacher(teacher: Teacher, views: torch.Tensor, batch_size: int, device: torch.device):
+    toks, clss = [], []
+    for b in range(0, len(views), batch_size):
+        out = teacher(views[b : b + batch_size].to(device))
+        toks.append(out.tokens.cpu())
+        if out.cls is not None:
+            clss.append(out.cls.cpu())
+    return torch.cat(toks), (torch.cat(clss) if clss else None)
+
+
+def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None = None) -> ShardResult:
+    """Extract one shard for one tokenizer: plan its views, run the teacher, write its group."""
+    t0 = time.perf_counter()
+    ds = ds or load_dataset(job.dataset)
+    rows = ds.rows(job.shard)
+    n, k, spec = len(rows["key"]), job.aug.views, teacher.spec
+    plan = plan_shard(job.shard, rows["key"], rows["width"], rows["height"], job.aug)
+    codes = spec.kind == "codes"
+    lay = ShardLayout(rows=n, views=k, tokens=spec.grid[0] * spec.grid[1], dim=spec.dim, has_cls=spec.has_cls,
+                      codes=codes, dtype=job.storage.dtype, chunk_rows=job.storage.chunk_rows,
+                      clevel=job.storage.clevel, num_codes=spec.num_codes)
+    tok = zarr.open_group(job.cache, mode="r+")[job.group]
+    g = create_shard_group(tok, job.sid, job.shard, lay)
+    g["keys"][:] = np.asarray(rows["key"], dtype=str)
+    g["seeds"][:], g["boxes"][:], g["flips"][:] = plan.seeds, plan.boxes, plan.flips
+
+    valid = np.zeros(n, dtype=bool)
+    skipped: list[dict[str, str]] = []
+    stream = iter_dataset_samples(ds, job.shard)
+    samples: dict[int, Any] = {}
+    read = 0
+    c = max(1, min(job.storage.chunk_rows, n))
+    for lo in range(0, n, c):  # one chunk of rows at a time: every write covers whole chunks
+        hi = min(lo + c, n)
+        while read < hi and (item := next(stream, None)) is not None:  # rows arrive in index order
+            row, raw = item
+            samples[row["index"]] = raw
+            read = row["index"] + 1
+        ok, views = _views_of(job, teacher, rows, plan, lo, hi, samples, skipped)
+        if not ok:
+            continue
+        tokens, cls = _run_teacher(teacher, views, job.batch_size, device)
+        idx = np.asarray(ok) - lo
+        _write_rows(g, lo, hi, idx, tokens, cls, k, lay)
+        valid[ok] = True
+    g["valid"][:] = valid
+    result = ShardResult(job.group, job.shard, n, int(valid.sum()), int(valid.sum()) * k,
+                         time.perf_counter() - t0, stored_bytes(g), skipped)
+    g.attrs["complete"] = {k_: v for k_, v in asdict(result).items() if k_ != "group"}  # written last
+    return result
+
+
+def _write_rows(g: zarr.Group, lo: int, hi: int, idx: np.ndarray, tokens: torch.Tensor, cls: torch.Tensor | None,
+                k: int, lay: ShardLayout) -> None:
+    """Scatter the teacher outputs of the decoded rows into a full chunk and write it once."""
+    m = hi - lo
+    if lay.codes:
+        block = np.zeros((m, k, lay.tokens), dtype=np.dtype(g["tokens"].dtype))
+        block[idx] = tokens.reshape(len(idx), k, lay.tokens).numpy()
+        g["tokens"][lo:hi] = block
+        return
+    stored, scale = encode_block(tokens.reshape(len(idx), k, lay.tokens, lay.dim), lay.dtype)
+    block = np.zeros((m, *stored.shape[1:]), dtype=stored.dtype)
+    block[idx] = stored
+    g["tokens"][lo:hi] = block
+    if scale is not None:
+        sblock = np.zeros((m, *scale.shape[1:]), dtype=np.float32)
+        sblock[idx] = scale
+        g["token_scale"][lo:hi] = sblock
+    if cls is not None and "cls" in g:
+        stored, scale = encode_block(cls.reshape(len(idx), k, lay.dim), lay.dtype)
+        block = np.zeros((m, *stored.shape[1:]), dtype=stored.dtype)
+        block[idx] = stored
+        g["cls"][lo:hi] = block
+        if scale is not None:
+            sblock = np.zeros((m, k), dtype=np.float32)
+            sblock[idx] = scale
+            g["cls_scale"][lo:hi] = sblock
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+class _Worker:
+    """Builds each tokenizer's teacher once, then extracts shards. Runs in-process or as a Ray actor."""
+
+    def __init__(self, teachers: dict[str, TeacherConfig], codebooks: dict[str, np.ndarray], device: str,
+                 threads: int | None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfgs, self.codebooks = teachers, codebooks
+        self.device = pick_device(device)
+        self.teachers: dict[str, Teacher] = {}
+        self.datasets: dict[str, PreparedDataset] = {}
+
+    def run(self, job: ShardJob) -> ShardResult:
+        try:
+            return self._run(job)
+        except Exception as e:  # one broken shard must not take the others down; it is reported
+            import traceback
+
+            return ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
+                               error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+
+    def _run(self, job: ShardJob) -> ShardResult:
+        if job.group not in self.teachers:
+            cb = self.codebooks.get(job.group)
+            t = build_teacher(self.cfgs[job.group], torch.from_numpy(np.array(cb)) if cb is not None else None)
+            self.teachers[job.group] = t.to(self.device)
+        if job.dataset not in self.datasets:
+            self.datasets[job.dataset] = load_dataset(job.dataset)
+        return extract_shard(job, self.teachers[job.group], self.device, self.datasets[job.dataset])
+
+
+@dataclass
+class TokenizerSummary:
+    group: str
+    teacher: str
+    shards_done: int
+    shards_skipped_complete: int
+    samples: int
+    valid: int
+    views: int
+    seconds: float
+    images_per_s: float
+    bytes_per_view: float
+    skipped_by_reason: dict[str, int]
+    skipped_file: str
+
+
+@dataclass
+class ExtractSummary:
+    cache: str
+    tokenizers: list[TokenizerSummary]
+    wall_seconds: float
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def table(self) -> str:
+        head = f"{'tokenizer':28s} {'shards':>7s} {'samples':>8s} {'views':>8s} {'skipped':>8s} {'img/s':>8s} {'B/view':>10s}"
+        lines = [head, "-" * len(head)]
+        for t in self.tokenizers:
+            skipped = t.samples - t.valid
+            lines.append(f"{t.group[:28]:28s} {t.shards_done:>7d} {t.samples:>8d} {t.views:>8d} {skipped:>8d} "
+                         f"{t.images_per_s:>8.1f} {t.bytes_per_view:>10.0f}")
+        lines.append(f"cache: {self.cache}   wall time: {self.wall_seconds:.1f}s")
+        for f in self.failed:
+            lines.append(f"FAILED shard {f['shard']} of {f['group']}: {f['error'].splitlines()[0]} "
+                         "(left incomplete; re-run the same command to retry)")
+        for t in self.tokenizers:
+            if t.skipped_by_reason:
+                reasons = ", ".join(f"{r} x{c}" for r, c in sorted(t.skipped_by_reason.items()))
+                lines.append(f"skipped in {t.group}: {reasons} (details: {t.skipped_file})")
+        return "\n".join(lines)
+
+
+def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:
+    """Create the cache root, or check that an existing one was made from the same shards and plan."""
+    plan_fp = plan_fingerprint(cfg.aug, ds.fingerprint)
+    want = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": {"root": os.path.abspath(ds.root), "manifest_fingerprint": ds.fingerprint,
+                    "num_samples": ds.num_samples, "shards": ds.shards, "shard_ids": shard_ids(ds.shards)},
+        "aug": cfg.aug.to_json(),
+        "aug_fingerprint": cfg.aug.fingerprint(),
+        "plan_fingerprint": plan_fp,
+    }
+    try:
+        root = zarr.open_group(cfg.out, mode="r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        root = zarr.open_group(cfg.out, mode="w")
+        root.attrs["digpt_cache"] = {**want, "created_by": f"digpt {package_version()}"}
+        return root
+    have = root.attrs.get("digpt_cache")
+    if have is None:
+        raise ValueError(f"{cfg.out} exists but is not a digpt cache; choose another --out")
+    if have["dataset"]["manifest_fingerprint"] != ds.fingerprint:
+        raise ValueError(f"cache {cfg.out} was made from other shards (manifest fingerprint "
+                         f"{have['dataset']['manifest_fingerprint'][:12]} != {ds.fingerprint[:12]}); use a new --out")
+    if have["aug_fingerprint"] != want["aug_fingerprint"]:
+        diff = {k: (have["aug"].get(k), v) for k, v in want["aug"].items() if have["aug"].get(k) != v}
+        raise ValueError(f"cache {cfg.out} has another view plan; differing aug fields (cache, asked): {diff}")
+    return root
+
+
+def _init_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher: Teacher,
+                    codebook: np.ndarray | None) -> None:
+    prov = {
+        "teacher_config": asdict(tc),
+        "resolved_name": resolve_name(tc.name),
+        "fingerprint": teacher.fingerprint(),
+        "spec": teacher.spec.to_json(),
+        "storage": asdict(cfg.storage),
+        "aug_fingerprint": root.attrs["digpt_cache"]["aug_fingerprint"],
+        "plan_fingerprint": root.attrs["digpt_cache"]["plan_fingerprint"],
+        "manifest_fingerprint": root.attrs["digpt_cache"]["dataset"]["manifest_fingerprint"],
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"digpt {package_version()}",
+    }
+    name = tc.group_name
+    if name in root:
+        have = dict(root[name].attrs.get("tokenizer", {}))
+        for field_ in ("fingerprint", "spec", "storage"):
+            if have.get(field_) != prov[field_]:
+                raise ValueError(
+                    f"cache group {name!r} holds a tokenizer with a different {field_} "
+                    f"({_short(have.get(field_))} != {_short(prov[field_])}); extract into another group "
+                    f"(--group NAME) or another cache")
+        return
+    g = root.create_group(name)
+    if codebook is not None:
+        g.create_array("codebook", data=codebook.astype(np.float32))
+    g.attrs["tokenizer"] = prov
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) < 120 else s[:117] + "..."
+
+
+def fit_codebook(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device) -> np.ndarray:
+    """Fit a ``kmeans:<base>`` codebook on the base teacher's tokens of the first views of the
+    first ``fit_samples`` usable samples (a deterministic sample: the result is reproducible)."""
+    base_name = resolve_name(tc.name).removeprefix("kmeans:")
+    base = create_teacher(base_name, weights=tc.weights, layer=tc.layer, **tc.options()).to(device)
+    feats, seen = [], 0
+    bar = tqdm(total=tc.fit_samples, desc=f"fit k-means ({tc.codebook_size} codes)", unit="img", leave=False)
+    for shard in ds.shards:
+        rows = ds.rows(shard)
+        plan = plan_shard(shard, rows["key"], rows["width"], rows["height"], aug)
+        batch = []
+        for row, raw in iter_dataset_samples(ds, shard):
+            i = row["index"]
+            picked = pick_image(raw) if raw is not None and not row["error"] else None
+            if picked is None:
+                continue
+            try:
+                img = torch.from_numpy(to_uint8_chw(decode_image(picked[1])))
+            except BadImage:
+                continue
+            batch.append(replay_view(img, plan.boxes[i, 0], plan.flips[i, 0], base.spec.input_size))
+            seen += 1
+            bar.update(1)
+            if seen >= tc.fit_samples:
+                break
+        if batch:
+            feats.append(_run_teacher(base, torch.stack(batch), 64, device)[0].flatten(0, 1))
+        if seen >= tc.fit_samples:
+            break
+    bar.close()
+    if not feats:
+        raise ValueError("no decodable samples to fit the k-means codebook on")
+    return fit_kmeans(torch.cat(feats), tc.codebook_size, seed=0).numpy()
+
+
+def _plan_workers(cfg: ExtractConfig, n_jobs: int) -> tuple[int, int | None, float]:
+    """(workers, torch threads per worker, GPUs per worker)."""
+    if pick_device(cfg.device).type == "cuda":
+        gpus = max(1, torch.cuda.device_count())
+        return cfg.workers or gpus, cfg.threads, 1.0
+    cpus = os.cpu_count() or 1
+    workers = cfg.workers or max(1, min(n_jobs, cpus // (cfg.threads or 1)))
+    return workers, cfg.threads or max(1, cpus // workers), 0.0
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
+    """Extract every configured tokenizer; skip complete shards, redo incomplete ones."""
+    t_start = time.perf_counter()
+    ds = load_dataset(cfg.shards)
+    device = pick_device(cfg.device)
+    # Build every teacher in the driver first: a bad name, file or layer fails before any work,
+    # and the weights fingerprint goes into the provenance before a single token is written.
+    teachers = {tc.group_name: build_teacher(tc) for tc in cfg.teachers if not resolve_name(tc.name).startswith("kmeans:")}
+    root = _init_root(cfg, ds)
+    codebooks: dict[str, np.ndarray] = {}
+    for tc in cfg.teachers:
+        name = tc.group_name
+        if resolve_name(tc.name).startswith("kmeans:"):
+            if name in root and "codebook" in root[name]:
+                codebooks[name] = np.array(root[name]["codebook"][:])
+            elif tc.codebook is None:
+                codebooks[name] = fit_codebook(tc, ds, cfg.aug, device)
+            teachers[name] = build_teacher(tc, torch.from_numpy(codebooks[name]) if name in codebooks else None)
+            if name not in codebooks:  # a user-given codebook file: keep a copy beside the codes
+                codebooks[name] = teachers[name].codebook.numpy()
+        _init_tokenizer(root, cfg, tc, teachers[name], codebooks.get(name))
+
+    sids = shard_ids(ds.shards)
+    jobs, already = [], Counter()
+    for tc in cfg.teachers:
+        tok = root[tc.group_name]
+        for shard in ds.shards:
+            if is_complete(tok, sids[shard]):
+                already[tc.group_name] += 1
+            else:
+                jobs.append(ShardJob(os.path.abspath(ds.root), shard, sids[shard], cfg.out, tc.group_name,
+                                     cfg.aug, cfg.storage, cfg.batch_size))
+    t_exec = time.perf_counter()
+    results = _execute(cfg, jobs, teachers, codebooks, ds, progress)
+    exec_seconds = time.perf_counter() - t_exec
+    return _summarize(cfg, root, results, already, exec_seconds, time.perf_counter() - t_start)
+
+
+def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teacher], codebooks: dict[str, np.ndarray],
+             ds: PreparedDataset, progress: bool) -> list[ShardResult]:
+    if not jobs:
+        return []
+    total = sum(len(ds.rows(j.shard)["key"]) for j in jobs)
+    bar = tqdm(total=total, desc="extract", unit="img", disable=not progress)
+    results: list[ShardResult] = []
+
+    def done(r: ShardResult) -> None:
+        results.append(r)
+        bar.update(r.rows or len(ds.rows(r.shard)["key"]))
+        bar.set_postfix(shards=f"{len(results)}/{len(jobs)}", skipped=sum(len(x.skipped) for x in results))
+
+    cfgs = {tc.group_name: tc for tc in cfg.teachers}
+    workers, threads, gpus = _plan_workers(cfg, len(jobs))
+    if cfg.executor == "local":
+        w = _Worker(cfgs, codebooks, cfg.device, threads)
+        w.teachers.update({k: t.to(w.device) for k, t in teachers.items()})  # reuse the driver's models
+        w.datasets[os.path.abspath(ds.root)] = ds
+        for job in jobs:
+            done(w.run(job))
+    else:
+        _run_ray(cfg, jobs, cfgs, codebooks, workers, threads, gpus, done)
+    bar.close()
+    return results
+
+
+def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherConfig], codebooks: dict[str, np.ndarray],
+             workers: int, threads: int | None, gpus: float, done) -> None:
+    import ray
+
+    from .ray_utils import ensure_ray
+
+    ensure_ray(cfg.ray_address)
+    # Ray runs a task at least once: an actor that dies is restarted and its task retried. Retrying a
+    # shard is safe because extract_shard recreates the shard group before writing it.
+    actor_cls = ray.remote(num_cpus=threads or 1, num_gpus=gpus, max_restarts=3, max_task_retries=3)(_Worker)
+    actors = [actor_cls.remote(cfgs, codebooks, cfg.device, threads) for _ in range(min(workers, len(jobs)))]
+    pending = list(jobs)
+    inflight: dict[Any, Any] = {}
+    for a in actors:
+        if pending:
+            inflight[a.run.remote(pending.pop(0))] = a
+    while inflight:
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        actor = inflight.pop(ready[0])
+        done(ray.get(ready[0]))
+        if pending:
+            inflight[actor.run.remote(pending.pop(0))] = actor
+    for a in actors:
+        ray.kill(a)
+
+
+def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult], already: Counter,
+               exec_seconds: float, wall: float) -> ExtractSummary:
+    """Per-tokenizer totals over the whole cache; images/s over this run's execution phase (all
+    tokenizers share it, so a tokenizer's rate is its share of samples / that time)."""
+    out = []
+    failed = [{"group": r.group, "shard": r.shard, "error": r.error} for r in results if r.error]
+    for tc in cfg.teachers:
+        name = tc.group_name
+        tok = root[name]
+        mine = [r for r in results if r.group == name and not r.error]
+        # Totals cover the whole cache (earlier runs included), read back from completion records.
+        complete = [dict(g.attrs["complete"]) for _, g in tok.groups() if "complete" in g.attrs]
+        skipped = [s for c in complete for s in c["skipped"]]
+        valid = sum(c["valid"] for c in complete)
+        views = sum(c["views"] for c in complete)
+        nbytes = sum(c["bytes"] for c in complete)
+        secs = sum(r.seconds for r in mine)
+        skipped_file = _write_skipped(cfg.out, name, skipped)
+        out.append(TokenizerSummary(
+            group=name, teacher=tc.name, shards_done=len(mine), shards_skipped_complete=already[name],
+            samples=sum(c["rows"] for c in complete), valid=valid, views=views, seconds=secs,
+            images_per_s=(sum(r.rows for r in mine) / exec_seconds) if mine and exec_seconds > 0 else 0.0,
+            bytes_per_view=(nbytes / views) if views else 0.0,
+            skipped_by_reason=dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
+            skipped_file=skipped_file,
+        ))
+    summary = ExtractSummary(cfg.out, out, wall, failed)
+    write_report(cfg.out, "extract-summary.json",
+                 json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str))
+    return summary
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def write_report(cache: str, name: str, text: str) -> str:
+    """Write ``CACHE/reports/<name>`` (outside the Zarr hierarchy: zarr ignores it)."""
+    path = f"{cache.rstrip('/')}/{REPORTS_DIR}/{name}"
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(p, "w") as f:
+        f.write(text)
+    return path
+
+
+def _write_skipped(cache: str, group: str, skipped: list[dict[str, str]]) -> str:
+    return write_report(cache, f"skipped-{group}.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))

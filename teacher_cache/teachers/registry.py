@@ -1,0 +1,93 @@
+"""Teacher registry: ``@register_teacher`` on tiny factories, ``list_teachers()`` / ``create_teacher()``.
+
+A teacher name is ``family`` or ``family:arg`` (``openclip:ViT-B-16@openai``,
+``timm:vit_small_patch14_dinov2.lvd142m``, ``kmeans:efficientnet_lite0``). Presets give the
+headline teachers short names (``clip-b16``); they expand to a family name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .base import Teacher
+
+TeacherFactory = Callable[..., Teacher]
+
+_FAMILIES: dict[str, TeacherFactory] = {}
+_DOCS: dict[str, str] = {}
+_TINY: dict[str, str] = {}
+
+# Headline teachers. They need a hub or a local --weights file; nothing here downloads on import.
+PRESETS: dict[str, str] = {
+    "clip-b16": "openclip:ViT-B-16@openai",
+    "clip-l14": "openclip:ViT-L-14@openai",
+    "clip-l14-336": "openclip:ViT-L-14-336@openai",
+    "openclip-l14": "openclip:ViT-L-14@laion2b_s32b_b82k",
+    "openclip-h14": "openclip:ViT-H-14@laion2b_s32b_b79k",
+    "dino-b16": "timm:vit_base_patch16_224.dino",
+    "dinov2-s14": "timm:vit_small_patch14_dinov2.lvd142m",
+    "dinov2-b14": "timm:vit_base_patch14_dinov2.lvd142m",
+    "dinov2-b14-reg": "timm:vit_base_patch14_reg4_dinov2.lvd142m",
+}
+
+
+def register_teacher(family: str, *, tiny: str | None = None) -> Callable[[TeacherFactory], TeacherFactory]:
+    """Register ``factory(arg, *, weights=None, layer=None, **options) -> Teacher`` under ``family``.
+
+    ``tiny`` names a variant of this family that builds offline in well under a second on a CPU;
+    tests parametrize over those.
+    """
+
+    def deco(fn: TeacherFactory) -> TeacherFactory:
+        if family in _FAMILIES:
+            raise ValueError(f"teacher family {family!r} registered twice")
+        _FAMILIES[family] = fn
+        _DOCS[family] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        if tiny is not None:
+            _TINY[family] = tiny
+        return fn
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    # Import side effect: each module registers its family. Kept lazy so `import teacher_cache`
+    # does not pull in open_clip / timm.
+    from . import efficientnet, kmeans, openclip, pixel, timm_vit, tiny  # noqa: F401
+
+
+def list_teachers(tiny: bool = False) -> list[str]:
+    """Registered family names, or (``tiny=True``) one offline test-sized name per family."""
+    _ensure_loaded()
+    if tiny:
+        return [_TINY[f] for f in sorted(_TINY)]
+    return sorted(_FAMILIES)
+
+
+def describe_teachers() -> dict[str, str]:
+    _ensure_loaded()
+    return dict(sorted(_DOCS.items()))
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    name = PRESETS.get(name, name)
+    family, _, arg = name.partition(":")
+    return family, (arg or None)
+
+
+def resolve_name(name: str) -> str:
+    return PRESETS.get(name, name)
+
+
+def create_teacher(name: str, *, weights: str | None = None, layer: int | None = None, **options: Any) -> Teacher:
+    """Build a teacher by registry name. ``weights``: a local file (no network); ``layer``: block index."""
+    _ensure_loaded()
+    family, arg = split_name(name)
+    if family not in _FAMILIES:
+        raise ValueError(
+            f"unknown teacher {name!r}: families are {sorted(_FAMILIES)}, presets are {sorted(PRESETS)}"
+        )
+    teacher = _FAMILIES[family](arg, weights=weights, layer=layer, **options)
+    teacher.eval()
+    return teacher

@@ -1,0 +1,205 @@
+"""``digpt verify``: is this cache complete, finite, consistent with these shards, and aligned?
+
+Checks, per tokenizer: provenance matches the shards' manifest and the view plan; every shard is
+complete with the manifest's keys; the stored seeds/boxes/flips equal the ones re-derived from the
+plan; tokens are finite; the teacher rebuilt from the recorded config has the recorded weights
+fingerprint; and an alignment spot check replays random stored views from the image shards, runs
+the teacher and compares with the cached tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from tqdm.auto import tqdm
+
+from .config import TeacherConfig
+from .extract import build_teacher, pick_device
+from .images import decode_image, to_uint8_chw
+from .prepare import iter_dataset_samples, load_dataset
+from .shards import pick_image
+from .store import SCHEMA_VERSION, TokenizerInfo, decode_block, list_tokenizers, open_root, shard_ids, tokenizer_info
+from .views import AugConfig, plan_fingerprint, plan_shard, replay_view
+
+# Minimum mean per-token cosine similarity between cached and recomputed tokens, by storage form.
+COSINE_FLOOR = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.995, "int8": 0.99}
+CODE_AGREEMENT_FLOOR = 0.98
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """``digpt verify``."""
+
+    shards: str
+    """Prepared dataset directory the cache should have been made from."""
+    cache: str
+    """Cache location."""
+    tokenizers: tuple[str, ...] = ()
+    """Tokenizer groups to check; empty: all."""
+    spot_checks: int = 8
+    """Random stored views to recompute with the teacher (0 disables the alignment check)."""
+    seed: int = 0
+    """Seed for picking the spot-check views."""
+    device: str = "auto"
+    """Device for the recomputation."""
+
+    def __post_init__(self) -> None:
+        if self.spot_checks < 0:
+            raise ValueError(f"spot_checks must be >= 0, got {self.spot_checks}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+
+@dataclass
+class Check:
+    scope: str
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    cache: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def add(self, scope: str, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append(Check(scope, name, bool(ok), detail))
+        return bool(ok)
+
+    def table(self) -> str:
+        w = max([len(c.scope) for c in self.checks] + [5])
+        lines = [f"{'PASS' if c.ok else 'FAIL'}  {c.scope:{w}s}  {c.name:22s} {c.detail}" for c in self.checks]
+        verdict = "cache OK" if self.ok else f"{sum(not c.ok for c in self.checks)} check(s) FAILED"
+        return "\n".join([*lines, f"{verdict}: {self.cache}"])
+
+
+def run_verify(cfg: VerifyConfig, progress: bool = True) -> VerifyReport:
+    report = VerifyReport(cfg.cache)
+    ds = load_dataset(cfg.shards)
+    root = open_root(cfg.cache)
+    meta = root.attrs.get("digpt_cache")
+    if not report.add("cache", "is a digpt cache", meta is not None, "" if meta else "no digpt_cache attribute"):
+        return report
+    report.add("cache", "schema version", meta["schema_version"] == SCHEMA_VERSION,
+               f"cache {meta['schema_version']}, this version reads {SCHEMA_VERSION}")
+    have_fp = meta["dataset"]["manifest_fingerprint"]
+    if not report.add("cache", "same shards", have_fp == ds.fingerprint,
+                      f"manifest {have_fp[:12]} vs shards {ds.fingerprint[:12]}"):
+        return report
+    aug = AugConfig(**{**meta["aug"], "scale": tuple(meta["aug"]["scale"]), "ratio": tuple(meta["aug"]["ratio"])})
+    report.add("cache", "view plan fingerprint",
+               aug.fingerprint() == meta["aug_fingerprint"] and plan_fingerprint(aug, ds.fingerprint) == meta["plan_fingerprint"],
+               f"plan {meta['plan_fingerprint'][:12]}")
+    names = list(cfg.tokenizers) or list_tokenizers(root)
+    report.add("cache", "tokenizers present", bool(names) and all(n in list_tokenizers(root) for n in names),
+               f"{names} (cache has {list_tokenizers(root)})")
+    for name in names:
+        if name in list_tokenizers(root):
+            _verify_tokenizer(cfg, report, root, tokenizer_info(root, name), ds, aug, meta, progress)
+    return report
+
+
+def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group, info: TokenizerInfo, ds, aug: AugConfig,
+                      meta: dict, progress: bool) -> None:
+    name, tok, a = info.name, root[info.name], info.attrs
+    report.add(name, "provenance", a["manifest_fingerprint"] == ds.fingerprint and a["plan_fingerprint"] == meta["plan_fingerprint"],
+               f"teacher {a['resolved_name']}, weights {a['fingerprint'][:12]}, {a['storage']['dtype']}, "
+               f"grid {a['spec']['grid']}x{a['spec']['dim']}")
+    sids = shard_ids(ds.shards)
+    missing, incomplete, bad_keys, bad_plan, nonfinite, valid, rows = [], [], [], [], [], 0, 0
+    for shard in tqdm(ds.shards, desc=f"verify {name}", unit="shard", disable=not progress):
+        sid = sids[shard]
+        if sid not in tok:
+            missing.append(shard)
+            continue
+        g = tok[sid]
+        if "complete" not in g.attrs:
+            incomplete.append(shard)
+            continue
+        mrows = ds.rows(shard)
+        if [str(k) for k in g["keys"][:]] != list(mrows["key"]):
+            bad_keys.append(shard)
+            continue
+        plan = plan_shard(shard, mrows["key"], mrows["width"], mrows["height"], aug)
+        if not (np.array_equal(plan.seeds, g["seeds"][:]) and np.array_equal(plan.boxes, g["boxes"][:])
+                and np.array_equal(plan.flips, g["flips"][:])):
+            bad_plan.append(shard)
+        if not info.codes and not _finite(g, info.dtype):
+            nonfinite.append(shard)
+        valid += int(g["valid"][:].sum())
+        rows += len(mrows["key"])
+    report.add(name, "complete", not missing and not incomplete,
+               f"{len(ds.shards) - len(missing) - len(incomplete)}/{len(ds.shards)} shards"
+               + (f"; missing {missing[:3]}" if missing else "") + (f"; incomplete {incomplete[:3]}" if incomplete else ""))
+    report.add(name, "keys match manifest", not bad_keys, f"mismatched shards {bad_keys[:3]}" if bad_keys else f"{rows} rows, {valid} valid")
+    report.add(name, "views re-derive", not bad_plan, f"differ in {bad_plan[:3]}" if bad_plan else "seeds, boxes, flips equal")
+    report.add(name, "finite", not nonfinite, f"NaN/Inf in {nonfinite[:3]}" if nonfinite else "no NaN/Inf")
+    if cfg.spot_checks and not (missing or incomplete or bad_keys):
+        _spot_check(cfg, report, tok, info, ds, sids, aug)
+
+
+def _finite(g: zarr.Group, dtype: str) -> bool:
+    for name in ("tokens", "cls"):
+        if name not in g:
+            continue
+        arr = g[name]
+        step = arr.chunks[0]
+        for lo in range(0, arr.shape[0], step):
+            x = decode_block(arr[lo : lo + step], dtype, np.ones(arr.shape[:-1], np.float32)[lo : lo + step]
+                             if dtype == "int8" else None)
+            if not torch.isfinite(x).all():
+                return False
+        scale = f"{'token' if name == 'tokens' else 'cls'}_scale"
+        if scale in g and not np.isfinite(g[scale][:]).all():
+            return False
+    return True
+
+
+def _spot_check(cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: TokenizerInfo, ds, sids, aug: AugConfig) -> None:
+    name, a = info.name, info.attrs
+    tc_fields = dict(a["teacher_config"])
+    try:
+        codebook = torch.from_numpy(tok["codebook"][:]) if "codebook" in tok else None
+        teacher = build_teacher(TeacherConfig(**tc_fields), codebook)
+    except Exception as e:  # a missing weights file, a hub name without --allow-hub, ...
+        report.add(name, "teacher rebuilds", False, f"{type(e).__name__}: {e}")
+        return
+    fp = teacher.fingerprint()
+    if not report.add(name, "teacher fingerprint", fp == a["fingerprint"],
+                      f"recorded {a['fingerprint'][:12]}, rebuilt {fp[:12]}"):
+        return
+    device = pick_device(cfg.device)
+    teacher = teacher.to(device)
+    rng = np.random.default_rng(cfg.seed)
+    candidates = [(shard, i) for shard in ds.shards for i in np.flatnonzero(tok[sids[shard]]["valid"][:])]
+    if not candidates:
+        report.add(name, "alignment", False, "no valid samples to check")
+        return
+    picks = [candidates[j] for j in rng.choice(len(candidates), size=min(cfg.spot_checks, len(candidates)), replace=False)]
+    scores = []
+    for shard, i in picks:
+        g = tok[sids[shard]]
+        v = int(rng.integers(aug.views))
+        raw = next(r for row, r in iter_dataset_samples(ds, shard) if row["index"] == i)
+        img = torch.from_numpy(to_uint8_chw(decode_image(pick_image(raw)[1])))
+        pixels = replay_view(img, g["boxes"][i, v], bool(g["flips"][i, v]), teacher.spec.input_size)
+        fresh = teacher(pixels.unsqueeze(0).to(device)).tokens[0].cpu()
+        if info.codes:
+            scores.append(float((fresh == torch.from_numpy(g["tokens"][i, v].astype(np.int64))).float().mean()))
+        else:
+            scale = g["token_scale"][i, v] if info.dtype == "int8" else None
+            cached = decode_block(g["tokens"][i, v], info.dtype, scale)
+            scores.append(float(F.cosine_similarity(fresh.float(), cached, dim=-1).mean()))
+    floor = CODE_AGREEMENT_FLOOR if info.codes else COSINE_FLOOR[info.dtype]
+    what = "code agreement" if info.codes else "mean token cosine"
+    report.add(name, "alignment", min(scores) >= floor,
+               f"{len(scores)} views recomputed; worst {what} {min(scores):.5f} (floor {floor})")

@@ -1,0 +1,36 @@
+"""Storage forms: encode/decode round trips and their error bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from teacher_cache.store import decode_block, encode_block, shard_ids, slug
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 8e-3), ("int8", 1e-2)])
+def test_round_trip_error(dtype, tol):
+    x = torch.randn(4, 2, 49, 64) * 3
+    stored, scale = encode_block(x, dtype)
+    y = decode_block(stored, dtype, scale)
+    rel = ((y - x).norm(dim=-1) / x.norm(dim=-1)).max().item()
+    assert rel <= tol + 1e-7
+    assert (scale is not None) == (dtype == "int8")
+
+
+def test_int8_zero_rows_are_safe():
+    stored, scale = encode_block(torch.zeros(2, 3, 8), "int8")
+    assert np.isfinite(scale).all() and (decode_block(stored, "int8", scale) == 0).all()
+
+
+def test_unknown_dtype():
+    with pytest.raises(ValueError, match="int4"):
+        encode_block(torch.zeros(1, 2), "int4")
+
+
+def test_shard_ids_unique_and_safe():
+    ids = shard_ids(["a/shard-0.tar", "b/shard-0.tar", "s3://bucket/x y.tar"])
+    assert len(set(ids.values())) == 3
+    assert all("/" not in v and " " not in v for v in ids.values())
+    assert slug("openclip:ViT-B-16@openai") == "openclip_ViT-B-16_openai"

@@ -1,0 +1,187 @@
+"""The ViT encoder (timm compatibility, ordering) and D-iGPT's decoders (shapes, no leak, order)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import timm
+import torch
+
+from student.attention import set_attn_impl
+from student.digpt_model import DiGPT, DiGPTConfig, digpt_loss, random_cluster_order
+from student.sizes import VIT_SIZES, timm_kwargs_for, vit_config
+from student.vit import VisionTransformer
+
+TINY = vit_config("tiny-test")  # 32 px, patch 8 -> 4x4 grid
+
+
+def _digpt(cluster_size=2, target_grid=(6, 6), attn_impl="sdpa", **kw) -> DiGPT:
+    torch.manual_seed(0)
+    cfg = DiGPTConfig(encoder=TINY, cluster_size=cluster_size, decoder_dim=32, decoder_heads=2,
+                      target_dim=16, target_grid=target_grid, **kw)
+    return DiGPT(cfg, attn_impl).eval()
+
+
+def _images(batch=2, seed=0) -> torch.Tensor:
+    return torch.randn(batch, 3, TINY.img_size, TINY.img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_vit_shapes():
+    vit = VisionTransformer(TINY)
+    x = _images()
+    n, d = TINY.num_patches, TINY.embed_dim
+    assert vit.patchify(x).shape == (2, n, TINY.patch_size**2 * 3)
+    assert vit.embed(x).shape == (2, 1 + n, d)
+    order = torch.stack([torch.randperm(n)[:10] for _ in range(2)])
+    final, layers = vit.forward_features(x, order, return_layers=(0, 3))
+    assert final.shape == (2, 11, d) and sorted(layers) == [0, 3] and layers[3].shape == (2, 11, d)
+    inter = vit.forward_intermediates(x)
+    assert len(inter) == TINY.depth and torch.equal(inter[-1], vit.forward_features(x, final_norm=False)[0])
+    assert vit.no_weight_decay() == {"pos_embed", "cls_token"}
+    with pytest.raises(ValueError, match="return_layers"):
+        vit.forward_features(x, return_layers=(TINY.depth,))
+
+
+@pytest.mark.parametrize("name", list(VIT_SIZES))
+def test_state_dict_keys_match_timm(name):
+    preset = VIT_SIZES[name]
+    with torch.device("meta"):  # shapes only: no memory, no init cost, even for ViT-L
+        ref = timm.create_model(preset.timm_name, pretrained=False, num_classes=0, **preset.timm_kwargs)
+        ref2 = timm.create_model(preset.timm_name, pretrained=False, **timm_kwargs_for(preset.config))
+        ours = VisionTransformer(preset.config)
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in ref.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in ref2.state_dict().items()}
+
+
+@pytest.mark.parametrize("sincos", [True, False])
+def test_timm_loads_our_weights_and_agrees(sincos):
+    cfg = dataclasses.replace(TINY, sincos_pos_embed=sincos)
+    ours = VisionTransformer(cfg).eval()
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, **timm_kwargs_for(cfg)).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gather_is_a_pure_permutation_of_rows():
+    """Positions are added before the gather: with no mask, encoding in any order = permuting rows."""
+    vit = VisionTransformer(TINY).eval()
+    x = _images()
+    perm = torch.stack([torch.randperm(TINY.num_patches) for _ in range(2)])
+    rows = torch.cat([torch.zeros(2, 1, dtype=torch.long), perm + 1], 1)[..., None].expand(-1, -1, TINY.embed_dim)
+    assert torch.equal(vit.gather(vit.embed(x), perm), vit.embed(x).gather(1, rows))
+    with torch.no_grad():
+        plain, _ = vit.forward_features(x)
+        ordered, _ = vit.forward_features(x, perm)
+    torch.testing.assert_close(ordered, plain.gather(1, rows), atol=1e-5, rtol=1e-5)
+
+
+def _perturb_cluster(x: torch.Tensor, order: torch.Tensor, slot: int, model: DiGPT) -> torch.Tensor:
+    """Add noise to the pixels of each sample's cluster at position ``slot`` of its order."""
+    side = model.cfg.cluster_size * model.cfg.encoder.patch_size
+    x = x.clone()
+    for b, cluster in enumerate(order[:, slot].tolist()):
+        r, c = divmod(cluster, model.cfg.clusters_per_side)
+        x[b, :, r * side:(r + 1) * side, c * side:(c + 1) * side] += torch.randn(3, side, side)
+    return x
+
+
+@pytest.mark.parametrize("cluster_size, target_grid, slot", [(2, (6, 6), 1), (2, (6, 6), 2), (1, (8, 8), 5)])
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_no_leak_from_later_clusters(cluster_size, target_grid, slot, attn_impl):
+    model = _digpt(cluster_size, target_grid, attn_impl)
+    x = _images()
+    order = torch.stack([torch.randperm(model.cfg.n_clusters, generator=torch.Generator().manual_seed(s))
+                         for s in range(2)])
+    x2 = _perturb_cluster(x, order, slot, model)
+    with torch.no_grad():
+        seen = model.cluster_patches[order][:, :-1].flatten(1)
+        enc, enc2 = model.forward_encoder(x, seen)[-1], model.forward_encoder(x2, seen)[-1]
+        out, out2 = model(x, order), model(x2, order)
+    tok = 1 + slot * cluster_size**2  # encoder rows before the perturbed cluster (class token first)
+    torch.testing.assert_close(enc2[:, 1:tok], enc[:, 1:tok], atol=1e-6, rtol=0)
+    assert (enc2[:, tok:] - enc[:, tok:]).abs().amax(dim=-1).min() > 1e-4  # every later row changes
+    assert not torch.allclose(enc2[:, 0], enc[:, 0])  # the class token sits in the last visible cluster
+    rows = slot * model.cfg.target_share[0] * model.cfg.target_share[1]
+    for name in ("gen", "dis"):  # gen row-group t predicts cluster t+1 from clusters <= t
+        torch.testing.assert_close(out2[name][:, :rows], out[name][:, :rows], atol=1e-6, rtol=0)
+        assert (out2[name][:, rows:] - out[name][:, rows:]).abs().amax(dim=-1).min() > 1e-5
+        assert not torch.allclose(out2[f"{name}_cls"], out[f"{name}_cls"])
+
+
+def test_never_encoded_cluster_changes_nothing():
+    model = _digpt()
+    x, order = _images(), random_cluster_order(2, 4, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, out2 = model(x, order), model(_perturb_cluster(x, order, 3, model), order)
+    for k in out:
+        assert torch.equal(out[k], out2[k]), k
+
+
+def test_order_matters_and_index_maps_align():
+    model = _digpt()
+    x = _images(1).expand(3, -1, -1, -1)
+    order = torch.tensor([[0, 1, 2, 3], [0, 1, 3, 2], [1, 0, 2, 3]])
+    with torch.no_grad():
+        out = model(x, order)
+    share = model.cfg.target_share[0] * model.cfg.target_share[1]
+    # Same visible prefix (clusters 0, 1): same discriminative predictions for them, at the same targets.
+    assert torch.equal(out["dis_index"][0, :2 * share], out["dis_index"][1, :2 * share])
+    torch.testing.assert_close(out["dis"][1, :2 * share], out["dis"][0, :2 * share], atol=1e-6, rtol=0)
+    # Different position in the order: cluster 0 seen alone vs after cluster 1.
+    first = out["dis"][0, :share]
+    other = out["dis"][2, share:2 * share]
+    assert torch.equal(out["dis_index"][0, :share], out["dis_index"][2, share:2 * share])
+    assert not torch.allclose(first, other, atol=1e-4)
+    # Per-sample orders in one batch equal running each sample alone.
+    with torch.no_grad():
+        alone = model(x[:1], order[2:])
+    torch.testing.assert_close(alone["gen"][0], out["gen"][2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cluster_size, target_grid", [(1, (4, 4)), (2, (4, 4)), (2, (6, 6)), (1, (8, 8))])
+@pytest.mark.parametrize("predict_cls, cls_mode", [(True, "last_cluster"), (False, "prefix")])
+def test_forward_backward(cluster_size, target_grid, predict_cls, cls_mode):
+    model = _digpt(cluster_size, target_grid, predict_cls=predict_cls, cls_mode=cls_mode).train()
+    cfg = model.cfg
+    order = random_cluster_order(2, cfg.n_clusters, torch.Generator().manual_seed(1))
+    out = model(_images(), order)
+    rows = (cfg.n_clusters - 1) * cfg.target_share[0] * cfg.target_share[1]
+    assert out["gen"].shape == out["dis"].shape == (2, rows, cfg.target_dim)
+    assert out["gen_index"].shape == (2, rows) and int(out["gen_index"].max()) < target_grid[0] * target_grid[1]
+    assert ("gen_cls" in out) == predict_cls
+    tokens = torch.randn(2, target_grid[0] * target_grid[1], cfg.target_dim)
+    losses = digpt_loss(out, tokens, torch.randn(2, cfg.target_dim))
+    losses["loss"].backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert not model.encoder.norm.weight.requires_grad and not model.encoder.pos_embed.requires_grad
+
+
+def test_impls_agree_on_the_whole_model():
+    model = _digpt()
+    x, order = _images(), random_cluster_order(2, 4, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x, order)
+        for impl in ("sdpa_dense", "sdpa"):
+            out = set_attn_impl(model, impl)(x, order)
+            for k in ref:
+                torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-5)
+
+
+def test_config_defaults_and_errors():
+    cfg = DiGPTConfig()
+    assert (cfg.n_clusters, cfg.target_share, cfg.memory_blocks) == (4, (8, 8), (5, 7, 9, 11))
+    assert DiGPTConfig(encoder=vit_config("vit_large")).memory_blocks == (11, 15, 19, 23)
+    with pytest.raises(ValueError, match="cluster_size"):
+        DiGPTConfig(cluster_size=5)
+    with pytest.raises(ValueError, match="target_grid"):
+        DiGPTConfig(target_grid=(15, 15))
+    with pytest.raises(ValueError, match="predict_cls"):
+        DiGPTConfig(cls_mode="prefix")
+    with pytest.raises(ValueError, match="order"):
+        _digpt()(_images(), torch.zeros(2, 3, dtype=torch.long))
