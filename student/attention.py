@@ -86,10 +86,10 @@ class AttnMask:
     def dense(self, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Boolean ``[q_len, kv_len]``, True where attention is allowed."""
         q_pref, kv_pref = self.prefix_ids(kv_len)
-        q = torch.arange(q_len, device=device)
-        k = torch.arange(kv_len, device=device)
-        q_id = torch.where(q < self.q_prefix, q_pref, (q - self.q_prefix).div(self.cluster_size, rounding_mode="floor"))
-        k_id = torch.where(k < self.n_prefix, kv_pref, (k - self.n_prefix).div(self.cluster_size, rounding_mode="floor"))
+        q = torch.arange(q_len, device=device) - self.q_prefix
+        k = torch.arange(kv_len, device=device) - self.n_prefix
+        q_id = torch.where(q < 0, q_pref, q.div(self.cluster_size, rounding_mode="floor"))
+        k_id = torch.where(k < 0, kv_pref, k.div(self.cluster_size, rounding_mode="floor"))
         return k_id[None, :] <= q_id[:, None]
 
 

@@ -89,8 +89,8 @@ class DiGPTConfig:
         if self.cluster_size < 1 or grid % self.cluster_size:
             raise ValueError(f"DiGPTConfig.cluster_size {self.cluster_size} must divide the patch grid {grid}")
         if self.n_clusters < 2:
-            raise ValueError(f"DiGPTConfig.cluster_size {self.cluster_size} leaves {self.n_clusters} cluster(s); need >= 2")
-        if any(t < 1 or t % self.clusters_per_side for t in self.target_grid) or len(self.target_grid) != 2:
+            raise ValueError(f"DiGPTConfig.cluster_size {self.cluster_size} leaves one cluster; need >= 2")
+        if len(self.target_grid) != 2 or any(t < 1 or t % self.clusters_per_side for t in self.target_grid):
             raise ValueError(f"DiGPTConfig.target_grid {self.target_grid}: each side must be a positive "
                              f"multiple of the {self.clusters_per_side} clusters per side")
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
@@ -193,7 +193,7 @@ class Decoder(nn.Module):
     def forward(self, layers, targets, self_mask: AttnMask, cross_mask: AttnMask, with_cls: bool) -> torch.Tensor:
         """-> ``[B, (1+)M, target_dim]`` predictions on the student grid, class row first if ``with_cls``."""
         x = self.queries(targets, with_cls)
-        for block, memory in zip(self.blocks, self.memory(layers)):
+        for block, memory in zip(self.blocks, self.memory(layers), strict=True):
             x = block(x, memory, self_mask, cross_mask)
         return self.head(self.norm(x))
 

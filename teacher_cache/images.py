@@ -16,6 +16,7 @@ Policy (stated once, tested in tests/test_images.py):
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -26,6 +27,12 @@ MAX_PIXELS = 89_478_485  # PIL's own default bomb threshold, made explicit and a
 
 class BadImage(ValueError):
     """An image that cannot be used; ``str(exc)`` is the reason recorded in skip lists."""
+
+
+def _reason(e: Exception) -> str:
+    # PIL messages embed object reprs ("<_io.BytesIO object at 0x7f...>"): drop them so the same bad
+    # file gives the same recorded reason on every run (manifests and skip lists are reproducible).
+    return f"{type(e).__name__}: " + re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", str(e))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -64,7 +71,7 @@ def _open(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise BadImage(f"too large: {e}") from None
     except Exception as e:  # PIL raises many types for bad headers
-        raise BadImage(f"undecodable: {type(e).__name__}: {e}") from None
+        raise BadImage(f"undecodable: {_reason(e)}") from None
     if w * h > MAX_PIXELS:
         raise BadImage(f"too large: {w}x{h} exceeds {MAX_PIXELS} pixels")
     if w <= 0 or h <= 0:
@@ -78,7 +85,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img.load()
     except Exception as e:
-        raise BadImage(f"undecodable: {type(e).__name__}: {e}") from None
+        raise BadImage(f"undecodable: {_reason(e)}") from None
     return _to_rgb(img)
 
 

@@ -346,7 +346,7 @@ def _describe_image(sample: RawSample) -> tuple[str, bytes, int, int, str]:
     ext, data = picked
     try:
         width, height = decode_image(data).size
-    except BadImage as e:
+    except BadImage as e:  # its message is already free of run-specific object addresses
         return ext, data, 0, 0, str(e)
     return ext, data, width, height, ""
 

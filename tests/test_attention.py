@@ -21,9 +21,9 @@ from student.attention import (
 
 DIM, HEADS, BATCH = 16, 2, 3
 MASKS = {
-    "no-prefix": dict(n_prefix=0),
-    "prefix-own": dict(n_prefix=1, prefix="own"),
-    "prefix-last": dict(n_prefix=1, prefix="last"),
+    "no-prefix": {"n_prefix": 0},
+    "prefix-own": {"n_prefix": 1, "prefix": "own"},
+    "prefix-last": {"n_prefix": 1, "prefix": "last"},
 }
 
 
@@ -84,7 +84,7 @@ def test_self_attention_paths_match_eager(impl, mask_kind, c):
     ref, ref_grads = _run(attn, "eager", [x], mask)
     out, grads = _run(attn, impl, [x], mask)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
 
 
@@ -100,7 +100,7 @@ def test_cross_attention_paths_match_eager(impl, mask_kind, c, q_prefix):
     ref, ref_grads = _run(attn, "eager", [queries, memory], mask)
     out, grads = _run(attn, impl, [queries, memory], mask)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
 
 
@@ -181,5 +181,5 @@ def test_fused_paths_forward_backward_on_gpu(impl, mask):
     ref, ref_grads = _run(attn, "eager", [x], mask)
     out, grads = _run(attn, impl, [x], mask)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-4)

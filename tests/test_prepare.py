@@ -165,6 +165,7 @@ def _image_tree(root: Path) -> dict[str, bytes]:
         "dog/gray.png": gray,
         "dog/sub/rgba.png": _encode(rgba, "PNG"),
         "eel/deep.PNG": _encode(deep, "PNG"),
+        "eel/junk.webp": b"not an image at all",
         "eel/x y.v2.JPEG": _jpeg(5, 6, 4),
     }
     for rel, data in files.items():
@@ -184,12 +185,12 @@ def test_imagefolder_rows_labels_and_errors(tmp_path: Path) -> None:
     assert ds.info["classes"] == ["cat", "dog", "eel"] and ds.info["kind"] == "imagefolder"
     assert m["key"] == [
         "0000_a", "0000_corrupt", "0000_empty", "0001_cmyk", "0001_gray", "0001_sub_rgba",
-        "0002_deep", "0002_x_y_v2",
+        "0002_deep", "0002_junk", "0002_x_y_v2",
     ]  # fmt: skip
-    assert m["label"] == [0, 0, 0, 1, 1, 1, 2, 2]
-    assert m["ext"] == ["jpg", "jpg", "jpg", "jpg", "png", "png", "png", "jpeg"]
-    assert m["shard"] == ["shard-000000.tar"] * 3 + ["shard-000001.tar"] * 3 + ["shard-000002.tar"] * 2
-    assert m["index"] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert m["label"] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert m["ext"] == ["jpg", "jpg", "jpg", "jpg", "png", "png", "png", "webp", "jpeg"]
+    assert m["shard"] == ["shard-000000.tar"] * 3 + ["shard-000001.tar"] * 3 + ["shard-000002.tar"] * 3
+    assert m["index"] == [0, 1, 2, 0, 1, 2, 0, 1, 2]
     assert list(zip(m["width"], m["height"])) == [
         (20, 12),
         (0, 0),
@@ -198,16 +199,24 @@ def test_imagefolder_rows_labels_and_errors(tmp_path: Path) -> None:
         (9, 7),
         (8, 8),
         (30, 5),
+        (0, 0),
         (6, 4),
     ]
     assert m["error"][1].startswith("undecodable") and m["error"][2] == "empty file"
-    assert [e for i, e in enumerate(m["error"]) if i not in (1, 2)] == [""] * 6
-    assert ds.info["num_errors"] == 2
+    assert m["error"][7].startswith("undecodable")
+    assert [e for i, e in enumerate(m["error"]) if i not in (1, 2, 7)] == [""] * 6
+    assert ds.info["num_errors"] == 3
     assert m["bytes"] == [len(d) for d in files.values()]
     skipped = {s["path"]: s["reason"] for s in ds.info["skipped_files"]}
     assert set(skipped) == {"cat/notes.txt", "stray.jpg", ".hidden"}
     assert "not an image extension" in skipped["cat/notes.txt"]
-    assert "errors: 2 samples (empty file: 1, undecodable: 1)" in ds.summary()
+    assert "errors: 3 samples (empty file: 1, undecodable: 2)" in ds.summary()
+
+    # Identical input, identical output: shards and manifest byte for byte (no object addresses
+    # from PIL's error messages, no timestamps).
+    again = prepare_imagefolder(ImageFolderConfig(root=str(root), out=str(tmp_path / "again"), shard_size=3))
+    for name in [*again.shards, "manifest.parquet"]:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
 
     # The shards hold the original bytes unchanged, with a cls member, and pair with the manifest.
     originals = iter(files.values())

@@ -14,6 +14,7 @@ teacher refuses unless ``allow_hub=True`` is passed, in which case open_clip dow
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -152,6 +153,14 @@ def create_openclip_teacher(
         arch = TINY_ARCH
         _register_tiny_config()
 
+    arch_cfg = open_clip.get_model_config(arch)
+    if arch_cfg is None:
+        raise ValueError(f"openclip:{arg}: unknown architecture {arch!r} (see open_clip.list_models())")
+    # Validate `layer` from the config, before loading possibly gigabytes of weights.
+    n_blocks = arch_cfg["vision_cfg"].get("layers")
+    if layer is not None and isinstance(n_blocks, int) and not 1 <= layer <= n_blocks:
+        raise ValueError(f"openclip:{arg}: layer must be in 1..{n_blocks} (1-based block index), got {layer}")
+
     tag_cfg: dict[str, Any] = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     if tag and not tag_cfg:
         # Not fatal (a private tag is just a label), but QuickGELU and mean/std then come from the
@@ -163,17 +172,17 @@ def create_openclip_teacher(
             stacklevel=2,
         )
     kwargs: dict[str, Any] = {}
-    qg = tag_cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu
+    qg = (tag_cfg.get("quick_gelu", False) or arch_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
     if qg:
         # open_clip only *warns* when a QuickGELU-trained tag (all OpenAI ones) is built on a GELU
         # config, and knows nothing of the tag when given a file: force the activation ourselves.
         kwargs["force_quick_gelu"] = True
+    else:
+        kwargs["quick_gelu"] = False  # model kwarg, overrides a '-quickgelu' arch config when asked to
     if "mean" in tag_cfg and "std" in tag_cfg:
         kwargs["force_preprocess_cfg"] = {"mean": tag_cfg["mean"], "std": tag_cfg["std"]}
 
     if weights is not None:
-        import os
-
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"openclip:{arg}: weights file not found: {weights}")
         # A path as `pretrained` is loaded by open_clip's load_checkpoint (safetensors or
@@ -183,7 +192,9 @@ def create_openclip_teacher(
         except Exception as e:  # e.g. an OpenAI TorchScript archive, which weights_only refuses
             raise ValueError(
                 f"openclip:{arg}: could not load {weights} as an open_clip state_dict "
-                f"(.safetensors/.bin/.pt state_dict; TorchScript archives are not accepted): {e}"
+                "(.safetensors/.bin/.pt state_dict). OpenAI's original TorchScript .pt archives are refused "
+                "by weights_only loading; use the open_clip conversion (e.g. open_clip_model.safetensors "
+                f"from the hub repo in open_clip's pretrained table): {e}"
             ) from e
     elif tiny:
         model = build_tiny_clip(**kwargs)

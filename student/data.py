@@ -1,0 +1,286 @@
+"""The student's loader: stream image shards with webdataset, join each sample with its cached targets,
+replay the stored view so pixels and targets align, and batch.
+
+Per epoch, the shard list is shuffled with ``(seed, epoch)`` and dealt out by rank, then by loader
+worker, so no sample is read twice in an epoch. Each worker batches on its own and drops its ragged
+tail, so the number of batches each worker yields is known before the epoch starts (from the
+manifest and the cache's ``valid`` flags). That makes two things exact:
+
+* DDP: every rank runs ``min`` over ranks of its batch count, so no rank waits on a collective;
+* resume: the DataLoader hands out worker batches round-robin, so a global batch index maps to a
+  per-worker count of batches to skip, and skipped batches are dropped *before* decoding.
+
+Targets are read a whole Zarr chunk at a time (never one Zarr call per sample) and kept in their
+stored dtype until a batch is formed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+import zarr
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from teacher_cache.images import BadImage, decode_image, to_uint8_chw
+from teacher_cache.prepare import PreparedDataset, load_dataset
+from teacher_cache.shards import IMAGE_EXTS
+from teacher_cache.store import decode_block, is_complete, list_tokenizers, open_root, shard_ids, tokenizer_info
+from teacher_cache.views import AugConfig, replay_view, sample_crop
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the student's samples and targets come from."""
+
+    shards: str
+    """Prepared dataset directory (image shards + manifest)."""
+    cache: str
+    """Teacher cache made from those shards."""
+    tokenizer: str | None = None
+    """Tokenizer group in the cache; ``None`` when the cache holds exactly one."""
+    img_size: int = 224
+    """Student input resolution (the teacher may have run at another)."""
+    batch_size: int = 64
+    """Samples per batch *per rank*."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    seed: int = 0
+    """Seeds shard order, the shuffle buffer, the per-epoch view choice and the per-sample orders."""
+    shuffle_buffer: int = 256
+    """Samples held for in-shard shuffling (0 disables)."""
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("num_workers and shuffle_buffer must be >= 0")
+
+
+def _hash64(*parts: Any) -> int:
+    h = hashlib.blake2b("\0".join(str(p) for p in parts).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class CacheJoin:
+    """Validated access to a cache for one dataset: refuses a cache made from other shards, an
+    incomplete one, or a missing tokenizer, naming what differs."""
+
+    def __init__(self, cfg: DataConfig, ds: PreparedDataset | None = None):
+        self.ds = ds or load_dataset(cfg.shards)
+        self.root = open_root(cfg.cache)
+        meta = self.root.attrs.get("digpt_cache")
+        if meta is None:
+            raise ValueError(f"{cfg.cache} is not a digpt cache")
+        if meta["dataset"]["manifest_fingerprint"] != self.ds.fingerprint:
+            raise ValueError(
+                f"cache {cfg.cache} was made from other shards: its manifest fingerprint is "
+                f"{meta['dataset']['manifest_fingerprint'][:12]}, {cfg.shards} has {self.ds.fingerprint[:12]}")
+        toks = list_tokenizers(self.root)
+        name = cfg.tokenizer or (toks[0] if len(toks) == 1 else None)
+        if name is None:
+            raise ValueError(f"cache {cfg.cache} holds several tokenizers {toks}; choose one with --tokenizer")
+        self.info = tokenizer_info(self.root, name)
+        self.aug = AugConfig(**{**meta["aug"], "scale": tuple(meta["aug"]["scale"]), "ratio": tuple(meta["aug"]["ratio"])})
+        self.sids = shard_ids(self.ds.shards)
+        tok = self.root[name]
+        missing = [s for s in self.ds.shards if not is_complete(tok, self.sids[s])]
+        if missing:
+            raise ValueError(f"tokenizer {name!r} is incomplete: {len(missing)} shard(s) missing, e.g. {missing[:2]}; "
+                             "re-run `digpt extract`")
+        self.codebook = torch.from_numpy(np.array(tok["codebook"][:])) if "codebook" in tok else None
+        self.valid = {s: np.array(tok[self.sids[s]]["valid"][:]) for s in self.ds.shards}
+
+    @property
+    def spec(self) -> dict:
+        return self.info.spec
+
+    def group(self, shard: str) -> zarr.Group:
+        return self.root[self.info.name][self.sids[shard]]
+
+
+class _ChunkReader:
+    """Targets of one shard, read one whole chunk of rows (all views) at a time, in stored dtype."""
+
+    def __init__(self, g: zarr.Group):
+        self.g = g
+        self.step = g["tokens"].chunks[0]
+        self.lo, self.block = -1, {}
+
+    def row(self, i: int, v: int) -> dict[str, np.ndarray]:
+        lo = (i // self.step) * self.step
+        if lo != self.lo:
+            self.lo = lo
+            self.block = {n: self.g[n][lo : lo + self.step] for n in ("tokens", "token_scale", "cls", "cls_scale")
+                          if n in self.g}
+        return {n: a[i - lo, v] for n, a in self.block.items()}
+
+
+class CachedViews(IterableDataset):
+    """Yields whole batches: ``images [B,3,S,S]`` in [0, 1]; ``tokens [B,T,D]`` float targets (code
+    teachers: codebook vectors) and ``codes [B,T]`` for code teachers; ``cls [B,D]`` when the
+    teacher has one; ``labels [B]``; ``order_seed [B]`` (seeds of per-sample random orders)."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, join: CacheJoin | None = None):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.join = join or CacheJoin(cfg)
+        self.epoch, self.skip = 0, 0
+        need = world * max(1, cfg.num_workers)
+        if len(self.join.ds.shards) < need:
+            raise ValueError(f"{len(self.join.ds.shards)} shard(s) cannot feed {world} rank(s) x "
+                             f"{max(1, cfg.num_workers)} worker(s); use fewer workers or re-shard with a smaller --shard-size")
+
+    # ----- the deterministic plan of an epoch -----
+    def _shards(self, epoch: int, rank: int, worker: int, workers: int) -> list[str]:
+        shards = list(self.join.ds.shards)
+        np.random.default_rng([self.cfg.seed, epoch]).shuffle(shards)
+        return shards[rank :: self.world][worker :: workers]
+
+    def batches_per_worker(self, epoch: int, rank: int | None = None) -> list[int]:
+        rank = self.rank if rank is None else rank
+        workers = max(1, self.cfg.num_workers)
+        return [sum(int(self.join.valid[s].sum()) for s in self._shards(epoch, rank, w, workers)) // self.cfg.batch_size
+                for w in range(workers)]
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        """Batches every rank can deliver this epoch (the minimum over ranks)."""
+        return min(sum(self.batches_per_worker(epoch, r)) for r in range(self.world))
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Start ``epoch`` at global batch ``skip_batches`` (for exact resume)."""
+        self.epoch, self.skip = epoch, skip_batches
+
+    def _resume_plan(self) -> tuple[list[int], int]:
+        """(batches each logical worker skips, the logical worker due next).
+
+        The DataLoader takes batches from its workers round-robin, passing over exhausted ones, and
+        always starts at worker 0; so after a resume, physical worker 0 plays the logical worker that
+        was due next, and the cyclic order (hence the batch sequence) is unchanged."""
+        left = self.batches_per_worker(self.epoch)
+        skips = [0] * len(left)
+        w, todo = 0, self.skip
+        while todo > 0 and any(left):
+            if left[w]:
+                left[w] -= 1
+                skips[w] += 1
+                todo -= 1
+            w = (w + 1) % len(left)
+        return skips, w
+
+    # ----- streaming -----
+    def __iter__(self):
+        info = get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info else (0, 1)
+        skips, first = self._resume_plan()
+        worker = (physical + first) % workers
+        n_batches = self.batches_per_worker(self.epoch)[worker]
+        skip = skips[worker]
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
+        buf: list[dict] = []
+        made = 0
+        for raw in self._raw_samples(self._shards(self.epoch, self.rank, worker, workers), rng):
+            buf.append(raw)
+            if len(buf) < self.cfg.batch_size * (1 + (self.cfg.shuffle_buffer > 0)) and len(buf) < max(self.cfg.shuffle_buffer, self.cfg.batch_size):
+                continue
+            batch = self._take(buf, rng)
+            if made >= n_batches:
+                return
+            if made >= skip:
+                yield self._collate(batch)
+            made += 1
+        while len(buf) >= self.cfg.batch_size and made < n_batches:
+            batch = self._take(buf, rng)
+            if made >= skip:
+                yield self._collate(batch)
+            made += 1
+
+    def _take(self, buf: list[dict], rng: np.random.Generator) -> list[dict]:
+        if self.cfg.shuffle_buffer:
+            idx = sorted(rng.choice(len(buf), size=self.cfg.batch_size, replace=False).tolist(), reverse=True)
+            return [buf.pop(i) for i in idx]
+        out = buf[: self.cfg.batch_size]
+        del buf[: self.cfg.batch_size]
+        return out
+
+    def _raw_samples(self, shards: list[str], rng: np.random.Generator):
+        """Undecoded samples joined with their row, view and stored targets, in shard stream order."""
+        j, k = self.join, self.join.aug.views
+        for shard in shards:
+            rows = j.ds.rows(shard)
+            index = {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
+            g, valid = j.group(shard), j.valid[shard]
+            reader = _ChunkReader(g)
+            seeds, boxes, flips = np.array(g["seeds"][:]), np.array(g["boxes"][:]), np.array(g["flips"][:])
+            errors: list[str] = []
+            handler = _Recorder(errors)
+            seen: set[str] = set()
+            for s in wds.tarfile_to_samples(handler=handler)(iter([{"url": j.ds.shard_url(shard)}])):
+                key = s["__key__"]
+                i = index.get(key)
+                if i is None or key in seen or not valid[i]:
+                    continue  # skipped at extraction (recorded there) or a duplicate key
+                seen.add(key)
+                v = _hash64(self.cfg.seed, self.epoch, shard, key) % k
+                yield {"shard": shard, "key": key, "row": i, "view": v, "seed": int(seeds[i, v]),
+                       "box": boxes[i, v], "flip": bool(flips[i, v]), "size": (rows["width"][i], rows["height"][i]),
+                       "label": rows["label"][i], "image": _image_bytes(s), "targets": reader.row(i, v),
+                       "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order")}
+            if errors:
+                raise RuntimeError(f"shard {shard} could not be read to the end: {errors[0]}")
+
+    def _collate(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        j = self.join
+        images = []
+        for b in batch:
+            # Invariant 1: re-derive the view from its seed and check it against the stored one.
+            box, flip = sample_crop(b["seed"], b["size"][0], b["size"][1], j.aug)
+            if tuple(box) != tuple(int(x) for x in b["box"]) or flip != b["flip"]:
+                raise RuntimeError(f"view of {b['shard']}/{b['key']} does not re-derive from its seed: stored "
+                                   f"{tuple(b['box'])}/{b['flip']}, derived {box}/{flip} (cache and code disagree)")
+            try:
+                img = torch.from_numpy(to_uint8_chw(decode_image(b["image"])))
+            except BadImage as e:  # decoded fine at extraction; failing now means the shard changed
+                raise RuntimeError(f"{b['shard']}/{b['key']}: {e}") from None
+            images.append(replay_view(img, b["box"], b["flip"], self.cfg.img_size))
+        out = {"images": torch.stack(images),
+               "labels": torch.tensor([b["label"] for b in batch], dtype=torch.long),
+               "order_seed": torch.tensor([b["order_seed"] for b in batch], dtype=torch.long)}
+        t = {n: np.stack([b["targets"][n] for b in batch]) for n in batch[0]["targets"]}
+        if j.info.codes:
+            codes = torch.from_numpy(t["tokens"].astype(np.int64))
+            out["codes"] = codes
+            out["tokens"] = j.codebook[codes]
+        else:
+            out["tokens"] = decode_block(t["tokens"], j.info.dtype, t.get("token_scale"))
+            if "cls" in t:
+                out["cls"] = decode_block(t["cls"], j.info.dtype, t.get("cls_scale"))
+        return out
+
+
+class _Recorder:
+    """webdataset handler: keep going past a bad member, but remember it (never silent)."""
+
+    def __init__(self, sink: list[str]):
+        self.sink = sink
+
+    def __call__(self, exn: Exception) -> bool:
+        self.sink.append(f"{type(exn).__name__}: {exn}")
+        return True
+
+
+def _image_bytes(sample: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    return b""
+
+
+def make_loader(ds: CachedViews) -> DataLoader:
+    """A DataLoader over pre-batched samples (workers batch themselves)."""
+    return DataLoader(ds, batch_size=None, num_workers=ds.cfg.num_workers,
+                      persistent_workers=False, prefetch_factor=2 if ds.cfg.num_workers else None)
