@@ -126,8 +126,11 @@ class CachedViews(IterableDataset):
     teachers: codebook vectors) and ``codes [B,T]`` for code teachers; ``cls [B,D]`` when the
     teacher has one; ``labels [B]``; ``order_seed [B]`` (seeds of per-sample random orders)."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, join: CacheJoin | None = None):
-        self.cfg, self.rank, self.world = cfg, rank, world
+    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, join: CacheJoin | None = None,
+                 teacher_size: int | None = None):
+        """``teacher_size``: also yield ``teacher_images`` — the same views replayed at the teacher's
+        resolution — for ``--online-teacher`` runs and the cached-vs-online oracle."""
+        self.cfg, self.rank, self.world, self.teacher_size = cfg, rank, world, teacher_size
         self.join = join or CacheJoin(cfg)
         self.epoch, self.skip = 0, 0
         need = world * max(1, cfg.num_workers)
@@ -235,7 +238,7 @@ class CachedViews(IterableDataset):
 
     def _collate(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         j = self.join
-        images = []
+        images, teacher_images = [], []
         for b in batch:
             # Invariant 1: re-derive the view from its seed and check it against the stored one.
             box, flip = sample_crop(b["seed"], b["size"][0], b["size"][1], j.aug)
@@ -247,9 +250,13 @@ class CachedViews(IterableDataset):
             except BadImage as e:  # decoded fine at extraction; failing now means the shard changed
                 raise RuntimeError(f"{b['shard']}/{b['key']}: {e}") from None
             images.append(replay_view(img, b["box"], b["flip"], self.cfg.img_size))
+            if self.teacher_size:
+                teacher_images.append(replay_view(img, b["box"], b["flip"], self.teacher_size))
         out = {"images": torch.stack(images),
                "labels": torch.tensor([b["label"] for b in batch], dtype=torch.long),
                "order_seed": torch.tensor([b["order_seed"] for b in batch], dtype=torch.long)}
+        if teacher_images:
+            out["teacher_images"] = torch.stack(teacher_images)
         t = {n: np.stack([b["targets"][n] for b in batch]) for n in batch[0]["targets"]}
         if j.info.codes:
             codes = torch.from_numpy(t["tokens"].astype(np.int64))

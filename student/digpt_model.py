@@ -80,6 +80,8 @@ class DiGPTConfig:
     """Teacher token grid ``(h, w)``; each side must be divisible by the number of clusters per side."""
     predict_cls: bool = True
     """Both decoders also predict the teacher's class token from a class query."""
+    decoders: tuple[str, ...] = ("gen", "dis")
+    """Which decoders to build: both (D-iGPT), ``("gen",)`` (generative only, the paper's Table 9 row)."""
     cls_mode: Literal["last_cluster", "prefix"] = "last_cluster"
     """``last_cluster``: official, the class token joins the last visible cluster. ``prefix``: it is
     cluster -1 (seen by all, sees only itself) and so carries no image content."""
@@ -100,6 +102,8 @@ class DiGPTConfig:
             raise ValueError("DiGPTConfig.decoder_depth and target_dim must be >= 1")
         if not self.memory_layers or any(not 0 < f <= 1 for f in self.memory_layers):
             raise ValueError(f"DiGPTConfig.memory_layers {self.memory_layers}: need fractions in (0, 1]")
+        if not self.decoders or any(d not in ("gen", "dis") for d in self.decoders):
+            raise ValueError(f"DiGPTConfig.decoders must be a non-empty subset of ('gen', 'dis'), got {self.decoders}")
         if self.cls_mode not in ("last_cluster", "prefix"):
             raise ValueError(f"DiGPTConfig.cls_mode must be 'last_cluster' or 'prefix', got {self.cls_mode!r}")
         if self.predict_cls and self.cls_mode == "prefix":
@@ -210,8 +214,8 @@ class DiGPT(nn.Module):
         # Pretraining reads intermediate blocks; the final norm stays an untrained identity LN, frozen so
         # DDP sees no parameter without a gradient.
         self.encoder.norm.requires_grad_(False)
-        self.gen = Decoder(cfg, attn_impl)
-        self.dis = Decoder(cfg, attn_impl)
+        self.gen = Decoder(cfg, attn_impl) if "gen" in cfg.decoders else None
+        self.dis = Decoder(cfg, attn_impl) if "dis" in cfg.decoders else None
         g, k = cfg.encoder.grid_size, cfg.clusters_per_side
         self.register_buffer("cluster_patches", cluster_index(g, g, k), persistent=False)
         self.register_buffer("cluster_targets", cluster_index(*cfg.target_grid, k), persistent=False)
@@ -224,7 +228,7 @@ class DiGPT(nn.Module):
 
     def init_decoders(self) -> None:
         """Official init: xavier-uniform linears with zero bias; queries ~ N(0, 0.02) truncated."""
-        for dec in (self.gen, self.dis):
+        for dec in (d for d in (self.gen, self.dis) if d is not None):
             for m in dec.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
@@ -268,6 +272,8 @@ class DiGPT(nn.Module):
             ("gen", self.gen, patches[:, 1:].flatten(1), order[:, 1:]),
             ("dis", self.dis, seen, order[:, :-1]),
         ):
+            if decoder is None:
+                continue
             pred = decoder(layers, targets, self.dec_self_mask, self.dec_cross_mask, self.cfg.predict_cls)
             if self.cfg.predict_cls:
                 out[f"{name}_cls"], pred = pred[:, 0], pred[:, 1:]
@@ -276,7 +282,7 @@ class DiGPT(nn.Module):
         return out
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"gen.query", "dis.query"}
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {f"{d}.query" for d in self.cfg.decoders}
 
 
 def loss_cos(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -295,9 +301,11 @@ def digpt_loss(out: dict[str, torch.Tensor], tokens: torch.Tensor,
     model predicted it and ``cls: [B, D]`` is given, its class row as one more token; ``loss = gen + dis``."""
     losses = {}
     for name in ("gen", "dis"):
+        if name not in out:
+            continue
         per_token = loss_cos(out[name], gather_targets(tokens, out[f"{name}_index"]))
         if cls is not None and f"{name}_cls" in out:
             per_token = torch.cat([per_token, loss_cos(out[f"{name}_cls"], cls)[:, None]], dim=1)
         losses[name] = per_token.mean()
-    losses["loss"] = losses["gen"] + losses["dis"]
+    losses["loss"] = sum(losses.values())
     return losses

@@ -66,7 +66,7 @@ class EfficientNetLite0Teacher(Teacher):
     MBConv stage ``k`` (its own grid and width) and its average pool.
     """
 
-    def __init__(self, net: nn.Module, layer: int | None, weights_path: str | None) -> None:
+    def __init__(self, net: nn.Module, layer: int | None, weights_path: str | None, input_size: int = INPUT_SIZE) -> None:
         super().__init__()
         self.net = net
         self.weights_path = weights_path
@@ -78,10 +78,10 @@ class EfficientNetLite0Teacher(Teacher):
         self._stage_ends = [s - 1 for s in starts[1:]] + [len(net._blocks) - 1]
         self._layer = layer
         with torch.inference_mode():  # one dummy pass gives the exact grid/width of the chosen output
-            fmap = self._feature_map(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
+            fmap = self._feature_map(torch.zeros(1, 3, input_size, input_size))
         self.spec = TeacherSpec(
-            name="efficientnet_lite0",
-            input_size=INPUT_SIZE,
+            name="efficientnet_lite0" if input_size == INPUT_SIZE else f"efficientnet_lite0:{input_size}",
+            input_size=input_size,
             grid=(int(fmap.shape[2]), int(fmap.shape[3])),
             dim=int(fmap.shape[1]),
             mean=LITE_MEAN,
@@ -123,10 +123,16 @@ def create_efficientnet_lite0_teacher(
 ) -> EfficientNetLite0Teacher:
     """ImageNet EfficientNet-Lite0 shipped in a pip package (offline): 7x7x1280 head tokens + pooled global token.
 
-    ``weights``: optional local state_dict file overriding the shipped one. ``layer``: MBConv stage 1..7.
+    ``efficientnet_lite0:SIZE`` runs it at SIZE px (a multiple of 32; the grid is SIZE/32 per side, e.g.
+    256 -> 8x8, which splits into D-iGPT's 2x2 clusters). ``weights``: optional local state_dict file
+    overriding the shipped one. ``layer``: MBConv stage 1..7.
     """
+    size = INPUT_SIZE
     if arg:
-        raise ValueError(f"efficientnet_lite0 takes no argument, got {arg!r}")
+        if not arg.isdigit() or int(arg) % 32 or int(arg) < 32:
+            raise ValueError(f"efficientnet_lite0:SIZE needs a multiple of 32 (e.g. 224, 256), got {arg!r}")
+        size = int(arg)
+    options.pop("allow_hub", None)  # the weights ship in a package: there is no hub to allow
     if options:
         raise ValueError(f"efficientnet_lite0: unknown options {sorted(options)}")
     if layer is not None and not 1 <= layer <= NUM_STAGES:
@@ -139,6 +145,6 @@ def create_efficientnet_lite0_teacher(
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(load_state_dict_file(path), strict=True)
     net.eval()
-    teacher = EfficientNetLite0Teacher(net, layer, weights_path=weights)
+    teacher = EfficientNetLite0Teacher(net, layer, weights_path=weights, input_size=size)
     teacher.eval()
     return teacher

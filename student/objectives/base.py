@@ -1,0 +1,123 @@
+"""The objective interface and its registry. An objective owns its model and its loss:
+``objective(batch) -> (loss, metrics)``; the training loop knows nothing else about it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from student.attention import ATTN_IMPLS
+from student.sizes import list_vit_sizes, vit_config
+from student.vit import ViTConfig, VisionTransformer
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the cache provides, as the objective sees it (from the tokenizer's recorded spec)."""
+
+    name: str
+    dim: int
+    grid: tuple[int, int]
+    has_cls: bool
+    kind: str = "continuous"
+    num_codes: int = 0
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> TargetSpec:
+        return cls(name=spec["name"], dim=int(spec["dim"]), grid=tuple(spec["grid"]), has_cls=bool(spec["has_cls"]),
+                   kind=spec.get("kind", "continuous"), num_codes=int(spec.get("num_codes", 0)))
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The student network and the knobs objectives share."""
+
+    size: str = "tiny-test"
+    """Encoder preset (``student/sizes.py``): tiny-test, small-cpu, vit_tiny, vit_small, vit_base, vit_large."""
+    cluster_size: int | None = None
+    """Cluster side in patches; default half the patch grid (2x2 clusters, as the official 7 on 14x14)."""
+    decoder_depth: int = 2
+    """Blocks per decoder (paper Table 8: 2)."""
+    decoder_dim: int | None = None
+    """Decoder width; default 1024 for ViT-B and larger (official), else the encoder width."""
+    decoder_heads: int | None = None
+    """Decoder heads; default width / 32 (official head dim 32)."""
+    mask_ratio: float = 0.5
+    """``masked`` objective: fraction of patches replaced by the mask token."""
+    drop_path: float = 0.0
+    """Stochastic depth of the encoder."""
+    attn_impl: str = "sdpa"
+    """Attention kernel: sdpa (CPU and GPU), flex (GPU), sdpa_dense / eager (references)."""
+
+    def __post_init__(self) -> None:
+        if self.size not in list_vit_sizes():
+            raise ValueError(f"size must be one of {list_vit_sizes()}, got {self.size!r}")
+        if self.cluster_size is not None and self.cluster_size < 1:
+            raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
+        if self.decoder_depth < 1:
+            raise ValueError(f"decoder_depth must be >= 1, got {self.decoder_depth}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+
+    def encoder_config(self) -> ViTConfig:
+        return vit_config(self.size, drop_path=self.drop_path)
+
+    def decoder_width(self) -> tuple[int, int]:
+        enc = self.encoder_config().embed_dim
+        dim = self.decoder_dim or (1024 if enc >= 768 else enc)
+        return dim, self.decoder_heads or max(1, dim // 32)
+
+
+class Objective(nn.Module):
+    """Base class. Subclasses set ``self.encoder`` (the network that is kept and exported)."""
+
+    registry_name: ClassVar[str] = ""
+    """Set by :func:`register_objective`."""
+    default_order: ClassVar[str | None] = None
+    """The order used when none is asked for; ``None``: the objective has no order."""
+    encoder: VisionTransformer
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+
+ObjectiveFactory = Callable[[StudentConfig, TargetSpec, "str | None"], Objective]
+_OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    def deco(cls: type[Objective]) -> type[Objective]:
+        cls.registry_name = name
+        _OBJECTIVES[name] = cls
+        return cls
+    return deco
+
+
+def list_objectives() -> list[str]:
+    from . import ar, digpt, distill  # noqa: F401  (registration side effects)
+
+    return sorted(_OBJECTIVES)
+
+
+def create_objective(name: str, student: StudentConfig, target: TargetSpec, order: str | None = None) -> Objective:
+    """Build objective ``name`` for ``target``; raises ValueError with the reason when the combination
+    (objective, order, target kind, grid) cannot train."""
+    names = list_objectives()
+    if name not in names:
+        raise ValueError(f"unknown objective {name!r}; choose from {names}")
+    cls = _OBJECTIVES[name]
+    if order is not None and cls.default_order is None:
+        raise ValueError(f"objective {name!r} predicts every token at once from one input; it has no order "
+                         f"(drop --order {order})")
+    return cls(student, target, order or cls.default_order)

@@ -1,0 +1,61 @@
+"""``digpt`` (generative + discriminative decoders) and ``gen`` (generative only, the paper's Table 9)."""
+
+from __future__ import annotations
+
+import torch
+
+from student.digpt_model import DiGPT, DiGPTConfig, digpt_loss
+from student.orders import get_order
+
+from .base import Objective, StudentConfig, TargetSpec, register_objective
+
+
+def build_digpt(student: StudentConfig, target: TargetSpec, decoders: tuple[str, ...], objective: str,
+                cluster_size: int | None = None, predict_cls: bool | None = None, target_dim: int | None = None,
+                memory_layers: tuple[float, ...] | None = None) -> DiGPT:
+    enc = student.encoder_config()
+    cs = cluster_size or student.cluster_size or max(1, enc.grid_size // 2)
+    dim, heads = student.decoder_width()
+    kw = {"memory_layers": memory_layers} if memory_layers else {}
+    try:
+        cfg = DiGPTConfig(encoder=enc, cluster_size=cs, decoder_depth=student.decoder_depth, decoder_dim=dim,
+                          decoder_heads=heads, target_dim=target_dim or target.dim, target_grid=target.grid,
+                          predict_cls=target.has_cls if predict_cls is None else predict_cls, decoders=decoders, **kw)
+    except ValueError as e:
+        raise ValueError(f"objective {objective!r} with teacher {target.name} (grid {target.grid[0]}x{target.grid[1]}) "
+                         f"and student {student.size} (grid {enc.grid_size}x{enc.grid_size}, clusters of "
+                         f"{cs}x{cs} patches): {e}") from None
+    return DiGPT(cfg, student.attn_impl)
+
+
+@register_objective("digpt")
+class DiGPTObjective(Objective):
+    """D-iGPT: predict the next cluster's teacher tokens (generative) and the visible ones (discriminative)."""
+
+    default_order = "random"
+    decoders: tuple[str, ...] = ("gen", "dis")
+
+    def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None):
+        super().__init__()
+        self.model = build_digpt(student, target, self.decoders, self.registry_name)
+        self.order_name, self.order = order, get_order(order or self.default_order)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        order = self.order(batch, self.model.cfg.n_clusters, self.model.cluster_targets)
+        out = self.model(batch["images"], order)
+        losses = digpt_loss(out, batch["tokens"], batch.get("cls"))
+        return losses["loss"], {k: v.detach() for k, v in losses.items()}
+
+    @property
+    def encoder(self):  # a view, not a second registration (checkpoints hold each tensor once)
+        return self.model.encoder
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{n}" for n in self.model.no_weight_decay()}
+
+
+@register_objective("gen")
+class GenObjective(DiGPTObjective):
+    """Generative decoder only (the paper's Table 9 ablation without the discriminative decoder)."""
+
+    decoders = ("gen",)

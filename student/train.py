@@ -1,0 +1,310 @@
+"""``digpt train``: pretrain a student against a teacher cache.
+
+The loop is deliberately short: schedule, step, log, checkpoint. Everything about *what* is learned
+lives in the objective (``objective(batch) -> (loss, metrics)``); everything about *which* samples in
+which order lives in the loader (deterministic per (seed, epoch), so ``--resume`` replays exactly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from teacher_cache.config import TeacherConfig
+from teacher_cache.extract import build_teacher
+from teacher_cache.teachers import Teacher
+
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import CacheJoin, CachedViews, DataConfig, make_loader
+from .objectives import Objective, StudentConfig, TargetSpec, create_objective
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear warmup and a cosine decay (MAE / D-iGPT recipe)."""
+
+    base_lr: float = 1.5e-4
+    """Learning rate per 256 samples: the peak is ``base_lr * global_batch / 256``."""
+    min_lr: float = 0.0
+    """Floor of the cosine decay."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay (not applied to biases, norms, position/class/query tokens)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup: float = 0.05
+    """Warmup length: a fraction of all steps when < 1, else a number of steps."""
+    clip_grad: float | None = 3.0
+    """Clip the global gradient norm to this (None: no clipping)."""
+    accum: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+
+    def __post_init__(self) -> None:
+        if self.base_lr <= 0:
+            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if self.min_lr < 0 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError("min_lr, weight_decay and warmup must be >= 0")
+        if self.accum < 1:
+            raise ValueError(f"accum must be >= 1, got {self.accum}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``digpt train``."""
+
+    data: DataConfig
+    """Shards, cache, batch size, workers, seed."""
+    out: str
+    """Run directory: config.json, metrics.csv, checkpoints/, summary.json."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """Encoder size and decoder shape."""
+    objective: str = "digpt"
+    """digpt, gen, fd, masked, igpt or digit."""
+    order: str | None = None
+    """raster, random or semantic; None: the objective's default."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    steps: int | None = None
+    """Optimizer steps to train for (exclusive with ``epochs``)."""
+    epochs: int | None = None
+    """Epochs to train for (exclusive with ``steps``)."""
+    log_every: int = 10
+    """Steps between log lines / CSV rows."""
+    ckpt_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    amp: str = "auto"
+    """Autocast: auto (bf16 on CUDA, off on CPU), bf16, off."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    resume: bool = False
+    """Continue from RUN's latest checkpoint (same batches, same RNG)."""
+    online_teacher: bool = False
+    """Run the cache's teacher inside the step instead of reading targets (baseline and oracle)."""
+    seed: int = 0
+    """Seeds model initialisation."""
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps or epochs")
+        if (self.steps or 1) < 1 or (self.epochs or 1) < 1:
+            raise ValueError("steps / epochs must be >= 1")
+        size = self.student.encoder_config().img_size
+        if self.data.img_size != size:
+            raise ValueError(f"data.img_size {self.data.img_size} differs from student {self.student.size}'s "
+                             f"input size {size}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.log_every < 1 or self.ckpt_every < 0:
+            raise ValueError("log_every must be >= 1 and ckpt_every >= 0")
+
+
+@dataclass
+class TrainResult:
+    run: str
+    steps: int
+    final_loss: float
+    seconds: float
+    steps_per_s: float
+    samples_per_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_schedule(total: int, peak: float, warmup: float, min_lr: float) -> np.ndarray:
+    """``lr[step]`` for every optimizer step, precomputed (dinov2 style)."""
+    w = int(warmup * total) if warmup < 1 else int(warmup)
+    w = min(w, max(total - 1, 0))
+    steps = np.arange(total)
+    cos = min_lr + 0.5 * (peak - min_lr) * (1 + np.cos(np.pi * (steps - w) / max(1, total - w)))
+    return np.where(steps < w, peak * (steps + 1) / max(1, w), cos)
+
+
+def param_groups(model: Objective, weight_decay: float) -> list[dict]:
+    """No decay on biases, norms and the objective's named tokens (timm convention)."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _dist_env() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def online_targets(teacher: Teacher, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The targets a cache would hold for this batch, computed now by the teacher."""
+    out = teacher(batch["teacher_images"])
+    if teacher.spec.kind == "codes":
+        return {"codes": out.tokens, "tokens": teacher.codebook[out.tokens]}
+    targets = {"tokens": out.tokens.float()}
+    if out.cls is not None:
+        targets["cls"] = out.cls.float()
+    return targets
+
+
+def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
+    """Objective, loader dataset and (online mode) teacher for ``cfg`` — shared by train and tests."""
+    join = CacheJoin(cfg.data)
+    target = TargetSpec.from_spec(join.spec)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    objective = create_objective(cfg.objective, cfg.student, target, cfg.order).to(device)
+    teacher = None
+    if cfg.online_teacher:
+        a = join.info.attrs
+        teacher = build_teacher(TeacherConfig(**a["teacher_config"]), join.codebook)
+        if teacher.fingerprint() != a["fingerprint"]:
+            raise ValueError(f"--online-teacher: the teacher rebuilt from the cache's config has weights "
+                             f"{teacher.fingerprint()[:12]}, the cache was made by {a['fingerprint'][:12]}")
+        teacher = teacher.to(device)
+    ds = CachedViews(cfg.data, rank, world, join, teacher_size=teacher.spec.input_size if teacher else None)
+    return objective, ds, teacher, join
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    rank, world = _dist_env()
+    device = _device(cfg.device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    objective, ds, teacher, join = build_run(cfg, rank, world, device)
+    accum = cfg.optim.accum
+    total = cfg.steps or cfg.epochs * max(1, ds.steps_per_epoch(0) // accum)
+    global_batch = cfg.data.batch_size * accum * world
+    peak = cfg.optim.base_lr * global_batch / 256
+    lrs = lr_schedule(total, peak, cfg.optim.warmup, cfg.optim.min_lr)
+    opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=peak, betas=cfg.optim.betas)
+    state = TrainState()
+    ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume and ckpt is None and rank == 0:
+        print(f"--resume: no checkpoint in {cfg.out}; starting from scratch")
+    if ckpt:
+        state = load_checkpoint(ckpt, objective, opt)
+    model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    if rank == 0:
+        _write_config(cfg, join, objective, total, peak)
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    log = _MetricsLog(cfg.out, resume=bool(ckpt)) if rank == 0 else None
+    bar = tqdm(total=total, initial=state.step, desc=f"train {cfg.objective}", unit="step",
+               disable=not progress or rank != 0)
+    t0, start_step, micro, last = time.perf_counter(), state.step, 0, {}
+    while state.step < total:
+        n_batches = ds.steps_per_epoch(state.epoch)
+        ds.set_epoch(state.epoch, state.batch_in_epoch)
+        for batch in make_loader(ds):
+            if state.batch_in_epoch >= n_batches or state.step >= total:
+                break
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if teacher is not None:
+                batch.update(online_targets(teacher, batch))
+            for g in opt.param_groups:
+                g["lr"] = float(lrs[state.step])
+            with autocast:
+                loss, metrics = model(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {state.step} (epoch {state.epoch}); "
+                                         "lower --base-lr or check the cache with `digpt verify`")
+            (loss / accum).backward()
+            state.batch_in_epoch += 1
+            micro += 1
+            if micro % accum:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.clip_grad or math.inf)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            bar.update(1)
+            last = {"step": state.step, "epoch": state.epoch, "lr": float(lrs[state.step - 1]),
+                    "grad_norm": float(grad_norm), **{k: float(v) for k, v in metrics.items()}}
+            if log is not None and (state.step % cfg.log_every == 0 or state.step == total):
+                last["samples_per_s"] = (state.step - start_step) * global_batch / (time.perf_counter() - t0)
+                log.write(last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+            if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and state.step < total and rank == 0:
+                save_checkpoint(cfg.out, objective, opt, state)
+        if state.batch_in_epoch >= n_batches:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    bar.close()
+    seconds = time.perf_counter() - t0
+    done = state.step - start_step
+    result = TrainResult(cfg.out, state.step, last.get("loss", float("nan")), seconds,
+                         done / seconds if seconds else 0.0, done * global_batch / seconds if seconds else 0.0,
+                         log.rows if log else [])
+    if rank == 0:
+        save_checkpoint(cfg.out, objective, opt, state)
+        summary = {k: v for k, v in asdict(result).items() if k != "history"}
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if progress:
+            print(f"trained {done} steps in {seconds:.1f}s ({result.steps_per_s:.2f} steps/s, "
+                  f"{result.samples_per_s:.1f} samples/s); final loss {result.final_loss:.4f}; run: {cfg.out}")
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _write_config(cfg: TrainConfig, join: CacheJoin, objective: Objective, total: int, peak: float) -> None:
+    """The resolved config, plus what the run was trained against: enough to rebuild and check it."""
+    os.makedirs(cfg.out, exist_ok=True)
+    resolved = {
+        "train": asdict(cfg),
+        "resolved": {"total_steps": total, "peak_lr": peak, "order": getattr(objective, "order_name", None)},
+        "target": asdict(TargetSpec.from_spec(join.spec)),
+        "cache": {"tokenizer": join.info.name, "fingerprint": join.info.attrs["fingerprint"],
+                  "manifest_fingerprint": join.ds.fingerprint, "plan_fingerprint": join.info.attrs["plan_fingerprint"]},
+        "encoder": asdict(objective.encoder.cfg),
+    }
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(resolved, f, indent=2, default=str)
+
+
+class _MetricsLog:
+    """metrics.csv (and TensorBoard when the package is installed)."""
+
+    def __init__(self, run: str, resume: bool):
+        os.makedirs(run, exist_ok=True)
+        self.path = os.path.join(run, "metrics.csv")
+        self.rows: list[dict] = []
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run, "tb"))
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, row["step"])
