@@ -3,6 +3,8 @@
     digpt prepare synthetic --out data/syn --num-samples 512
     digpt extract --shards data/syn --teacher efficientnet_lite0 --views 2 --out cache/syn
     digpt verify --shards data/syn --cache cache/syn
+    digpt train --shards data/syn --cache cache/syn --out runs/digpt --student small-cpu --steps 300
+    digpt export runs/digpt --out encoder.safetensors
     digpt teachers
     digpt demo --out demo_out
 """
@@ -123,6 +125,79 @@ def _cmd_verify(a: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretrain a student against a teacher cache")
+    p.add_argument("--shards", required=True, help="prepared dataset directory")
+    p.add_argument("--cache", required=True, help="teacher cache made from those shards")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer group (needed when the cache holds several)")
+    p.add_argument("--student", default="tiny-test", help="encoder size: tiny-test, small-cpu, vit_tiny, vit_small, vit_base, vit_large")
+    p.add_argument("--objective", default="digpt", help="digpt, gen, fd, masked, igpt, digit")
+    p.add_argument("--order", default=None, help="raster, random, semantic (default: the objective's)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--steps", type=int, help="optimizer steps")
+    g.add_argument("--epochs", type=int, help="epochs over the shards")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per step per rank (default 64)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
+    p.add_argument("--base-lr", type=float, default=1.5e-4, help="lr per 256 samples (default 1.5e-4)")
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=float, default=0.05, help="warmup: fraction of steps (<1) or steps")
+    p.add_argument("--clip-grad", type=float, default=3.0)
+    p.add_argument("--cluster-size", type=int, default=None, help="cluster side in patches (default: grid/2)")
+    p.add_argument("--decoder-depth", type=int, default=2)
+    p.add_argument("--decoder-dim", type=int, default=None)
+    p.add_argument("--mask-ratio", type=float, default=0.5, help="masked objective: fraction of patches masked")
+    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--attn", default="sdpa", help="attention kernel: sdpa, flex (GPU), sdpa_dense, eager")
+    p.add_argument("--workers", type=int, default=2, help="loader workers per rank")
+    p.add_argument("--shuffle-buffer", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), bf16, off")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--online-teacher", action="store_true", help="run the teacher in the step (baseline/oracle)")
+
+
+def train_config(a: argparse.Namespace):
+    from student.data import DataConfig
+    from student.objectives import StudentConfig
+    from student.train import OptimConfig, TrainConfig
+
+    student = StudentConfig(size=a.student, cluster_size=a.cluster_size, decoder_depth=a.decoder_depth,
+                            decoder_dim=a.decoder_dim, mask_ratio=a.mask_ratio, drop_path=a.drop_path, attn_impl=a.attn)
+    data = DataConfig(shards=a.shards, cache=a.cache, tokenizer=a.tokenizer, img_size=student.encoder_config().img_size,
+                      batch_size=a.batch_size, num_workers=a.workers, seed=a.seed, shuffle_buffer=a.shuffle_buffer)
+    optim = OptimConfig(base_lr=a.base_lr, min_lr=a.min_lr, weight_decay=a.weight_decay, warmup=a.warmup,
+                        clip_grad=a.clip_grad, accum=a.accum)
+    return TrainConfig(data=data, out=a.out, student=student, objective=a.objective, order=a.order, optim=optim,
+                       steps=a.steps, epochs=a.epochs, log_every=a.log_every, ckpt_every=a.ckpt_every, amp=a.amp,
+                       device=a.device, resume=a.resume, online_teacher=a.online_teacher, seed=a.seed)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from student.train import train
+
+    train(train_config(a))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's encoder as a timm ViT checkpoint (safetensors)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from student.export import export_encoder
+
+    line = export_encoder(a.run, a.out)
+    print(f"wrote {a.out}; load it with:\n  {line}")
+    return 0
+
+
 def _add_teachers(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("teachers", help="list teacher families and presets")
 
@@ -160,6 +235,8 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "prepare": (_add_prepare, _cmd_prepare),
     "extract": (_add_extract, _cmd_extract),
     "verify": (_add_verify, _cmd_verify),
+    "train": (_add_train, _cmd_train),
+    "export": (_add_export, _cmd_export),
     "teachers": (_add_teachers, _cmd_teachers),
     "demo": (_add_demo, _cmd_demo),
 }

@@ -1,0 +1,78 @@
+"""``digpt export``: the trained encoder as a timm ViT checkpoint, and loading it back for probes.
+
+The file is safetensors with timm's key names; its metadata records the timm model name and the
+kwargs that make the architecture match, so
+
+    timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), num_classes=0, **KWARGS)
+
+loads it with no missing or unexpected keys (``digpt export`` prints that line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import latest_checkpoint
+from .sizes import timm_kwargs_for, vit_preset
+from .vit import ViTConfig, VisionTransformer
+
+
+def run_encoder_config(run: str) -> ViTConfig:
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    return ViTConfig(**cfg["encoder"])
+
+
+def encoder_state_dict(run: str) -> dict[str, torch.Tensor]:
+    """The encoder's weights from RUN's latest checkpoint, under timm's names (prefix stripped)."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {run} (train first)")
+    full = load_file(os.path.join(ckpt, "model.safetensors"))
+    for prefix in ("model.encoder.", "encoder."):
+        enc = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        if enc:
+            return enc
+    raise ValueError(f"checkpoint {ckpt} holds no encoder weights")
+
+
+def load_encoder(run: str) -> VisionTransformer:
+    """Rebuild the trained encoder of RUN (strict load)."""
+    enc = VisionTransformer(run_encoder_config(run))
+    enc.load_state_dict(encoder_state_dict(run), strict=True)
+    return enc.eval()
+
+
+def timm_spec(run: str) -> tuple[str, dict[str, Any]]:
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    preset = vit_preset(cfg["train"]["student"]["size"])
+    kwargs = timm_kwargs_for(run_encoder_config(run))
+    kwargs.pop("num_classes", None)
+    kwargs.pop("in_chans", None)
+    return preset.timm_name, kwargs
+
+
+def export_encoder(run: str, out: str) -> str:
+    """Write the encoder to ``out`` (safetensors) and return the timm line that loads it."""
+    name, kwargs = timm_spec(run)
+    weights = {k: v.contiguous() for k, v in encoder_state_dict(run).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(weights, out, metadata={"timm_name": name, "timm_kwargs": json.dumps(kwargs), "source_run": os.path.abspath(run)})
+    kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={out!r}), "
+            f"num_classes=0{kw})")
+
+
+def create_timm_from_export(path: str, **overrides: Any) -> torch.nn.Module:
+    """Load an exported file with timm, reading name and kwargs from its metadata."""
+    import timm
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    kwargs = {**json.loads(meta["timm_kwargs"]), "num_classes": 0, **overrides}
+    return timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)

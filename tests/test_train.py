@@ -1,0 +1,152 @@
+"""The student trainer on a tiny cache: every objective trains, resume is exact, the cache equals the
+online teacher, DDP runs on CPU, exports load in timm, and bad pairings are refused up front."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from student.data import CachedViews, DataConfig, make_loader
+from student.export import create_timm_from_export, export_encoder, load_encoder
+from student.objectives import StudentConfig, TargetSpec, create_objective, list_objectives
+from student.orders import list_orders
+from student.train import OptimConfig, TrainConfig, build_run, online_targets, train
+from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.extract import run_extract
+from teacher_cache.views import AugConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_dataset, tmp_path_factory):
+    """fp32 targets (so cached == online exactly) for a feature, a pixel and a code teacher."""
+    out = str(tmp_path_factory.mktemp("cache") / "c")
+    teachers = (TeacherConfig("random-vit:32/8", group="vit"), TeacherConfig("pixel:32/8", group="pixel"),
+                TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=16, fit_samples=24))
+    run_extract(ExtractConfig(shards=tiny_dataset, out=out, teachers=teachers, aug=AugConfig(views=2),
+                              storage=StorageConfig(dtype="fp32"), executor="local"), progress=False)
+    return out
+
+
+def _cfg(tiny_dataset, cache, out, tokenizer="vit", **kw) -> TrainConfig:
+    data = dict(shards=tiny_dataset, cache=cache, tokenizer=tokenizer, img_size=32, batch_size=8, shuffle_buffer=16)
+    data.update(kw.pop("data", {}))
+    kw.setdefault("steps", 12)
+    kw.setdefault("optim", OptimConfig(base_lr=3e-3, warmup=0.1))
+    return TrainConfig(data=DataConfig(**data), out=str(out), student=StudentConfig("tiny-test"), log_every=1, **kw)
+
+
+TOKENIZER_FOR = {"digit": "codes", "igpt": "pixel"}
+
+
+@pytest.mark.parametrize("objective", list_objectives())
+def test_each_objective_learns(objective, tiny_dataset, tiny_cache, tmp_path):
+    cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / objective, TOKENIZER_FOR.get(objective, "vit"),
+               objective=objective, steps=36)
+    losses = [row["loss"] for row in train(cfg, progress=False).history]
+    assert len(losses) == 36 and all(torch.isfinite(torch.tensor(losses)))
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    assert last < first, f"{objective}: loss did not go down ({first:.4f} -> {last:.4f})"
+
+
+@pytest.mark.parametrize("objective", list_objectives())
+@pytest.mark.parametrize("order", [None, *list_orders()])
+@pytest.mark.parametrize("kind", ["features", "codes"])
+def test_every_combination_trains_or_is_refused(objective, order, kind):
+    target = TargetSpec("t", 32, (4, 4), kind == "features", "codes" if kind == "codes" else "continuous", 16)
+    try:
+        obj = create_objective(objective, StudentConfig("tiny-test"), target, order)
+    except ValueError as e:
+        assert objective in str(e) and len(str(e)) > 30  # refused, with a reason that names it
+        return
+    batch = {"images": torch.rand(2, 3, 32, 32), "tokens": torch.randn(2, 16, 32), "order_seed": torch.tensor([1, 2]),
+             "codes": torch.randint(0, 16, (2, 16))}
+    if target.has_cls:
+        batch["cls"] = torch.randn(2, 32)
+    loss, _ = obj(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_resume_replays_the_same_steps(tiny_dataset, tiny_cache, tmp_path):
+    """Train 12 steps straight; separately resume from the step-8 checkpoint: steps 9..12 are identical
+    (same batches through 2 loader workers, same dropout RNG, same optimizer state)."""
+    a = tmp_path / "a"
+    kw = dict(steps=12, ckpt_every=4, data={"num_workers": 2})
+    ref = train(_cfg(tiny_dataset, tiny_cache, a, **kw), progress=False).history
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    ckpts = b / "checkpoints"
+    (ckpts / "latest").write_text("step_00000008")
+    shutil.rmtree(ckpts / "step_00000012")
+    rows = list(csv.DictReader(open(b / "metrics.csv")))[:8]
+    with open(b / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    resumed = train(_cfg(tiny_dataset, tiny_cache, b, resume=True, **kw), progress=False).history
+    assert [r["step"] for r in resumed] == [9, 10, 11, 12]
+    for x, y in zip(ref[8:], resumed):
+        assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"], (x, y)
+
+
+def test_cached_targets_equal_online_teacher(tiny_dataset, tiny_cache, tmp_path):
+    for tok in ("vit", "codes"):
+        cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / tok, tok, online_teacher=True)
+        objective, ds, teacher, _ = build_run(cfg)
+        batch = next(iter(make_loader(ds)))
+        online = {**batch, **online_targets(teacher, batch)}
+        for k in ("tokens", "cls", "codes"):
+            if k in batch:
+                assert torch.allclose(batch[k], online[k], atol=1e-5), k
+        torch.manual_seed(0)
+        cached_loss = objective(batch)[0]
+        torch.manual_seed(0)
+        online_loss = objective(online)[0]
+        assert torch.allclose(cached_loss, online_loss, atol=1e-6)
+
+
+def test_refuses_mismatched_cache(tiny_dataset, tiny_cache, tmp_path):
+    from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
+
+    other = tmp_path / "other"
+    prepare_synthetic(SyntheticConfig(out=str(other), num_samples=16, num_classes=2, image_size=32, shard_size=8, seed=9))
+    with pytest.raises(ValueError, match="other shards"):
+        build_run(_cfg(str(other), tiny_cache, tmp_path / "r"))
+    with pytest.raises(ValueError, match="several tokenizers"):
+        build_run(_cfg(tiny_dataset, tiny_cache, tmp_path / "r", tokenizer=None))
+    with pytest.raises(ValueError, match="grid"):  # 4x4 teacher tokens cannot split into 1-patch clusters of a
+        create_objective("digpt", StudentConfig("small-cpu", cluster_size=1), TargetSpec("t", 8, (4, 4), False))
+    with pytest.raises(ValueError, match="num_workers|worker"):
+        CachedViews(DataConfig(tiny_dataset, tiny_cache, "vit", 32, 8, num_workers=4))
+
+
+def test_export_loads_in_timm(tiny_dataset, tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(tiny_dataset, tiny_cache, run, steps=3), progress=False)
+    line = export_encoder(str(run), str(tmp_path / "enc.safetensors"))
+    assert "timm.create_model" in line
+    model = create_timm_from_export(str(tmp_path / "enc.safetensors"))  # strict load inside timm
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(model.forward_features(x), load_encoder(str(run))(x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tiny_dataset, tiny_cache, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           os.path.join(REPO, "cli.py"), "train", "--shards", tiny_dataset, "--cache", tiny_cache, "--tokenizer", "vit",
+           "--out", str(run), "--steps", "4", "--batch-size", "4", "--workers", "0", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "latest").exists()
