@@ -216,19 +216,105 @@ def _cmd_teachers(a: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from pipelines.demo import DemoConfig
+
+    d = DemoConfig()
     p = sub.add_parser("demo", help="the whole pipeline on a generated dataset, on a CPU, in minutes")
-    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    p.add_argument("--num-samples", type=int, default=None, help="override the demo's dataset size")
-    p.add_argument("--executor", default="ray", help="ray (default) or local")
+    p.add_argument("--out", default=d.out, help=f"output directory (default {d.out})")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, help=f"dataset size (default {d.num_samples})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"steps per student (default {d.steps})")
+    p.add_argument("--student", default=d.student, help=f"student preset (default {d.student})")
+    p.add_argument("--executor", default=d.executor, help="ray (default) or local")
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from pipelines.demo import DemoConfig, run_demo
 
-    kwargs = {"out": a.out, "executor": a.executor}
-    if a.num_samples is not None:
-        kwargs["num_samples"] = a.num_samples
-    return 0 if run_demo(DemoConfig(**kwargs)).ok else 1
+    cfg = DemoConfig(out=a.out, num_samples=a.num_samples, steps=a.steps, student=a.student, executor=a.executor)
+    return 0 if run_demo(cfg).ok else 1
+
+
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    from pipelines.ablate import RECIPES, AblateConfig
+
+    d = AblateConfig(recipe="demo", out="-")
+    p = sub.add_parser("ablate", help="train several students against several caches; one report")
+    p.add_argument("recipe", help="one of: " + ", ".join(sorted(RECIPES)))
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--shards", default=None, help="prepared dataset (default: generate a synthetic one)")
+    p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--num-classes", type=int, default=d.num_classes)
+    p.add_argument("--student", default=d.student)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--base-lr", type=float, default=d.base_lr)
+    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per variant (mean +- std)")
+    p.add_argument("--executor", default=d.executor)
+    p.add_argument("--weights", action="append", default=[], metavar="TEACHER=FILE",
+                   help="add a headline teacher with local weights to the tokenizers recipe (repeatable)")
+
+
+def _cmd_ablate(a: argparse.Namespace) -> int:
+    from pipelines.ablate import AblateConfig, run_ablation
+
+    weights = []
+    for item in a.weights:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--weights expects TEACHER=FILE, got {item!r}")
+        weights.append((name, path))
+    run_ablation(AblateConfig(recipe=a.recipe, out=a.out, shards=a.shards, num_samples=a.num_samples,
+                              num_classes=a.num_classes, student=a.student, steps=a.steps, batch_size=a.batch_size,
+                              base_lr=a.base_lr, seeds=a.seeds, executor=a.executor, weights=tuple(weights)))
+    return 0
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    from pipelines.probe import ProbeConfig
+
+    d = ProbeConfig(shards="-", run="-")
+    p = sub.add_parser("probe", help="evaluate an encoder per layer: linear probe, k-NN or a short fine-tune")
+    p.add_argument("--run", default=None, help="trained run directory (omit with --random-init --student)")
+    p.add_argument("--shards", required=True, help="prepared dataset to train the probe on")
+    p.add_argument("--val-shards", default=None, help="dataset to report on (default: a stratified holdout)")
+    p.add_argument("--kind", default=d.kind, help="linear (default), knn or finetune")
+    p.add_argument("--random-init", action="store_true", help="a seeded random encoder of the same shape: the floor")
+    p.add_argument("--student", default=None, help="encoder preset for --random-init without --run")
+    p.add_argument("--pool", default=d.pool, help="mean (of patch tokens, default) or cls")
+    p.add_argument("--layers", default=None, help="0-based blocks to probe, comma-separated (default all)")
+    p.add_argument("--out", default=None, help="result JSON (default RUN/probe_<kind>.json; required without --run)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--holdout", type=float, default=d.holdout, help=f"report fraction without --val-shards ({d.holdout})")
+    p.add_argument("--lrs", default=",".join(map(str, d.lrs)), help="linear: learning rates tried, comma-separated")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"linear: full-batch steps (default {d.epochs})")
+    p.add_argument("--k", type=int, default=d.k, help=f"knn: neighbours (default {d.k})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"knn: vote temperature ({d.temperature})")
+    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    p.add_argument("--layer-decay", type=float, default=d.layer_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+
+
+def _cmd_probe(a: argparse.Namespace) -> int:
+    from pipelines.probe import ProbeConfig, run_probe
+
+    def values(text: str, flag: str, kind: type) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
+
+    layers = None if a.layers is None else values(a.layers, "--layers", int)
+    cfg = ProbeConfig(shards=a.shards, kind=a.kind, run=a.run, val_shards=a.val_shards, out=a.out,
+                      random_init=a.random_init, student=a.student, pool=a.pool, layers=layers,
+                      batch_size=a.batch_size, holdout=a.holdout, lrs=values(a.lrs, "--lrs", float), epochs=a.epochs,
+                      k=a.k, temperature=a.temperature, finetune_epochs=a.finetune_epochs,
+                      finetune_lr=a.finetune_lr, layer_decay=a.layer_decay, seed=a.seed, device=a.device)
+    result = run_probe(cfg)
+    print(result.table())
+    print(f"wrote {cfg.out_path()}")
+    return 0
 
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
@@ -238,7 +324,9 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_add_train, _cmd_train),
     "export": (_add_export, _cmd_export),
     "teachers": (_add_teachers, _cmd_teachers),
+    "ablate": (_add_ablate, _cmd_ablate),
     "demo": (_add_demo, _cmd_demo),
+    "probe": (_add_probe, _cmd_probe),
 }
 
 

@@ -1,0 +1,338 @@
+"""``digpt ablate RECIPE``: train several students against several caches and write one report.
+
+A recipe is a small function returning variants, each a diff against a base (teacher, storage form,
+objective, order, decoder shape). Each distinct (teacher, storage) is extracted once into one cache and
+reused by every variant that needs it — the point of the cache. Every variant is trained for each
+seed, probed (linear, best layer; plus k-NN), and compared with a random-init floor of the same
+student. Output: ``report.md`` (one table), ``results.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+from student.data import DataConfig
+from student.objectives import StudentConfig
+from student.train import OptimConfig, TrainConfig, train
+from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.extract import run_extract
+from teacher_cache.prepare import SyntheticConfig, load_dataset, prepare_synthetic
+from teacher_cache.store import slug
+from teacher_cache.views import AugConfig
+
+from .probe import ProbeConfig, run_probe
+
+SEMANTIC = "efficientnet_lite0:256"  # 8x8 tokens: splits into the 2x2 clusters of a 64 px / patch-8 student
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the report: what to extract and how to train on it."""
+
+    name: str
+    teacher: TeacherConfig
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    objective: str = "digpt"
+    order: str | None = None
+    decoder_depth: int = 2
+
+    @property
+    def tokenizer(self) -> str:
+        return f"{self.teacher.group_name}-{self.storage.dtype}"
+
+
+@dataclass(frozen=True)
+class AblateConfig:
+    """``digpt ablate``."""
+
+    recipe: str
+    """tokenizers, decoders, orders, storage or demo (see :data:`RECIPES`)."""
+    out: str
+    """Output directory: data/, cache/, runs/, report.md, results.json, *.png."""
+    shards: str | None = None
+    """A prepared dataset to use; default: generate a synthetic one under ``out/data``."""
+    num_samples: int = 512
+    """Synthetic set size (when ``shards`` is not given)."""
+    num_classes: int = 8
+    """Synthetic classes."""
+    image_size: int = 64
+    """Synthetic image size; must equal the student's input size."""
+    student: str = "small-cpu"
+    """Student encoder preset."""
+    steps: int = 200
+    """Optimizer steps per student."""
+    batch_size: int = 64
+    """Samples per step."""
+    base_lr: float = 1.5e-3
+    """Learning rate per 256 samples (higher than ImageNet's: tiny models, short schedules)."""
+    seeds: int = 1
+    """Seeds per variant (mean +- std when > 1)."""
+    views: int = 2
+    """Augmented views per sample in the cache."""
+    executor: str = "ray"
+    """Extraction executor."""
+    workers: int = 1
+    """Loader workers per training run."""
+    weights: tuple[tuple[str, str], ...] = ()
+    """(teacher name, local weights file) pairs: headline teachers join the ``tokenizers`` recipe."""
+    knn: bool = True
+    """Also report k-NN accuracy."""
+    semantic_teacher: str = SEMANTIC
+    """The semantic tokenizer the recipes vary around (needs a grid that splits into the clusters)."""
+    cache: str | None = None
+    """Cache location; default ``out/cache`` (point several ablations at one cache to share extraction)."""
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
+        for name in ("num_samples", "num_classes", "image_size", "steps", "batch_size", "seeds", "views"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.base_lr <= 0:
+            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes: small functions, each a list of variants (the paper's tables, in shape)
+
+RECIPES: dict[str, Callable[[AblateConfig], list[Variant]]] = {}
+
+
+def recipe(name: str):
+    def deco(fn):
+        RECIPES[name] = fn
+        return fn
+    return deco
+
+
+def _pixel(cfg: AblateConfig) -> TeacherConfig:
+    return TeacherConfig(f"pixel:{cfg.image_size}/8", group="pixel")
+
+
+def _semantic(cfg: AblateConfig) -> TeacherConfig:
+    return TeacherConfig(cfg.semantic_teacher, group="semantic")
+
+
+@recipe("demo")
+def demo_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Pixel targets (iGPT-like) vs the shipped semantic teacher, both with D-iGPT."""
+    return [Variant("digpt/pixel", _pixel(cfg)), Variant("digpt/semantic", _semantic(cfg))]
+
+
+@recipe("tokenizers")
+def tokenizers_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Paper Tables 5/6: one objective, several tokenizers; headline teachers when weights are given."""
+    out = [Variant("digpt/pixel", _pixel(cfg)),
+           Variant("digpt/kmeans-codes", TeacherConfig(f"kmeans:{cfg.semantic_teacher}", group="kmeans", codebook_size=64,
+                                                       fit_samples=min(256, cfg.num_samples))),
+           Variant("digpt/semantic", _semantic(cfg))]
+    for name, path in cfg.weights:
+        out.append(Variant(f"digpt/{name}", TeacherConfig(name, weights=path, group=slug(name))))
+    return out
+
+
+@recipe("decoders")
+def decoders_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Paper Tables 8/9: D-iGPT vs generative-only vs feature distillation; decoder depth 1/2/4."""
+    t = _semantic(cfg)
+    return [Variant("digpt", t), Variant("gen", t, objective="gen"), Variant("fd", t, objective="fd"),
+            Variant("digpt/depth1", t, decoder_depth=1), Variant("digpt/depth4", t, decoder_depth=4)]
+
+
+@recipe("orders")
+def orders_recipe(cfg: AblateConfig) -> list[Variant]:
+    """iGPT's raster vs D-iGPT's random vs SemAIM's semantic order."""
+    t = _semantic(cfg)
+    return [Variant(f"digpt/{o}", t, order=o) for o in ("raster", "random", "semantic")]
+
+
+@recipe("storage")
+def storage_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Bytes per view against probe accuracy: fp16, int8, and k-means codes of the same teacher."""
+    t = _semantic(cfg)
+    return [Variant("fp16", t), Variant("int8", t, storage=StorageConfig(dtype="int8")),
+            Variant("bf16", t, storage=StorageConfig(dtype="bf16")),
+            Variant("codes-256", TeacherConfig(f"kmeans:{cfg.semantic_teacher}", group="kmeans256", codebook_size=256,
+                                               fit_samples=min(512, cfg.num_samples)))]
+
+
+# ---------------------------------------------------------------------------------------------
+# the runner
+
+
+@dataclass
+class RunRecord:
+    variant: str
+    seed: int
+    run: str
+    train_seconds: float
+    final_loss: float
+    losses: list[float]
+    linear_top1: float
+    linear_top5: float | None
+    best_layer: int | str
+    knn_top1: float | None
+
+
+def _dataset(cfg: AblateConfig) -> str:
+    if cfg.shards:
+        return cfg.shards
+    data = os.path.join(cfg.out, "data")
+    want = SyntheticConfig(out=data, num_samples=cfg.num_samples, num_classes=cfg.num_classes,
+                           image_size=cfg.image_size, shard_size=max(16, cfg.num_samples // 4), seed=0)
+    if os.path.exists(os.path.join(data, "dataset.json")):
+        ds = load_dataset(data)
+        if ds.info.get("config") == asdict(want):
+            return data  # an earlier run of the same recipe: reuse its data (and cache)
+    prepare_synthetic(want)
+    return data
+
+
+def _extract(cfg: AblateConfig, data: str, variants: list[Variant]) -> tuple[str, dict[str, float]]:
+    """Extract each distinct (teacher, storage) once; returns the cache and bytes/view per tokenizer."""
+    cache = cfg.cache or os.path.join(cfg.out, "cache")
+    by_storage: dict[StorageConfig, dict[str, TeacherConfig]] = {}
+    for v in variants:
+        by_storage.setdefault(v.storage, {})[v.tokenizer] = replace(v.teacher, group=v.tokenizer)
+    bytes_per_view: dict[str, float] = {}
+    for storage, teachers in by_storage.items():
+        summary = run_extract(ExtractConfig(shards=data, out=cache, teachers=tuple(teachers.values()),
+                                            aug=AugConfig(views=cfg.views), storage=storage, batch_size=32,
+                                            executor=cfg.executor))
+        print(summary.table())
+        bytes_per_view.update({t.group: t.bytes_per_view for t in summary.tokenizers})
+    return cache, bytes_per_view
+
+
+def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int) -> tuple[dict, dict | None]:
+    common = dict(shards=data, seed=seed, student=cfg.student)
+    out = None if run else os.path.join(cfg.out, "runs", f"random-init_s{seed}")
+    if out:
+        os.makedirs(out, exist_ok=True)
+    lin = run_probe(ProbeConfig(run=run, kind="linear", random_init=run is None,
+                                out=os.path.join(out, "probe_linear.json") if out else None, **common))
+    knn = run_probe(ProbeConfig(run=run, kind="knn", random_init=run is None,
+                                out=os.path.join(out, "probe_knn.json") if out else None, **common)) if cfg.knn else None
+    return _summary(lin), (_summary(knn) if knn else None)
+
+
+def _summary(result) -> dict:
+    return {"top1": result.top1, "top5": result.top5, "best_layer": result.best_layer}
+
+
+def run_ablation(cfg: AblateConfig) -> dict:
+    t_start = time.perf_counter()
+    os.makedirs(cfg.out, exist_ok=True)
+    variants = RECIPES[cfg.recipe](cfg)
+    data = _dataset(cfg)
+    cache, bytes_per_view = _extract(cfg, data, variants)
+    records: list[RunRecord] = []
+    for v in variants:
+        for seed in range(cfg.seeds):
+            run = os.path.join(cfg.out, "runs", f"{slug(v.name)}_s{seed}")
+            student = StudentConfig(size=cfg.student, decoder_depth=v.decoder_depth)
+            tcfg = TrainConfig(
+                data=DataConfig(shards=data, cache=cache, tokenizer=v.tokenizer, img_size=student.encoder_config().img_size,
+                                batch_size=cfg.batch_size, num_workers=cfg.workers, seed=seed),
+                out=run, student=student, objective=v.objective, order=v.order, steps=cfg.steps, seed=seed,
+                optim=OptimConfig(base_lr=cfg.base_lr, warmup=0.1), log_every=max(1, cfg.steps // 40))
+            print(f"== {v.name} (seed {seed}): {v.objective} on {v.teacher.name} [{v.storage.dtype}]")
+            t0 = time.perf_counter()
+            result = train(tcfg)
+            lin, knn = _probe(cfg, data, run, seed)
+            records.append(RunRecord(v.name, seed, run, time.perf_counter() - t0, result.final_loss,
+                                     [h["loss"] for h in result.history], lin["top1"], lin["top5"], lin["best_layer"],
+                                     knn["top1"] if knn else None))
+    floors = []
+    for seed in range(cfg.seeds):
+        lin, knn = _probe(cfg, data, None, seed)
+        floors.append(RunRecord("random-init", seed, "", 0.0, float("nan"), [], lin["top1"], lin["top5"],
+                                lin["best_layer"], knn["top1"] if knn else None))
+    classes = load_dataset(data).info.get("num_classes") or cfg.num_classes
+    results = _results(cfg, variants, records, floors, bytes_per_view, time.perf_counter() - t_start, classes)
+    _write_report(cfg, results)
+    return results
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
+
+
+def _results(cfg: AblateConfig, variants: list[Variant], records: list[RunRecord], floors: list[RunRecord],
+             bytes_per_view: dict[str, float], seconds: float, num_classes: int) -> dict:
+    rows = []
+    for v in variants:
+        mine = [r for r in records if r.variant == v.name]
+        top1, std = _mean_std([r.linear_top1 for r in mine])
+        knn, knn_std = _mean_std([r.knn_top1 for r in mine if r.knn_top1 is not None])
+        rows.append({"variant": v.name, "teacher": v.teacher.name, "objective": v.objective,
+                     "order": v.order or "default", "storage": v.storage.dtype, "decoder_depth": v.decoder_depth,
+                     "bytes_per_view": bytes_per_view.get(v.tokenizer, float("nan")),
+                     "train_seconds": statistics.fmean(r.train_seconds for r in mine),
+                     "linear_top1": top1, "linear_top1_std": std, "knn_top1": knn, "knn_top1_std": knn_std,
+                     "best_layer": [r.best_layer for r in mine], "seeds": len(mine)})
+    f1, fstd = _mean_std([r.linear_top1 for r in floors])
+    fk, fkstd = _mean_std([r.knn_top1 for r in floors if r.knn_top1 is not None])
+    rows.append({"variant": "random-init (floor)", "teacher": "-", "objective": "-", "order": "-", "storage": "-",
+                 "decoder_depth": "-", "bytes_per_view": 0.0, "train_seconds": 0.0, "linear_top1": f1,
+                 "linear_top1_std": fstd, "knn_top1": fk, "knn_top1_std": fkstd,
+                 "best_layer": [r.best_layer for r in floors], "seeds": len(floors)})
+    return {"config": asdict(cfg), "rows": rows, "runs": [asdict(r) for r in records + floors],
+            "chance": 1.0 / num_classes, "seconds": seconds}
+
+
+def format_table(results: dict) -> str:
+    head = ("| variant | teacher | objective | order | storage | bytes/view | train s | linear top-1 | k-NN top-1 |\n"
+            "|---|---|---|---|---|---:|---:|---:|---:|")
+    lines = [head]
+    for r in results["rows"]:
+        pm = f" ± {r['linear_top1_std']:.3f}" if r["seeds"] > 1 else ""
+        kpm = f" ± {r['knn_top1_std']:.3f}" if r["seeds"] > 1 else ""
+        lines.append(f"| {r['variant']} | {r['teacher']} | {r['objective']} | {r['order']} | {r['storage']} | "
+                     f"{r['bytes_per_view']:.0f} | {r['train_seconds']:.0f} | {r['linear_top1']:.3f}{pm} | "
+                     f"{r['knn_top1']:.3f}{kpm} |")
+    return "\n".join(lines)
+
+
+def findings(results: dict) -> list[str]:
+    """Plain statements the numbers support (or contradict), for the report."""
+    rows = {r["variant"]: r for r in results["rows"]}
+    floor = rows["random-init (floor)"]["linear_top1"]
+    out = [f"Chance is {results['chance']:.3f}; the random-init floor reaches {floor:.3f}."]
+    best = max((r for r in results["rows"] if r["variant"] != "random-init (floor)"), key=lambda r: r["linear_top1"])
+    out.append(f"Best variant: {best['variant']} at {best['linear_top1']:.3f} linear top-1.")
+    pixel = [r for r in results["rows"] if r["teacher"].startswith("pixel")]
+    semantic = [r for r in results["rows"] if r["teacher"] not in ("-",) and not r["teacher"].startswith("pixel")]
+    if pixel and semantic:
+        p, s = max(x["linear_top1"] for x in pixel), max(x["linear_top1"] for x in semantic)
+        verdict = "beat" if s > p else "did NOT beat"
+        out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}).")
+    below = [r["variant"] for r in results["rows"] if r["variant"] != "random-init (floor)" and r["linear_top1"] <= floor]
+    if below:
+        out.append(f"At or below the random-init floor: {', '.join(below)} — too short a schedule, or a target "
+                   "that carries little class information.")
+    return out
+
+
+def _write_report(cfg: AblateConfig, results: dict) -> None:
+    from . import plots
+
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    figs = plots.write_plots(results, cfg.out)
+    c = results["config"]
+    md = [f"# Ablation `{cfg.recipe}`", "",
+          f"Student `{c['student']}`, {c['steps']} steps x batch {c['batch_size']}, {c['seeds']} seed(s); "
+          f"linear probe (best layer, selected without the report split) and k-NN; total {results['seconds']:.0f}s.",
+          "", format_table(results), "", "## Findings", "", *[f"- {x}" for x in findings(results)], "",
+          "## Plots", "", *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figs], ""]
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write("\n".join(md))
+    print(format_table(results))
+    print("\n".join(findings(results)))
+    print(f"report: {os.path.join(cfg.out, 'report.md')}")

@@ -1,0 +1,72 @@
+"""PNG plots for ablation reports: accuracy per variant (error bars over seeds), accuracy against
+bytes per view (the storage trade-off), and training loss curves."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_plots(results: dict, out: str) -> list[str]:
+    paths = [_accuracy(results, out), _storage(results, out), _losses(results, out)]
+    return [p for p in paths if p]
+
+
+def _accuracy(results: dict, out: str) -> str:
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows)), 3.6))
+    names = [r["variant"] for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["linear_top1"] for r in rows], 0.4, yerr=[r["linear_top1_std"] for r in rows],
+           capsize=3, label="linear (best layer)")
+    ax.bar([i + 0.2 for i in x], [r["knn_top1"] for r in rows], 0.4, yerr=[r["knn_top1_std"] for r in rows],
+           capsize=3, label="k-NN")
+    ax.axhline(results["chance"], color="grey", ls="--", lw=1, label="chance")
+    ax.set_xticks(list(x), names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("top-1")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"probe accuracy — {results['config']['recipe']}")
+    return _save(fig, out, "accuracy.png")
+
+
+def _storage(results: dict, out: str) -> str | None:
+    rows = [r for r in results["rows"] if r["bytes_per_view"] > 0]
+    if len(rows) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for r in rows:
+        ax.errorbar(r["bytes_per_view"], r["linear_top1"], yerr=r["linear_top1_std"], fmt="o", capsize=3)
+        ax.annotate(r["variant"], (r["bytes_per_view"], r["linear_top1"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("stored bytes per view (compressed)")
+    ax.set_ylabel("linear top-1")
+    ax.set_title("accuracy vs storage")
+    return _save(fig, out, "storage.png")
+
+
+def _losses(results: dict, out: str) -> str | None:
+    runs = [r for r in results["runs"] if r["losses"]]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in runs:
+        ax.plot(r["losses"], label=f"{r['variant']} s{r['seed']}", lw=1)
+    ax.set_xlabel("log step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=7)
+    ax.set_title("training loss")
+    return _save(fig, out, "losses.png")
+
+
+def _save(fig, out: str, name: str) -> str:
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
