@@ -210,7 +210,7 @@ def _extract(cfg: AblateConfig, data: str, variants: list[Variant]) -> tuple[str
 
 
 def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int) -> tuple[dict, dict | None]:
-    common = dict(shards=data, seed=seed, student=cfg.student)
+    common = dict(shards=data, seed=seed, student=None if run else cfg.student)
     out = None if run else os.path.join(cfg.out, "runs", f"random-init_s{seed}")
     if out:
         os.makedirs(out, exist_ok=True)

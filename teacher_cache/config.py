@@ -6,10 +6,13 @@ before any work starts (DESIGN invariant 5).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 from .store import DTYPES, slug
 from .views import AugConfig
+
+_RAY_ADDRESS = re.compile(r"auto|local|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class ExtractConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.ray_address is not None and not _RAY_ADDRESS.fullmatch(self.ray_address):
+            # Checked here because Ray only parses it after the cache has been created.
+            raise ValueError(f"ray_address must be 'auto', 'local', HOST:PORT or ray://HOST:PORT, got {self.ray_address!r}")
 
     def to_json(self) -> dict:
         return asdict(self)

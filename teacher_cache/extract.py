@@ -57,7 +57,8 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but no CUDA device is visible")
+        # A configuration error like any other (the CLI reports it in one line, exit 2).
+        raise ValueError("device='cuda' was asked for but no CUDA device is visible; use device 'auto' or 'cpu'")
     return torch.device(device)
 
 
@@ -297,9 +298,13 @@ def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:
     try:
         root = zarr.open_group(cfg.out, mode="r+")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        root = zarr.open_group(cfg.out, mode="w")
-        root.attrs["digpt_cache"] = {**want, "created_by": f"digpt {package_version()}"}
-        return root
+        fs, path = fsspec.core.url_to_fs(cfg.out)
+        if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+            # zarr's mode "w" would delete whatever is there: never touch a location that is not ours.
+            raise ValueError(f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out")
+        # The attributes go into the group's one metadata write: a crash cannot leave a root without them.
+        return zarr.open_group(cfg.out, mode="w",
+                               attributes={"digpt_cache": {**want, "created_by": f"digpt {package_version()}"}})
     have = root.attrs.get("digpt_cache")
     if have is None:
         raise ValueError(f"{cfg.out} exists but is not a digpt cache; choose another --out")
@@ -312,9 +317,8 @@ def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:
     return root
 
 
-def _init_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher: Teacher,
-                    codebook: np.ndarray | None) -> None:
-    prov = {
+def _provenance(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher: Teacher) -> dict[str, Any]:
+    return {
         "teacher_config": asdict(tc),
         "resolved_name": resolve_name(tc.name),
         "fingerprint": teacher.fingerprint(),
@@ -326,16 +330,30 @@ def _init_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, tea
         "schema_version": SCHEMA_VERSION,
         "created_by": f"digpt {package_version()}",
     }
+
+
+def _check_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher: Teacher) -> None:
+    """Refuse an existing tokenizer group that another teacher, layer, grid or storage form made."""
+    name = tc.group_name
+    if name not in root:
+        return
+    prov = _provenance(root, cfg, tc, teacher)
+    have = dict(root[name].attrs.get("tokenizer", {}))
+    for field_ in ("fingerprint", "spec", "storage"):
+        if have.get(field_) != prov[field_]:
+            raise ValueError(
+                f"cache group {name!r} holds a tokenizer with a different {field_} "
+                f"({_short(have.get(field_))} != {_short(prov[field_])}); extract into another group "
+                f"(--group NAME) or another cache")
+
+
+def _init_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher: Teacher,
+                    codebook: np.ndarray | None) -> None:
     name = tc.group_name
     if name in root:
-        have = dict(root[name].attrs.get("tokenizer", {}))
-        for field_ in ("fingerprint", "spec", "storage"):
-            if have.get(field_) != prov[field_]:
-                raise ValueError(
-                    f"cache group {name!r} holds a tokenizer with a different {field_} "
-                    f"({_short(have.get(field_))} != {_short(prov[field_])}); extract into another group "
-                    f"(--group NAME) or another cache")
+        _check_tokenizer(root, cfg, tc, teacher)
         return
+    prov = _provenance(root, cfg, tc, teacher)
     g = root.create_group(name)
     if codebook is not None:
         g.create_array("codebook", data=codebook.astype(np.float32))
@@ -347,11 +365,32 @@ def _short(v: Any) -> str:
     return s if len(s) < 120 else s[:117] + "..."
 
 
-def fit_codebook(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device) -> np.ndarray:
+def _kmeans_base(tc: TeacherConfig) -> Teacher:
+    """The base teacher of a ``kmeans:<base>`` tokenizer, built so that a bad base name, weights file
+    or layer, a missing ``codebook`` file or an impossible ``codebook_size`` fail before any work."""
+    try:
+        base = create_teacher(resolve_name(tc.name).removeprefix("kmeans:"), weights=tc.weights, layer=tc.layer,
+                              **tc.options())
+    except ValueError as e:
+        raise ValueError(f"teacher {tc.name!r}: {e}") from e
+    if tc.codebook is not None:
+        if not os.path.isfile(tc.codebook):
+            raise FileNotFoundError(f"codebook file not found: {tc.codebook}")
+    else:
+        per_view = base.spec.grid[0] * base.spec.grid[1]
+        if tc.codebook_size > tc.fit_samples * per_view:
+            raise ValueError(
+                f"codebook_size {tc.codebook_size} exceeds the {tc.fit_samples * per_view} token vectors "
+                f"fit_samples={tc.fit_samples} views give ({per_view} tokens each); lower codebook_size or "
+                "raise fit_samples")
+    return base
+
+
+def fit_codebook(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device,
+                 base: Teacher | None = None) -> np.ndarray:
     """Fit a ``kmeans:<base>`` codebook on the base teacher's tokens of the first views of the
     first ``fit_samples`` usable samples (a deterministic sample: the result is reproducible)."""
-    base_name = resolve_name(tc.name).removeprefix("kmeans:")
-    base = create_teacher(base_name, weights=tc.weights, layer=tc.layer, **tc.options()).to(device)
+    base = (base or _kmeans_base(tc)).to(device)
     feats, seen = [], 0
     bar = tqdm(total=tc.fit_samples, desc=f"fit k-means ({tc.codebook_size} codes)", unit="img", leave=False)
     for shard in ds.shards:
@@ -399,20 +438,34 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     device = pick_device(cfg.device)
     # Build every teacher in the driver first: a bad name, file or layer fails before any work,
     # and the weights fingerprint goes into the provenance before a single token is written.
-    teachers = {tc.group_name: build_teacher(tc) for tc in cfg.teachers if not resolve_name(tc.name).startswith("kmeans:")}
+    # (k-means tokenizers: their base teacher; the codebook comes from the cache, a file or a fit.)
+    kmeans = {tc.group_name for tc in cfg.teachers if resolve_name(tc.name).startswith("kmeans:")}
+    teachers = {tc.group_name: build_teacher(tc) for tc in cfg.teachers if tc.group_name not in kmeans}
+    bases = {tc.group_name: _kmeans_base(tc) for tc in cfg.teachers if tc.group_name in kmeans}
     root = _init_root(cfg, ds)
     codebooks: dict[str, np.ndarray] = {}
+    for tc in cfg.teachers:  # every existing group must match its config before anything is written or fit
+        name = tc.group_name
+        if name in root and "tokenizer" not in root[name].attrs:
+            if any(True for _ in root[name].groups()):
+                raise ValueError(f"cache group {name!r} holds shards but no tokenizer record; "
+                                 "extract into another group (--group NAME) or another cache")
+            del root[name]  # left by a run that died while creating it (its record is written last)
+        if name in kmeans and name in root and "codebook" in root[name]:
+            codebooks[name] = np.array(root[name]["codebook"][:])
+            teachers[name] = build_teacher(tc, torch.from_numpy(codebooks[name]))
+        if name in teachers:
+            _check_tokenizer(root, cfg, tc, teachers[name])
     for tc in cfg.teachers:
         name = tc.group_name
-        if resolve_name(tc.name).startswith("kmeans:"):
-            if name in root and "codebook" in root[name]:
-                codebooks[name] = np.array(root[name]["codebook"][:])
-            elif tc.codebook is None:
-                codebooks[name] = fit_codebook(tc, ds, cfg.aug, device)
+        if name in kmeans and name not in teachers:
+            if tc.codebook is None:
+                codebooks[name] = fit_codebook(tc, ds, cfg.aug, device, base=bases[name])
             teachers[name] = build_teacher(tc, torch.from_numpy(codebooks[name]) if name in codebooks else None)
             if name not in codebooks:  # a user-given codebook file: keep a copy beside the codes
                 codebooks[name] = teachers[name].codebook.numpy()
         _init_tokenizer(root, cfg, tc, teachers[name], codebooks.get(name))
+    bases.clear()
 
     sids = shard_ids(ds.shards)
     jobs, already = [], Counter()

@@ -9,6 +9,7 @@ the teacher and compares with the cached tokens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +51,8 @@ class VerifyConfig:
     def __post_init__(self) -> None:
         if self.spot_checks < 0:
             raise ValueError(f"spot_checks must be >= 0, got {self.spot_checks}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
@@ -86,6 +89,9 @@ def run_verify(cfg: VerifyConfig, progress: bool = True) -> VerifyReport:
     report = VerifyReport(cfg.cache)
     ds = load_dataset(cfg.shards)
     root = open_root(cfg.cache)
+    unknown = [n for n in cfg.tokenizers if n not in list_tokenizers(root)]
+    if unknown:  # a configuration error, named before any check runs
+        raise ValueError(f"tokenizer {unknown} not in cache {cfg.cache}; it has {list_tokenizers(root)}")
     meta = root.attrs.get("digpt_cache")
     if not report.add("cache", "is a digpt cache", meta is not None, "" if meta else "no digpt_cache attribute"):
         return report
@@ -116,6 +122,7 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
                f"grid {a['spec']['grid']}x{a['spec']['dim']}")
     sids = shard_ids(ds.shards)
     missing, incomplete, bad_keys, bad_plan, nonfinite, valid, rows = [], [], [], [], [], 0, 0
+    bad_shape: list[str] = []
     for shard in tqdm(ds.shards, desc=f"verify {name}", unit="shard", disable=not progress):
         sid = sids[shard]
         if sid not in tok:
@@ -133,6 +140,10 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
         if not (np.array_equal(plan.seeds, g["seeds"][:]) and np.array_equal(plan.boxes, g["boxes"][:])
                 and np.array_equal(plan.flips, g["flips"][:])):
             bad_plan.append(shard)
+        shape_problem = _shape_problem(g, info, aug.views, len(mrows["key"]))
+        if shape_problem:
+            bad_shape.append(f"{shard}: {shape_problem}")
+            continue
         if not info.codes and not _finite(g, info.dtype):
             nonfinite.append(shard)
         valid += int(g["valid"][:].sum())
@@ -142,9 +153,41 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
                + (f"; missing {missing[:3]}" if missing else "") + (f"; incomplete {incomplete[:3]}" if incomplete else ""))
     report.add(name, "keys match manifest", not bad_keys, f"mismatched shards {bad_keys[:3]}" if bad_keys else f"{rows} rows, {valid} valid")
     report.add(name, "views re-derive", not bad_plan, f"differ in {bad_plan[:3]}" if bad_plan else "seeds, boxes, flips equal")
+    spec = info.spec
+    report.add(name, "shapes match spec", not bad_shape, "; ".join(bad_shape[:3]) if bad_shape else
+               f"{aug.views} views x {spec['grid'][0]}x{spec['grid'][1]} tokens x {spec['dim']}")
     report.add(name, "finite", not nonfinite, f"NaN/Inf in {nonfinite[:3]}" if nonfinite else "no NaN/Inf")
-    if cfg.spot_checks and not (missing or incomplete or bad_keys):
+    if cfg.spot_checks and not (missing or incomplete or bad_keys or bad_shape):
         _spot_check(cfg, report, tok, info, ds, sids, aug)
+
+
+def _shape_problem(g: zarr.Group, info: TokenizerInfo, views: int, rows: int) -> str:
+    """Why the shard's target arrays do not have the shapes the recorded spec and plan imply ('' if they do)."""
+    spec = info.spec
+    t, d = spec["grid"][0] * spec["grid"][1], spec["dim"]
+    want = {"tokens": (rows, views, t) if info.codes else (rows, views, t, d)}
+    if spec.get("has_cls") and not info.codes:
+        want["cls"] = (rows, views, d)
+    for arr, shape in want.items():
+        have = tuple(g[arr].shape) if arr in g else None
+        if have != shape:
+            return f"{arr} {have} != {shape} (spec grid {spec['grid']}, dim {d}, {views} views)"
+    return ""
+
+
+def token_agreement(fresh: torch.Tensor, cached: torch.Tensor) -> float:
+    """Mean per-token cosine between recomputed and cached ``[T, D]`` tokens.
+
+    A token that is (numerically) zero in both — a flat patch under norm-pix targets, a dead feature
+    map region — has no direction; it agrees when both are zero and scores 0 when only one is.
+    """
+    nf, nc = fresh.norm(dim=-1), cached.norm(dim=-1)
+    tiny = 1e-4 * torch.maximum(nf.max(), nc.max()).clamp_min(1e-12)  # relative to this view's scale
+    cos = F.cosine_similarity(fresh, cached, dim=-1)
+    both_zero = (nf <= tiny) & (nc <= tiny)
+    one_zero = (nf <= tiny) ^ (nc <= tiny)
+    cos = torch.where(both_zero, torch.ones_like(cos), torch.where(one_zero, torch.zeros_like(cos), cos))
+    return float(cos.mean())
 
 
 def _finite(g: zarr.Group, dtype: str) -> bool:
@@ -177,6 +220,11 @@ def _spot_check(cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: 
     if not report.add(name, "teacher fingerprint", fp == a["fingerprint"],
                       f"recorded {a['fingerprint'][:12]}, rebuilt {fp[:12]}"):
         return
+    rebuilt = json.loads(json.dumps(teacher.spec.to_json()))
+    diff = {k: (a["spec"].get(k), v) for k, v in rebuilt.items() if a["spec"].get(k) != v}
+    if not report.add(name, "teacher spec", not diff, f"differs (recorded, rebuilt): {diff}" if diff else
+                      "recorded spec equals the rebuilt teacher's"):
+        return
     device = pick_device(cfg.device)
     teacher = teacher.to(device)
     rng = np.random.default_rng(cfg.seed)
@@ -198,7 +246,7 @@ def _spot_check(cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: 
         else:
             scale = g["token_scale"][i, v] if info.dtype == "int8" else None
             cached = decode_block(g["tokens"][i, v], info.dtype, scale)
-            scores.append(float(F.cosine_similarity(fresh.float(), cached, dim=-1).mean()))
+            scores.append(token_agreement(fresh.float(), cached))
     floor = CODE_AGREEMENT_FLOOR if info.codes else COSINE_FLOOR[info.dtype]
     what = "code agreement" if info.codes else "mean token cosine"
     report.add(name, "alignment", min(scores) >= floor,

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 import zarr
 from PIL import Image
@@ -172,3 +173,15 @@ def test_efficientnet_extract_verify(tiny_dataset, tmp_path):
     g = next(iter(root["efficientnet_lite0"].groups()))[1]
     assert g["tokens"].shape == (16, 2, 49, 1280)
     assert run_verify(VerifyConfig(shards=tiny_dataset, cache=cache, spot_checks=2), progress=False).ok
+
+
+def test_token_agreement_handles_directionless_tokens():
+    from teacher_cache.verify import token_agreement
+
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    x[2] = 0  # a flat patch under norm-pix: no direction
+    assert token_agreement(x, x.clone()) == pytest.approx(1.0)
+    y = x.clone()
+    y[2] = 1.0  # zero in one, not in the other: disagreement
+    assert token_agreement(x, y) == pytest.approx(5 / 6, abs=1e-6)
+    assert token_agreement(x, -x) == pytest.approx(-5 / 6 + 1 / 6, abs=1e-6)

@@ -215,7 +215,12 @@ def test_efficientnet_shapes_and_layers(lite0):
     x = _pixels(spec, b=1)
     out = lite0(x)
     assert out.tokens.shape == (1, 49, 1280) and out.cls.shape == (1, 1280)
-    torch.testing.assert_close(out.cls, out.tokens.mean(1))  # cls = global average pool
+    # Tokens are the head map before its ReLU6 (signed); cls is the pool of the activated map,
+    # the vector the ImageNet classifier reads.
+    assert (out.tokens < 0).float().mean() > 0.2
+    torch.testing.assert_close(out.cls, out.tokens.clamp(0, 6).mean(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(lite0.net._fc(out.cls), lite0.logits(x), atol=1e-4, rtol=1e-4)
     stage4 = create_teacher("efficientnet_lite0", layer=4)
     assert (stage4.spec.grid, stage4.spec.dim) == ((14, 14), 80)
     assert stage4(x).tokens.shape == (1, 196, 80)

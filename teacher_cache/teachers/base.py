@@ -118,3 +118,15 @@ def fingerprint_module(module: nn.Module, extra: dict[str, Any] | None = None) -
     if extra is not None:
         h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def load_error_reason(e: BaseException) -> str:
+    """One line saying why a weights file did not load. torch's ``weights_only`` refusals span
+    paragraphs (and suggest ``weights_only=False``, which we never do): keep the line that names the
+    blocked global when there is one, else the first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    blocked = [line for line in lines if "global" in line.lower() and ("unsupported" in line.lower() or "blocked" in line.lower())]
+    line = (blocked or lines or [""])[0]
+    line = ". ".join(s for s in line.split(". ") if "weights_only=False" not in s and "trusted" not in s)
+    return f"{type(e).__name__}: {line}"
+

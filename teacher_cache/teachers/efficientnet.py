@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Teacher, TeacherOutput, TeacherSpec
+from .base import Teacher, TeacherOutput, TeacherSpec, load_error_reason
 from .registry import register_teacher
 
 INPUT_SIZE = 224
@@ -46,23 +46,26 @@ def shipped_weights_path() -> str:
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """Read a state_dict safely: safetensors, or ``torch.load(weights_only=True)``."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path, device="cpu")
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a refused pickle or a damaged file: named, never retried unsafely
+        raise ValueError(f"could not load weights {path} as a state_dict: {load_error_reason(e)}") from e
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise TypeError(f"{path}: expected a state_dict, got {type(sd).__name__}")
+        raise ValueError(f"{path}: expected a state_dict, got {type(sd).__name__}")
     return sd
 
 
 class EfficientNetLite0Teacher(Teacher):
-    """Head feature map (1280 x 7 x 7 at 224 px, after conv_head+BN+ReLU6) as 49 raster-order tokens.
+    """Head feature map (1280 x 7 x 7 at 224 px, conv_head + BN before the ReLU6) as 49 raster-order tokens.
 
-    ``cls`` is its global average pool — the exact vector the ImageNet classifier ``_fc`` reads, so
-    :meth:`logits` is available for sanity checks. ``layer=k`` (1..7) instead returns the output of
+    ``cls`` is the average pool of the activated map (ReLU6) — the exact vector the ImageNet classifier
+    ``_fc`` reads, so :meth:`logits` is available for sanity checks. ``layer=k`` (1..7) instead returns the output of
     MBConv stage ``k`` (its own grid and width) and its average pool.
     """
 
@@ -90,25 +93,32 @@ class EfficientNetLite0Teacher(Teacher):
             layer=layer,
             extra={
                 "arch": "efficientnet-lite0",
-                "tokens": "head conv+BN+ReLU6 map, raster order" if layer is None else f"MBConv stage {layer} output",
+                "tokens": "head conv+BN map before ReLU6, raster order" if layer is None else f"MBConv stage {layer} output",
                 "cls": "global average pool",
             },
         )
 
     def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
-        if self._layer is None:
-            return net.extract_features(x)  # stem, all blocks, head conv+BN+act (pre-pool)
         x = net._swish(net._bn0(net._conv_stem(x)))
-        last = self._stage_ends[self._layer - 1]
+        last = len(net._blocks) - 1 if self._layer is None else self._stage_ends[self._layer - 1]
         for blk in net._blocks[: last + 1]:
             x = blk(x)  # drop_connect is a no-op in eval mode
+        if self._layer is None:
+            # The head's conv + BN, *before* ReLU6. After ReLU6 every token is non-negative, so any two
+            # tokens have a high cosine and a cosine loss is mostly satisfied by predicting the mean
+            # feature; the BN output is signed and per-channel standardised (by ImageNet running stats),
+            # like CLIP's projected tokens — a target whose direction carries the content.
+            x = net._bn1(net._conv_head(x))
         return x
 
     def encode(self, x: torch.Tensor) -> TeacherOutput:
         fmap = self._feature_map(x)  # [B, C, h, w]
         tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, C], raster order
-        return TeacherOutput(tokens=tokens.float(), cls=fmap.mean(dim=(2, 3)).float())
+        # The global token is the image embedding the ImageNet classifier reads: for the head, the
+        # average pool of the *activated* map (ReLU6), as in the network's own forward.
+        pooled = (self.net._swish(fmap) if self._layer is None else fmap).mean(dim=(2, 3))
+        return TeacherOutput(tokens=tokens.float(), cls=pooled.float())
 
     @torch.inference_mode()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -143,7 +153,10 @@ def create_efficientnet_lite0_teacher(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"efficientnet_lite0: weights file not found: {path}")
     net = EfficientNet.from_name("efficientnet-lite0")
-    net.load_state_dict(load_state_dict_file(path), strict=True)
+    try:
+        net.load_state_dict(load_state_dict_file(path), strict=True)
+    except RuntimeError as e:  # missing/unexpected keys or shapes: another model's checkpoint
+        raise ValueError(f"efficientnet_lite0: weights {path} do not fit the architecture: {load_error_reason(e)}") from e
     net.eval()
     teacher = EfficientNetLite0Teacher(net, layer, weights_path=weights, input_size=size)
     teacher.eval()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import CLIP_MEAN, CLIP_STD, Teacher, TeacherOutput, TeacherSpec
+from .base import CLIP_MEAN, CLIP_STD, Teacher, TeacherOutput, TeacherSpec, load_error_reason
 from .registry import register_teacher
 
 TINY_ARCH = "digpt-tiny-vit"
@@ -194,7 +194,7 @@ def create_openclip_teacher(
                 f"openclip:{arg}: could not load {weights} as an open_clip state_dict "
                 "(.safetensors/.bin/.pt state_dict). OpenAI's original TorchScript .pt archives are refused "
                 "by weights_only loading; use the open_clip conversion (e.g. open_clip_model.safetensors "
-                f"from the hub repo in open_clip's pretrained table): {e}"
+                f"from the hub repo in open_clip's pretrained table): {load_error_reason(e)}"
             ) from e
     elif tiny:
         model = build_tiny_clip(**kwargs)

@@ -88,6 +88,11 @@ def create_teacher(name: str, *, weights: str | None = None, layer: int | None =
         raise ValueError(
             f"unknown teacher {name!r}: families are {sorted(_FAMILIES)}, presets are {sorted(PRESETS)}"
         )
-    teacher = _FAMILIES[family](arg, weights=weights, layer=layer, **options)
+    try:
+        teacher = _FAMILIES[family](arg, weights=weights, layer=layer, **options)
+    except ValueError as e:  # name the teacher in configuration errors that do not already
+        if name in str(e) or f"{family}:" in str(e) or str(e).startswith(f"{family} "):
+            raise
+        raise ValueError(f"teacher {name!r}: {e}") from e
     teacher.eval()
     return teacher

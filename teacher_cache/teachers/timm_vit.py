@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Teacher, TeacherOutput, TeacherSpec
+from .base import Teacher, TeacherOutput, TeacherSpec, load_error_reason
 from .registry import register_teacher
 
 DEFAULT_IMG_SIZE = 224
@@ -100,7 +100,10 @@ def create_timm_teacher(
     if weights is not None:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"timm:{arg}: weights file not found: {weights}")
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs)
+        try:  # timm reads the file with safetensors or torch.load(weights_only=True)
+            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs)
+        except Exception as e:  # a refused pickle, a damaged file, another architecture's state_dict
+            raise ValueError(f"timm:{arg}: could not load weights {weights} for {arch}: {load_error_reason(e)}") from e
     elif tiny:
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
             torch.manual_seed(0)
