@@ -159,6 +159,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--online-teacher", action="store_true", help="run the teacher in the step (baseline/oracle)")
+    p.add_argument("--target-norm", default="channel", choices=["channel", "none"],
+                   help="standardise continuous targets per channel with the cache's statistics (default) or not")
 
 
 def train_config(a: argparse.Namespace):
@@ -174,7 +176,8 @@ def train_config(a: argparse.Namespace):
                         clip_grad=a.clip_grad, accum=a.accum)
     return TrainConfig(data=data, out=a.out, student=student, objective=a.objective, order=a.order, optim=optim,
                        steps=a.steps, epochs=a.epochs, log_every=a.log_every, ckpt_every=a.ckpt_every, amp=a.amp,
-                       device=a.device, resume=a.resume, online_teacher=a.online_teacher, seed=a.seed)
+                       device=a.device, resume=a.resume, online_teacher=a.online_teacher, seed=a.seed,
+                       target_norm=a.target_norm)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:

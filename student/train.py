@@ -27,6 +27,8 @@ from teacher_cache.teachers import Teacher
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import CacheJoin, CachedViews, DataConfig, make_loader
 from .objectives import Objective, StudentConfig, TargetSpec, create_objective
+from .targets import FILE as TARGET_NORM_FILE
+from .targets import NORMS, TargetNorm, estimate_target_norm
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ class TrainConfig:
     """Continue from RUN's latest checkpoint (same batches, same RNG)."""
     online_teacher: bool = False
     """Run the cache's teacher inside the step instead of reading targets (baseline and oracle)."""
+    target_norm: str = "channel"
+    """Continuous targets: ``channel`` standardises each channel with the cache's statistics
+    (``student/targets.py`` says why), ``none`` uses them as stored. Code targets are never changed."""
     seed: int = 0
     """Seeds model initialisation."""
 
@@ -107,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.target_norm not in NORMS:
+            raise ValueError(f"target_norm must be one of {', '.join(NORMS)}, got {self.target_norm!r}")
         if self.log_every < 1 or self.ckpt_every < 0:
             raise ValueError("log_every must be >= 1 and ckpt_every >= 0")
 
@@ -183,12 +190,24 @@ def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.dev
     return objective, ds, teacher, join
 
 
+def target_norm_for(cfg: TrainConfig, join: CacheJoin) -> TargetNorm | None:
+    """The run's target standardisation: the copy in the run directory when resuming (what the run
+    started with), else estimated from the cache (deterministic: every rank gets the same)."""
+    if cfg.target_norm == "none" or join.info.codes:
+        return None
+    if cfg.resume and os.path.exists(os.path.join(cfg.out, TARGET_NORM_FILE)):
+        return TargetNorm.load(cfg.out)
+    return estimate_target_norm(join)
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     rank, world = _dist_env()
     device = _device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     objective, ds, teacher, join = build_run(cfg, rank, world, device)
+    norm = target_norm_for(cfg, join)
+    norm = norm.to(device) if norm is not None else None
     accum = cfg.optim.accum
     total = cfg.steps or cfg.epochs * max(1, ds.steps_per_epoch(0) // accum)
     global_batch = cfg.data.batch_size * accum * world
@@ -203,10 +222,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         state = load_checkpoint(ckpt, objective, opt)
     model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     if rank == 0:
-        _write_config(cfg, join, objective, total, peak)
+        _write_config(cfg, join, objective, total, peak, norm)
+        if norm is not None:
+            norm.save(cfg.out)
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    log = _MetricsLog(cfg.out, resume=bool(ckpt)) if rank == 0 else None
+    log = _MetricsLog(cfg.out, resume_step=state.step if ckpt else None) if rank == 0 else None
     bar = tqdm(total=total, initial=state.step, desc=f"train {cfg.objective}", unit="step",
                disable=not progress or rank != 0)
     t0, start_step, micro, last = time.perf_counter(), state.step, 0, {}
@@ -219,6 +240,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if teacher is not None:
                 batch.update(online_targets(teacher, batch))
+            if norm is not None:
+                batch = norm(batch)
             for g in opt.param_groups:
                 g["lr"] = float(lrs[state.step])
             with autocast:
@@ -265,7 +288,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     return result
 
 
-def _write_config(cfg: TrainConfig, join: CacheJoin, objective: Objective, total: int, peak: float) -> None:
+def _write_config(cfg: TrainConfig, join: CacheJoin, objective: Objective, total: int, peak: float,
+                  norm: TargetNorm | None = None) -> None:
     """The resolved config, plus what the run was trained against: enough to rebuild and check it."""
     os.makedirs(cfg.out, exist_ok=True)
     resolved = {
@@ -275,6 +299,8 @@ def _write_config(cfg: TrainConfig, join: CacheJoin, objective: Objective, total
         "cache": {"tokenizer": join.info.name, "fingerprint": join.info.attrs["fingerprint"],
                   "manifest_fingerprint": join.ds.fingerprint, "plan_fingerprint": join.info.attrs["plan_fingerprint"]},
         "encoder": asdict(objective.encoder.cfg),
+        "target_norm": {"kind": cfg.target_norm if norm is not None else "none",
+                        **(norm.summary() if norm is not None else {})},
     }
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(resolved, f, indent=2, default=str)
@@ -283,18 +309,45 @@ def _write_config(cfg: TrainConfig, join: CacheJoin, objective: Objective, total
 class _MetricsLog:
     """metrics.csv (and TensorBoard when the package is installed)."""
 
-    def __init__(self, run: str, resume: bool):
+    def __init__(self, run: str, resume_step: int | None = None):
         os.makedirs(run, exist_ok=True)
         self.path = os.path.join(run, "metrics.csv")
         self.rows: list[dict] = []
-        if not resume and os.path.exists(self.path):
-            os.remove(self.path)
+        if resume_step is None:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+        elif os.path.exists(self.path):
+            self._truncate(resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run, "tb"))
+            # On resume, TensorBoard hides the events a killed run logged after its checkpoint.
+            self.tb = SummaryWriter(os.path.join(run, "tb"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
         except ImportError:  # tensorboard is optional
             self.tb = None
+
+    def _truncate(self, step: int) -> None:
+        """Keep the rows up to the checkpoint being resumed from. A run killed between checkpoints has
+        logged steps past it (the last line maybe half-written); the resumed run logs those steps
+        again, so without this they would appear twice in metrics.csv."""
+        with open(self.path, newline="") as f:
+            lines = f.read().splitlines(keepends=True)
+        if not lines or not lines[0].endswith("\n"):  # killed while writing the header: start afresh
+            os.remove(self.path)
+            return
+        header = next(csv.reader(lines[:1]))
+        at = header.index("step") if "step" in header else 0
+        keep = lines[:1]
+        for line in lines[1:]:
+            fields = next(csv.reader([line]), [])
+            if not line.endswith("\n") or len(fields) != len(header) or int(fields[at]) > step:
+                break
+            keep.append(line)
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         self.rows.append(row)

@@ -4,15 +4,17 @@ online teacher, DDP runs on CPU, exports load in timm, and bad pairings are refu
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from student.data import CachedViews, DataConfig, make_loader
+from student.data import CacheJoin, CachedViews, DataConfig, make_loader
 from student.export import create_timm_from_export, export_encoder, load_encoder
 from student.objectives import StudentConfig, TargetSpec, create_objective, list_objectives
 from student.orders import list_orders
@@ -150,3 +152,39 @@ def test_ddp_two_processes_on_cpu(tiny_dataset, tiny_cache, tmp_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert (run / "checkpoints" / "latest").exists()
+
+
+def test_target_norm_standardises_with_cache_statistics(tiny_dataset, tiny_cache, tmp_path):
+    """Per-channel statistics come from the cache, deterministically; standardised targets have zero
+    mean and unit variance per channel on the estimation sample; the run keeps a copy for --resume."""
+    from student.targets import TargetNorm, estimate_target_norm
+    from student.train import target_norm_for
+
+    cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / "r")
+    join = CacheJoin(cfg.data)
+    a, b = estimate_target_norm(join), estimate_target_norm(join)
+    assert torch.equal(a.token_mean, b.token_mean) and torch.equal(a.token_std, b.token_std)
+    assert a.token_mean.shape == (join.spec["dim"],) and (a.token_std > 0).all()
+    # the statistics are the moments of every valid stored token
+    toks = []
+    for shard in join.ds.shards:
+        g = join.group(shard)
+        toks.append(np.asarray(g["tokens"][:])[join.valid[shard]])
+    x = torch.from_numpy(np.concatenate(toks)).reshape(-1, join.spec["dim"]).double()
+    z = a({"tokens": x.float()})["tokens"].double()
+    assert z.mean(0).abs().max() < 1e-3 and (z.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    assert a({"tokens": x.float(), "cls": torch.zeros(2, join.spec["dim"])})["cls"].shape == (2, join.spec["dim"])
+    # a run saves what it trained with, and a resume uses that copy
+    train(_cfg(tiny_dataset, tiny_cache, tmp_path / "r", steps=2), progress=False)
+    saved = TargetNorm.load(str(tmp_path / "r"))
+    assert torch.equal(saved.token_mean, a.token_mean)
+    cfg_json = json.load(open(tmp_path / "r" / "config.json"))
+    assert cfg_json["target_norm"]["kind"] == "channel"
+    resumed = target_norm_for(_cfg(tiny_dataset, tiny_cache, tmp_path / "r", resume=True), join)
+    assert torch.equal(resumed.token_std, a.token_std)
+    # 'none' and code targets: nothing to standardise
+    assert target_norm_for(_cfg(tiny_dataset, tiny_cache, tmp_path / "n", target_norm="none"), join) is None
+    codes = _cfg(tiny_dataset, tiny_cache, tmp_path / "c", tokenizer="codes")
+    assert target_norm_for(codes, CacheJoin(codes.data)) is None
+    with pytest.raises(ValueError, match="target_norm"):
+        _cfg(tiny_dataset, tiny_cache, tmp_path / "x", target_norm="zscore")

@@ -1,0 +1,113 @@
+"""Target standardisation: per-channel statistics of a tokenizer, estimated from its cache.
+
+Why: a teacher's tokens often share a large common direction. EfficientNet's head map (BN with
+ImageNet running statistics, seen on other data) has a mean token whose cosine with any token is
+~0.9, and CLIP's projected tokens have the same property to a lesser degree. Under D-iGPT's cosine
+loss a student then scores well by predicting that mean and learns little else. Subtracting the
+per-channel mean and dividing by the per-channel std (over images, views and positions) leaves the
+part of each token that differs between images and positions — what a representation must carry.
+MAE's norm-pix does the per-patch analogue for pixels.
+
+The statistics are a pure function of the cache: the first ``max_rows`` valid samples (all their
+views) of the dataset's shards in manifest order. Every rank, every resume and the online-teacher
+baseline get the same numbers; the run directory keeps a copy (``target_norm.safetensors``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from teacher_cache.store import decode_block
+
+NORMS = ("channel", "none")
+FILE = "target_norm.safetensors"
+
+
+class TargetNorm(nn.Module):
+    """``tokens`` (and ``cls``) -> ``(x - mean) / std`` per channel; codes are left alone."""
+
+    def __init__(self, token_mean: torch.Tensor, token_std: torch.Tensor,
+                 cls_mean: torch.Tensor | None = None, cls_std: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("token_mean", token_mean.float())
+        self.register_buffer("token_std", token_std.float())
+        self.has_cls = cls_mean is not None
+        if self.has_cls:
+            self.register_buffer("cls_mean", cls_mean.float())
+            self.register_buffer("cls_std", cls_std.float())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(batch)
+        out["tokens"] = (batch["tokens"].float() - self.token_mean) / self.token_std
+        if self.has_cls and "cls" in batch:
+            out["cls"] = (batch["cls"].float() - self.cls_mean) / self.cls_std
+        return out
+
+    def save(self, run: str) -> None:
+        from safetensors.torch import save_file
+
+        tmp = os.path.join(run, FILE + ".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, tmp)
+        os.replace(tmp, os.path.join(run, FILE))  # atomic: a resume never reads half a file
+
+    @classmethod
+    def load(cls, run: str) -> TargetNorm:
+        from safetensors.torch import load_file
+
+        t = load_file(os.path.join(run, FILE))
+        return cls(t["token_mean"], t["token_std"], t.get("cls_mean"), t.get("cls_std"))
+
+    def summary(self) -> dict:
+        s = {"token_mean_norm": float(self.token_mean.norm()), "token_std_mean": float(self.token_std.mean())}
+        if self.has_cls:
+            s["cls_mean_norm"] = float(self.cls_mean.norm())
+        return s
+
+
+def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    return x.sum(0), (x * x).sum(0), x.shape[0]
+
+
+def estimate_target_norm(join, max_rows: int = 512, eps: float = 1e-6) -> TargetNorm:
+    """Per-channel mean/std of the tokenizer in ``join`` (a :class:`student.data.CacheJoin`)."""
+    if join.info.codes:
+        raise ValueError("code tokenizers have no continuous targets to standardise; use target_norm 'none'")
+    acc: dict[str, list] = {}
+    rows = 0
+    for shard in join.ds.shards:
+        if rows >= max_rows:
+            break
+        g = join.group(shard)
+        valid = np.flatnonzero(join.valid[shard])[: max_rows - rows]
+        if len(valid) == 0:
+            continue
+        hi = int(valid[-1]) + 1
+        for name, scale in (("tokens", "token_scale"), ("cls", "cls_scale")):
+            if name not in g:
+                continue
+            stored = np.asarray(g[name][:hi])[valid]
+            sc = np.asarray(g[scale][:hi])[valid] if scale in g else None
+            x = decode_block(stored, join.info.dtype, sc).numpy()
+            s, ss, n = _moments(x)
+            a = acc.setdefault(name, [0.0, 0.0, 0])
+            a[0], a[1], a[2] = a[0] + s, a[1] + ss, a[2] + n
+        rows += len(valid)
+    if "tokens" not in acc:
+        raise ValueError(f"tokenizer {join.info.name!r} has no valid samples to estimate target statistics from")
+
+    def stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s, ss, n = acc[name]
+        mean = s / n
+        std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
+        # A channel that never varies carries nothing; divide it by 1 rather than by ~0.
+        std = np.where(std > eps * max(1.0, float(std.max())), std, 1.0)
+        return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+    tm, ts = stats("tokens")
+    cm, cs = stats("cls") if "cls" in acc else (None, None)
+    return TargetNorm(tm, ts, cm, cs)
