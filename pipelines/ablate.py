@@ -221,6 +221,47 @@ def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int) -> tuple[di
     return _summary(lin), (_summary(knn) if knn else None)
 
 
+def teacher_ceiling(data: str, cache: str, tokenizer: str, seed: int = 0) -> float | None:
+    """Linear-probe top-1 of the teacher's own pooled features, read from the cache (view 0 of every
+    valid sample: the class token, else the mean of the patch tokens), with the students' protocol
+    (same splits, lr grid, refit, report split). What the targets carry about the label: an upper
+    reference for students trained on them. ``None`` for code targets."""
+    import numpy as np
+    import torch
+
+    from teacher_cache.store import decode_block, open_root, shard_ids, tokenizer_info
+
+    from .probe import ProbeConfig, make_splits, probe_features
+
+    ds = load_dataset(data)
+    root = open_root(cache)
+    info = tokenizer_info(root, tokenizer)
+    if info.codes:
+        return None
+    sids = shard_ids(ds.shards)
+    feats, labels = [], []
+    for shard in ds.shards:
+        g = root[tokenizer][sids[shard]]
+        valid = np.asarray(g["valid"][:]).astype(bool)
+        lab = np.asarray([-1 if x is None else x for x in ds.rows(shard)["label"]])
+        keep = valid & (lab >= 0)
+        if "cls" in g:
+            x = decode_block(np.asarray(g["cls"][:, 0]), info.dtype,
+                             np.asarray(g["cls_scale"][:, 0]) if "cls_scale" in g else None)
+        else:
+            x = decode_block(np.asarray(g["tokens"][:, 0]), info.dtype,
+                             np.asarray(g["token_scale"][:, 0]) if "token_scale" in g else None).mean(1)
+        feats.append(x[torch.from_numpy(keep)])
+        labels.append(torch.from_numpy(lab[keep]))
+    x, y = torch.cat(feats), torch.cat(labels).long()
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)  # the probe's lr grid assumes unit-scale features
+    pcfg = ProbeConfig(shards=data, kind="linear", random_init=True, student="tiny-test", out="-", seed=seed)
+    splits = make_splits(y.numpy(), 0, pcfg.holdout, pcfg.select_fraction, seed)
+    num_classes = max(int(y.max()) + 1, ds.info.get("num_classes") or 0)
+    row = probe_features(pcfg, x[:, None], y, splits, ["teacher"], num_classes)[0]
+    return row.top1
+
+
 def _summary(result) -> dict:
     return {"top1": result.top1, "top5": result.top5, "best_layer": result.best_layer}
 
@@ -253,8 +294,15 @@ def run_ablation(cfg: AblateConfig) -> dict:
         lin, knn = _probe(cfg, data, None, seed)
         floors.append(RunRecord("random-init", seed, "", 0.0, float("nan"), [], lin["top1"], lin["top5"],
                                 lin["best_layer"], knn["top1"] if knn else None))
+    ceilings = {}
+    for v in variants:
+        if v.tokenizer not in ceilings:
+            top1 = teacher_ceiling(data, cache, v.tokenizer)
+            if top1 is not None:
+                ceilings[v.tokenizer] = {"teacher": v.teacher.name, "storage": v.storage.dtype, "linear_top1": top1}
     classes = load_dataset(data).info.get("num_classes") or cfg.num_classes
     results = _results(cfg, variants, records, floors, bytes_per_view, time.perf_counter() - t_start, classes)
+    results["ceilings"] = ceilings
     _write_report(cfg, results)
     return results
 
@@ -312,11 +360,27 @@ def findings(results: dict) -> list[str]:
         p, s = max(x["linear_top1"] for x in pixel), max(x["linear_top1"] for x in semantic)
         verdict = "beat" if s > p else "did NOT beat"
         out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}).")
+    ceil = results.get("ceilings", {})
+    if ceil:
+        best_t = max(ceil.values(), key=lambda c: c["linear_top1"])
+        out.append(f"The targets themselves carry the label up to {best_t['linear_top1']:.3f} linear top-1 "
+                   f"({best_t['teacher']}'s pooled features); a student probe far below that has not yet learned "
+                   "what its targets know (a longer schedule, more data or a larger student closes the gap).")
     below = [r["variant"] for r in results["rows"] if r["variant"] != "random-init (floor)" and r["linear_top1"] <= floor]
     if below:
         out.append(f"At or below the random-init floor: {', '.join(below)} — too short a schedule, or a target "
                    "that carries little class information.")
     return out
+
+
+def _ceiling_table(results: dict) -> list[str]:
+    ceil = results.get("ceilings", {})
+    if not ceil:
+        return []
+    lines = ["Teacher features (the targets' own pooled features from the cache, same linear protocol):", "",
+             "| tokenizer | teacher | storage | linear top-1 |", "|---|---|---|---:|"]
+    lines += [f"| {k} | {c['teacher']} | {c['storage']} | {c['linear_top1']:.3f} |" for k, c in ceil.items()]
+    return lines + [""]
 
 
 def _write_report(cfg: AblateConfig, results: dict) -> None:
@@ -329,10 +393,11 @@ def _write_report(cfg: AblateConfig, results: dict) -> None:
     md = [f"# Ablation `{cfg.recipe}`", "",
           f"Student `{c['student']}`, {c['steps']} steps x batch {c['batch_size']}, {c['seeds']} seed(s); "
           f"linear probe (best layer, selected without the report split) and k-NN; total {results['seconds']:.0f}s.",
-          "", format_table(results), "", "## Findings", "", *[f"- {x}" for x in findings(results)], "",
+          "", format_table(results), "", *_ceiling_table(results), "## Findings", "", *[f"- {x}" for x in findings(results)], "",
           "## Plots", "", *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figs], ""]
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("\n".join(md))
     print(format_table(results))
+    print("\n".join(_ceiling_table(results)))
     print("\n".join(findings(results)))
     print(f"report: {os.path.join(cfg.out, 'report.md')}")

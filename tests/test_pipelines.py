@@ -39,6 +39,11 @@ def test_recipe_writes_a_report(recipe, tiny_dataset, shared_cache, tmp_path):
     assert "| variant | teacher |" in report and "## Findings" in report
     assert json.load(open(tmp_path / "results.json"))["rows"] == json.loads(json.dumps(rows, default=str))
     assert (tmp_path / "accuracy.png").stat().st_size > 1000 and (tmp_path / "losses.png").exists()
+    # The teachers' own features are probed too (continuous tokenizers), and reported beside the students.
+    ceil = results["ceilings"]
+    assert ceil and all(0.0 <= c["linear_top1"] <= 1.0 for c in ceil.values())
+    assert set(ceil) <= {v.tokenizer for v in variants}
+    assert "Teacher features" in report and "carry the label up to" in report
 
 
 def test_findings_state_the_comparison_honestly():
