@@ -102,6 +102,9 @@ def estimate_target_norm(join, max_rows: int = 512, eps: float = 1e-6) -> Target
 
     def stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         s, ss, n = acc[name]
+        if not (np.isfinite(s).all() and np.isfinite(ss).all()):
+            raise ValueError(f"tokenizer {join.info.name!r} holds non-finite {name} (NaN/Inf) in its first "
+                             f"{rows} samples; find them with `digpt verify` and re-extract")
         mean = s / n
         std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
         # A channel that never varies carries nothing; divide it by 1 rather than by ~0.

@@ -169,11 +169,38 @@ def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pre
         idx = np.asarray(ok) - lo
         _write_rows(g, lo, hi, idx, tokens, cls, k, lay)
         valid[ok] = True
+        if lo == 0:
+            _fault_pause(job)
     g["valid"][:] = valid
     result = ShardResult(job.group, job.shard, n, int(valid.sum()), int(valid.sum()) * k,
                          time.perf_counter() - t0, stored_bytes(g), skipped)
     g.attrs["complete"] = {k_: v for k_, v in asdict(result).items() if k_ != "group"}  # written last
     return result
+
+
+FAULT_PAUSE_ENV = "DIGPT_FAULT_PAUSE"
+
+
+def _fault_pause(job: ShardJob) -> None:
+    """Test-only hook (tests/test_faults.py); inert unless ``DIGPT_FAULT_PAUSE`` names a directory.
+
+    The first time a (tokenizer, shard) has written its first chunk, the process writing it records
+    its pid in ``DIR/<group>.<sid>.pid`` and waits (at most 120 s) for ``DIR/<group>.<sid>.go``, so a
+    test can SIGKILL that worker or driver mid-shard, at a chosen point. A retry of the same shard
+    finds the pid file and does not wait."""
+    d = os.environ.get(FAULT_PAUSE_ENV)
+    if not d:
+        return
+    base = os.path.join(d, f"{job.group}.{job.sid}")
+    try:
+        fd = os.open(base + ".pid", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(base + ".go") and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _write_rows(g: zarr.Group, lo: int, hi: int, idx: np.ndarray, tokens: torch.Tensor, cls: torch.Tensor | None,
