@@ -66,7 +66,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-rows", type=int, default=64, help="samples per Zarr chunk")
     p.add_argument("--batch-size", type=int, default=64, help="views per teacher forward")
     p.add_argument("--codebook-size", type=int, default=512, help="kmeans:<teacher> codebook size")
-    p.add_argument("--fit-samples", type=int, default=512, help="kmeans:<teacher> samples to fit on")
+    p.add_argument("--pca-dim", type=int, default=64, help="pca:<teacher> principal directions kept (default 64)")
+    p.add_argument("--fit-samples", type=int, default=512, help="kmeans:<teacher> / pca:<teacher> samples to fit on")
     p.add_argument("--codebook", default=None, help="kmeans:<teacher> codebook file instead of fitting")
     p.add_argument("--executor", default="ray", help="ray (default) or local (in-process, serial)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. auto)")
@@ -88,7 +89,7 @@ def _extract_config(a: argparse.Namespace):
             raise ValueError(f"{flag} was given {len(vals)} times for {n} --teacher(s); give one per teacher")
     teachers = tuple(
         TeacherConfig(name=t, weights=None if w in (None, "-") else w, layer=a.layer, group=g,
-                      codebook=a.codebook, codebook_size=a.codebook_size, fit_samples=a.fit_samples,
+                      codebook=a.codebook, codebook_size=a.codebook_size, fit_samples=a.fit_samples, pca_dim=a.pca_dim,
                       allow_hub=a.allow_hub)
         for t, w, g in zip(a.teacher, weights, groups)
     )

@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 from student.data import DataConfig
 from student.objectives import StudentConfig
+from student.sizes import list_vit_sizes, vit_config
 from student.train import OptimConfig, TrainConfig, train
 from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
 from teacher_cache.extract import run_extract
-from teacher_cache.prepare import SyntheticConfig, load_dataset, prepare_synthetic
+from teacher_cache.prepare import MAX_CLASSES, MIN_CLASSES, SyntheticConfig, load_dataset, prepare_synthetic
 from teacher_cache.store import slug
 from teacher_cache.views import AugConfig
 
@@ -95,6 +96,24 @@ class AblateConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.base_lr <= 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if not self.out:
+            raise ValueError("out must be a non-empty directory path")
+        if not MIN_CLASSES <= self.num_classes <= MAX_CLASSES:
+            raise ValueError(f"num_classes must be in [{MIN_CLASSES}, {MAX_CLASSES}], got {self.num_classes}")
+        if self.shards is None and self.num_samples < 4 * self.num_classes:
+            # The probes split every class three ways (fit, select, report).
+            raise ValueError(f"num_samples must be >= 4 * num_classes ({4 * self.num_classes}), got {self.num_samples}")
+        if self.student not in list_vit_sizes():
+            raise ValueError(f"student must be one of {list_vit_sizes()}, got {self.student!r}")
+        if vit_config(self.student).img_size != self.image_size:
+            raise ValueError(f"student {self.student!r} takes {vit_config(self.student).img_size} px images, the "
+                             f"ablation's images are {self.image_size} px; choose a student of that size "
+                             f"(e.g. small-cpu or demo-cpu for 64 px)")
+        if self.executor not in ("ray", "local"):
+            raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
+        if self.weights and self.recipe != "tokenizers":
+            raise ValueError(f"weights add teachers to the tokenizers recipe only; recipe {self.recipe!r} "
+                             "would ignore them")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +135,16 @@ def _pixel(cfg: AblateConfig) -> TeacherConfig:
 
 def _semantic(cfg: AblateConfig) -> TeacherConfig:
     return TeacherConfig(cfg.semantic_teacher, group="semantic")
+
+
+def _token_dim(name: str) -> int:
+    """The token width of teacher ``name`` (built once here: the PCA variant keeps at most that many dims)."""
+    from teacher_cache.teachers import create_teacher
+
+    try:
+        return create_teacher(name).spec.dim
+    except Exception:  # e.g. a hub teacher without weights: extracting the semantic variant reports it
+        return 64
 
 
 @recipe("demo")
@@ -153,10 +182,13 @@ def orders_recipe(cfg: AblateConfig) -> list[Variant]:
 
 @recipe("storage")
 def storage_recipe(cfg: AblateConfig) -> list[Variant]:
-    """Bytes per view against probe accuracy: fp16, int8, and k-means codes of the same teacher."""
+    """Bytes per view against probe accuracy: fp16, int8, PCA-reduced and k-means codes of the same teacher."""
     t = _semantic(cfg)
     return [Variant("fp16", t), Variant("int8", t, storage=StorageConfig(dtype="int8")),
             Variant("bf16", t, storage=StorageConfig(dtype="bf16")),
+            Variant("pca-64", TeacherConfig(f"pca:{cfg.semantic_teacher}", group="pca64",
+                                            pca_dim=min(64, _token_dim(cfg.semantic_teacher)),
+                                            fit_samples=min(512, cfg.num_samples))),
             Variant("codes-256", TeacherConfig(f"kmeans:{cfg.semantic_teacher}", group="kmeans256", codebook_size=256,
                                                fit_samples=min(512, cfg.num_samples)))]
 
@@ -266,8 +298,30 @@ def _summary(result) -> dict:
     return {"top1": result.top1, "top5": result.top5, "best_layer": result.best_layer}
 
 
+def check_inputs(cfg: AblateConfig) -> None:
+    """What the config alone cannot tell, checked before anything is written: the output location,
+    the dataset and the weights files (and their teachers' names)."""
+    from teacher_cache.teachers import PRESETS, list_teachers
+    from teacher_cache.teachers.registry import split_name
+
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"out {cfg.out} exists and is not a directory; choose another --out")
+    if cfg.shards:
+        try:
+            load_dataset(cfg.shards)
+        except (FileNotFoundError, ValueError) as e:
+            raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(f"shards: {e}") from None
+    for name, path in cfg.weights:
+        if split_name(name)[0] not in list_teachers():
+            raise ValueError(f"weights: unknown teacher {name!r}: families are {list_teachers()}, "
+                             f"presets are {sorted(PRESETS)}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights: {path} not found (weights of teacher {name!r})")
+
+
 def run_ablation(cfg: AblateConfig) -> dict:
     t_start = time.perf_counter()
+    check_inputs(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     variants = RECIPES[cfg.recipe](cfg)
     data = _dataset(cfg)

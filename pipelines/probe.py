@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from student.sizes import list_vit_sizes
 from student.vit import VisionTransformer
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
 from teacher_cache.prepare import PreparedDataset, iter_dataset_samples, load_dataset
@@ -118,7 +119,10 @@ class ProbeConfig:
              "only applies to random_init without a run (a run knows its encoder)")
         need(self.run is not None or self.student is not None, "student",
              "names the preset of a random_init encoder when there is no run")
+        need(self.student is None or self.student in list_vit_sizes(), "student",
+             f"must be one of {', '.join(list_vit_sizes())}")
         need(self.run is not None or self.out is not None, "out", "is required when there is no run")
+        need(self.out is None or bool(self.out), "out", "must be a non-empty file path")
         for name in ("batch_size", "epochs", "k", "finetune_epochs"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("holdout", "select_fraction"):
@@ -201,6 +205,8 @@ class ProbeResult:
 
 
 def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("ProbeConfig.device 'cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
@@ -549,24 +555,42 @@ def _num_classes(labels: torch.Tensor, *datasets: PreparedDataset) -> int:
     return n
 
 
-def _load_all(cfg: ProbeConfig, enc: VisionTransformer, skipped: Counter, progress: bool):
-    """``(table, labels, n_val, datasets)``: features (linear/knn) or uint8 views (finetune) of the
-    training shards, then of the validation shards."""
-    datasets = [load_dataset(cfg.shards)] + ([load_dataset(cfg.val_shards)] if cfg.val_shards else [])
+def _open_inputs(cfg: ProbeConfig) -> list[PreparedDataset]:
+    """Check everything the run reads or writes before any work: the device, the datasets (training
+    shards, then validation shards) and the result path."""
+    _device(cfg.device)
+    datasets = []
+    for name in ("shards", "val_shards"):
+        if getattr(cfg, name):
+            try:
+                datasets.append(load_dataset(getattr(cfg, name)))
+            except (FileNotFoundError, ValueError) as e:
+                kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+                raise kind(f"ProbeConfig.{name}: {e}") from None
+    if os.path.isdir(cfg.out_path()):
+        raise ValueError(f"ProbeConfig.out {cfg.out_path()} is a directory; give a .json file path")
+    return datasets
+
+
+def _load_all(cfg: ProbeConfig, enc: VisionTransformer, datasets: list[PreparedDataset], skipped: Counter,
+              progress: bool):
+    """``(table, labels, n_val)``: features (linear/knn) or uint8 views (finetune) of the training
+    shards, then of the validation shards."""
     if cfg.layers is not None and max(cfg.layers) >= enc.cfg.depth:
         raise ValueError(f"ProbeConfig.layers {cfg.layers} out of range for an encoder of depth {enc.cfg.depth}")
     parts = [load_views(ds, enc.cfg.img_size, skipped) if cfg.kind == "finetune"
              else extract_features(enc, ds, cfg, skipped, progress) for ds in datasets]
     n_val = len(parts[1][1]) if cfg.val_shards else 0
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), n_val, datasets
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), n_val
 
 
 def run_probe(cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
     """Probe the encoder, write ``cfg.out_path()`` and return the result."""
     start = time.perf_counter()
+    datasets = _open_inputs(cfg)
     enc, source = build_encoder(cfg)
     skipped: Counter = Counter()
-    table, labels, n_val, datasets = _load_all(cfg, enc, skipped, progress)
+    table, labels, n_val = _load_all(cfg, enc, datasets, skipped, progress)
     num_classes = _num_classes(labels, *datasets)
     splits = make_splits(labels.numpy(), n_val, cfg.holdout, cfg.select_fraction, cfg.seed)
     if cfg.kind == "finetune":

@@ -59,7 +59,10 @@ class DataConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("num_workers and shuffle_buffer must be >= 0")
+            raise ValueError(f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers} and "
+                             f"{self.shuffle_buffer}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 def _hash64(*parts: Any) -> int:
@@ -85,6 +88,8 @@ class CacheJoin:
         name = cfg.tokenizer or (toks[0] if len(toks) == 1 else None)
         if name is None:
             raise ValueError(f"cache {cfg.cache} holds several tokenizers {toks}; choose one with --tokenizer")
+        if name not in toks:
+            raise ValueError(f"tokenizer {name!r} is not in cache {cfg.cache}; it holds {toks}")
         self.info = tokenizer_info(self.root, name)
         self.aug = AugConfig(**{**meta["aug"], "scale": tuple(meta["aug"]["scale"]), "ratio": tuple(meta["aug"]["ratio"])})
         self.sids = shard_ids(self.ds.shards)
@@ -94,6 +99,9 @@ class CacheJoin:
             raise ValueError(f"tokenizer {name!r} is incomplete: {len(missing)} shard(s) missing, e.g. {missing[:2]}; "
                              "re-run `digpt extract`")
         self.codebook = torch.from_numpy(np.array(tok["codebook"][:])) if "codebook" in tok else None
+        # pca:<t> tokenizers: the basis their (already projected) tokens were made with; only the online
+        # teacher needs it.
+        self.pca_basis = torch.from_numpy(np.array(tok["pca_basis"][:])) if "pca_basis" in tok else None
         self.valid = {s: np.array(tok[self.sids[s]]["valid"][:]) for s in self.ds.shards}
 
     @property
@@ -137,6 +145,12 @@ class CachedViews(IterableDataset):
         if len(self.join.ds.shards) < need:
             raise ValueError(f"{len(self.join.ds.shards)} shard(s) cannot feed {world} rank(s) x "
                              f"{max(1, cfg.num_workers)} worker(s); use fewer workers or re-shard with a smaller --shard-size")
+        if self.steps_per_epoch(0) == 0:  # the epoch loop would never take a step
+            per_worker = max(sum(int(self.join.valid[s].sum()) for s in self._shards(0, r, w, need // world))
+                             for r in range(world) for w in range(need // world))
+            raise ValueError(f"batch_size {cfg.batch_size} is more than the valid samples of a loader worker "
+                             f"(at most {per_worker}, over {world} rank(s) x {max(1, cfg.num_workers)} worker(s)); "
+                             "use a smaller --batch-size or fewer --workers")
 
     # ----- the deterministic plan of an epoch -----
     def _shards(self, epoch: int, rank: int, worker: int, workers: int) -> list[str]:

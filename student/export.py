@@ -23,9 +23,17 @@ from .sizes import timm_kwargs_for, vit_preset
 from .vit import ViTConfig, VisionTransformer
 
 
+def run_config(run: str) -> dict[str, Any]:
+    """RUN's config.json; a clear error when RUN is not a run directory."""
+    path = os.path.join(run, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"run {run!r} is not a run directory (no config.json); train one with `digpt train`")
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_encoder_config(run: str) -> ViTConfig:
-    cfg = json.load(open(os.path.join(run, "config.json")))
-    return ViTConfig(**cfg["encoder"])
+    return ViTConfig(**run_config(run)["encoder"])
 
 
 def encoder_state_dict(run: str) -> dict[str, torch.Tensor]:
@@ -49,7 +57,7 @@ def load_encoder(run: str) -> VisionTransformer:
 
 
 def timm_spec(run: str) -> tuple[str, dict[str, Any]]:
-    cfg = json.load(open(os.path.join(run, "config.json")))
+    cfg = run_config(run)
     preset = vit_preset(cfg["train"]["student"]["size"])
     kwargs = timm_kwargs_for(run_encoder_config(run))
     kwargs.pop("num_classes", None)
@@ -59,6 +67,11 @@ def timm_spec(run: str) -> tuple[str, dict[str, Any]]:
 
 def export_encoder(run: str, out: str) -> str:
     """Write the encoder to ``out`` (safetensors) and return the timm line that loads it."""
+    # timm reads a pretrained file as safetensors only when its name says so (else torch.load).
+    if not out.endswith(".safetensors") or os.path.basename(out) == ".safetensors":
+        raise ValueError(f"out must be a file name ending in .safetensors, got {out!r}")
+    if os.path.isdir(out):
+        raise ValueError(f"out {out} is a directory; give a .safetensors file path")
     name, kwargs = timm_spec(run)
     weights = {k: v.contiguous() for k, v in encoder_state_dict(run).items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

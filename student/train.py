@@ -53,8 +53,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.base_lr <= 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
-        if self.min_lr < 0 or self.weight_decay < 0 or self.warmup < 0:
-            raise ValueError("min_lr, weight_decay and warmup must be >= 0")
+        for name in ("min_lr", "weight_decay", "warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.accum < 1:
             raise ValueError(f"accum must be >= 1, got {self.accum}")
         if self.clip_grad is not None and self.clip_grad <= 0:
@@ -102,8 +103,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of steps or epochs")
-        if (self.steps or 1) < 1 or (self.epochs or 1) < 1:
-            raise ValueError("steps / epochs must be >= 1")
+        for name in ("steps", "epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.out:
+            raise ValueError("out must be a non-empty run directory path")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         size = self.student.encoder_config().img_size
         if self.data.img_size != size:
             raise ValueError(f"data.img_size {self.data.img_size} differs from student {self.student.size}'s "
@@ -115,7 +121,7 @@ class TrainConfig:
         if self.target_norm not in NORMS:
             raise ValueError(f"target_norm must be one of {', '.join(NORMS)}, got {self.target_norm!r}")
         if self.log_every < 1 or self.ckpt_every < 0:
-            raise ValueError("log_every must be >= 1 and ckpt_every >= 0")
+            raise ValueError(f"log_every must be >= 1 and ckpt_every >= 0, got {self.log_every} and {self.ckpt_every}")
 
 
 @dataclass
@@ -156,6 +162,8 @@ def _dist_env() -> tuple[int, int]:
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is visible; use device 'auto' or 'cpu'")
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
@@ -181,7 +189,7 @@ def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.dev
     teacher = None
     if cfg.online_teacher:
         a = join.info.attrs
-        teacher = build_teacher(TeacherConfig(**a["teacher_config"]), join.codebook)
+        teacher = build_teacher(TeacherConfig(**a["teacher_config"]), join.codebook, pca_basis=join.pca_basis)
         if teacher.fingerprint() != a["fingerprint"]:
             raise ValueError(f"--online-teacher: the teacher rebuilt from the cache's config has weights "
                              f"{teacher.fingerprint()[:12]}, the cache was made by {a['fingerprint'][:12]}")
@@ -200,8 +208,19 @@ def target_norm_for(cfg: TrainConfig, join: CacheJoin) -> TargetNorm | None:
     return estimate_target_norm(join)
 
 
+def check_out(out: str) -> None:
+    """Refuse a run directory that would mix a run with other files: a file, or a non-empty directory
+    that is not a run (every run directory holds config.json from its first write on)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out {out} exists and is not a directory; choose another --out")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "config.json")):
+        raise ValueError(f"out {out} exists and is not a digpt run directory (no config.json, not empty); "
+                         "choose another --out")
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     rank, world = _dist_env()
+    check_out(cfg.out)
     device = _device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -233,6 +252,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     t0, start_step, micro, last = time.perf_counter(), state.step, 0, {}
     while state.step < total:
         n_batches = ds.steps_per_epoch(state.epoch)
+        if n_batches == 0:  # another epoch would not take a step either
+            raise ValueError(f"epoch {state.epoch} has no full batch of {cfg.data.batch_size} for every rank; "
+                             "use a smaller --batch-size or fewer --workers")
         ds.set_epoch(state.epoch, state.batch_in_epoch)
         for batch in make_loader(ds):
             if state.batch_in_epoch >= n_batches or state.step >= total:

@@ -20,9 +20,10 @@ class TeacherConfig:
     """One tokenizer to extract."""
 
     name: str
-    """Registry name or preset: ``efficientnet_lite0``, ``pixel:224/16``, ``openclip:ViT-B-16@openai``, ``kmeans:<teacher>``."""
+    """Registry name or preset: ``efficientnet_lite0``, ``pixel:224/16``, ``openclip:ViT-B-16@openai``,
+    ``kmeans:<teacher>``, ``pca:<teacher>``."""
     weights: str | None = None
-    """Local weights file (no network). For ``kmeans:<t>`` these are the base teacher's weights."""
+    """Local weights file (no network). For ``kmeans:<t>`` / ``pca:<t>`` these are the base teacher's weights."""
     layer: int | None = None
     """Block whose output is stored (1-based); ``None``: the teacher's default (last)."""
     group: str | None = None
@@ -32,7 +33,9 @@ class TeacherConfig:
     codebook_size: int = 512
     """``kmeans`` only: number of centroids to fit."""
     fit_samples: int = 512
-    """``kmeans`` only: samples (first view each) whose tokens the codebook is fit on."""
+    """``kmeans`` / ``pca``: samples (first view each) whose tokens the codebook / PCA basis is fit on."""
+    pca_dim: int = 64
+    """``pca`` only: principal directions kept (the stored token width; at most the base's token dim)."""
     allow_hub: bool = False
     """Let hub-backed teachers download weights when no ``weights`` file is given."""
 
@@ -45,6 +48,8 @@ class TeacherConfig:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.fit_samples < 1:
             raise ValueError(f"fit_samples must be >= 1, got {self.fit_samples}")
+        if self.pca_dim < 1:
+            raise ValueError(f"pca_dim must be >= 1, got {self.pca_dim}")
 
     @property
     def group_name(self) -> str:

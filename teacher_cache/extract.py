@@ -38,6 +38,7 @@ from .store import (
 )
 from .teachers import Teacher, create_teacher, resolve_name
 from .teachers.kmeans import fit_kmeans
+from .teachers.pca import fit_pca
 from .views import AugConfig, plan_fingerprint, plan_shard, replay_view
 
 
@@ -45,12 +46,38 @@ from .views import AugConfig, plan_fingerprint, plan_shard, replay_view
 # building teachers from configs
 
 
-def build_teacher(tc: TeacherConfig, codebook: torch.Tensor | None = None) -> Teacher:
+# Tokenizers fit on the data by extract, and the array each stores in its cache group (reused on re-runs,
+# loaded back by verify and the trainer): ``kmeans:<t>`` a codebook, ``pca:<t>`` a PCA basis.
+FITTED_ARRAYS = {"kmeans": "codebook", "pca": "pca_basis"}
+
+
+def fitted_family(tc: TeacherConfig) -> str | None:
+    """``kmeans`` / ``pca`` for a tokenizer fit on the data, else ``None``."""
+    family = resolve_name(tc.name).partition(":")[0]
+    return family if family in FITTED_ARRAYS else None
+
+
+def load_fitted(tok: zarr.Group) -> dict[str, torch.Tensor]:
+    """A tokenizer group's fitted arrays, as :func:`build_teacher` keywords (``codebook``, ``pca_basis``)."""
+    return {n: torch.from_numpy(np.array(tok[n][:])) for n in FITTED_ARRAYS.values() if n in tok}
+
+
+def build_teacher(tc: TeacherConfig, codebook: torch.Tensor | None = None, *,
+                  pca_basis: torch.Tensor | None = None) -> Teacher:
     """The one place a :class:`TeacherConfig` becomes a model (driver, workers and verify alike)."""
     opts = tc.options()
-    if resolve_name(tc.name).startswith("kmeans:"):
+    family = fitted_family(tc)
+    if family == "kmeans":
         opts["codebook"] = codebook if codebook is not None else tc.codebook
+    elif family == "pca":
+        opts["basis"], opts["pca_dim"] = pca_basis, tc.pca_dim
     return create_teacher(tc.name, weights=tc.weights, layer=tc.layer, **opts)
+
+
+def _build_fitted(tc: TeacherConfig, fitted: np.ndarray | None) -> Teacher:
+    """:func:`build_teacher` with the array ``fitted_family(tc)`` stores (or ``None``)."""
+    t = torch.from_numpy(np.array(fitted)) if fitted is not None else None
+    return build_teacher(tc, pca_basis=t) if fitted_family(tc) == "pca" else build_teacher(tc, t)
 
 
 def pick_device(device: str) -> torch.device:
@@ -238,11 +265,11 @@ def _write_rows(g: zarr.Group, lo: int, hi: int, idx: np.ndarray, tokens: torch.
 class _Worker:
     """Builds each tokenizer's teacher once, then extracts shards. Runs in-process or as a Ray actor."""
 
-    def __init__(self, teachers: dict[str, TeacherConfig], codebooks: dict[str, np.ndarray], device: str,
+    def __init__(self, teachers: dict[str, TeacherConfig], fitted: dict[str, np.ndarray], device: str,
                  threads: int | None):
         if threads:
             torch.set_num_threads(threads)
-        self.cfgs, self.codebooks = teachers, codebooks
+        self.cfgs, self.fitted = teachers, fitted
         self.device = pick_device(device)
         self.teachers: dict[str, Teacher] = {}
         self.datasets: dict[str, PreparedDataset] = {}
@@ -258,8 +285,7 @@ class _Worker:
 
     def _run(self, job: ShardJob) -> ShardResult:
         if job.group not in self.teachers:
-            cb = self.codebooks.get(job.group)
-            t = build_teacher(self.cfgs[job.group], torch.from_numpy(np.array(cb)) if cb is not None else None)
+            t = _build_fitted(self.cfgs[job.group], self.fitted.get(job.group))
             self.teachers[job.group] = t.to(self.device)
         if job.dataset not in self.datasets:
             self.datasets[job.dataset] = load_dataset(job.dataset)
@@ -375,15 +401,15 @@ def _check_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, te
 
 
 def _init_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher: Teacher,
-                    codebook: np.ndarray | None) -> None:
+                    fitted: np.ndarray | None) -> None:
     name = tc.group_name
     if name in root:
         _check_tokenizer(root, cfg, tc, teacher)
         return
     prov = _provenance(root, cfg, tc, teacher)
     g = root.create_group(name)
-    if codebook is not None:
-        g.create_array("codebook", data=codebook.astype(np.float32))
+    if fitted is not None:  # the codebook / PCA basis, beside the codes
+        g.create_array(FITTED_ARRAYS[fitted_family(tc)], data=fitted.astype(np.float32))
     g.attrs["tokenizer"] = prov
 
 
@@ -392,15 +418,21 @@ def _short(v: Any) -> str:
     return s if len(s) < 120 else s[:117] + "..."
 
 
-def _kmeans_base(tc: TeacherConfig) -> Teacher:
-    """The base teacher of a ``kmeans:<base>`` tokenizer, built so that a bad base name, weights file
-    or layer, a missing ``codebook`` file or an impossible ``codebook_size`` fail before any work."""
+def _fitted_base(tc: TeacherConfig) -> Teacher:
+    """The base teacher of a ``kmeans:<base>`` / ``pca:<base>`` tokenizer, built so that a bad base name,
+    weights file or layer, a missing ``codebook`` file, an impossible ``codebook_size`` or a ``pca_dim``
+    wider than the base's tokens fail before any work."""
+    family = fitted_family(tc)
     try:
-        base = create_teacher(resolve_name(tc.name).removeprefix("kmeans:"), weights=tc.weights, layer=tc.layer,
+        base = create_teacher(resolve_name(tc.name).removeprefix(f"{family}:"), weights=tc.weights, layer=tc.layer,
                               **tc.options())
     except ValueError as e:
         raise ValueError(f"teacher {tc.name!r}: {e}") from e
-    if tc.codebook is not None:
+    if family == "pca":
+        if tc.pca_dim > base.spec.dim:
+            raise ValueError(f"pca_dim {tc.pca_dim} exceeds the token dim {base.spec.dim} of {base.spec.name}; "
+                             f"lower pca_dim to at most {base.spec.dim}")
+    elif tc.codebook is not None:
         if not os.path.isfile(tc.codebook):
             raise FileNotFoundError(f"codebook file not found: {tc.codebook}")
     else:
@@ -413,13 +445,13 @@ def _kmeans_base(tc: TeacherConfig) -> Teacher:
     return base
 
 
-def fit_codebook(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device,
-                 base: Teacher | None = None) -> np.ndarray:
-    """Fit a ``kmeans:<base>`` codebook on the base teacher's tokens of the first views of the
-    first ``fit_samples`` usable samples (a deterministic sample: the result is reproducible)."""
-    base = (base or _kmeans_base(tc)).to(device)
+def sample_base_tokens(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device,
+                       base: Teacher | None = None, desc: str = "fit") -> torch.Tensor:
+    """The base teacher's tokens ``[M, D]`` of the first views of the first ``fit_samples`` usable
+    samples (a deterministic sample: what is fit on it is reproducible). Shared by every fitted tokenizer."""
+    base = (base or _fitted_base(tc)).to(device)
     feats, seen = [], 0
-    bar = tqdm(total=tc.fit_samples, desc=f"fit k-means ({tc.codebook_size} codes)", unit="img", leave=False)
+    bar = tqdm(total=tc.fit_samples, desc=desc, unit="img", leave=False)
     for shard in ds.shards:
         rows = ds.rows(shard)
         plan = plan_shard(shard, rows["key"], rows["width"], rows["height"], aug)
@@ -444,8 +476,25 @@ def fit_codebook(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device:
             break
     bar.close()
     if not feats:
-        raise ValueError("no decodable samples to fit the k-means codebook on")
-    return fit_kmeans(torch.cat(feats), tc.codebook_size, seed=0).numpy()
+        raise ValueError(f"no decodable samples to fit the {tc.name} tokenizer on")
+    return torch.cat(feats)
+
+
+def fit_codebook(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device,
+                 base: Teacher | None = None) -> np.ndarray:
+    """Fit a ``kmeans:<base>`` codebook ``[codebook_size, D]`` on :func:`sample_base_tokens`."""
+    x = sample_base_tokens(tc, ds, aug, device, base, f"fit k-means ({tc.codebook_size} codes)")
+    return fit_kmeans(x, tc.codebook_size, seed=0).numpy()
+
+
+def fit_pca_basis(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device,
+                  base: Teacher | None = None) -> np.ndarray:
+    """Fit a ``pca:<base>`` basis ``[pca_dim + 1, D]`` (mean, then directions) on :func:`sample_base_tokens`."""
+    x = sample_base_tokens(tc, ds, aug, device, base, f"fit PCA ({tc.pca_dim} dims)")
+    return fit_pca(x, tc.pca_dim).numpy()
+
+
+_FITS = {"kmeans": fit_codebook, "pca": fit_pca_basis}
 
 
 def _plan_workers(cfg: ExtractConfig, n_jobs: int) -> tuple[int, int | None, float]:
@@ -465,12 +514,13 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     device = pick_device(cfg.device)
     # Build every teacher in the driver first: a bad name, file or layer fails before any work,
     # and the weights fingerprint goes into the provenance before a single token is written.
-    # (k-means tokenizers: their base teacher; the codebook comes from the cache, a file or a fit.)
-    kmeans = {tc.group_name for tc in cfg.teachers if resolve_name(tc.name).startswith("kmeans:")}
-    teachers = {tc.group_name: build_teacher(tc) for tc in cfg.teachers if tc.group_name not in kmeans}
-    bases = {tc.group_name: _kmeans_base(tc) for tc in cfg.teachers if tc.group_name in kmeans}
+    # (k-means / PCA tokenizers: their base teacher; the codebook or basis comes from the cache, a file
+    # (codebooks only) or a fit.)
+    fit = {tc.group_name for tc in cfg.teachers if fitted_family(tc)}
+    teachers = {tc.group_name: build_teacher(tc) for tc in cfg.teachers if tc.group_name not in fit}
+    bases = {tc.group_name: _fitted_base(tc) for tc in cfg.teachers if tc.group_name in fit}
     root = _init_root(cfg, ds)
-    codebooks: dict[str, np.ndarray] = {}
+    fitted: dict[str, np.ndarray] = {}  # group -> its codebook / PCA basis
     for tc in cfg.teachers:  # every existing group must match its config before anything is written or fit
         name = tc.group_name
         if name in root and "tokenizer" not in root[name].attrs:
@@ -478,39 +528,42 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
                 raise ValueError(f"cache group {name!r} holds shards but no tokenizer record; "
                                  "extract into another group (--group NAME) or another cache")
             del root[name]  # left by a run that died while creating it (its record is written last)
-        if name in kmeans and name in root and "codebook" in root[name]:
-            codebooks[name] = np.array(root[name]["codebook"][:])
-            teachers[name] = build_teacher(tc, torch.from_numpy(codebooks[name]))
+        if name in fit and name in root and FITTED_ARRAYS[fitted_family(tc)] in root[name]:
+            fitted[name] = np.array(root[name][FITTED_ARRAYS[fitted_family(tc)]][:])
+            teachers[name] = _build_fitted(tc, fitted[name])
         if name in teachers:
             _check_tokenizer(root, cfg, tc, teachers[name])
     for tc in cfg.teachers:
         name = tc.group_name
-        if name in kmeans and name not in teachers:
-            if tc.codebook is None:
-                codebooks[name] = fit_codebook(tc, ds, cfg.aug, device, base=bases[name])
-            teachers[name] = build_teacher(tc, torch.from_numpy(codebooks[name]) if name in codebooks else None)
-            if name not in codebooks:  # a user-given codebook file: keep a copy beside the codes
-                codebooks[name] = teachers[name].codebook.numpy()
-        _init_tokenizer(root, cfg, tc, teachers[name], codebooks.get(name))
+        if name in fit and name not in teachers:
+            family = fitted_family(tc)
+            if not (family == "kmeans" and tc.codebook is not None):
+                fitted[name] = _FITS[family](tc, ds, cfg.aug, device, base=bases[name])
+            teachers[name] = _build_fitted(tc, fitted.get(name))
+            if name not in fitted:  # a user-given codebook file: keep a copy beside the codes
+                fitted[name] = teachers[name].codebook.numpy()
+        _init_tokenizer(root, cfg, tc, teachers[name], fitted.get(name))
     bases.clear()
 
     sids = shard_ids(ds.shards)
     jobs, already = [], Counter()
+    # Workers may run in another directory (Ray starts them in its session dir): hand them an absolute path.
+    out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
     for tc in cfg.teachers:
         tok = root[tc.group_name]
         for shard in ds.shards:
             if is_complete(tok, sids[shard]):
                 already[tc.group_name] += 1
             else:
-                jobs.append(ShardJob(os.path.abspath(ds.root), shard, sids[shard], cfg.out, tc.group_name,
+                jobs.append(ShardJob(os.path.abspath(ds.root), shard, sids[shard], out, tc.group_name,
                                      cfg.aug, cfg.storage, cfg.batch_size))
     t_exec = time.perf_counter()
-    results = _execute(cfg, jobs, teachers, codebooks, ds, progress)
+    results = _execute(cfg, jobs, teachers, fitted, ds, progress)
     exec_seconds = time.perf_counter() - t_exec
     return _summarize(cfg, root, results, already, exec_seconds, time.perf_counter() - t_start)
 
 
-def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teacher], codebooks: dict[str, np.ndarray],
+def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teacher], fitted: dict[str, np.ndarray],
              ds: PreparedDataset, progress: bool) -> list[ShardResult]:
     if not jobs:
         return []
@@ -526,18 +579,18 @@ def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teach
     cfgs = {tc.group_name: tc for tc in cfg.teachers}
     workers, threads, gpus = _plan_workers(cfg, len(jobs))
     if cfg.executor == "local":
-        w = _Worker(cfgs, codebooks, cfg.device, threads)
+        w = _Worker(cfgs, fitted, cfg.device, threads)
         w.teachers.update({k: t.to(w.device) for k, t in teachers.items()})  # reuse the driver's models
         w.datasets[os.path.abspath(ds.root)] = ds
         for job in jobs:
             done(w.run(job))
     else:
-        _run_ray(cfg, jobs, cfgs, codebooks, workers, threads, gpus, done)
+        _run_ray(cfg, jobs, cfgs, fitted, workers, threads, gpus, done)
     bar.close()
     return results
 
 
-def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherConfig], codebooks: dict[str, np.ndarray],
+def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherConfig], fitted: dict[str, np.ndarray],
              workers: int, threads: int | None, gpus: float, done) -> None:
     import ray
 
@@ -547,7 +600,7 @@ def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherCo
     # Ray runs a task at least once: an actor that dies is restarted and its task retried. Retrying a
     # shard is safe because extract_shard recreates the shard group before writing it.
     actor_cls = ray.remote(num_cpus=threads or 1, num_gpus=gpus, max_restarts=3, max_task_retries=3)(_Worker)
-    actors = [actor_cls.remote(cfgs, codebooks, cfg.device, threads) for _ in range(min(workers, len(jobs)))]
+    actors = [actor_cls.remote(cfgs, fitted, cfg.device, threads) for _ in range(min(workers, len(jobs)))]
     pending = list(jobs)
     inflight: dict[Any, Any] = {}
     for a in actors:

@@ -5,6 +5,7 @@
     CACHE/                       root attrs["digpt_cache"]: schema, dataset + plan fingerprints, aug config
       <tokenizer>/               attrs["tokenizer"]: teacher spec, weights fingerprint, storage form, ...
         codebook                 [C, D] float32            (code teachers only)
+        pca_basis                [K+1, D] float32          (pca:<t> only: mean, then K principal directions)
         <shard>/                 attrs["shard"]: shard name, rows; attrs["complete"]: written LAST
           tokens                 [n, K, T, D] fp32|fp16|bf16(as uint16)|int8, or [n, K, T] int16 codes
           token_scale            [n, K, T] float32         (int8 only: per-token absmax / 127)

@@ -19,7 +19,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from .config import TeacherConfig
-from .extract import build_teacher, pick_device
+from .extract import build_teacher, load_fitted, pick_device
 from .images import decode_image, to_uint8_chw
 from .prepare import iter_dataset_samples, load_dataset
 from .shards import pick_image
@@ -211,8 +211,7 @@ def _spot_check(cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: 
     name, a = info.name, info.attrs
     tc_fields = dict(a["teacher_config"])
     try:
-        codebook = torch.from_numpy(tok["codebook"][:]) if "codebook" in tok else None
-        teacher = build_teacher(TeacherConfig(**tc_fields), codebook)
+        teacher = build_teacher(TeacherConfig(**tc_fields), **load_fitted(tok))  # codebook / PCA basis
     except Exception as e:  # a missing weights file, a hub name without --allow-hub, ...
         report.add(name, "teacher rebuilds", False, f"{type(e).__name__}: {e}")
         return

@@ -1,4 +1,4 @@
-"""Bad configuration: every option of ``prepare``, ``extract`` and ``verify`` given an invalid value.
+"""Bad configuration: every option of every command that takes one, given an invalid value.
 
 Each case runs ``cli.main`` in-process and must (DESIGN invariant 5):
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +25,9 @@ import cli
 # Each case: (argv after the command, strings of which at least one must be in the error line,
 #             strings that must ALL be in it (accepted values)).
 # Placeholders: {ds} a valid prepared dataset, {cache} a valid cache of it, {out} the output that
-# must not appear, {root} a valid image folder, {tmp} a scratch directory; EMPTY an empty argument.
+# must not appear, {root} a valid image folder, {tmp} a scratch directory, {run} a trained run of
+# {cache} (left unchanged: probe and export write into or beside it), {norun} a run directory with
+# a config but no checkpoint; EMPTY an empty argument.
 
 PREPARE_CASES = [
     ("synthetic --out {out} --num-samples 0", ["num_samples"], []),
@@ -81,6 +84,8 @@ EXTRACT_CASES = [
     (EXTRACT + " --teacher pixel:32/8 --batch-size -4", ["batch_size"], []),
     (EXTRACT + " --teacher kmeans:pixel:32/8 --codebook-size 1", ["codebook_size"], []),
     (EXTRACT + " --teacher kmeans:pixel:32/8 --fit-samples 0", ["fit_samples"], []),
+    (EXTRACT + " --teacher pca:pixel:32/8 --pca-dim 0", ["pca_dim"], [">= 1"]),
+    (EXTRACT + " --teacher pca:random-vit:32/8 --pca-dim 33", ["pca_dim"], ["32"]),
     ("--shards {ds} --out {out} --teacher pixel:32/8 --executor dask", ["executor"], ["'ray'", "'local'"]),
     ("--shards {ds} --out {out} --teacher pixel:32/8 --ray-address nonsense", ["ray_address"], ["auto", "HOST:PORT"]),
     ("--shards {ds} --out {out} --teacher pixel:32/8 --workers 0", ["workers"], []),
@@ -104,6 +109,155 @@ VERIFY_CASES = [
     (VERIFY + " --device tpu", ["device"], ["'auto'", "'cpu'", "'cuda'"]),
 ]
 
+TRAIN = "--shards {ds} --cache {cache} --out {out} --workers 0 --batch-size 8"
+TRAIN_CASES = [
+    ("--shards {tmp}/no-such-ds --cache {cache} --out {out} --steps 1", ["not a prepared dataset", "dataset.json"], []),
+    ("--shards {ds} --cache {tmp}/no-such-cache --out {out} --steps 1", ["no teacher cache"], []),
+    ("--shards {ds} --cache {root} --out {out} --steps 1", ["no teacher cache", "not a digpt cache"], []),
+    ("--cache {cache} --out {out} --steps 1", ["--shards"], ["required"]),
+    ("--shards {ds} --out {out} --steps 1", ["--cache"], ["required"]),
+    ("--shards {ds} --cache {cache} --steps 1", ["--out"], ["required"]),
+    (TRAIN + " --steps 1 --tokenizer nope", ["tokenizer"], ["pixel_32_8"]),
+    (TRAIN + " --steps 1 --student nope", ["student"], ["tiny-test", "small-cpu", "vit_base"]),
+    (TRAIN + " --steps 1 --objective nope", ["objective"], ["digpt", "gen", "fd", "masked", "igpt", "digit"]),
+    (TRAIN + " --steps 1 --order nope", ["order"], ["raster", "random", "semantic"]),
+    (TRAIN + " --steps 1 --objective fd --order raster", ["--order"], ["no order"]),
+    (TRAIN, ["--steps", "--epochs"], ["required"]),
+    (TRAIN + " --steps 0", ["steps"], [">= 1"]),
+    (TRAIN + " --steps -3", ["steps"], [">= 1"]),
+    (TRAIN + " --steps one", ["--steps"], ["invalid int value"]),
+    (TRAIN + " --epochs 0", ["epochs"], [">= 1"]),
+    (TRAIN + " --epochs 1.5", ["--epochs"], ["invalid int value"]),
+    (TRAIN + " --steps 1 --epochs 1", ["--epochs", "--steps"], ["not allowed with"]),
+    ("--shards {ds} --cache {cache} --out {out} --steps 1 --batch-size 0", ["batch_size"], [">= 1"]),
+    ("--shards {ds} --cache {cache} --out {out} --steps 1 --batch-size 1000", ["batch_size"], ["samples"]),
+    (TRAIN + " --steps 1 --accum 0", ["accum"], [">= 1"]),
+    (TRAIN + " --steps 1 --base-lr 0", ["base_lr"], ["> 0"]),
+    (TRAIN + " --steps 1 --base-lr fast", ["--base-lr"], ["invalid float value"]),
+    (TRAIN + " --steps 1 --min-lr -1", ["min_lr"], [">= 0"]),
+    (TRAIN + " --steps 1 --weight-decay -0.1", ["weight_decay"], [">= 0"]),
+    (TRAIN + " --steps 1 --warmup -1", ["warmup"], [">= 0"]),
+    (TRAIN + " --steps 1 --clip-grad 0", ["clip_grad"], ["> 0"]),
+    (TRAIN + " --steps 1 --cluster-size 0", ["cluster_size"], [">= 1"]),
+    (TRAIN + " --steps 1 --cluster-size 3", ["cluster"], []),
+    (TRAIN + " --steps 1 --decoder-depth 0", ["decoder_depth"], [">= 1"]),
+    (TRAIN + " --steps 1 --decoder-dim 0", ["decoder_dim"], [">= 1"]),
+    (TRAIN + " --steps 1 --decoder-dim -8", ["decoder_dim"], [">= 1"]),
+    (TRAIN + " --steps 1 --mask-ratio 1.5", ["mask_ratio"], ["(0, 1)"]),
+    (TRAIN + " --steps 1 --drop-path 1", ["drop_path"], ["[0, 1)"]),
+    (TRAIN + " --steps 1 --attn nope", ["attn"], ["sdpa", "flex", "eager"]),
+    (TRAIN + " --steps 1 --workers -1", ["num_workers"], [">= 0"]),
+    ("--shards {ds} --cache {cache} --out {out} --steps 1 --workers 9", ["worker"], ["shard"]),
+    (TRAIN + " --steps 1 --shuffle-buffer -1", ["shuffle_buffer"], [">= 0"]),
+    (TRAIN + " --steps 1 --seed -1", ["seed"], [">= 0"]),
+    (TRAIN + " --steps 1 --log-every 0", ["log_every"], [">= 1"]),
+    (TRAIN + " --steps 1 --ckpt-every -1", ["ckpt_every"], [">= 0"]),
+    (TRAIN + " --steps 1 --amp fp8", ["amp"], ["auto", "bf16", "off"]),
+    (TRAIN + " --steps 1 --device tpu", ["device"], ["auto", "cpu", "cuda"]),
+    pytest.param(TRAIN + " --steps 1 --device cuda", ["device"], ["cpu"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
+    (TRAIN + " --steps 1 --target-norm zscore", ["--target-norm"], ["channel", "none"]),
+    ("--shards {ds} --cache {cache} --out EMPTY --steps 1", ["out"], []),
+    ("--shards {ds} --cache {cache} --out {tmp}/w.pt --steps 1", ["out"], ["not a directory"]),
+    # An existing directory that is not a run is never written into.
+    ("--shards {ds} --cache {cache} --out {root} --steps 1 --workers 0 --batch-size 8", ["out"], ["not a digpt run"]),
+]
+
+PROBE = "--shards {ds} --run {run}"
+RANDOM = "--shards {ds} --random-init --student tiny-test --out {out}/probe.json"
+PROBE_CASES = [
+    ("--shards {ds} --run {tmp}/no-such-run", ["run"], ["not a run directory"]),
+    ("--shards {ds} --run {root}", ["run"], ["not a run directory"]),
+    ("--shards {ds} --run {norun}", ["no checkpoint"], []),
+    ("--shards {tmp}/no-such-ds --run {run}", ["shards"], ["not a prepared dataset"]),
+    ("--run {run}", ["--shards"], ["required"]),
+    (PROBE + " --val-shards {tmp}/no-such-val", ["val_shards"], ["not a prepared dataset"]),
+    (PROBE + " --kind svm", ["kind"], ["linear", "knn", "finetune"]),
+    ("--shards {ds} --out {out}/probe.json", ["run"], ["random_init"]),
+    ("--shards {ds} --random-init --out {out}/probe.json", ["student"], ["random_init"]),
+    ("--shards {ds} --random-init --student nope --out {out}/probe.json", ["student"], ["tiny-test", "small-cpu"]),
+    (PROBE + " --student tiny-test", ["student"], ["run"]),
+    ("--shards {ds} --random-init --student tiny-test", ["out"], ["required"]),
+    (PROBE + " --pool max", ["pool"], ["mean", "cls"]),
+    (PROBE + " --layers a,b", ["--layers"], ["int"]),
+    (PROBE + " --layers -1", ["layers"], ["0-based"]),
+    (PROBE + " --layers EMPTY", ["layers"], ["non-empty"]),
+    (PROBE + " --layers 9", ["layers"], ["depth"]),
+    (PROBE + " --out EMPTY", ["out"], []),
+    (PROBE + " --out {tmp}", ["out"], ["directory"]),
+    (RANDOM + " --batch-size 0", ["batch_size"], [">= 1"]),
+    (RANDOM + " --holdout 0", ["holdout"], ["(0, 1)"]),
+    (RANDOM + " --holdout 1", ["holdout"], ["(0, 1)"]),
+    (RANDOM + " --holdout half", ["--holdout"], ["invalid float value"]),
+    (RANDOM + " --lrs 0.1,x", ["--lrs"], ["float"]),
+    (RANDOM + " --lrs -0.1", ["lrs"], ["> 0"]),
+    (RANDOM + " --lrs EMPTY", ["lrs"], ["non-empty"]),
+    (RANDOM + " --epochs 0", ["epochs"], [">= 1"]),
+    (RANDOM + " --k 0", ["ProbeConfig.k "], [">= 1"]),
+    (RANDOM + " --k three", ["--k"], ["invalid int value"]),
+    (RANDOM + " --temperature 0", ["temperature"], ["> 0"]),
+    (RANDOM + " --finetune-epochs 0", ["finetune_epochs"], [">= 1"]),
+    (RANDOM + " --finetune-lr 0", ["finetune_lr"], ["> 0"]),
+    (RANDOM + " --layer-decay 0", ["layer_decay"], ["(0, 1]"]),
+    (RANDOM + " --layer-decay 1.5", ["layer_decay"], ["(0, 1]"]),
+    (RANDOM + " --seed -1", ["seed"], [">= 0"]),
+    (PROBE + " --device tpu", ["device"], ["auto", "cpu", "cuda"]),
+    pytest.param(PROBE + " --device cuda", ["device"], ["cpu"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
+]
+
+ABLATE = "demo --out {out} --executor local"
+ABLATE_CASES = [
+    ("bogus --out {out}", ["recipe"], ["demo", "tokenizers", "decoders", "orders", "storage"]),
+    ("demo", ["--out"], ["required"]),
+    ("demo --out EMPTY", ["out"], []),
+    ("demo --out {tmp}/w.pt", ["out"], ["not a directory"]),
+    (ABLATE + " --shards {tmp}/no-such-ds", ["shards"], ["not a prepared dataset"]),
+    (ABLATE + " --num-samples 0", ["num_samples"], [">= 1"]),
+    (ABLATE + " --num-samples 8", ["num_samples"], ["num_classes"]),
+    (ABLATE + " --num-samples lots", ["--num-samples"], ["invalid int value"]),
+    (ABLATE + " --num-classes 1", ["num_classes"], ["[2, 64]"]),
+    (ABLATE + " --num-classes 65", ["num_classes"], ["[2, 64]"]),
+    (ABLATE + " --student nope", ["student"], ["small-cpu", "demo-cpu"]),
+    (ABLATE + " --student tiny-test", ["student"], ["64"]),
+    (ABLATE + " --steps 0", ["steps"], [">= 1"]),
+    (ABLATE + " --batch-size 0", ["batch_size"], [">= 1"]),
+    (ABLATE + " --base-lr 0", ["base_lr"], ["> 0"]),
+    (ABLATE + " --base-lr quick", ["--base-lr"], ["invalid float value"]),
+    (ABLATE + " --seeds 0", ["seeds"], [">= 1"]),
+    ("demo --out {out} --executor dask", ["executor"], ["ray", "local"]),
+    (ABLATE + " --weights nofile", ["--weights"], ["TEACHER=FILE"]),
+    ("tokenizers --out {out} --executor local --weights efficientnet_lite0={tmp}/no-weights.pth",
+     ["weights"], ["not found"]),
+    ("tokenizers --out {out} --executor local --weights nope={tmp}/w.pt", ["unknown teacher"], []),
+    (ABLATE + " --weights efficientnet_lite0={tmp}/w.pt", ["weights"], ["tokenizers"]),
+]
+
+DEMO = "--out {out} --executor local"
+DEMO_CASES = [
+    ("--out EMPTY", ["out"], []),
+    ("--out {tmp}/w.pt", ["out"], ["not a directory"]),
+    (DEMO + " --num-samples 0", ["num_samples"], [">="]),
+    (DEMO + " --num-samples 8", ["num_samples"], ["num_classes"]),
+    (DEMO + " --num-samples some", ["--num-samples"], ["invalid int value"]),
+    (DEMO + " --steps 0", ["steps"], [">= 1"]),
+    (DEMO + " --steps x", ["--steps"], ["invalid int value"]),
+    (DEMO + " --student nope", ["student"], ["demo-cpu", "small-cpu"]),
+    (DEMO + " --student tiny-test", ["student"], ["64"]),
+    ("--out {out} --executor dask", ["executor"], ["ray", "local"]),
+]
+
+EXPORT_CASES = [
+    ("{tmp}/no-such-run --out {out}/enc.safetensors", ["run"], ["not a run directory"]),
+    ("{root} --out {out}/enc.safetensors", ["run"], ["not a run directory"]),
+    ("{norun} --out {out}/enc.safetensors", ["no checkpoint"], []),
+    ("--out {out}/enc.safetensors", ["run"], ["required"]),
+    ("{run}", ["--out"], ["required"]),
+    ("{run} --out EMPTY", ["out"], []),
+    ("{run} --out {tmp}/dir.safetensors", ["out"], ["directory"]),
+    ("{run} --out {out}/enc.pt", ["out"], [".safetensors"]),
+]
+
 
 def _png(mode="RGB", size=(20, 20)) -> bytes:
     buf = io.BytesIO()
@@ -113,7 +267,8 @@ def _png(mode="RGB", size=(20, 20)) -> bytes:
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory, tiny_dataset):
-    """A valid image folder, some broken roots, and a valid cache of the shared tiny dataset."""
+    """A valid image folder, some broken roots, a valid cache of the shared tiny dataset, a one-step run
+    trained on it, and a run directory without a checkpoint."""
     tmp = tmp_path_factory.mktemp("cli_errors")
     for cls in ("a", "b"):
         (tmp / "root" / cls).mkdir(parents=True)
@@ -122,10 +277,17 @@ def places(tmp_path_factory, tiny_dataset):
     (tmp / "no-images-root" / "a").mkdir(parents=True)
     (tmp / "no-images-root" / "a" / "notes.txt").write_text("not an image")
     (tmp / "w.pt").write_bytes(b"\0")
+    (tmp / "dir.safetensors").mkdir()
     cache = tmp / "cache"
     assert cli.main(["extract", "--shards", tiny_dataset, "--out", str(cache), "--teacher", "pixel:32/8",
                      "--executor", "local"]) == 0
-    return {"tmp": str(tmp), "root": str(tmp / "root"), "ds": tiny_dataset, "cache": str(cache)}
+    run = tmp / "run"
+    assert cli.main(["train", "--shards", tiny_dataset, "--cache", str(cache), "--out", str(run), "--student",
+                     "tiny-test", "--steps", "1", "--batch-size", "8", "--workers", "0"]) == 0
+    (tmp / "norun").mkdir()
+    shutil.copy(run / "config.json", tmp / "norun" / "config.json")
+    return {"tmp": str(tmp), "root": str(tmp / "root"), "ds": tiny_dataset, "cache": str(cache), "run": str(run),
+            "norun": str(tmp / "norun")}
 
 
 def _snapshot(path: str) -> dict[str, tuple[int, int]]:
@@ -140,7 +302,7 @@ def _snapshot(path: str) -> dict[str, tuple[int, int]]:
 def _run(command: str, args: str, places: dict, tmp_path: Path, capsys) -> tuple[int, str, str]:
     out = tmp_path / "out"
     argv = [command, *("" if a == "EMPTY" else a for a in args.format(out=out, **places).split())]
-    watched = {k: _snapshot(places[k]) for k in ("ds", "cache", "root")}
+    watched = {k: _snapshot(places[k]) for k in ("ds", "cache", "root", "run", "norun")}
     capsys.readouterr()
     t0 = time.perf_counter()
     try:
@@ -184,23 +346,51 @@ def test_verify_rejects(args, any_of, all_of, places, tmp_path, capsys):
     _check(*_run("verify", args, places, tmp_path, capsys), any_of, all_of)
 
 
+@pytest.mark.parametrize("args,any_of,all_of", TRAIN_CASES)
+def test_train_rejects(args, any_of, all_of, places, tmp_path, capsys):
+    _check(*_run("train", args, places, tmp_path, capsys), any_of, all_of)
+
+
+@pytest.mark.parametrize("args,any_of,all_of", PROBE_CASES)
+def test_probe_rejects(args, any_of, all_of, places, tmp_path, capsys):
+    _check(*_run("probe", args, places, tmp_path, capsys), any_of, all_of)
+
+
+@pytest.mark.parametrize("args,any_of,all_of", ABLATE_CASES)
+def test_ablate_rejects(args, any_of, all_of, places, tmp_path, capsys):
+    _check(*_run("ablate", args, places, tmp_path, capsys), any_of, all_of)
+
+
+@pytest.mark.parametrize("args,any_of,all_of", DEMO_CASES)
+def test_demo_rejects(args, any_of, all_of, places, tmp_path, capsys):
+    _check(*_run("demo", args, places, tmp_path, capsys), any_of, all_of)
+
+
+@pytest.mark.parametrize("args,any_of,all_of", EXPORT_CASES)
+def test_export_rejects(args, any_of, all_of, places, tmp_path, capsys):
+    _check(*_run("export", args, places, tmp_path, capsys), any_of, all_of)
+
+
+CASES = {"prepare": PREPARE_CASES, "extract": EXTRACT_CASES, "verify": VERIFY_CASES, "train": TRAIN_CASES,
+         "probe": PROBE_CASES, "ablate": ABLATE_CASES, "demo": DEMO_CASES, "export": EXPORT_CASES}
+
+
 def test_every_option_has_a_bad_value_case():
-    """A new option of prepare/extract/verify must get a case above (or be listed here as exempt)."""
+    """A new option of any command must get a case of that command above (or be listed here as exempt)."""
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
-    exempt = {"--help", "--allow-hub"}  # flags: no value to get wrong
-    texts = " ".join(str(c.values[0] if hasattr(c, "values") else c[0]) for c in PREPARE_CASES + EXTRACT_CASES
-                     + VERIFY_CASES)
+    # Flags: no value to get wrong.
+    exempt = {"--help", "--allow-hub", "--resume", "--online-teacher", "--random-init"}
+    assert set(sub) == set(CASES) | {"teachers"}, "a new command needs a case table"
     missing = []
-    for command in ("extract", "verify"):
-        for action in sub[command]._actions:
-            for opt in action.option_strings:
-                if opt.startswith("--") and opt not in exempt and opt not in texts:
-                    missing.append(f"{command} {opt}")
-    kinds = next(a for a in sub["prepare"]._actions if a.dest == "kind").choices
-    for kind, p in kinds.items():
-        for action in p._actions:
-            for opt in action.option_strings:
-                if opt.startswith("--") and opt not in exempt and opt not in texts:
-                    missing.append(f"prepare {kind} {opt}")
+    for command, cases in CASES.items():
+        # Whole words, so that a case for --kind does not count as one for --k.
+        words = {w for c in cases for w in str(c.values[0] if hasattr(c, "values") else c[0]).split()}
+        parsers = (next(a for a in sub[command]._actions if a.dest == "kind").choices.items()
+                   if command == "prepare" else [(None, sub[command])])
+        for kind, p in parsers:
+            for action in p._actions:
+                for opt in action.option_strings:
+                    if opt.startswith("--") and opt not in exempt and opt not in words:
+                        missing.append(" ".join(x for x in (command, kind, opt) if x))
     assert not missing, f"options without a bad-value case: {missing}"

@@ -50,9 +50,10 @@ def _chunk_bytes(cache: str, group: str) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_ray_extract_then_verify(tiny_dataset, tmp_path, ray_session):
+def test_ray_extract_then_verify(tiny_dataset, tmp_path, ray_session, monkeypatch):
     teachers = (*TINY, TeacherConfig("kmeans:random-vit:32/8", codebook_size=8, fit_samples=16))
-    summary = run_extract(_cfg(tiny_dataset, tmp_path / "c", teachers, executor="ray", workers=2, threads=1),
+    monkeypatch.chdir(tmp_path)  # a relative --out: Ray workers run in another directory
+    summary = run_extract(_cfg(tiny_dataset, "c", teachers, executor="ray", workers=2, threads=1),
                           progress=False)
     assert summary.ok
     by = {t.group: t for t in summary.tokenizers}
@@ -185,3 +186,67 @@ def test_token_agreement_handles_directionless_tokens():
     y[2] = 1.0  # zero in one, not in the other: disagreement
     assert token_agreement(x, y) == pytest.approx(5 / 6, abs=1e-6)
     assert token_agreement(x, -x) == pytest.approx(-5 / 6 + 1 / 6, abs=1e-6)
+
+
+def test_pca_extract_verifies_reuses_its_basis_and_projects_the_base(tiny_dataset, tmp_path):
+    """``pca:<t>``: the basis is fit once, stored, reused byte-identically; tokens are (x - mean) @ C.T."""
+    from teacher_cache.extract import _fitted_base, sample_base_tokens
+    from teacher_cache.prepare import load_dataset
+    from teacher_cache.teachers.pca import explained_variance
+
+    pca = TeacherConfig("pca:random-vit:32/8", group="pca", pca_dim=8, fit_samples=24)
+    teachers = (TeacherConfig("random-vit:32/8", group="base"), pca)
+    cache = str(tmp_path / "c")
+    cfg = _cfg(tiny_dataset, cache, teachers, storage=StorageConfig(dtype="fp32"))
+    summary = run_extract(cfg, progress=False)
+    assert summary.ok
+    by = {t.group: t for t in summary.tokenizers}
+    assert by["pca"].bytes_per_view < by["base"].bytes_per_view
+    root = zarr.open_group(cache, mode="r")
+    basis = root["pca"]["pca_basis"][:]
+    assert basis.shape == (9, 32) and basis.dtype == np.float32
+    prov = dict(root["pca"].attrs["tokenizer"])
+    assert prov["spec"]["dim"] == 8 and prov["spec"]["kind"] == "continuous" and prov["spec"]["grid"] == [4, 4]
+    report = run_verify(VerifyConfig(shards=tiny_dataset, cache=cache, spot_checks=4), progress=False)
+    assert report.ok, report.table()
+    assert any(c.scope == "pca" and c.name == "alignment" and c.ok for c in report.checks), report.table()
+    # Stored tokens (and cls) are the base teacher's stored tokens projected on the stored basis.
+    mean, comps = basis[0], basis[1:]
+    base, red = _arrays(cache, "base"), _arrays(cache, "pca")
+    for key in base:
+        sid, name = key.split("/")
+        if name in ("tokens", "cls"):
+            assert red[key].shape == base[key].shape[:-1] + (8,)
+            assert np.allclose(red[key], (base[key] - mean) @ comps.T, atol=1e-4), key
+    # Explained variance along the stored directions is non-increasing on the sample it was fit on.
+    x = sample_base_tokens(pca, load_dataset(tiny_dataset), cfg.aug, torch.device("cpu"), _fitted_base(pca))
+    ev = explained_variance(torch.from_numpy(basis), x)
+    assert (ev[:-1] >= ev[1:] - 1e-9).all(), ev
+    # A re-run reuses the stored basis (no refit); a redone shard is byte-identical.
+    before = _chunk_bytes(cache, "pca")
+    r = zarr.open_group(cache, mode="r+")
+    first = sorted(r["pca"].group_keys())[0]
+    del r["pca"][first].attrs["complete"]
+    import teacher_cache.extract as ex
+
+    def no_refit(*a, **k):
+        raise AssertionError("the stored basis should have been reused")
+    old = ex._FITS["pca"]
+    ex._FITS["pca"] = no_refit
+    try:
+        assert run_extract(cfg, progress=False).ok
+    finally:
+        ex._FITS["pca"] = old
+    assert _chunk_bytes(cache, "pca") == before
+    # A fresh cache fits the same basis, bit for bit (deterministic sample, exact PCA).
+    run_extract(_cfg(tiny_dataset, tmp_path / "again", (pca,)), progress=False)
+    assert np.array_equal(zarr.open_group(str(tmp_path / "again"), mode="r")["pca"]["pca_basis"][:], basis)
+
+
+def test_pca_dim_wider_than_the_base_is_refused(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="pca_dim 33 exceeds the token dim 32"):
+        run_extract(_cfg(tiny_dataset, tmp_path / "c", (TeacherConfig("pca:random-vit:32/8", pca_dim=33),)),
+                    progress=False)
+    assert not os.path.exists(tmp_path / "c")  # refused before any work
+    with pytest.raises(ValueError, match="pca_dim"):
+        TeacherConfig("pca:random-vit:32/8", pca_dim=0)

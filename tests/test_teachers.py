@@ -7,6 +7,7 @@ import torch
 
 from teacher_cache.teachers import create_teacher, list_teachers
 from teacher_cache.teachers.kmeans import fit_kmeans, save_codebook
+from teacher_cache.teachers.pca import explained_variance, fit_pca
 from teacher_cache.teachers.pixel import PixelTeacher
 
 
@@ -18,6 +19,10 @@ def _build(name: str, tmp_path):
         path = tmp_path / "cb.safetensors"
         save_codebook(str(path), cb, base.spec.name, base.fingerprint())
         return create_teacher(name, codebook=str(path))
+    if name.startswith("pca:"):
+        base = create_teacher(name.removeprefix("pca:"))
+        x = torch.rand(4, 3, base.spec.input_size, base.spec.input_size, generator=torch.Generator().manual_seed(0))
+        return create_teacher(name, basis=fit_pca(base(x).tokens.flatten(0, 1), 8))
     return create_teacher(name)
 
 
@@ -83,8 +88,46 @@ def test_kmeans_refuses_codebook_of_another_base(tmp_path):
         create_teacher("kmeans:random-vit:32/8", codebook=str(path))
 
 
+def test_pca_projects_on_a_deterministic_orthonormal_basis():
+    base = create_teacher("random-vit:32/8")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 32, 32, generator=g)
+    ref = base(x)
+    basis = fit_pca(ref.tokens.flatten(0, 1), 8)
+    assert basis.shape == (9, 32) and basis.dtype == torch.float32
+    assert torch.equal(fit_pca(ref.tokens.flatten(0, 1), 8), basis)  # deterministic, bit for bit
+    mean, comps = basis[0], basis[1:]
+    assert torch.allclose(comps @ comps.T, torch.eye(8), atol=1e-5)
+    ev = explained_variance(basis, ref.tokens)
+    assert (ev[:-1] >= ev[1:] - 1e-9).all(), ev  # explained variance is non-increasing
+    # ...and the top directions are the top directions: a full basis's leading 8 rows are this one's.
+    full = fit_pca(ref.tokens.flatten(0, 1), 32)
+    assert torch.allclose(full[:9], basis, atol=1e-5) and ev.sum() <= explained_variance(full, ref.tokens).sum()
+    t = create_teacher("pca:random-vit:32/8", basis=basis)
+    s = t.spec
+    assert (s.dim, s.grid, s.kind, s.has_cls) == (8, base.spec.grid, "continuous", base.spec.has_cls)
+    assert s.extra["base"] == "random-vit:32/8" and s.extra["pca_dim"] == 8
+    out = t(x)
+    assert torch.allclose(out.tokens, (ref.tokens - mean) @ comps.T, atol=1e-5)
+    assert torch.allclose(out.cls, (ref.cls - mean) @ comps.T, atol=1e-5)  # cls: the same basis
+    # The basis is part of the fingerprint (verify and --online-teacher rely on it).
+    other = basis.clone()
+    other[0, 0] += 1e-3
+    assert create_teacher("pca:random-vit:32/8", basis=other).fingerprint() != t.fingerprint()
+    assert create_teacher("pca:random-vit:32/8", basis=basis.clone()).fingerprint() == t.fingerprint()
+
+
+@pytest.mark.parametrize("kw,match", [({}, "fitted basis"), ({"basis": torch.zeros(9, 16)}, "does not fit"),
+                                      ({"basis": torch.zeros(9, 32), "pca_dim": 4}, "pca_dim")])
+def test_pca_refuses_a_missing_or_mismatched_basis(kw, match):
+    with pytest.raises(ValueError, match=match):
+        create_teacher("pca:random-vit:32/8", **kw)
+    with pytest.raises(ValueError, match="pca_dim"):
+        fit_pca(torch.randn(10, 4), 5)
+
+
 @pytest.mark.parametrize("name,match", [("nope", "unknown teacher"), ("pixel:30/8", "multiple"),
-                                        ("kmeans", "base teacher")])
+                                        ("kmeans", "base teacher"), ("pca", "base teacher")])
 def test_bad_names_are_named(name, match):
     with pytest.raises(ValueError, match=match):
         create_teacher(name)

@@ -28,10 +28,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_dataset, tmp_path_factory):
-    """fp32 targets (so cached == online exactly) for a feature, a pixel and a code teacher."""
+    """fp32 targets (so cached == online exactly) for a feature, a pixel, a code and a PCA-reduced teacher."""
     out = str(tmp_path_factory.mktemp("cache") / "c")
     teachers = (TeacherConfig("random-vit:32/8", group="vit"), TeacherConfig("pixel:32/8", group="pixel"),
-                TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=16, fit_samples=24))
+                TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=16, fit_samples=24),
+                TeacherConfig("pca:random-vit:32/8", group="pca", pca_dim=8, fit_samples=24))
     run_extract(ExtractConfig(shards=tiny_dataset, out=out, teachers=teachers, aug=AugConfig(views=2),
                               storage=StorageConfig(dtype="fp32"), executor="local"), progress=False)
     return out
@@ -113,6 +114,26 @@ def test_cached_targets_equal_online_teacher(tiny_dataset, tiny_cache, tmp_path)
         torch.manual_seed(0)
         online_loss = objective(online)[0]
         assert torch.allclose(cached_loss, online_loss, atol=1e-6)
+
+
+def test_pca_tokenizer_trains_and_equals_online_teacher(tiny_dataset, tiny_cache, tmp_path):
+    """K-dim PCA targets train unchanged, and the online teacher (rebuilt with the cache's basis) agrees."""
+    cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / "online", "pca", online_teacher=True)
+    objective, ds, teacher, join = build_run(cfg)
+    assert join.spec["dim"] == 8 and tuple(join.pca_basis.shape) == (9, 32) and join.codebook is None
+    assert torch.equal(teacher.basis, join.pca_basis)
+    batch = next(iter(make_loader(ds)))
+    assert batch["tokens"].shape[-1] == 8 and batch["cls"].shape[-1] == 8
+    online = {**batch, **online_targets(teacher, batch)}
+    for k in ("tokens", "cls"):
+        assert torch.allclose(batch[k], online[k], atol=1e-5), k
+    torch.manual_seed(0)
+    cached_loss = objective(batch)[0]
+    torch.manual_seed(0)
+    assert torch.allclose(cached_loss, objective(online)[0], atol=1e-6)
+    losses = [row["loss"] for row in train(_cfg(tiny_dataset, tiny_cache, tmp_path / "run", "pca", objective="digpt"),
+                                           progress=False).history]
+    assert len(losses) == 12 and all(np.isfinite(losses))
 
 
 def test_refuses_mismatched_cache(tiny_dataset, tiny_cache, tmp_path):

@@ -55,11 +55,14 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         if self.size not in list_vit_sizes():
-            raise ValueError(f"size must be one of {list_vit_sizes()}, got {self.size!r}")
+            raise ValueError(f"student size must be one of {list_vit_sizes()}, got {self.size!r}")
         if self.cluster_size is not None and self.cluster_size < 1:
             raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
         if self.decoder_depth < 1:
             raise ValueError(f"decoder_depth must be >= 1, got {self.decoder_depth}")
+        for name in ("decoder_dim", "decoder_heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None (default), got {getattr(self, name)}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.drop_path < 1.0:

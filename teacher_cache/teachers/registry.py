@@ -1,7 +1,7 @@
 """Teacher registry: ``@register_teacher`` on tiny factories, ``list_teachers()`` / ``create_teacher()``.
 
 A teacher name is ``family`` or ``family:arg`` (``openclip:ViT-B-16@openai``,
-``timm:vit_small_patch14_dinov2.lvd142m``, ``kmeans:efficientnet_lite0``). Presets give the
+``timm:vit_small_patch14_dinov2.lvd142m``, ``kmeans:efficientnet_lite0``, ``pca:efficientnet_lite0``). Presets give the
 headline teachers short names (``clip-b16``); they expand to a family name.
 """
 
@@ -54,7 +54,7 @@ def register_teacher(family: str, *, tiny: str | None = None) -> Callable[[Teach
 def _ensure_loaded() -> None:
     # Import side effect: each module registers its family. Kept lazy so `import teacher_cache`
     # does not pull in open_clip / timm.
-    from . import efficientnet, kmeans, openclip, pixel, timm_vit, tiny  # noqa: F401
+    from . import efficientnet, kmeans, openclip, pca, pixel, timm_vit, tiny  # noqa: F401
 
 
 def list_teachers(tiny: bool = False) -> list[str]:
