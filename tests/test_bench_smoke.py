@@ -1,0 +1,106 @@
+"""Every benchmark script runs end to end at its very smallest size and appends a section to a results file
+(a temporary one: the repository's BENCHMARKS.md is never touched by tests)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The scripts set torch's thread count (``--threads``); give the rest of the session its own back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(name: str, args: list[str], tmp_path) -> tuple[dict, str]:
+    mod = importlib.import_module(f"bench.{name}")
+    results = tmp_path / "BENCHMARKS.md"
+    out = mod.main([*args, "--results", str(results), "--workdir", str(tmp_path / "work")])
+    text = results.read_text()
+    assert f"python bench/{name}.py" in text and "machine: CPU:" in text and "| " in text
+    return out, text
+
+
+def test_results_go_to_the_given_file_only(tmp_path, monkeypatch):
+    import bench._common as C
+
+    before = os.path.getmtime(C.DEFAULT_RESULTS) if os.path.exists(C.DEFAULT_RESULTS) else None
+    out, text = _run("attention", ["--batch", "1", "--heads", "2", "--head-dim", "8", "--shape", "clusters",
+                                   "--repeats", "1", "--warmup", "0"], tmp_path)
+    assert text.startswith("# Benchmarks")
+    row = out["clusters (148 = 3x49 + cls)"]
+    assert {"eager", "sdpa_dense", "sdpa"} <= set(row)
+    assert "n/a (no GPU)" in text or "flex" in row
+    after = os.path.getmtime(C.DEFAULT_RESULTS) if os.path.exists(C.DEFAULT_RESULTS) else None
+    assert before == after
+
+
+def test_common_helpers():
+    import bench._common as C
+
+    calls = []
+    times = C.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=3)
+    assert len(times["a"]) == len(times["b"]) == 3 and calls[:2] == ["a", "b"] and calls[2:4] == ["a", "b"]
+    assert calls[4:6] == ["b", "a"]  # the starting variant rotates each round
+    assert C.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == 2.0
+    t = C.table(["x", "y"], [["a", 1]])
+    assert t.splitlines()[1].startswith("|:") and t.splitlines()[2].startswith("| a")
+    info = C.machine_info()
+    assert info["nproc"] >= 1 and info["torch"]
+
+
+def test_storage_smoke(tmp_path):
+    out, _ = _run("storage", ["--teacher", "random-vit:32/8", "--num-samples", "8", "--views", "1", "--pca-dims", "8",
+                              "--codebook-size", "4", "--repeats", "1", "--warmup", "0"], tmp_path)
+    forms = out["forms"]
+    assert {"fp32", "fp16", "bf16", "int8", "pca-8", "codes-4"} <= set(forms)
+    assert forms["fp16"]["raw_bytes_per_view"] == pytest.approx(forms["fp32"]["raw_bytes_per_view"] / 2)
+    assert forms["codes-4"]["bytes_per_view"] < forms["fp16"]["bytes_per_view"]
+
+
+def test_loader_smoke(tmp_path):
+    out, _ = _run("loader", ["--teachers", "pixel:32/8", "--num-samples", "16", "--image-size", "32", "--img-size", "32",
+                             "--shard-size", "16", "--batch-size", "8", "--views", "1", "--repeats", "1",
+                             "--warmup", "0"], tmp_path)
+    assert out["plain_samples_per_s"] > 0 and "pixel:32/8" in out["tokenizers"]
+
+
+def test_train_smoke(tmp_path):
+    out, _ = _run("train", ["--student", "tiny-test", "--teacher", "random-vit:32/8", "--batch-size", "4",
+                            "--repeats", "1", "--warmup", "1", "--loop-steps", "1"], tmp_path)
+    assert out["step"]["online_over_cached"] > 0 and "loop" in out
+
+
+def test_extract_smoke_local(tmp_path):
+    out, text = _run("extract", ["--teachers", "random-vit:32/8", "--num-samples", "8", "--shard-size", "4",
+                                 "--views", "1", "--batch-size", "8", "--repeats", "1", "--warmup", "0",
+                                 "--ray-workers", ""], tmp_path)
+    r = out["teachers"]["random-vit:32/8"]
+    assert 0 < r["efficiency"] and r["stages"]["teacher forward"] > 0 and r["stages"]["zarr write"] > 0
+    assert "Ray scaling" not in text
+
+
+@pytest.mark.slow
+def test_extract_smoke_ray(tmp_path, ray_session):
+    out, text = _run("extract", ["--teachers", "pixel:32/8", "--num-samples", "8", "--shard-size", "4",
+                                 "--views", "1", "--repeats", "1", "--warmup", "0", "--ray-workers", "1"], tmp_path)
+    assert out["ray"]["pixel:32/8"][1]["images_per_s"] > 0 and "Ray scaling" in text
+
+
+@pytest.mark.slow
+def test_e2e_smoke(tmp_path):
+    out, _ = _run("e2e", ["--num-samples", "8", "--num-classes", "2", "--steps", "1", "--batch-size", "4",
+                          "--executor", "local"], tmp_path)
+    assert out["verified"] and all(out["stages"][s] > 0 for s in ("prepare", "extract", "train", "probe", "verify"))
