@@ -295,7 +295,7 @@ def teacher_ceiling(data: str, cache: str, tokenizer: str, seed: int = 0) -> flo
 
 
 def _summary(result) -> dict:
-    return {"top1": result.top1, "top5": result.top5, "best_layer": result.best_layer}
+    return {"top1": result.top1, "top5": result.top5, "best_layer": result.best_layer, "n_report": result.n_report}
 
 
 def check_inputs(cfg: AblateConfig) -> None:
@@ -357,6 +357,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
     classes = load_dataset(data).info.get("num_classes") or cfg.num_classes
     results = _results(cfg, variants, records, floors, bytes_per_view, time.perf_counter() - t_start, classes)
     results["ceilings"] = ceilings
+    results["n_report"] = lin["n_report"]  # samples every linear probe above was scored on (same split)
     _write_report(cfg, results)
     return results
 
@@ -401,6 +402,15 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def noise_margin(a: float, b: float, n: int | None) -> float | None:
+    """Two standard errors of the difference of two accuracies, each on ``n`` samples (binomial,
+    at their mean): a gap smaller than this is not evidence of a difference. None without ``n``."""
+    if not n:
+        return None
+    p = min(max((a + b) / 2, 1.0 / n), 1 - 1.0 / n)
+    return 2 * (2 * p * (1 - p) / n) ** 0.5
+
+
 def findings(results: dict) -> list[str]:
     """Plain statements the numbers support (or contradict), for the report."""
     rows = {r["variant"]: r for r in results["rows"]}
@@ -412,15 +422,26 @@ def findings(results: dict) -> list[str]:
     semantic = [r for r in results["rows"] if r["teacher"] not in ("-",) and not r["teacher"].startswith("pixel")]
     if pixel and semantic:
         p, s = max(x["linear_top1"] for x in pixel), max(x["linear_top1"] for x in semantic)
-        verdict = "beat" if s > p else "did NOT beat"
-        out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}).")
+        margin = noise_margin(s, p, results.get("n_report"))
+        if margin is not None and abs(s - p) <= margin:
+            out.append(f"Semantic vs pixel targets: {s:.3f} vs {p:.3f}, a difference within noise (±{margin:.3f}: two "
+                       f"standard errors on {results['n_report']} report samples); this run does not separate them.")
+        else:
+            verdict = "beat" if s > p else "did NOT beat"
+            out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}).")
     ceil = results.get("ceilings", {})
     if ceil:
         best_t = max(ceil.values(), key=lambda c: c["linear_top1"])
         out.append(f"The targets themselves carry the label up to {best_t['linear_top1']:.3f} linear top-1 "
                    f"({best_t['teacher']}'s pooled features); a student probe far below that has not yet learned "
                    "what its targets know (a longer schedule, more data or a larger student closes the gap).")
-    below = [r["variant"] for r in results["rows"] if r["variant"] != "random-init (floor)" and r["linear_top1"] <= floor]
+    trained = [r for r in results["rows"] if r["variant"] != "random-init (floor)"]
+    n = results.get("n_report")
+    near = [r["variant"] for r in trained if r["linear_top1"] > floor
+            and (m := noise_margin(r["linear_top1"], floor, n)) is not None and r["linear_top1"] - floor <= m]
+    if near:
+        out.append(f"Above the floor only within noise: {', '.join(near)}.")
+    below = [r["variant"] for r in trained if r["linear_top1"] <= floor]
     if below:
         out.append(f"At or below the random-init floor: {', '.join(below)} — too short a schedule, or a target "
                    "that carries little class information.")

@@ -69,3 +69,19 @@ def test_table_has_one_line_per_row():
 def test_unknown_recipe_is_named():
     with pytest.raises(ValueError, match="recipe must be one of"):
         AblateConfig(recipe="nope", out="x")
+
+
+def test_findings_do_not_call_noise_a_win():
+    """On 128 report samples, 0.141 vs 0.078 is within two standard errors: no verdict is drawn."""
+    from pipelines.ablate import noise_margin
+
+    rows = [{"variant": "digpt/pixel", "teacher": "pixel:64/8", "linear_top1": 0.078},
+            {"variant": "digpt/semantic", "teacher": "efficientnet_lite0:256", "linear_top1": 0.141},
+            {"variant": "random-init (floor)", "teacher": "-", "linear_top1": 0.125}]
+    text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": 128}))
+    assert "within noise" in text and "does not separate them" in text and " beat" not in text
+    assert "Above the floor only within noise: digpt/semantic" in text
+    assert noise_margin(0.141, 0.078, 128) == pytest.approx(0.078, abs=2e-3)
+    rows[1]["linear_top1"] = 0.6
+    text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": 128}))
+    assert "beat pixel targets (0.600 vs 0.078)" in text and "within noise" not in text
