@@ -61,8 +61,8 @@ class AblateConfig:
     """Synthetic set size (when ``shards`` is not given)."""
     num_classes: int = 8
     """Synthetic classes."""
-    image_size: int = 64
-    """Synthetic image size; must equal the student's input size."""
+    image_size: int | None = None
+    """Student input size (and the synthetic images' size); default: the student's. Given, it must match."""
     student: str = "small-cpu"
     """Student encoder preset."""
     steps: int = 200
@@ -91,6 +91,10 @@ class AblateConfig:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
+        if self.student not in list_vit_sizes():
+            raise ValueError(f"student must be one of {list_vit_sizes()}, got {self.student!r}")
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", vit_config(self.student).img_size)  # frozen: resolved once
         for name in ("num_samples", "num_classes", "image_size", "steps", "batch_size", "seeds", "views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -130,7 +134,8 @@ def recipe(name: str):
 
 
 def _pixel(cfg: AblateConfig) -> TeacherConfig:
-    return TeacherConfig(f"pixel:{cfg.image_size}/8", group="pixel")
+    # the student's own patches, normalised (MAE norm-pix): one target token per student patch
+    return TeacherConfig(f"pixel:{cfg.image_size}/{vit_config(cfg.student).patch_size}", group="pixel")
 
 
 def _semantic(cfg: AblateConfig) -> TeacherConfig:

@@ -219,7 +219,6 @@ ABLATE_CASES = [
     (ABLATE + " --num-classes 1", ["num_classes"], ["[2, 64]"]),
     (ABLATE + " --num-classes 65", ["num_classes"], ["[2, 64]"]),
     (ABLATE + " --student nope", ["student"], ["small-cpu", "demo-cpu"]),
-    (ABLATE + " --student tiny-test", ["student"], ["64"]),
     (ABLATE + " --steps 0", ["steps"], [">= 1"]),
     (ABLATE + " --batch-size 0", ["batch_size"], [">= 1"]),
     (ABLATE + " --base-lr 0", ["base_lr"], ["> 0"]),
