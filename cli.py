@@ -64,6 +64,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed of the view plan")
     p.add_argument("--dtype", default="fp16", help="token storage: fp32, fp16, bf16 or int8 (default fp16)")
     p.add_argument("--chunk-rows", type=int, default=64, help="samples per Zarr chunk")
+    p.add_argument("--codec", default="auto",
+                   help="Blosc codec of the targets: auto (lz4 for features, zstd for codes), zstd or lz4")
     p.add_argument("--batch-size", type=int, default=64, help="views per teacher forward")
     p.add_argument("--codebook-size", type=int, default=512, help="kmeans:<teacher> codebook size")
     p.add_argument("--pca-dim", type=int, default=64, help="pca:<teacher> principal directions kept (default 64)")
@@ -94,7 +96,7 @@ def _extract_config(a: argparse.Namespace):
         for t, w, g in zip(a.teacher, weights, groups)
     )
     return ExtractConfig(shards=a.shards, out=a.out, teachers=teachers, aug=AugConfig(views=a.views, seed=a.seed),
-                         storage=StorageConfig(dtype=a.dtype, chunk_rows=a.chunk_rows), batch_size=a.batch_size,
+                         storage=StorageConfig(dtype=a.dtype, chunk_rows=a.chunk_rows, codec=a.codec), batch_size=a.batch_size,
                          executor=a.executor, ray_address=a.ray_address, workers=a.workers, threads=a.threads,
                          device=a.device)
 

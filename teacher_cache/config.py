@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .store import DTYPES, slug
+from .store import CODECS, DTYPES, slug
 from .views import AugConfig
 
 _RAY_ADDRESS = re.compile(r"auto|local|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
@@ -69,13 +69,18 @@ class StorageConfig:
     chunk_rows: int = 64
     """Samples per Zarr chunk; the loader reads whole chunks."""
     clevel: int = 3
-    """Blosc/zstd compression level (0 = store raw)."""
+    """Blosc compression level (0 = store raw)."""
+    codec: str = "auto"
+    """Blosc codec of the target arrays: ``auto`` (lz4 for float features: ~3x faster to read, ~2% larger;
+    zstd for integer codes), ``zstd`` or ``lz4``."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if not 0 <= self.clevel <= 9:
             raise ValueError(f"clevel must be in [0, 9], got {self.clevel}")
 

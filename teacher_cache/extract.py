@@ -171,7 +171,7 @@ def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pre
     codes = spec.kind == "codes"
     lay = ShardLayout(rows=n, views=k, tokens=spec.grid[0] * spec.grid[1], dim=spec.dim, has_cls=spec.has_cls,
                       codes=codes, dtype=job.storage.dtype, chunk_rows=job.storage.chunk_rows,
-                      clevel=job.storage.clevel, num_codes=spec.num_codes)
+                      clevel=job.storage.clevel, num_codes=spec.num_codes, codec=job.storage.codec)
     tok = zarr.open_group(job.cache, mode="r+")[job.group]
     g = create_shard_group(tok, job.sid, job.shard, lay)
     g["keys"][:] = np.asarray(rows["key"], dtype=str)

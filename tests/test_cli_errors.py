@@ -80,6 +80,7 @@ EXTRACT_CASES = [
     (EXTRACT + " --teacher pixel:32/8 --seed -1", ["seed"], []),
     (EXTRACT + " --teacher pixel:32/8 --dtype fp64", ["dtype"], ["fp32", "fp16", "bf16", "int8"]),
     (EXTRACT + " --teacher pixel:32/8 --chunk-rows 0", ["chunk_rows"], []),
+    (EXTRACT + " --teacher pixel:32/8 --codec gzip", ["codec"], ["auto", "zstd", "lz4"]),
     (EXTRACT + " --teacher pixel:32/8 --batch-size 0", ["batch_size"], []),
     (EXTRACT + " --teacher pixel:32/8 --batch-size -4", ["batch_size"], []),
     (EXTRACT + " --teacher kmeans:pixel:32/8 --codebook-size 1", ["codebook_size"], []),

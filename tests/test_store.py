@@ -37,3 +37,21 @@ def test_shard_ids_unique_and_safe():
     assert len(set(ids.values())) == 3
     assert all("/" not in v and " " not in v for v in ids.values())
     assert slug("openclip:ViT-B-16@openai") == "openclip_ViT-B-16_openai"
+
+
+def test_feature_targets_use_lz4_and_codes_zstd(tmp_path):
+    """``auto``: fast-to-decode lz4 for (near-incompressible) float features, zstd for codes and metadata."""
+    import zarr
+
+    from teacher_cache.store import ShardLayout, create_shard_group
+
+    root = zarr.open_group(str(tmp_path / "c"), mode="w")
+    for codes in (False, True):
+        lay = ShardLayout(rows=4, views=2, tokens=4, dim=8, has_cls=not codes, codes=codes, dtype="fp16",
+                          chunk_rows=2, clevel=3, num_codes=16 if codes else 0, codec="auto")
+        g = create_shard_group(root.require_group(f"t{int(codes)}"), "s", "s.tar", lay)
+        want = "zstd" if codes else "lz4"
+        assert g["tokens"].compressors[0].cname.value == want
+        assert g["seeds"].compressors[0].cname.value == "zstd"
+        if not codes:
+            assert g["cls"].compressors[0].cname.value == "lz4"
