@@ -220,7 +220,7 @@ def test_payload_is_live(tmp_path):
         path = _malicious(tmp_path / f"w-{fmt}.pt", marker, fmt)
         if fmt == "raw":
             pickle.loads(Path(path).read_bytes())
-        else:
+        else:  # deliberately unsafe, test-only: proves the payload (it only makes a dir under tmp_path) is live
             torch.load(path, weights_only=False)
         assert marker.is_dir()
 
