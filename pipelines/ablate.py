@@ -266,7 +266,7 @@ def teacher_ceiling(data: str, cache: str, tokenizer: str, seed: int = 0) -> flo
     import numpy as np
     import torch
 
-    from teacher_cache.store import decode_block, open_root, shard_ids, tokenizer_info
+    from teacher_cache.store import open_root, open_shard, shard_ids, tokenizer_info
 
     from .probe import ProbeConfig, make_splits, probe_features
 
@@ -278,16 +278,12 @@ def teacher_ceiling(data: str, cache: str, tokenizer: str, seed: int = 0) -> flo
     sids = shard_ids(ds.shards)
     feats, labels = [], []
     for shard in ds.shards:
-        g = root[tokenizer][sids[shard]]
-        valid = np.asarray(g["valid"][:]).astype(bool)
+        targets = open_shard(root, tokenizer, sids[shard])
+        valid = np.asarray(targets.g["valid"][:]).astype(bool)
         lab = np.asarray([-1 if x is None else x for x in ds.rows(shard)["label"]])
         keep = valid & (lab >= 0)
-        if "cls" in g:
-            x = decode_block(np.asarray(g["cls"][:, 0]), info.dtype,
-                             np.asarray(g["cls_scale"][:, 0]) if "cls_scale" in g else None)
-        else:
-            x = decode_block(np.asarray(g["tokens"][:, 0]), info.dtype,
-                             np.asarray(g["token_scale"][:, 0]) if "token_scale" in g else None).mean(1)
+        x = targets.cls(slice(None), 0)  # view 0; no class token: the mean of the patch tokens
+        x = targets.tokens(slice(None), 0).mean(1) if x is None else x
         feats.append(x[torch.from_numpy(keep)])
         labels.append(torch.from_numpy(lab[keep]))
     x, y = torch.cat(feats), torch.cat(labels).long()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from teacher_cache.store import decode_block
+from teacher_cache.store import ShardTargets
 
 NORMS = ("channel", "none")
 FILE = "target_norm.safetensors"
@@ -82,18 +82,15 @@ def estimate_target_norm(join, max_rows: int = 512, eps: float = 1e-6) -> Target
     for shard in join.ds.shards:
         if rows >= max_rows:
             break
-        g = join.group(shard)
+        targets = ShardTargets(join.group(shard), join.info)
         valid = np.flatnonzero(join.valid[shard])[: max_rows - rows]
         if len(valid) == 0:
             continue
-        hi = int(valid[-1]) + 1
-        for name, scale in (("tokens", "token_scale"), ("cls", "cls_scale")):
-            if name not in g:
+        block = slice(0, int(valid[-1]) + 1)
+        for name, x in (("tokens", targets.tokens(block)), ("cls", targets.cls(block))):
+            if x is None:
                 continue
-            stored = np.asarray(g[name][:hi])[valid]
-            sc = np.asarray(g[scale][:hi])[valid] if scale in g else None
-            x = decode_block(stored, join.info.dtype, sc).numpy()
-            s, ss, n = _moments(x)
+            s, ss, n = _moments(x[torch.from_numpy(valid)].numpy())
             a = acc.setdefault(name, [0.0, 0.0, 0])
             a[0], a[1], a[2] = a[0] + s, a[1] + ss, a[2] + n
         rows += len(valid)
