@@ -152,6 +152,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder-dim", type=int, default=None)
     p.add_argument("--mask-ratio", type=float, default=0.5, help="masked objective: fraction of patches masked")
     p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--stem", default=None, choices=["patch", "conv"],
+                   help="patch embedding: patch (one strided conv) or conv (3x3 conv stem); default: the preset's")
+    p.add_argument("--blind-batches", type=int, default=12,
+                   help="batches that fit and score the input-blind baseline before training (0: off)")
     p.add_argument("--attn", default="sdpa", help="attention kernel: sdpa, flex (GPU), sdpa_dense, eager")
     p.add_argument("--workers", type=int, default=2, help="loader workers per rank")
     p.add_argument("--shuffle-buffer", type=int, default=256)
@@ -172,7 +176,8 @@ def train_config(a: argparse.Namespace):
     from student.train import OptimConfig, TrainConfig
 
     student = StudentConfig(size=a.student, cluster_size=a.cluster_size, decoder_depth=a.decoder_depth,
-                            decoder_dim=a.decoder_dim, mask_ratio=a.mask_ratio, drop_path=a.drop_path, attn_impl=a.attn)
+                            decoder_dim=a.decoder_dim, mask_ratio=a.mask_ratio, drop_path=a.drop_path, attn_impl=a.attn,
+                            stem=a.stem)
     data = DataConfig(shards=a.shards, cache=a.cache, tokenizer=a.tokenizer, img_size=student.encoder_config().img_size,
                       batch_size=a.batch_size, num_workers=a.workers, seed=a.seed, shuffle_buffer=a.shuffle_buffer)
     optim = OptimConfig(base_lr=a.base_lr, min_lr=a.min_lr, weight_decay=a.weight_decay, warmup=a.warmup,
@@ -180,7 +185,7 @@ def train_config(a: argparse.Namespace):
     return TrainConfig(data=data, out=a.out, student=student, objective=a.objective, order=a.order, optim=optim,
                        steps=a.steps, epochs=a.epochs, log_every=a.log_every, ckpt_every=a.ckpt_every, amp=a.amp,
                        device=a.device, resume=a.resume, online_teacher=a.online_teacher, seed=a.seed,
-                       target_norm=a.target_norm)
+                       target_norm=a.target_norm, blind_batches=a.blind_batches)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:

@@ -158,6 +158,14 @@ def demo_recipe(cfg: AblateConfig) -> list[Variant]:
     return [Variant("digpt/pixel", _pixel(cfg)), Variant("digpt/semantic", _semantic(cfg))]
 
 
+@recipe("learning")
+def learning_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Does pretraining teach anything here? Feature distillation and D-iGPT on the semantic teacher, D-iGPT
+    on pixel targets, against the random-init floor (the study in LEARNING.md)."""
+    t = _semantic(cfg)
+    return [Variant("fd/semantic", t, objective="fd"), Variant("digpt/semantic", t), Variant("digpt/pixel", _pixel(cfg))]
+
+
 @recipe("tokenizers")
 def tokenizers_recipe(cfg: AblateConfig) -> list[Variant]:
     """Paper Tables 5/6: one objective, several tokenizers; headline teachers when weights are given."""
@@ -214,6 +222,10 @@ class RunRecord:
     linear_top5: float | None
     best_layer: int | str
     knn_top1: float | None
+    blind_loss: float | None = None
+    """The run's input-blind baseline (per-position mean target), on the loss's scale."""
+    loss_steps: list[int] = field(default_factory=list)
+    """The optimizer step of each entry of ``losses``."""
 
 
 def _dataset(cfg: AblateConfig) -> str:
@@ -343,7 +355,9 @@ def run_ablation(cfg: AblateConfig) -> dict:
             lin, knn = _probe(cfg, data, run, seed)
             records.append(RunRecord(v.name, seed, run, time.perf_counter() - t0, result.final_loss,
                                      [h["loss"] for h in result.history], lin["top1"], lin["top5"], lin["best_layer"],
-                                     knn["top1"] if knn else None))
+                                     knn["top1"] if knn else None,
+                                     blind_loss=next((h["blind_loss"] for h in result.history if "blind_loss" in h), None),
+                                     loss_steps=[h["step"] for h in result.history]))
     floors = []
     for seed in range(cfg.seeds):
         lin, knn = _probe(cfg, data, None, seed)
@@ -379,28 +393,34 @@ def _results(cfg: AblateConfig, variants: list[Variant], records: list[RunRecord
                      "bytes_per_view": bytes_per_view.get(v.tokenizer, float("nan")),
                      "train_seconds": statistics.fmean(r.train_seconds for r in mine),
                      "linear_top1": top1, "linear_top1_std": std, "knn_top1": knn, "knn_top1_std": knn_std,
-                     "best_layer": [r.best_layer for r in mine], "seeds": len(mine)})
+                     "best_layer": [r.best_layer for r in mine], "seeds": len(mine),
+                     "loss_vs_blind": _mean_std([r.final_loss / r.blind_loss for r in mine if r.blind_loss])[0]})
     f1, fstd = _mean_std([r.linear_top1 for r in floors])
     fk, fkstd = _mean_std([r.knn_top1 for r in floors if r.knn_top1 is not None])
     rows.append({"variant": "random-init (floor)", "teacher": "-", "objective": "-", "order": "-", "storage": "-",
                  "decoder_depth": "-", "bytes_per_view": 0.0, "train_seconds": 0.0, "linear_top1": f1,
                  "linear_top1_std": fstd, "knn_top1": fk, "knn_top1_std": fkstd,
-                 "best_layer": [r.best_layer for r in floors], "seeds": len(floors)})
+                 "best_layer": [r.best_layer for r in floors], "seeds": len(floors), "loss_vs_blind": float("nan")})
     return {"config": asdict(cfg), "rows": rows, "runs": [asdict(r) for r in records + floors],
             "chance": 1.0 / num_classes, "seconds": seconds}
 
 
 def format_table(results: dict) -> str:
-    head = ("| variant | teacher | objective | order | storage | bytes/view | train s | linear top-1 | k-NN top-1 |\n"
-            "|---|---|---|---|---|---:|---:|---:|---:|")
+    head = ("| variant | teacher | objective | order | storage | bytes/view | train s | loss / blind | linear top-1 "
+            "| k-NN top-1 |\n|---|---|---|---|---|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in results["rows"]:
         pm = f" ± {r['linear_top1_std']:.3f}" if r["seeds"] > 1 else ""
         kpm = f" ± {r['knn_top1_std']:.3f}" if r["seeds"] > 1 else ""
         lines.append(f"| {r['variant']} | {r['teacher']} | {r['objective']} | {r['order']} | {r['storage']} | "
-                     f"{r['bytes_per_view']:.0f} | {r['train_seconds']:.0f} | {r['linear_top1']:.3f}{pm} | "
+                     f"{r['bytes_per_view']:.0f} | {r['train_seconds']:.0f} | {_fmt(r.get('loss_vs_blind'))} | "
+                     f"{r['linear_top1']:.3f}{pm} | "
                      f"{r['knn_top1']:.3f}{kpm} |")
     return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"
 
 
 def noise_margin(a: float, b: float, n: int | None) -> float | None:
@@ -437,6 +457,10 @@ def findings(results: dict) -> list[str]:
                    f"({best_t['teacher']}'s pooled features); a student probe far below that has not yet learned "
                    "what its targets know (a longer schedule, more data or a larger student closes the gap).")
     trained = [r for r in results["rows"] if r["variant"] != "random-init (floor)"]
+    blindish = [r["variant"] for r in trained if (x := r.get("loss_vs_blind")) is not None and x == x and x > 0.97]
+    if blindish:
+        out.append(f"Final loss within 3% of the input-blind baseline (per-position mean target): "
+                   f"{', '.join(blindish)} — the loss fell, but almost nothing of that needed the image.")
     n = results.get("n_report")
     near = [r["variant"] for r in trained if r["linear_top1"] > floor
             and (m := noise_margin(r["linear_top1"], floor, n)) is not None and r["linear_top1"] - floor <= m]

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def write_plots(results: dict, out: str) -> list[str]:
-    paths = [_accuracy(results, out), _storage(results, out), _losses(results, out)]
+    paths = [_accuracy(results, out), _storage(results, out), _losses(results, out), _vs_blind(results, out)]
     return [p for p in paths if p]
 
 
@@ -62,6 +62,23 @@ def _losses(results: dict, out: str) -> str | None:
     ax.legend(fontsize=7)
     ax.set_title("training loss")
     return _save(fig, out, "losses.png")
+
+
+def _vs_blind(results: dict, out: str) -> str | None:
+    """Each run's loss divided by its input-blind baseline: below 1 is what needed the image."""
+    runs = [r for r in results["runs"] if r["losses"] and r.get("blind_loss")]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in runs:
+        steps = r.get("loss_steps") or list(range(1, len(r["losses"]) + 1))
+        ax.plot(steps, [x / r["blind_loss"] for x in r["losses"]], label=f"{r['variant']} s{r['seed']}", lw=1)
+    ax.axhline(1.0, color="grey", ls="--", lw=1, label="input-blind baseline")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss / blind baseline")
+    ax.legend(fontsize=7)
+    ax.set_title("training loss relative to the per-position mean")
+    return _save(fig, out, "loss_vs_blind.png")
 
 
 def _save(fig, out: str, name: str) -> str:

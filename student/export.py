@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import latest_checkpoint
 from .sizes import timm_kwargs_for, vit_preset
-from .vit import ViTConfig, VisionTransformer
+from .vit import ViTConfig, VisionTransformer, timm_conv_stem_embed
 
 
 def run_config(run: str) -> dict[str, Any]:
@@ -75,10 +75,15 @@ def export_encoder(run: str, out: str) -> str:
     name, kwargs = timm_spec(run)
     weights = {k: v.contiguous() for k, v in encoder_state_dict(run).items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(weights, out, metadata={"timm_name": name, "timm_kwargs": json.dumps(kwargs), "source_run": os.path.abspath(run)})
+    stem = run_encoder_config(run).stem
+    save_file(weights, out, metadata={"timm_name": name, "timm_kwargs": json.dumps(kwargs), "stem": stem,
+                                      "source_run": os.path.abspath(run)})
     kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    return (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={out!r}), "
+    if stem == "conv":  # timm has no conv-stem ViT preset: hand it the stem as its embed_layer
+        kw += ", embed_layer=timm_conv_stem_embed()"
+    line = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={out!r}), "
             f"num_classes=0{kw})")
+    return ("from student.vit import timm_conv_stem_embed; " + line) if stem == "conv" else line
 
 
 def create_timm_from_export(path: str, **overrides: Any) -> torch.nn.Module:
@@ -88,4 +93,6 @@ def create_timm_from_export(path: str, **overrides: Any) -> torch.nn.Module:
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     kwargs = {**json.loads(meta["timm_kwargs"]), "num_classes": 0, **overrides}
+    if meta.get("stem") == "conv":
+        kwargs.setdefault("embed_layer", timm_conv_stem_embed())
     return timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)

@@ -24,11 +24,14 @@ from teacher_cache.config import TeacherConfig
 from teacher_cache.extract import build_teacher
 from teacher_cache.teachers import Teacher
 
+from .blind import blind_baseline, image_share
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import CacheJoin, CachedViews, DataConfig, make_loader
 from .objectives import Objective, StudentConfig, TargetSpec, create_objective
 from .targets import FILE as TARGET_NORM_FILE
 from .targets import NORMS, TargetNorm, estimate_target_norm
+
+BLIND_FILE = "blind.json"
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ class TrainConfig:
     (``student/targets.py`` says why), ``none`` uses them as stored. Code targets are never changed."""
     seed: int = 0
     """Seeds model initialisation."""
+    blind_batches: int = 12
+    """Batches read before training to score the input-blind baseline (``student/blind.py``): two thirds
+    fit the per-position target statistics, one third scores them. 0: no baseline."""
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -120,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.target_norm not in NORMS:
             raise ValueError(f"target_norm must be one of {', '.join(NORMS)}, got {self.target_norm!r}")
+        if self.blind_batches < 0 or self.blind_batches == 1:
+            raise ValueError(f"blind_batches must be 0 (off) or >= 2, got {self.blind_batches}")
         if self.log_every < 1 or self.ckpt_every < 0:
             raise ValueError(f"log_every must be >= 1 and ckpt_every >= 0, got {self.log_every} and {self.ckpt_every}")
 
@@ -208,6 +216,38 @@ def target_norm_for(cfg: TrainConfig, join: CacheJoin) -> TargetNorm | None:
     return estimate_target_norm(join)
 
 
+def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device, teacher: Teacher | None,
+                  norm: TargetNorm | None) -> dict[str, torch.Tensor]:
+    """A loader batch as the objective sees it: on the device, with online targets, standardised."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if teacher is not None:
+        batch.update(online_targets(teacher, batch))
+    return norm(batch) if norm is not None else batch
+
+
+def measure_blind(cfg: TrainConfig, objective: Objective, ds: CachedViews, device: torch.device,
+                  teacher: Teacher | None, norm: TargetNorm | None) -> float | None:
+    """The run's input-blind baseline (``student/blind.py``), from the first ``cfg.blind_batches``
+    batches of epoch 0 — the same batches on every resume, so the number is a property of the run.
+    A resumed run reads it back from ``blind.json``."""
+    path = os.path.join(cfg.out, BLIND_FILE)
+    if cfg.resume and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["blind_loss"]
+    if cfg.blind_batches == 0:
+        return None
+    ds.set_epoch(0, 0)
+    batches = []
+    with torch.no_grad():
+        for batch in make_loader(ds):
+            batches.append(prepare_batch(batch, device, teacher, norm))
+            if len(batches) == cfg.blind_batches:
+                break
+    if len(batches) < 2:
+        return None
+    return blind_baseline(objective, batches, est_batches=max(1, (2 * len(batches)) // 3))
+
+
 def check_out(out: str) -> None:
     """Refuse a run directory that would mix a run with other files: a file, or a non-empty directory
     that is not a run (every run directory holds config.json from its first write on)."""
@@ -244,6 +284,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         _write_config(cfg, join, objective, total, peak, norm)
         if norm is not None:
             norm.save(cfg.out)
+    blind = measure_blind(cfg, objective, ds, device, teacher, norm) if rank == 0 else None
+    if rank == 0 and blind is not None:
+        _write_json(os.path.join(cfg.out, BLIND_FILE), {"blind_loss": blind, "batches": cfg.blind_batches})
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     log = _MetricsLog(cfg.out, resume_step=state.step if ckpt else None) if rank == 0 else None
@@ -259,11 +302,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         for batch in make_loader(ds):
             if state.batch_in_epoch >= n_batches or state.step >= total:
                 break
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if teacher is not None:
-                batch.update(online_targets(teacher, batch))
-            if norm is not None:
-                batch = norm(batch)
+            batch = prepare_batch(batch, device, teacher, norm)
             for g in opt.param_groups:
                 g["lr"] = float(lrs[state.step])
             with autocast:
@@ -283,6 +322,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             bar.update(1)
             last = {"step": state.step, "epoch": state.epoch, "lr": float(lrs[state.step - 1]),
                     "grad_norm": float(grad_norm), **{k: float(v) for k, v in metrics.items()}}
+            if blind is not None:
+                last["blind_loss"] = blind
             if log is not None and (state.step % cfg.log_every == 0 or state.step == total):
                 last["samples_per_s"] = (state.step - start_step) * global_batch / (time.perf_counter() - t0)
                 log.write(last)
@@ -300,14 +341,53 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if rank == 0:
         save_checkpoint(cfg.out, objective, opt, state)
         summary = {k: v for k, v in asdict(result).items() if k != "history"}
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        summary.update(blind_summary(cfg.out, result.final_loss, blind))
+        _write_json(os.path.join(cfg.out, "summary.json"), summary)
         if progress:
             print(f"trained {done} steps in {seconds:.1f}s ({result.steps_per_s:.2f} steps/s, "
                   f"{result.samples_per_s:.1f} samples/s); final loss {result.final_loss:.4f}; run: {cfg.out}")
+            if summary.get("blind_verdict"):
+                print(summary["blind_verdict"])
     if world > 1:
         dist.barrier()
     return result
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+BLIND_NEAR = 0.03
+"""A final loss within this fraction of the blind baseline is reported as "learned little from the image"."""
+
+
+def blind_summary(run: str, final: float, blind: float | None) -> dict:
+    """The run's loss against its input-blind baseline: the first logged loss (from metrics.csv, so a
+    resumed run counts from its true start), the share of the drop that needed the image, a verdict."""
+    if blind is None or not math.isfinite(final):
+        return {}
+    first = None
+    path = os.path.join(run, "metrics.csv")
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            row = next(csv.DictReader(f), None)
+        first = float(row["loss"]) if row and row.get("loss") else None
+    out: dict = {"blind_loss": blind, "first_loss": first}
+    share = image_share(first, final, blind) if first is not None else None
+    out["image_share_of_drop"] = share
+    gap = (blind - final) / abs(blind) if blind else 0.0
+    out["below_blind"] = gap
+    if gap < BLIND_NEAR:
+        out["blind_verdict"] = (f"note: the final loss {final:.4f} is within {BLIND_NEAR:.0%} of the input-blind baseline "
+                                f"{blind:.4f} (per-position mean target): this run has learned little that needs the "
+                                "image; a probe will tell, the loss cannot")
+    elif share is not None:
+        out["blind_verdict"] = (f"input-blind baseline {blind:.4f}: {share:.0%} of the loss drop "
+                                f"({first:.4f} -> {final:.4f}) needed the image")
+    return out
 
 
 def _write_config(cfg: TrainConfig, join: CacheJoin, objective: Objective, total: int, peak: float,

@@ -22,6 +22,7 @@ from torch import nn
 from student.attention import ATTN_IMPLS, Attention, AttnMask
 
 LN_EPS = 1e-6  # timm's ViT (and D-iGPT's encoder/decoder blocks) use LayerNorm(eps=1e-6)
+STEMS = ("patch", "conv")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class ViTConfig:
     """Fixed, frozen 2-D sin-cos position embedding as in MAE/D-iGPT pretraining; False: learned."""
     in_chans: int = 3
     """Input channels."""
+    stem: str = "patch"
+    """Patch embedding: ``patch``, one strided ``patch x patch`` convolution (the paper's ViTs); ``conv``,
+    ``log2(patch)`` 3x3 stride-2 convolutions with BatchNorm and ReLU, then a 1x1 projection (Xiao et al.,
+    "Early Convolutions Help Transformers See Better", 2021). The convolutional stem is the inductive bias
+    that lets a small ViT learn shapes from a CPU-sized budget (LEARNING.md measures it); same token
+    grid, same sequence, every objective and order unchanged."""
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
@@ -61,6 +68,10 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} must be divisible by 4 for sincos_pos_embed")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"ViTConfig.drop_path must be in [0, 1), got {self.drop_path}")
+        if self.stem not in STEMS:
+            raise ValueError(f"ViTConfig.stem must be one of {STEMS}, got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"ViTConfig.stem 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
 
     @property
     def grid_size(self) -> int:
@@ -87,10 +98,27 @@ def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Te
     return torch.cat([torch.zeros(1, dim), emb]) if cls_token else emb
 
 
+def conv_stem(in_chans: int, embed_dim: int, patch_size: int) -> nn.Sequential:
+    """``log2(patch_size)`` 3x3 stride-2 conv-BN-ReLU stages (widths doubling up to ``embed_dim``), then a
+    1x1 conv to ``embed_dim``: the same ``img/patch`` token grid as a patch projection."""
+    n = patch_size.bit_length() - 1
+    layers: list[nn.Module] = []
+    c = in_chans
+    for i in range(n):
+        w = max(8, embed_dim >> (n - 1 - i))
+        layers += [nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        c = w
+    layers.append(nn.Conv2d(c, embed_dim, 1))
+    return nn.Sequential(*layers)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        if cfg.stem == "conv":
+            self.proj: nn.Module = conv_stem(cfg.in_chans, cfg.embed_dim, cfg.patch_size)
+        else:
+            self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, N, D]`` in raster order."""
@@ -142,8 +170,9 @@ class VisionTransformer(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for m in self.patch_embed.modules():  # MAE: the patch projection initialised like a linear layer
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight.data.view(m.weight.shape[0], -1))
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, N, p*p*C]`` raster patches, channels last within a patch (MAE)."""
@@ -207,3 +236,19 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
+
+
+def timm_conv_stem_embed():
+    """timm ``embed_layer`` for a ``stem='conv'`` encoder: timm's ``PatchEmbed`` with :func:`conv_stem` as its
+    ``proj``, so an exported conv-stem student loads into ``timm``'s ``VisionTransformer`` key for key
+    (``timm.create_model(..., embed_layer=timm_conv_stem_embed())``)."""
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+
+    class ConvStemPatchEmbed(TimmPatchEmbed):
+        def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, **kwargs):
+            super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **kwargs)
+            p = patch_size if isinstance(patch_size, int) else patch_size[0]
+            self.proj = conv_stem(in_chans, embed_dim, p)
+
+    return ConvStemPatchEmbed
+

@@ -19,23 +19,8 @@ from student.export import create_timm_from_export, export_encoder, load_encoder
 from student.objectives import StudentConfig, TargetSpec, create_objective, list_objectives
 from student.orders import list_orders
 from student.train import OptimConfig, TrainConfig, build_run, online_targets, train
-from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
-from teacher_cache.extract import run_extract
-from teacher_cache.views import AugConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="session")
-def tiny_cache(tiny_dataset, tmp_path_factory):
-    """fp32 targets (so cached == online exactly) for a feature, a pixel, a code and a PCA-reduced teacher."""
-    out = str(tmp_path_factory.mktemp("cache") / "c")
-    teachers = (TeacherConfig("random-vit:32/8", group="vit"), TeacherConfig("pixel:32/8", group="pixel"),
-                TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=16, fit_samples=24),
-                TeacherConfig("pca:random-vit:32/8", group="pca", pca_dim=8, fit_samples=24))
-    run_extract(ExtractConfig(shards=tiny_dataset, out=out, teachers=teachers, aug=AugConfig(views=2),
-                              storage=StorageConfig(dtype="fp32"), executor="local"), progress=False)
-    return out
 
 
 def _cfg(tiny_dataset, cache, out, tokenizer="vit", **kw) -> TrainConfig:

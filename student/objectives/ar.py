@@ -31,6 +31,7 @@ class _NextToken(Objective):
             raise ValueError(f"objective {name!r}: code targets need the teacher grid {target.grid} to equal the "
                              f"student grid ({grid}, {grid}) — logits cannot be resampled")
         self.codes = target.kind == "codes"
+        self.num_codes = target.num_codes if self.codes else 0
         self.model = build_digpt(student, target, ("gen",), name, cluster_size=1, predict_cls=False,
                                  target_dim=target.num_codes if self.codes else None, memory_layers=(1.0,))
         self.order = get_order(order or self.default_order)
@@ -46,6 +47,16 @@ class _NextToken(Objective):
             return loss, {"loss": loss.detach(), "acc": acc.detach()}
         loss = F.mse_loss(pred.float(), gather_targets(batch["tokens"], index).float())
         return loss, {"loss": loss.detach()}
+
+    def blind_loss(self, batch, stats):
+        """Each next token predicted from its position alone: the per-position code frequencies (the
+        loss is then the per-position entropy) or the per-position mean target (squared error)."""
+        order = self.order(batch, self.model.cfg.n_clusters, self.model.cluster_targets)
+        index = self.model.cluster_targets[order[:, 1:]].flatten(1)
+        if self.codes:
+            target = batch["codes"].gather(1, index)
+            return F.cross_entropy(stats.code_logp[index].flatten(0, 1), target.flatten())
+        return F.mse_loss(stats.token_mean[index], gather_targets(batch["tokens"], index).float())
 
     @property
     def encoder(self):  # a view, not a second registration (checkpoints hold each tensor once)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from student.attention import ATTN_IMPLS
+from student.blind import BlindStats
 from student.sizes import list_vit_sizes, vit_config
-from student.vit import ViTConfig, VisionTransformer
+from student.vit import STEMS, ViTConfig, VisionTransformer
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class StudentConfig:
     """Stochastic depth of the encoder."""
     attn_impl: str = "sdpa"
     """Attention kernel: sdpa (CPU and GPU), flex (GPU), sdpa_dense / eager (references)."""
+    stem: str | None = None
+    """Patch embedding, ``patch`` or ``conv`` (``student/vit.py``); None: the size preset's."""
 
     def __post_init__(self) -> None:
         if self.size not in list_vit_sizes():
@@ -67,11 +70,13 @@ class StudentConfig:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.stem is not None and self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS} or None (the preset's), got {self.stem!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
 
     def encoder_config(self) -> ViTConfig:
-        return vit_config(self.size, drop_path=self.drop_path)
+        return vit_config(self.size, drop_path=self.drop_path, **({"stem": self.stem} if self.stem else {}))
 
     def decoder_width(self) -> tuple[int, int]:
         enc = self.encoder_config().embed_dim
@@ -93,6 +98,12 @@ class Objective(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def blind_loss(self, batch: dict[str, torch.Tensor], stats: BlindStats) -> torch.Tensor | None:
+        """This objective's loss on ``batch`` for a predictor that ignores the image and outputs, at each
+        target position, the per-position statistic in ``stats`` (``student/blind.py``). Same rows, same
+        weighting as :meth:`forward`. ``None``: not defined for this objective (no baseline is logged)."""
+        return None
 
 
 ObjectiveFactory = Callable[[StudentConfig, TargetSpec, "str | None"], Objective]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from student.blind import BlindStats
 from student.digpt_model import DiGPT, DiGPTConfig, digpt_loss
 from student.orders import get_order
 
@@ -45,6 +46,20 @@ class DiGPTObjective(Objective):
         out = self.model(batch["images"], order)
         losses = digpt_loss(out, batch["tokens"], batch.get("cls"))
         return losses["loss"], {k: v.detach() for k, v in losses.items()}
+
+    def blind_loss(self, batch: dict[str, torch.Tensor], stats: BlindStats) -> torch.Tensor:
+        """The official rows (clusters 2..n generative, 1..n-1 discriminative, plus the class rows), each
+        predicted by the mean unit target of its position: the best image-free answer under ``2 - 2 cos``."""
+        order = self.order(batch, self.model.cfg.n_clusters, self.model.cluster_targets)
+        out: dict[str, torch.Tensor] = {}
+        for name, clusters in (("gen", order[:, 1:]), ("dis", order[:, :-1])):
+            if getattr(self.model, name) is None:
+                continue
+            index = self.model.cluster_targets[clusters].flatten(1)
+            out[name], out[f"{name}_index"] = stats.token_unit_mean[index], index
+            if self.model.cfg.predict_cls and stats.cls_unit_mean is not None:
+                out[f"{name}_cls"] = stats.cls_unit_mean.expand(order.shape[0], -1)
+        return digpt_loss(out, batch["tokens"], batch.get("cls"))["loss"]
 
     @property
     def encoder(self):  # a view, not a second registration (checkpoints hold each tensor once)

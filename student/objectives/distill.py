@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from student.blind import BlindStats
 from student.digpt_model import loss_cos
 from student.vit import VisionTransformer
 
@@ -38,16 +39,32 @@ class _DenseObjective(Objective):
 
     def _loss(self, feats: torch.Tensor, batch: dict[str, torch.Tensor], weight: torch.Tensor | None):
         pred = to_grid(self.head(feats[:, 1:]), self.encoder.cfg.grid_size, self.target.grid)
+        cls = self.cls_head(feats[:, 0]) if self.cls_head is not None else None
+        return self._score(pred, cls, batch, weight)
+
+    def _score(self, pred: torch.Tensor, cls_pred: torch.Tensor | None, batch: dict[str, torch.Tensor],
+               weight: torch.Tensor | None):
+        """``pred [B, T, D]`` on the teacher grid (and the class prediction) -> (loss, metrics)."""
         per_token = loss_cos(pred, batch["tokens"])
         tok = per_token.mean() if weight is None else (per_token * weight).sum() / weight.sum().clamp_min(1)
         metrics = {"tokens": tok.detach()}
         loss = tok
-        if self.cls_head is not None and "cls" in batch:
-            cls = loss_cos(self.cls_head(feats[:, 0]), batch["cls"]).mean()
+        if cls_pred is not None and "cls" in batch:
+            cls = loss_cos(cls_pred, batch["cls"]).mean()
             metrics["cls"] = cls.detach()
             loss = loss + cls
         metrics["loss"] = loss.detach()
         return loss, metrics
+
+
+    def _blind(self, batch: dict[str, torch.Tensor], stats: BlindStats, weight: torch.Tensor | None) -> torch.Tensor:
+        b = batch["tokens"].shape[0]
+        pred = stats.token_unit_mean.expand(b, -1, -1)
+        cls = stats.cls_unit_mean.expand(b, -1) if self.cls_head is not None and stats.cls_unit_mean is not None else None
+        return self._score(pred, cls, batch, weight)[0]
+
+    def blind_loss(self, batch: dict[str, torch.Tensor], stats: BlindStats) -> torch.Tensor:
+        return self._blind(batch, stats, None)
 
 
 @register_objective("fd")
@@ -87,9 +104,15 @@ class MaskedPrediction(_DenseObjective):
         t = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), patches], dim=1) + enc.pos_embed
         for blk in enc.blocks:
             t = blk(t)
-        g = enc.cfg.grid_size
-        weight = to_grid(mask.float()[..., None], g, self.target.grid)[..., 0]  # masked share per teacher token
-        return self._loss(enc.norm(t), batch, weight)
+        return self._loss(enc.norm(t), batch, self._weight(mask))
+
+    def _weight(self, mask: torch.Tensor) -> torch.Tensor:
+        """The masked share of each teacher token (the loss counts masked positions only)."""
+        return to_grid(mask.float()[..., None], self.encoder.cfg.grid_size, self.target.grid)[..., 0]
+
+    def blind_loss(self, batch: dict[str, torch.Tensor], stats: BlindStats) -> torch.Tensor:
+        mask = self.random_mask(batch["order_seed"], self.encoder.cfg.num_patches, batch["tokens"].device)
+        return self._blind(batch, stats, self._weight(mask))
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
