@@ -37,11 +37,12 @@ class DiGPTObjective(Objective):
 
     def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None):
         super().__init__()
+        self.target = target
         self.model = build_digpt(student, target, self.decoders, self.registry_name)
         self.order_name, self.order = order, get_order(order or self.default_order)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        order = self.order(batch, self.model.cfg.n_clusters, self.model.cluster_targets)
+        order = self.cluster_order(batch)
         out = self.model(batch["images"], order)
         losses = digpt_loss(out, batch["tokens"], batch.get("cls"))
         return losses["loss"], {k: v.detach() for k, v in losses.items()}
