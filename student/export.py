@@ -61,7 +61,8 @@ def _refuse_code_run(run: str) -> None:
 
     if is_code_run(run_config(run)):
         raise ValueError(f"run {run} trained DiGIT's code model (objective digit): it reads k-means codes, not "
-                         "pixels, so it is no ViT encoder; probe it with `digpt probe --run` (which rebuilds its tokenizer)")
+                         "pixels, so it is no ViT encoder; probe it with `digpt probe --run` (which rebuilds its "
+                         "tokenizer)")
 
 
 def load_encoder(run: str) -> VisionTransformer:
@@ -115,6 +116,7 @@ def create_timm_from_export(path: str, **overrides: Any) -> torch.nn.Module:
         meta = f.metadata() or {}
     kwargs = {**json.loads(meta["timm_kwargs"]), "num_classes": 0, **overrides}
     # Files exported before the data config was recorded load as before (timm's base config).
-    data = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta.get("timm_data_config", "{}")).items()}
+    stored = json.loads(meta.get("timm_data_config", "{}"))
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
     return timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=path, **data),
                              **kwargs)

@@ -35,7 +35,8 @@ def fid_cache(tiny_dataset, tmp_path_factory):
 
 
 def _cfg(tiny_dataset, cache, out, tokenizer, **kw) -> TrainConfig:
-    data = DataConfig(shards=tiny_dataset, cache=cache, tokenizer=tokenizer, img_size=32, batch_size=8, shuffle_buffer=16)
+    data = DataConfig(shards=tiny_dataset, cache=cache, tokenizer=tokenizer, img_size=32, batch_size=8,
+                      shuffle_buffer=16)
     return TrainConfig(data=data, out=str(out), student=StudentConfig("tiny-test"), log_every=1,
                        optim=OptimConfig(base_lr=3e-3, warmup=0.1), **kw)
 
@@ -69,8 +70,8 @@ def test_semantic_order_reads_raw_tokens_not_normalisation_statistics():
     # Teeth: the order read from the standardised tokens (what the trainer used to hand it) moves with the
     # statistics.
     semantic = get_order("semantic")
-    stale = [semantic({k: v for k, v in _norm(s)(batch).items() if not k.startswith("raw_")}, 4, obj.model.cluster_targets)
-             for s in (1, 2)]
+    stripped = [{k: v for k, v in _norm(s)(batch).items() if not k.startswith("raw_")} for s in (1, 2)]
+    stale = [semantic(b, 4, obj.model.cluster_targets) for b in stripped]
     assert not torch.equal(stale[0], stale[1])
     # A change of the raw tokens does move it: make cluster 3 of sample 0 the one most like the global token.
     moved = dict(batch)
@@ -137,9 +138,9 @@ def test_digit_reads_codes_and_beats_unigram_entropy():
         b = obj.encoder(changed)
     torch.testing.assert_close(a[:, :8], b[:, :8])
     assert (a[:, 8] - b[:, 8]).abs().max() > 1e-4
-    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
-    for step in range(150):
-        loss, _ = obj({"codes": _markov_codes(32, seed=step)})  # no images: the model reads codes only
+    opt = torch.optim.AdamW(obj.parameters(), lr=1e-2)
+    for step in range(30):
+        loss, _ = obj({"codes": _markov_codes(16, seed=step)})  # no images: the model reads codes only
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -149,7 +150,7 @@ def test_digit_reads_codes_and_beats_unigram_entropy():
     with torch.no_grad():
         loss, metrics = obj({"codes": held})
     assert unigram > 0.95 * math.log(k)
-    assert loss.item() < 0.6 * unigram, (loss.item(), unigram)
+    assert loss.item() < 0.5 * unigram, (loss.item(), unigram)  # the chain's own entropy is ~0.7 nats
 
 
 def test_digit_run_is_probed_on_the_codes_of_its_tokenizer(tiny_dataset, fid_cache, tmp_path):
@@ -195,7 +196,8 @@ def test_export_tells_timm_how_the_student_is_fed(tiny_dataset, fid_cache, tmp_p
                     "std": (1.0, 1.0, 1.0), "crop_pct": 1.0, "crop_mode": "center"}
     assert resolve_data_config({}, model=create_timm_from_export(path)) == data
     # Teeth: the base model's own config is what timm answered before (224 px, mean/std 0.5).
-    assert resolve_data_config({}, model=timm.create_model("vit_tiny_patch16_224", pretrained=False))["input_size"][1] == 224
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    assert resolve_data_config({}, model=base)["input_size"][1] == 224
     tf, enc = create_transform(**data), load_encoder(str(run))
     rng = np.random.default_rng(0)
     for h, w in ((96, 96), (96, 128)):
