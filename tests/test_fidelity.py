@@ -100,12 +100,21 @@ def test_semantic_order_uses_a_global_token_in_the_tokens_space():
     assert not torch.equal(vit.cluster_order(batch), vit.cluster_order(other_cls))
 
 
-def test_efficientnet_spec_is_recognised():
+def test_efficientnet_global_token_is_in_another_space():
+    """The real teacher: its spec is recognised, and the reason holds — its pooled token barely points
+    along its own patch tokens, while their mean does."""
     pytest.importorskip("efficientnet_lite_pytorch")
     from teacher_cache.teachers import create_teacher
 
-    spec = create_teacher("efficientnet_lite0").spec.to_json()
-    assert not TargetSpec.from_spec(spec).cls_in_token_space
+    teacher = create_teacher("efficientnet_lite0:128")
+    assert not TargetSpec.from_spec(teacher.spec.to_json()).cls_in_token_space
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(4, 3, 8, 8, generator=g), size=128, mode="bilinear")
+    out = teacher(x)
+    cos = torch.nn.functional.cosine_similarity
+    to_cls = cos(out.tokens, out.cls[:, None], dim=-1).mean()
+    to_mean = cos(out.tokens, out.tokens.mean(1, keepdim=True), dim=-1).mean()
+    assert to_cls < 0.4 and to_mean > 0.8, (to_cls, to_mean)
 
 
 # ------------------------------------------------------------------------------------------ DiGIT
