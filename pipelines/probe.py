@@ -75,12 +75,13 @@ class ProbeConfig:
     """Encoder preset for ``random_init`` without a run (``tiny-test``, ``small-cpu``, ...)."""
     pool: str = "mean"
     """Token pooling: ``mean`` of patch tokens or the ``cls`` token. Mean by default: iGPT found
-    mean-pooled (middle-layer) features best for autoregressive models, and in D-iGPT pretraining
-    (the official cls rule, ``AttnMask(prefix="last")``) the class token attends to every visible
-    cluster but only the last visible cluster attends to it, so it is a summary that one cluster reads
-    and nothing trains it to be a good image feature. The probe itself runs the encoder with no mask
-    (every token attends to every token), as D-iGPT's fine-tuning and MAE-style probes do: a probe
-    image has no order, and a causal mask would give the first patches almost no context."""
+    mean-pooled (middle-layer) features best for autoregressive models. In D-iGPT pretraining (the
+    official cls rule, ``AttnMask(prefix="last")``) the class token attends to every visible cluster,
+    while of the patch tokens only the last visible cluster's attend to it; it is read by that cluster
+    and the decoders' class queries, so it is trained as a summary for one prediction, where the mean
+    carries what every patch learned. The probe itself runs the encoder with no mask (every token
+    attends to every token), as D-iGPT's fine-tuning and MAE-style probes do: a probe image has no
+    order, and a causal mask would leave the first patches almost no context."""
     layers: tuple[int, ...] | None = None
     """0-based blocks to probe (linear/knn); None: every block. The final norm is always added."""
     batch_size: int = 64

@@ -2,9 +2,9 @@
 
 An order is ``fn(batch, n_clusters, cluster_targets) -> LongTensor [B, n_clusters]``, a permutation of
 cluster ids per sample. Objectives hand it :func:`teacher_view` of their batch: the teacher's tokens as
-stored, not the run's standardised targets. Randomness comes from the batch's ``order_seed`` (one per sample, derived by
-the loader from (seed, epoch, shard, key)), never from global RNG: the same sample in the same epoch
-gets the same order on any rank, worker count, or after a resume.
+stored, not the run's standardised targets. Randomness comes from the batch's ``order_seed`` (one per
+sample, derived by the loader from (seed, epoch, shard, key)), never from global RNG: the same sample in
+the same epoch gets the same order on any rank, worker count, or after a resume.
 """
 
 from __future__ import annotations
