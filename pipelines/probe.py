@@ -10,6 +10,13 @@ The training part is split again (stratified, deterministic) into *fit* and *sel
 setting is then refit on the whole training part and scored once on the report set, which no
 choice ever sees (the selection functions are not even given it).
 
+Attention. The encoder runs bidirectionally (no mask), whatever mask it was pretrained under; see
+``ProbeConfig.pool`` for what that means for the class token.
+
+DiGIT runs (objective ``digit``) hold a code model, not a pixel encoder: its features are those of the
+codes that the run's tokenizer makes of the probe view (``student/code_gpt.py`` says why the cache's
+stored codes cannot stand in); the view is taken at the tokenizer's input size. Linear and k-NN only.
+
 Pixels. The student trained on ``replay_view`` output: ``[0, 1]`` pixels, no mean/std normalisation,
 so the eval view is the same function applied to the centred square of the shorter side (= resize
 the shorter side to ``img_size`` and center-crop).
@@ -68,8 +75,13 @@ class ProbeConfig:
     """Encoder preset for ``random_init`` without a run (``tiny-test``, ``small-cpu``, ...)."""
     pool: str = "mean"
     """Token pooling: ``mean`` of patch tokens or the ``cls`` token. Mean by default: iGPT found
-    mean-pooled (middle-layer) features best for autoregressive models, and our AR encoder's class
-    token, under the official cls rule, attends only to the last visible cluster."""
+    mean-pooled (middle-layer) features best for autoregressive models. In D-iGPT pretraining (the
+    official cls rule, ``AttnMask(prefix="last")``) the class token attends to every visible cluster,
+    while of the patch tokens only the last visible cluster's attend to it; it is read by that cluster
+    and the decoders' class queries, so it is trained as a summary for one prediction, where the mean
+    carries what every patch learned. The probe itself runs the encoder with no mask (every token
+    attends to every token), as D-iGPT's fine-tuning and MAE-style probes do: a probe image has no
+    order, and a causal mask would leave the first patches almost no context."""
     layers: tuple[int, ...] | None = None
     """0-based blocks to probe (linear/knn); None: every block. The final norm is always added."""
     batch_size: int = 64
@@ -212,9 +224,17 @@ def _device(name: str) -> torch.device:
 
 def build_encoder(cfg: ProbeConfig) -> tuple[VisionTransformer, dict]:
     """The encoder to probe (eval mode) and a description of where it came from."""
-    from student.export import load_encoder, run_encoder_config
+    from student.code_gpt import is_code_run, load_code_probe_encoder
+    from student.export import load_encoder, run_config, run_encoder_config
     from student.sizes import vit_config
 
+    if cfg.run is not None and is_code_run(run_config(cfg.run)):
+        if cfg.kind == "finetune":
+            raise ValueError(f"ProbeConfig.kind 'finetune': run {cfg.run} is DiGIT's code model (it reads codes, "
+                             "not pixels); probe it with kind linear or knn")
+        code = load_code_probe_encoder(cfg.run, cfg.random_init, cfg.seed)
+        return code, {"source": "random-init" if cfg.random_init else "trained", "run": cfg.run, "student": None,
+                      "config": {**asdict(code.cfg), "input": f"codes of tokenizer {code.tokenizer.spec.name}"}}
     if not cfg.random_init:
         enc = load_encoder(cfg.run)
         return enc, {"source": "trained", "run": cfg.run, "student": None, "config": asdict(enc.cfg)}

@@ -3,9 +3,16 @@
 The file is safetensors with timm's key names; its metadata records the timm model name and the
 kwargs that make the architecture match, so
 
-    timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=FILE), num_classes=0, **KWARGS)
+    timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=FILE, **DATA), num_classes=0, **KWARGS)
 
 loads it with no missing or unexpected keys (``digpt export`` prints that line).
+
+``DATA`` tells timm how to feed the student, which is not how the base model is fed: without it
+``timm.data.resolve_data_config({}, model=m)`` answers the base model's 224 px and mean/std 0.5, while
+the student was trained at its own size on ``[0, 1]`` pixels with no mean/std. :func:`timm_data_config`
+writes the student's input size, ``mean=(0, 0, 0)``, ``std=(1, 1, 1)``, bilinear interpolation (the
+trainer's ``replay_view``: bilinear, antialiased), ``crop_pct=1`` and a centre crop — so timm's eval
+transform (resize the shorter side, centre-crop) gives the probe's evaluation view.
 """
 
 from __future__ import annotations
@@ -49,14 +56,31 @@ def encoder_state_dict(run: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"checkpoint {ckpt} holds no encoder weights")
 
 
+def _refuse_code_run(run: str) -> None:
+    from .code_gpt import is_code_run
+
+    if is_code_run(run_config(run)):
+        raise ValueError(f"run {run} trained DiGIT's code model (objective digit): it reads k-means codes, not "
+                         "pixels, so it is no ViT encoder; probe it with `digpt probe --run` (which rebuilds its "
+                         "tokenizer)")
+
+
 def load_encoder(run: str) -> VisionTransformer:
     """Rebuild the trained encoder of RUN (strict load)."""
+    _refuse_code_run(run)
     enc = VisionTransformer(run_encoder_config(run))
     enc.load_state_dict(encoder_state_dict(run), strict=True)
     return enc.eval()
 
 
+def timm_data_config(enc: ViTConfig) -> dict[str, Any]:
+    """timm ``pretrained_cfg`` fields that reproduce the student's input (see the module docstring)."""
+    return {"input_size": (enc.in_chans, enc.img_size, enc.img_size), "mean": (0.0,) * enc.in_chans,
+            "std": (1.0,) * enc.in_chans, "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+
+
 def timm_spec(run: str) -> tuple[str, dict[str, Any]]:
+    _refuse_code_run(run)
     cfg = run_config(run)
     preset = vit_preset(cfg["train"]["student"]["size"])
     kwargs = timm_kwargs_for(run_encoder_config(run))
@@ -73,15 +97,17 @@ def export_encoder(run: str, out: str) -> str:
     if os.path.isdir(out):
         raise ValueError(f"out {out} is a directory; give a .safetensors file path")
     name, kwargs = timm_spec(run)
+    data = timm_data_config(run_encoder_config(run))
     weights = {k: v.contiguous() for k, v in encoder_state_dict(run).items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = run_encoder_config(run).stem
     save_file(weights, out, metadata={"timm_name": name, "timm_kwargs": json.dumps(kwargs), "stem": stem,
-                                      "source_run": os.path.abspath(run)})
+                                      "timm_data_config": json.dumps(data), "source_run": os.path.abspath(run)})
     kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     if stem == "conv":  # timm has no conv-stem ViT preset: hand it the stem as its embed_layer
         kw += ", embed_layer=timm_conv_stem_embed()"
-    line = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={out!r}), "
+    overlay = "".join(f", {k}={v!r}" for k, v in data.items())
+    line = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={out!r}{overlay}), "
             f"num_classes=0{kw})")
     return ("from student.vit import timm_conv_stem_embed; " + line) if stem == "conv" else line
 
@@ -95,4 +121,8 @@ def create_timm_from_export(path: str, **overrides: Any) -> torch.nn.Module:
     kwargs = {**json.loads(meta["timm_kwargs"]), "num_classes": 0, **overrides}
     if meta.get("stem") == "conv":
         kwargs.setdefault("embed_layer", timm_conv_stem_embed())
-    return timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+    # Files exported before the data config was recorded load as before (timm's base config).
+    stored = json.loads(meta.get("timm_data_config", "{}"))
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+    return timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=path, **data),
+                             **kwargs)

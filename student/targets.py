@@ -28,7 +28,11 @@ FILE = "target_norm.safetensors"
 
 
 class TargetNorm(nn.Module):
-    """``tokens`` (and ``cls``) -> ``(x - mean) / std`` per channel; codes are left alone."""
+    """``tokens`` (and ``cls``) -> ``(x - mean) / std`` per channel; codes are left alone.
+
+    The stored tensors stay in the batch as ``raw_tokens`` (and ``raw_cls``): the loss wants the
+    standardised targets, but what reads the teacher's own geometry — SemAIM's semantic order, a
+    cosine to the teacher's global token — must not move when only the statistics do."""
 
     def __init__(self, token_mean: torch.Tensor, token_std: torch.Tensor,
                  cls_mean: torch.Tensor | None = None, cls_std: torch.Tensor | None = None):
@@ -42,8 +46,10 @@ class TargetNorm(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(batch)
+        out["raw_tokens"] = batch["tokens"]
         out["tokens"] = (batch["tokens"].float() - self.token_mean) / self.token_std
         if self.has_cls and "cls" in batch:
+            out["raw_cls"] = batch["cls"]
             out["cls"] = (batch["cls"].float() - self.cls_mean) / self.cls_std
         return out
 

@@ -57,6 +57,9 @@ def _blind_model(objective, stats: BlindStats):
         if objective.cls_head is not None:
             objective.cls_head = _Const(lambda f: stats.cls_unit_mean.expand(f.shape[0], -1))
         return
+    if name == "digit":  # the code GPT: its head scores the next code at each position
+        objective.encoder.head = _Const(lambda h: stats.code_logp.expand(h.shape[0], -1, -1))
+        return
     codes = getattr(objective, "codes", False)
     per_pos = stats.code_logp if codes else (stats.token_mean if name == "igpt" else stats.token_unit_mean)
     for dec in (objective.model.gen, objective.model.dis):

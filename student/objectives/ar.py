@@ -1,14 +1,21 @@
-"""Per-patch autoregression in raster order: ``igpt`` (iGPT on ViT patches: normalised-pixel or code
-targets) and ``digit`` (DiGIT: next-token cross-entropy over k-means codes of an SSL teacher).
+"""Autoregression in raster order: ``igpt`` (iGPT on ViT patches) and ``digit`` (DiGIT as published).
 
-Both reuse D-iGPT's generative decoder with clusters of one patch, so the encoder is causal over
-patches and the decoder's query for position t+1 reads the encoder's outputs up to t."""
+- ``igpt`` reads *pixels*: a ViT run causally over patches with D-iGPT's generative decoder (clusters of
+  one patch), so the decoder's query for position t+1 reads the encoder's outputs up to t. It regresses
+  the next patch's normalised pixels (``pixel`` cache) or classifies the next patch's code (``kmeans:``
+  cache). The latter is the "pixels in, codes out" variant of DiGIT that ``digit`` used to be; it is kept
+  under this name because it is the same model and loss (a separate registration would train the same
+  network twice in an ablation).
+- ``digit`` reads *codes*: DiGIT's GPT over the k-means code sequence itself (code embeddings in, next
+  code out, raster order, causal mask; ``student/code_gpt.py``). It never sees pixels; the probe feeds it
+  the codes its tokenizer makes of the probe image.
+"""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
+from student.code_gpt import CodeGPT
 from student.digpt_model import gather_targets
 from student.orders import get_order
 
@@ -16,29 +23,27 @@ from .base import Objective, StudentConfig, TargetSpec, register_objective
 from .digpt import build_digpt
 
 
-class _NextToken(Objective):
+@register_objective("igpt")
+class IGPT(Objective):
+    """iGPT with ViT patches: regress the next patch's normalised pixels (or classify its code)."""
+
     default_order = "raster"
-    needs_codes = False
 
     def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None):
         super().__init__()
         name = self.registry_name
-        if self.needs_codes and target.kind != "codes":
-            raise ValueError(f"objective {name!r} predicts discrete tokens; teacher {target.name} stores features "
-                             "(extract a kmeans:<teacher> cache)")
         grid = student.encoder_config().grid_size
         if target.kind == "codes" and tuple(target.grid) != (grid, grid):
             raise ValueError(f"objective {name!r}: code targets need the teacher grid {target.grid} to equal the "
                              f"student grid ({grid}, {grid}) — logits cannot be resampled")
-        self.codes = target.kind == "codes"
+        self.target, self.codes = target, target.kind == "codes"
         self.num_codes = target.num_codes if self.codes else 0
         self.model = build_digpt(student, target, ("gen",), name, cluster_size=1, predict_cls=False,
                                  target_dim=target.num_codes if self.codes else None, memory_layers=(1.0,))
-        self.order = get_order(order or self.default_order)
+        self.order_name, self.order = order, get_order(order or self.default_order)
 
     def forward(self, batch):
-        order = self.order(batch, self.model.cfg.n_clusters, self.model.cluster_targets)
-        out = self.model(batch["images"], order)
+        out = self.model(batch["images"], self.cluster_order(batch))
         pred, index = out["gen"], out["gen_index"]
         if self.codes:
             target = batch["codes"].gather(1, index)
@@ -51,8 +56,7 @@ class _NextToken(Objective):
     def blind_loss(self, batch, stats):
         """Each next token predicted from its position alone: the per-position code frequencies (the
         loss is then the per-position entropy) or the per-position mean target (squared error)."""
-        order = self.order(batch, self.model.cfg.n_clusters, self.model.cluster_targets)
-        index = self.model.cluster_targets[order[:, 1:]].flatten(1)
+        index = self.model.cluster_targets[self.cluster_order(batch)[:, 1:]].flatten(1)
         if self.codes:
             target = batch["codes"].gather(1, index)
             return F.cross_entropy(stats.code_logp[index].flatten(0, 1), target.flatten())
@@ -66,13 +70,36 @@ class _NextToken(Objective):
         return {f"model.{n}" for n in self.model.no_weight_decay()}
 
 
-@register_objective("igpt")
-class IGPT(_NextToken):
-    """iGPT with ViT patches: regress the next patch's normalised pixels (or classify its code)."""
-
-
 @register_objective("digit")
-class DiGIT(_NextToken):
-    """DiGIT: next-token cross-entropy over k-means codes of a teacher's features."""
+class DiGIT(Objective):
+    """DiGIT (Zhu et al., NeurIPS 2024): a GPT over the image's k-means codes, next-code cross-entropy in
+    raster order. ``encoder`` is the code model (``CodeGPT``), sized by the student preset."""
 
-    needs_codes = True
+    default_order = "raster"
+
+    def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None):
+        super().__init__()
+        if target.kind != "codes":
+            raise ValueError(f"objective 'digit' models a sequence of discrete tokens; teacher {target.name} stores "
+                             "features (extract a kmeans:<teacher> cache)")
+        if order not in (None, "raster"):
+            raise ValueError(f"objective 'digit' reads its code sequence in raster order, as DiGIT's GPT does; drop "
+                             f"--order {order} (objective igpt on a kmeans: cache takes other orders)")
+        self.target, self.order_name, self.num_codes = target, order, target.num_codes
+        h, w = target.grid
+        self.encoder = CodeGPT(student.encoder_config(), target.num_codes, h * w, student.attn_impl)
+
+    def forward(self, batch):
+        codes = batch["codes"]
+        logits = self.encoder(codes)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        acc = (logits.argmax(-1) == codes).float().mean()
+        return loss, {"loss": loss.detach(), "acc": acc.detach()}
+
+    def blind_loss(self, batch, stats):
+        """Each code predicted from its position alone: the per-position code frequencies, whose
+        cross-entropy is the per-position entropy (DiGIT's "unigram" floor, position by position)."""
+        codes = batch["codes"]
+        logp = stats.code_logp.expand(codes.shape[0], -1, -1)
+        return F.cross_entropy(logp.flatten(0, 1), codes.flatten())
+

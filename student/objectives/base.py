@@ -26,11 +26,28 @@ class TargetSpec:
     has_cls: bool
     kind: str = "continuous"
     num_codes: int = 0
+    cls_in_token_space: bool = True
+    """Whether the global token is comparable with the patch tokens (a cosine between them means
+    something); SemAIM's order uses the mean patch token as the global token when it is not."""
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> TargetSpec:
         return cls(name=spec["name"], dim=int(spec["dim"]), grid=tuple(spec["grid"]), has_cls=bool(spec["has_cls"]),
-                   kind=spec.get("kind", "continuous"), num_codes=int(spec.get("num_codes", 0)))
+                   kind=spec.get("kind", "continuous"), num_codes=int(spec.get("num_codes", 0)),
+                   cls_in_token_space=cls_in_token_space(spec))
+
+
+def cls_in_token_space(spec: dict[str, Any]) -> bool:
+    """False for EfficientNet-Lite0's head (and ``pca:`` of it, which projects both with one basis): its
+    tokens are the conv+BN map *before* ReLU6 (signed, so a cosine loss has content to fit), while its
+    global token is the average pool of the map *after* ReLU6 (what the ImageNet classifier reads). The
+    two live in different spaces: on 128 generated images (256 px, 2 views) the mean cosine between a
+    view's global token and its own patch tokens is -0.03, against 0.92 for their mean — so a similarity
+    to that global token ranks nothing. ViT teachers (timm, OpenCLIP,
+    random-vit) take the class token from the same layer and projection as the patch tokens; MBConv
+    stage outputs (``layer=k``) pool the very map they tokenise."""
+    extra = spec.get("extra") or {}
+    return not (extra.get("arch") == "efficientnet-lite0" and spec.get("layer") is None)
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,14 @@ class Objective(nn.Module):
         target position, the per-position statistic in ``stats`` (``student/blind.py``). Same rows, same
         weighting as :meth:`forward`. ``None``: not defined for this objective (no baseline is logged)."""
         return None
+
+    def cluster_order(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, n_clusters]``: this batch's order (objectives with ``order``, ``target`` and a D-iGPT
+        ``model``); the order reads the teacher's raw tokens (``student.orders.teacher_view``)."""
+        from student.orders import teacher_view
+
+        view = teacher_view(batch, self.target.cls_in_token_space)
+        return self.order(view, self.model.cfg.n_clusters, self.model.cluster_targets)
 
 
 ObjectiveFactory = Callable[[StudentConfig, TargetSpec, "str | None"], Objective]

@@ -38,11 +38,12 @@ class DiGPTObjective(Objective):
 
     def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None):
         super().__init__()
+        self.target = target
         self.model = build_digpt(student, target, self.decoders, self.registry_name)
         self.order_name, self.order = order, get_order(order or self.default_order)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        order = self.order(batch, self.model.cfg.n_clusters, self.model.cluster_targets)
+        order = self.cluster_order(batch)
         out = self.model(batch["images"], order)
         losses = digpt_loss(out, batch["tokens"], batch.get("cls"))
         return losses["loss"], {k: v.detach() for k, v in losses.items()}
@@ -50,7 +51,7 @@ class DiGPTObjective(Objective):
     def blind_loss(self, batch: dict[str, torch.Tensor], stats: BlindStats) -> torch.Tensor:
         """The official rows (clusters 2..n generative, 1..n-1 discriminative, plus the class rows), each
         predicted by the mean unit target of its position: the best image-free answer under ``2 - 2 cos``."""
-        order = self.order(batch, self.model.cfg.n_clusters, self.model.cluster_targets)
+        order = self.cluster_order(batch)
         out: dict[str, torch.Tensor] = {}
         for name, clusters in (("gen", order[:, 1:]), ("dis", order[:, :-1])):
             if getattr(self.model, name) is None:
