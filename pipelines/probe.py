@@ -527,7 +527,7 @@ def finetune_scores(cfg: ProbeConfig, enc: VisionTransformer, train_views: torch
     size, it = enc.cfg.img_size, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        for epoch in range(cfg.finetune_epochs):
+        for _ in range(cfg.finetune_epochs):
             model.train()
             for idx in torch.randperm(len(train_y)).split(cfg.batch_size):
                 for g in opt.param_groups:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import latest_checkpoint
 from .sizes import timm_kwargs_for, vit_preset
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 
 def run_config(run: str) -> dict[str, Any]:

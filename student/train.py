@@ -25,7 +25,7 @@ from teacher_cache.extract import build_teacher
 from teacher_cache.teachers import Teacher
 
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import CacheJoin, CachedViews, DataConfig, make_loader
+from .data import CachedViews, CacheJoin, DataConfig, make_loader
 from .objectives import Objective, StudentConfig, TargetSpec, create_objective
 from .targets import FILE as TARGET_NORM_FILE
 from .targets import NORMS, TargetNorm, estimate_target_norm

@@ -41,7 +41,6 @@ from .teachers.kmeans import fit_kmeans
 from .teachers.pca import fit_pca
 from .views import AugConfig, plan_fingerprint, plan_shard, replay_view
 
-
 # ---------------------------------------------------------------------------------------------
 # building teachers from configs
 
@@ -350,11 +349,11 @@ def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:
     }
     try:
         root = zarr.open_group(cfg.out, mode="r+")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as missing:
         fs, path = fsspec.core.url_to_fs(cfg.out)
         if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
             # zarr's mode "w" would delete whatever is there: never touch a location that is not ours.
-            raise ValueError(f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out")
+            raise ValueError(f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out") from missing
         # The attributes go into the group's one metadata write: a crash cannot leave a root without them.
         return zarr.open_group(cfg.out, mode="w",
                                attributes={"digpt_cache": {**want, "created_by": f"digpt {package_version()}"}})

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from student.data import CacheJoin, CachedViews, DataConfig, make_loader
+from student.data import CachedViews, CacheJoin, DataConfig, make_loader
 from student.export import create_timm_from_export, export_encoder, load_encoder
 from student.objectives import StudentConfig, TargetSpec, create_objective, list_objectives
 from student.orders import list_orders

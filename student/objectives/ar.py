@@ -6,7 +6,6 @@ patches and the decoder's query for position t+1 reads the encoder's outputs up 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from student.digpt_model import gather_targets

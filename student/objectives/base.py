@@ -12,7 +12,7 @@ from torch import nn
 
 from student.attention import ATTN_IMPLS
 from student.sizes import list_vit_sizes, vit_config
-from student.vit import ViTConfig, VisionTransformer
+from student.vit import VisionTransformer, ViTConfig
 
 
 @dataclass(frozen=True)
