@@ -214,6 +214,8 @@ class RunRecord:
     linear_top5: float | None
     best_layer: int | str
     knn_top1: float | None
+    loss_steps: list[int] = field(default_factory=list)
+    """The optimizer step of each entry of ``losses`` (the x axis of the loss plot)."""
 
 
 def _dataset(cfg: AblateConfig) -> str:
@@ -343,7 +345,8 @@ def run_ablation(cfg: AblateConfig) -> dict:
             lin, knn = _probe(cfg, data, run, seed)
             records.append(RunRecord(v.name, seed, run, time.perf_counter() - t0, result.final_loss,
                                      [h["loss"] for h in result.history], lin["top1"], lin["top5"], lin["best_layer"],
-                                     knn["top1"] if knn else None))
+                                     knn["top1"] if knn else None,
+                                     loss_steps=[int(h["step"]) for h in result.history]))
     floors = []
     for seed in range(cfg.seeds):
         lin, knn = _probe(cfg, data, None, seed)
