@@ -74,9 +74,9 @@ class TrainConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     """Encoder size and decoder shape."""
     objective: str = "digpt"
-    """digpt, gen, fd, masked, igpt or digit."""
+    """Pretraining objective (one module per family in ``student/objectives/``)."""
     order: str | None = None
-    """raster, random or semantic; None: the objective's default."""
+    """Patch order of the autoregressive objectives (``student/orders.py``); None: the objective's default."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
     steps: int | None = None

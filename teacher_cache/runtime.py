@@ -55,12 +55,13 @@ def progress_bar(iterable: Any = None, *, total: float | None = None, desc: str 
     """A tqdm bar. On a terminal, the usual redrawn bar. Anywhere else (stderr redirected to a log, CI)
     no ``\\r`` frames: one plain line at most every :data:`PROGRESS_INTERVAL_S` seconds, and a last one
     when the bar closes, so a log shows progress without thousands of overwritten frames.
-    ``DIGPT_PROGRESS=off`` turns every bar off."""
+    ``TQDM_DISABLE=1`` in the environment turns every bar off (tqdm reads it when ``disable`` is not given)."""
     out = file if file is not None else sys.stderr
-    disable = disable or os.environ.get("DIGPT_PROGRESS", "").lower() in ("off", "0", "no")
+    if disable:
+        kwargs["disable"] = True
     if not (hasattr(out, "isatty") and out.isatty()):
         kwargs = {"mininterval": PROGRESS_INTERVAL_S, "maxinterval": PROGRESS_INTERVAL_S * 10,
                   "bar_format": "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
                   "dynamic_ncols": False, "ncols": None, **kwargs}
         out = _Lines(out)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave, file=out, **kwargs)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=out, **kwargs)

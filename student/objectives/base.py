@@ -37,7 +37,7 @@ class StudentConfig:
     """The student network and the knobs objectives share."""
 
     size: str = "tiny-test"
-    """Encoder preset (``student/sizes.py``): tiny-test, small-cpu, vit_tiny, vit_small, vit_base, vit_large."""
+    """Encoder preset (the table in ``student/sizes.py``)."""
     cluster_size: int | None = None
     """Cluster side in patches; default half the patch grid (2x2 clusters, as the official 7 on 14x14)."""
     decoder_depth: int = 2
