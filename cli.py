@@ -42,11 +42,14 @@ def _defaults(module: str, cls: str) -> SimpleNamespace:
 
 
 def _field(p: argparse.ArgumentParser, flag: str, fd: cli_docs.FieldDoc, *, choices: Sequence[str] = (),
-           **kwargs) -> None:
+           strict: bool = False, **kwargs) -> None:
     """An option whose help (and default, unless given) is the config field ``fd``'s; ``choices`` (from
-    a registry) are listed in the help, and checked by the config, whose error names the field."""
+    a registry) are listed in the help and checked by the config, whose error names the field
+    (``strict``: checked by argparse instead, whose error names the flag)."""
     text = fd.help()
-    if choices and not all(c in text for c in choices):
+    if strict:
+        kwargs["choices"] = list(choices)
+    elif choices and not all(c in text for c in choices):
         text = f"{text} One of: {', '.join(choices)}."
     if "default" not in kwargs and not kwargs.get("required") and not fd.required:
         if fd.default is cli_docs.NO_DEFAULT:  # e.g. field(default_factory=...): argparse would pass None
@@ -205,7 +208,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _field(p, "--device", run["device"])
     _field(p, "--resume", run["resume"], action="store_true")
     _field(p, "--online-teacher", run["online_teacher"], action="store_true")
-    _field(p, "--target-norm", run["target_norm"], choices=cli_docs.module_value("student.targets", "NORMS"))
+    _field(p, "--target-norm", run["target_norm"], choices=cli_docs.module_value("student.targets", "NORMS"), strict=True)
 
 
 def train_config(a: argparse.Namespace):
