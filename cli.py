@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
 
 # Nothing heavy at import time: torch, timm, zarr and ray load inside the command that needs them, so
 # `digpt --help` and `digpt train --help` answer at once. Defaults, help and accepted values are read
@@ -34,11 +33,6 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def _parser(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=text, description=text, formatter_class=_Help)
-
-
-def _defaults(module: str, cls: str) -> SimpleNamespace:
-    """``cls``'s literal field defaults (attribute access), read without importing ``module``."""
-    return SimpleNamespace(**{k: f.default for k, f in cli_docs.config_fields(module, cls).items()})
 
 
 def _field(p: argparse.ArgumentParser, flag: str, fd: cli_docs.FieldDoc, *, choices: Sequence[str] = (),
