@@ -16,24 +16,59 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+# Nothing heavy at import time: torch, timm, zarr and ray load inside the command that needs them, so
+# `digpt --help` and `digpt train --help` answer at once. Defaults, help and accepted values are read
+# from the config dataclasses and registries by `pipelines.cli_docs` (source, not import).
+from pipelines import cli_docs
 
-def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="turn images into webdataset shards + a Parquet manifest")
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, formatter_class=_Help)
+
+
+def _field(p: argparse.ArgumentParser, flag: str, fd: cli_docs.FieldDoc, *, choices: Sequence[str] = (),
+           strict: bool = False, **kwargs) -> None:
+    """An option whose help (and default, unless given) is the config field ``fd``'s; ``choices`` (from
+    a registry) are listed in the help and checked by the config, whose error names the field
+    (``strict``: checked by argparse instead, whose error names the flag)."""
+    text = fd.help()
+    if strict:
+        kwargs["choices"] = list(choices)
+    elif choices and not all(c in text for c in choices):
+        text = f"{text} One of: {', '.join(choices)}."
+    if "default" not in kwargs and not kwargs.get("required") and not fd.required:
+        if fd.default is cli_docs.NO_DEFAULT:  # e.g. field(default_factory=...): argparse would pass None
+            raise TypeError(f"{flag}: the default of field {fd.name} is not a literal; give the option a default")
+        kwargs["default"] = fd.default
+    p.add_argument(flag, help=text.replace("%", "%%"), **kwargs)
+
+
+def _add_prepare(p: argparse.ArgumentParser) -> None:
     kinds = p.add_subparsers(dest="kind", required=True, metavar="{imagefolder,wds,synthetic}")
-    f = kinds.add_parser("imagefolder", help="ImageNet-style class folders -> tar shards")
-    f.add_argument("root", help="directory with one sub-directory per class")
-    f.add_argument("--out", required=True, help="dataset directory to write")
-    f.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    w = kinds.add_parser("wds", help="index existing webdataset / img2dataset shards in place")
-    w.add_argument("pattern", help="shard pattern, e.g. '/data/laion/{00000..00099}.tar'")
-    w.add_argument("--out", required=True, help="dataset directory to write the manifest into")
-    s = kinds.add_parser("synthetic", help="generate a class-structured image set (demo, tests)")
-    s.add_argument("--out", required=True, help="dataset directory to write")
-    s.add_argument("--num-samples", type=int, default=512)
-    s.add_argument("--num-classes", type=int, default=8)
-    s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--shard-size", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
+    mod = "teacher_cache.prepare"
+    f = _parser(kinds, "imagefolder", "ImageNet-style class folders -> tar shards")
+    doc = cli_docs.config_fields(mod, "ImageFolderConfig")
+    _field(f, "root", doc["root"])
+    _field(f, "--out", doc["out"], required=True)
+    _field(f, "--shard-size", doc["shard_size"], type=int)
+    w = _parser(kinds, "wds", "index existing webdataset / img2dataset shards in place")
+    doc = cli_docs.config_fields(mod, "WdsConfig")
+    _field(w, "pattern", doc["pattern"])
+    _field(w, "--out", doc["out"], required=True)
+    s = _parser(kinds, "synthetic", "generate a class-structured image set (demo, tests)")
+    doc = cli_docs.config_fields(mod, "SyntheticConfig")
+    _field(s, "--out", doc["out"], required=True)
+    for name in ("num_samples", "num_classes", "image_size", "shard_size", "seed"):
+        _field(s, "--" + name.replace("_", "-"), doc[name], type=int)
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
@@ -50,33 +85,35 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_extract(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("extract", help="run teachers once over the shards and write the Zarr cache")
-    p.add_argument("--shards", required=True, help="prepared dataset directory")
-    p.add_argument("--out", required=True, help="cache directory or fsspec URL")
+def _add_extract(p: argparse.ArgumentParser) -> None:
+    run = cli_docs.config_fields("teacher_cache.config", "ExtractConfig")
+    teacher = cli_docs.config_fields("teacher_cache.config", "TeacherConfig")
+    storage = cli_docs.config_fields("teacher_cache.config", "StorageConfig")
+    aug = cli_docs.config_fields("teacher_cache.views", "AugConfig")
+    _field(p, "--shards", run["shards"], required=True)
+    _field(p, "--out", run["out"], required=True)
     p.add_argument("--teacher", action="append", required=True, metavar="NAME",
                    help="teacher to extract (repeatable); see `digpt teachers`")
     p.add_argument("--weights", action="append", default=None, metavar="FILE",
                    help="local weights file, one per --teacher in order (use '-' for none)")
-    p.add_argument("--layer", type=int, default=None, help="block whose tokens are stored (1-based; default last)")
-    p.add_argument("--group", action="append", default=None, help="cache group name per --teacher")
-    p.add_argument("--views", type=int, default=2, help="augmented views per sample (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="base seed of the view plan")
-    p.add_argument("--dtype", default="fp16", help="token storage: fp32, fp16, bf16 or int8 (default fp16)")
-    p.add_argument("--chunk-rows", type=int, default=64, help="samples per Zarr chunk")
-    p.add_argument("--codec", default="auto",
-                   help="Blosc codec of the targets: auto (lz4 for features, zstd for codes), zstd or lz4")
-    p.add_argument("--batch-size", type=int, default=64, help="views per teacher forward")
-    p.add_argument("--codebook-size", type=int, default=512, help="kmeans:<teacher> codebook size")
-    p.add_argument("--pca-dim", type=int, default=64, help="pca:<teacher> principal directions kept (default 64)")
-    p.add_argument("--fit-samples", type=int, default=512, help="kmeans:<teacher> / pca:<teacher> samples to fit on")
-    p.add_argument("--codebook", default=None, help="kmeans:<teacher> codebook file instead of fitting")
-    p.add_argument("--executor", default="ray", help="ray (default) or local (in-process, serial)")
-    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. auto)")
-    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: GPUs, else cores/threads)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--allow-hub", action="store_true", help="let teachers download weights from a hub")
+    _field(p, "--layer", teacher["layer"], type=int)
+    p.add_argument("--group", action="append", default=None, help="cache group name, one per --teacher")
+    _field(p, "--views", aug["views"], type=int)
+    _field(p, "--seed", aug["seed"], type=int)
+    _field(p, "--dtype", storage["dtype"], choices=cli_docs.module_value("teacher_cache.store", "DTYPES"))
+    _field(p, "--chunk-rows", storage["chunk_rows"], type=int)
+    _field(p, "--codec", storage["codec"], choices=cli_docs.module_value("teacher_cache.store", "CODECS"))
+    _field(p, "--batch-size", run["batch_size"], type=int)
+    _field(p, "--codebook-size", teacher["codebook_size"], type=int)
+    _field(p, "--pca-dim", teacher["pca_dim"], type=int)
+    _field(p, "--fit-samples", teacher["fit_samples"], type=int)
+    _field(p, "--codebook", teacher["codebook"])
+    _field(p, "--executor", run["executor"])
+    _field(p, "--ray-address", run["ray_address"])
+    _field(p, "--workers", run["workers"], type=int)
+    _field(p, "--threads", run["threads"], type=int)
+    _field(p, "--device", run["device"])
+    _field(p, "--allow-hub", teacher["allow_hub"], action="store_true")
 
 
 def _extract_config(a: argparse.Namespace):
@@ -109,14 +146,14 @@ def _cmd_extract(a: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
-def _add_verify(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="check a cache: complete, finite, consistent, aligned")
-    p.add_argument("--shards", required=True, help="prepared dataset directory")
-    p.add_argument("--cache", required=True, help="cache directory or URL")
-    p.add_argument("--tokenizer", action="append", default=None, help="group(s) to check (default all)")
-    p.add_argument("--spot-checks", type=int, default=8, help="views recomputed by the teacher (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    doc = cli_docs.config_fields("teacher_cache.verify", "VerifyConfig")
+    _field(p, "--shards", doc["shards"], required=True)
+    _field(p, "--cache", doc["cache"], required=True)
+    _field(p, "--tokenizer", doc["tokenizers"], action="append", default=None)
+    _field(p, "--spot-checks", doc["spot_checks"], type=int)
+    _field(p, "--seed", doc["seed"], type=int)
+    _field(p, "--device", doc["device"])
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
@@ -128,46 +165,46 @@ def _cmd_verify(a: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="pretrain a student against a teacher cache")
-    p.add_argument("--shards", required=True, help="prepared dataset directory")
-    p.add_argument("--cache", required=True, help="teacher cache made from those shards")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--tokenizer", default=None, help="tokenizer group (needed when the cache holds several)")
-    p.add_argument("--student", default="tiny-test", help="encoder size: tiny-test, small-cpu, vit_tiny, vit_small, vit_base, vit_large")
-    p.add_argument("--objective", default="digpt", help="digpt, gen, fd, masked, igpt, digit")
-    p.add_argument("--order", default=None, help="raster, random, semantic (default: the objective's)")
+def _add_train(p: argparse.ArgumentParser) -> None:
+    run = cli_docs.config_fields("student.train", "TrainConfig")
+    optim = cli_docs.config_fields("student.train", "OptimConfig")
+    data = cli_docs.config_fields("student.data", "DataConfig")
+    student = cli_docs.config_fields("student.objectives.base", "StudentConfig")
+    _field(p, "--shards", data["shards"], required=True)
+    _field(p, "--cache", data["cache"], required=True)
+    _field(p, "--out", run["out"], required=True)
+    _field(p, "--tokenizer", data["tokenizer"])
+    _field(p, "--student", student["size"], choices=cli_docs.module_value("student.sizes", "VIT_SIZES"))
+    _field(p, "--objective", run["objective"], choices=cli_docs.registered("student.objectives", "register_objective"))
+    _field(p, "--order", run["order"], choices=cli_docs.registered("student.orders", "register_order"))
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--steps", type=int, help="optimizer steps")
-    g.add_argument("--epochs", type=int, help="epochs over the shards")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per step per rank (default 64)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
-    p.add_argument("--base-lr", type=float, default=1.5e-4, help="lr per 256 samples (default 1.5e-4)")
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=float, default=0.05, help="warmup: fraction of steps (<1) or steps")
-    p.add_argument("--clip-grad", type=float, default=3.0)
-    p.add_argument("--cluster-size", type=int, default=None, help="cluster side in patches (default: grid/2)")
-    p.add_argument("--decoder-depth", type=int, default=2)
-    p.add_argument("--decoder-dim", type=int, default=None)
-    p.add_argument("--mask-ratio", type=float, default=0.5, help="masked objective: fraction of patches masked")
-    p.add_argument("--drop-path", type=float, default=0.0)
-    p.add_argument("--stem", default=None, choices=["patch", "conv"],
-                   help="patch embedding: patch (one strided conv) or conv (3x3 conv stem); default: the preset's")
-    p.add_argument("--blind-batches", type=int, default=12,
-                   help="batches that fit and score the input-blind baseline before training (0: off)")
-    p.add_argument("--attn", default="sdpa", help="attention kernel: sdpa, flex (GPU), sdpa_dense, eager")
-    p.add_argument("--workers", type=int, default=2, help="loader workers per rank")
-    p.add_argument("--shuffle-buffer", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
-    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), bf16, off")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--online-teacher", action="store_true", help="run the teacher in the step (baseline/oracle)")
-    p.add_argument("--target-norm", default="channel", choices=["channel", "none"],
-                   help="standardise continuous targets per channel with the cache's statistics (default) or not")
+    _field(g, "--steps", run["steps"], type=int)
+    _field(g, "--epochs", run["epochs"], type=int)
+    _field(p, "--batch-size", data["batch_size"], type=int)
+    _field(p, "--accum", optim["accum"], type=int)
+    for name in ("base_lr", "min_lr", "weight_decay", "warmup", "clip_grad"):
+        _field(p, "--" + name.replace("_", "-"), optim[name], type=float)
+    _field(p, "--cluster-size", student["cluster_size"], type=int)
+    _field(p, "--decoder-depth", student["decoder_depth"], type=int)
+    _field(p, "--decoder-dim", student["decoder_dim"], type=int)
+    _field(p, "--mask-ratio", student["mask_ratio"], type=float)
+    _field(p, "--drop-path", student["drop_path"], type=float)
+    _field(p, "--stem", student["stem"], choices=cli_docs.module_value("student.vit", "STEMS"))
+    _field(p, "--attn", student["attn_impl"], choices=cli_docs.module_value("student.attention", "ATTN_IMPLS"))
+    # The library's default is 0 workers (in-process, what tests and notebooks want); a run from the
+    # command line decodes in 2 worker processes.
+    _field(p, "--workers", data["num_workers"], type=int, default=2)
+    _field(p, "--shuffle-buffer", data["shuffle_buffer"], type=int)
+    p.add_argument("--seed", type=int, default=run["seed"].default,
+                   help=f"{run['seed'].help()} Also {data['seed'].help()[0].lower()}{data['seed'].help()[1:]}")
+    _field(p, "--log-every", run["log_every"], type=int)
+    _field(p, "--ckpt-every", run["ckpt_every"], type=int)
+    _field(p, "--amp", run["amp"])
+    _field(p, "--device", run["device"])
+    _field(p, "--resume", run["resume"], action="store_true")
+    _field(p, "--online-teacher", run["online_teacher"], action="store_true")
+    _field(p, "--blind-batches", run["blind_batches"], type=int)
+    _field(p, "--target-norm", run["target_norm"], choices=cli_docs.module_value("student.targets", "NORMS"), strict=True)
 
 
 def train_config(a: argparse.Namespace):
@@ -195,8 +232,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a run's encoder as a timm ViT checkpoint (safetensors)")
+def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--out", required=True, help="output .safetensors file")
 
@@ -209,8 +245,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_teachers(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("teachers", help="list teacher families and presets")
+def _add_teachers(p: argparse.ArgumentParser) -> None:
+    """No options."""
 
 
 def _cmd_teachers(a: argparse.Namespace) -> int:
@@ -226,16 +262,13 @@ def _cmd_teachers(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from pipelines.demo import DemoConfig
-
-    d = DemoConfig()
-    p = sub.add_parser("demo", help="the whole pipeline on a generated dataset, on a CPU, in minutes")
-    p.add_argument("--out", default=d.out, help=f"output directory (default {d.out})")
-    p.add_argument("--num-samples", type=int, default=d.num_samples, help=f"dataset size (default {d.num_samples})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"steps per student (default {d.steps})")
-    p.add_argument("--student", default=d.student, help=f"student preset (default {d.student})")
-    p.add_argument("--executor", default=d.executor, help="ray (default) or local")
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    doc = cli_docs.config_fields("pipelines.demo", "DemoConfig")
+    _field(p, "--out", doc["out"])
+    _field(p, "--num-samples", doc["num_samples"], type=int)
+    _field(p, "--steps", doc["steps"], type=int)
+    _field(p, "--student", doc["student"], choices=cli_docs.module_value("student.sizes", "VIT_SIZES"))
+    _field(p, "--executor", doc["executor"])
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -245,22 +278,19 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0 if run_demo(cfg).ok else 1
 
 
-def _add_ablate(sub: argparse._SubParsersAction) -> None:
-    from pipelines.ablate import RECIPES, AblateConfig
-
-    d = AblateConfig(recipe="demo", out="-")
-    p = sub.add_parser("ablate", help="train several students against several caches; one report")
-    p.add_argument("recipe", help="one of: " + ", ".join(sorted(RECIPES)))
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--shards", default=None, help="prepared dataset (default: generate a synthetic one)")
-    p.add_argument("--num-samples", type=int, default=d.num_samples)
-    p.add_argument("--num-classes", type=int, default=d.num_classes)
-    p.add_argument("--student", default=d.student)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--base-lr", type=float, default=d.base_lr)
-    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds per variant (mean +- std)")
-    p.add_argument("--executor", default=d.executor)
+def _add_ablate(p: argparse.ArgumentParser) -> None:
+    doc = cli_docs.config_fields("pipelines.ablate", "AblateConfig")
+    p.add_argument("recipe", help="one of: " + ", ".join(cli_docs.registered("pipelines.ablate", "recipe")))
+    _field(p, "--out", doc["out"], required=True)
+    _field(p, "--shards", doc["shards"])
+    _field(p, "--num-samples", doc["num_samples"], type=int)
+    _field(p, "--num-classes", doc["num_classes"], type=int)
+    _field(p, "--student", doc["student"], choices=cli_docs.module_value("student.sizes", "VIT_SIZES"))
+    _field(p, "--steps", doc["steps"], type=int)
+    _field(p, "--batch-size", doc["batch_size"], type=int)
+    _field(p, "--base-lr", doc["base_lr"], type=float)
+    _field(p, "--seeds", doc["seeds"], type=int)
+    _field(p, "--executor", doc["executor"])
     p.add_argument("--weights", action="append", default=[], metavar="TEACHER=FILE",
                    help="add a headline teacher with local weights to the tokenizers recipe (repeatable)")
 
@@ -280,31 +310,30 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_probe(sub: argparse._SubParsersAction) -> None:
-    from pipelines.probe import ProbeConfig
-
-    d = ProbeConfig(shards="-", run="-")
-    p = sub.add_parser("probe", help="evaluate an encoder per layer: linear probe, k-NN or a short fine-tune")
-    p.add_argument("--run", default=None, help="trained run directory (omit with --random-init --student)")
-    p.add_argument("--shards", required=True, help="prepared dataset to train the probe on")
-    p.add_argument("--val-shards", default=None, help="dataset to report on (default: a stratified holdout)")
-    p.add_argument("--kind", default=d.kind, help="linear (default), knn or finetune")
-    p.add_argument("--random-init", action="store_true", help="a seeded random encoder of the same shape: the floor")
-    p.add_argument("--student", default=None, help="encoder preset for --random-init without --run")
-    p.add_argument("--pool", default=d.pool, help="mean (of patch tokens, default) or cls")
+def _add_probe(p: argparse.ArgumentParser) -> None:
+    doc = cli_docs.config_fields("pipelines.probe", "ProbeConfig")
+    sizes = cli_docs.module_value("student.sizes", "VIT_SIZES")
+    _field(p, "--run", doc["run"])
+    _field(p, "--shards", doc["shards"], required=True)
+    _field(p, "--val-shards", doc["val_shards"])
+    _field(p, "--kind", doc["kind"], choices=cli_docs.module_value("pipelines.probe", "KINDS"))
+    _field(p, "--random-init", doc["random_init"], action="store_true")
+    _field(p, "--student", doc["student"], choices=sizes)
+    _field(p, "--pool", doc["pool"], choices=cli_docs.module_value("pipelines.probe", "POOLS"))
     p.add_argument("--layers", default=None, help="0-based blocks to probe, comma-separated (default all)")
-    p.add_argument("--out", default=None, help="result JSON (default RUN/probe_<kind>.json; required without --run)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--holdout", type=float, default=d.holdout, help=f"report fraction without --val-shards ({d.holdout})")
-    p.add_argument("--lrs", default=",".join(map(str, d.lrs)), help="linear: learning rates tried, comma-separated")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"linear: full-batch steps (default {d.epochs})")
-    p.add_argument("--k", type=int, default=d.k, help=f"knn: neighbours (default {d.k})")
-    p.add_argument("--temperature", type=float, default=d.temperature, help=f"knn: vote temperature ({d.temperature})")
-    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
-    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
-    p.add_argument("--layer-decay", type=float, default=d.layer_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
+    _field(p, "--out", doc["out"])
+    _field(p, "--batch-size", doc["batch_size"], type=int)
+    _field(p, "--holdout", doc["holdout"], type=float)
+    p.add_argument("--lrs", default=",".join(map(str, doc["lrs"].default)),
+                   help=doc["lrs"].help() + " Comma-separated.")
+    for name in ("epochs", "k"):
+        _field(p, "--" + name, doc[name], type=int)
+    _field(p, "--temperature", doc["temperature"], type=float)
+    _field(p, "--finetune-epochs", doc["finetune_epochs"], type=int)
+    _field(p, "--finetune-lr", doc["finetune_lr"], type=float)
+    _field(p, "--layer-decay", doc["layer_decay"], type=float)
+    _field(p, "--seed", doc["seed"], type=int)
+    _field(p, "--device", doc["device"])
 
 
 def _cmd_probe(a: argparse.Namespace) -> int:
@@ -328,31 +357,38 @@ def _cmd_probe(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable, Callable]] = {
-    "prepare": (_add_prepare, _cmd_prepare),
-    "extract": (_add_extract, _cmd_extract),
-    "verify": (_add_verify, _cmd_verify),
-    "train": (_add_train, _cmd_train),
-    "export": (_add_export, _cmd_export),
-    "teachers": (_add_teachers, _cmd_teachers),
-    "ablate": (_add_ablate, _cmd_ablate),
-    "demo": (_add_demo, _cmd_demo),
-    "probe": (_add_probe, _cmd_probe),
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "prepare": ("turn images into webdataset shards + a Parquet manifest", _add_prepare, _cmd_prepare),
+    "extract": ("run teachers once over the shards and write the Zarr cache", _add_extract, _cmd_extract),
+    "verify": ("check a cache: complete, finite, consistent, aligned", _add_verify, _cmd_verify),
+    "train": ("pretrain a student against a teacher cache", _add_train, _cmd_train),
+    "export": ("write a run's encoder as a timm ViT checkpoint (safetensors)", _add_export, _cmd_export),
+    "teachers": ("list teacher families and presets", _add_teachers, _cmd_teachers),
+    "ablate": ("train several students against several caches; one report", _add_ablate, _cmd_ablate),
+    "demo": ("the whole pipeline on a generated dataset, on a CPU, in minutes", _add_demo, _cmd_demo),
+    "probe": ("evaluate an encoder per layer: linear probe, k-NN or a short fine-tune", _add_probe, _cmd_probe),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, a parser in which only that command has its options (the
+    others are listed by name), which is all one invocation needs."""
     parser = argparse.ArgumentParser(prog="digpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add, _ in COMMANDS.values():
-        add(sub)
+    for name, (summary, add, _) in COMMANDS.items():
+        p = _parser(sub, name, summary)
+        if only is None or name == only:
+            add(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    # `digpt --help` or an unknown command: every command by name only, nothing else read.
+    args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)
     try:
-        return COMMANDS[args.command][1](args)
+        return COMMANDS[args.command][2](args)
     except (ValueError, FileNotFoundError) as e:
         # Configuration and input errors: one line that names the problem, no traceback, nothing run.
         if os.environ.get("DIGPT_DEBUG"):

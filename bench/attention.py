@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from student.attention import attend, flex_available
+    from teacher_cache.runtime import resolve_device
 
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
+    device = resolve_device(a.device)
     cuda = device.type == "cuda"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype or ("bf16" if cuda else "fp32")]
     impls = [i for i in IMPLS if i != "flex" or (cuda and flex_available()[0])]

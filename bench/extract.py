@@ -109,11 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     threads = C.setup_threads(a.threads)
 
     from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
-    from teacher_cache.extract import build_teacher, pick_device, run_extract
+    from teacher_cache.extract import build_teacher, run_extract
     from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
+    from teacher_cache.runtime import resolve_device
     from teacher_cache.views import AugConfig
 
-    device = pick_device(a.device)
+    device = resolve_device(a.device)
     names = [t.strip() for t in a.teachers.split(",") if t.strip()]
     workers = [int(w) for w in a.ray_workers.split(",") if w.strip()]
     rep = C.Report("extract", "Extraction efficiency (bench/extract.py)", argv)

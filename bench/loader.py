@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     threads = C.setup_threads(a.threads)
 
-    from student.data import CacheJoin, CachedViews, DataConfig, make_loader
+    from student.data import CachedViews, CacheJoin, DataConfig, make_loader
     from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
     from teacher_cache.extract import run_extract
     from teacher_cache.prepare import SyntheticConfig, load_dataset, prepare_synthetic

@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     threads = C.setup_threads(a.threads)
 
-    from student.train import _device
+    from teacher_cache.runtime import resolve_device
 
-    device = _device(a.device)
+    device = resolve_device(a.device)
     teacher = make_teacher(a.teacher, a.teacher_shape)
     tname = a.teacher_shape or a.teacher
     rep = C.Report("train", "Student step: cached targets vs online teacher (bench/train.py)", argv)

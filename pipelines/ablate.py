@@ -357,7 +357,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
                                      [h["loss"] for h in result.history], lin["top1"], lin["top5"], lin["best_layer"],
                                      knn["top1"] if knn else None,
                                      blind_loss=next((h["blind_loss"] for h in result.history if "blind_loss" in h), None),
-                                     loss_steps=[h["step"] for h in result.history]))
+                                     loss_steps=[int(h["step"]) for h in result.history]))
     floors = []
     for seed in range(cfg.seeds):
         lin, knn = _probe(cfg, data, None, seed)

@@ -56,8 +56,10 @@ def _losses(results: dict, out: str) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in runs:
-        ax.plot(r["losses"], label=f"{r['variant']} s{r['seed']}", lw=1)
-    ax.set_xlabel("log step")
+        steps = r.get("loss_steps") or []
+        x = steps if len(steps) == len(r["losses"]) else range(1, len(r["losses"]) + 1)  # reports from before steps were kept
+        ax.plot(x, r["losses"], label=f"{r['variant']} s{r['seed']}", lw=1)
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.legend(fontsize=7)
     ax.set_title("training loss")

@@ -41,12 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from student.sizes import list_vit_sizes
 from student.vit import VisionTransformer
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
+from teacher_cache.io import atomic_write_text
 from teacher_cache.prepare import PreparedDataset, iter_dataset_samples, load_dataset
+from teacher_cache.runtime import progress_bar, resolve_device
 from teacher_cache.shards import pick_image
 from teacher_cache.views import replay_view
 
@@ -216,12 +217,6 @@ class ProbeResult:
 # ------------------------------------------------------------------------------------------ encoder
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("ProbeConfig.device 'cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def build_encoder(cfg: ProbeConfig) -> tuple[VisionTransformer, dict]:
     """The encoder to probe (eval mode) and a description of where it came from."""
     from student.code_gpt import is_code_run, load_code_probe_encoder
@@ -306,11 +301,11 @@ def _batches(it: Iterator[tuple[torch.Tensor, int]], size: int) -> Iterator[tupl
 def extract_features(enc: VisionTransformer, ds: PreparedDataset, cfg: ProbeConfig, skipped: Counter,
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features [N, L, D] float32 on CPU, labels [N])`` of every usable sample of ``ds``."""
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device, "ProbeConfig.device")
     enc = enc.to(device).eval()
     feats, labels = [], []
-    bar = tqdm(total=ds.num_samples, desc=f"features {os.path.basename(os.path.normpath(ds.root))}",
-               unit="img", disable=not progress)
+    bar = progress_bar(total=ds.num_samples, desc=f"features {os.path.basename(os.path.normpath(ds.root))}",
+                       unit="img", disable=not progress)
     with torch.inference_mode():
         for x, y in _batches(iter_labeled_views(ds, enc.cfg.img_size, skipped), cfg.batch_size):
             feats.append(encode_layers(enc, x.to(device), cfg.pool, cfg.layers).float().cpu())
@@ -392,15 +387,6 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return (top == labels[:, None]).any(dim=1).float().mean().item()
 
 
-def _adamw_(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: torch.Tensor, t: int,
-            weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
-    """One AdamW step in place, with a learning rate per leading slice: ``lr`` broadcasts against ``p``."""
-    m.lerp_(grad, 1 - betas[0])
-    v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-    p.mul_(1 - lr * weight_decay)
-    p.sub_(lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + 1e-8))
-
-
 def linear_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int,
                   lr: torch.Tensor, epochs: int, weight_decay: float = 0.0) -> torch.Tensor:
     """Fit a linear classifier per layer and per learning rate at once; logits ``[G, L, M, C]``.
@@ -408,28 +394,31 @@ def linear_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
     ``train_x [N, L, D]``, ``test_x [M, L, D]``; ``lr [G, L]``: the lr of candidate ``(g, l)``. Each
     layer's features are standardised with its training statistics (MAE's affine-free BatchNorm before
     the head). Every candidate starts at zero (softmax regression is convex) and takes ``epochs``
-    full-batch AdamW steps under a cosine lr. The candidates share nothing but the loop: the loss is a
-    sum of independent terms and AdamW is elementwise, so this equals ``G * L`` separate fits, done in
-    one pass because tiny ops are dominated by per-op overhead.
+    full-batch ``torch.optim.AdamW`` steps under a cosine lr. Each candidate is its own parameter group
+    (its own lr) and the loss is a sum of independent terms, so this equals ``G * L`` separate fits,
+    done in one loop because tiny ops are dominated by per-op overhead.
     """
     mean, std = train_x.mean(0), train_x.std(0, unbiased=False) + 1e-6
     x = (train_x - mean) / std
     (g, L), d = lr.shape, x.shape[2]
-    w = torch.zeros(g, L, d, num_classes, device=x.device, requires_grad=True)
-    b = torch.zeros(g, L, num_classes, device=x.device, requires_grad=True)
-    state = [(torch.zeros_like(w), torch.zeros_like(w)), (torch.zeros_like(b), torch.zeros_like(b))]
-    lr = lr.to(x.device, torch.float32)
+    peak = lr.reshape(-1).tolist()
+    ws = [torch.zeros(d, num_classes, device=x.device, requires_grad=True) for _ in peak]
+    bs = [torch.zeros(num_classes, device=x.device, requires_grad=True) for _ in peak]
+    opt = torch.optim.AdamW([{"params": [w, b], "lr": p} for w, b, p in zip(ws, bs, peak)],
+                            betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     target = train_y.repeat(g * L)
     with torch.enable_grad():
         for t in range(epochs):
+            for group, p in zip(opt.param_groups, peak):
+                group["lr"] = p * 0.5 * (1 + math.cos(math.pi * t / epochs))
+            w, b = torch.stack(ws).view(g, L, d, num_classes), torch.stack(bs).view(g, L, num_classes)
             logits = torch.einsum("nld,gldc->glnc", x, w) + b[:, :, None]
             loss = F.cross_entropy(logits.reshape(-1, num_classes), target, reduction="sum") / len(train_y)
-            grads = torch.autograd.grad(loss, [w, b])
-            step = lr * 0.5 * (1 + math.cos(math.pi * t / epochs))
-            with torch.no_grad():
-                _adamw_(w, grads[0], *state[0], step[:, :, None, None], t + 1, weight_decay)
-                _adamw_(b, grads[1], *state[1], step[:, :, None], t + 1, weight_decay)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     with torch.no_grad():
+        w, b = torch.stack(ws).view(g, L, d, num_classes), torch.stack(bs).view(g, L, num_classes)
         return torch.einsum("mld,gldc->glmc", (test_x - mean) / std, w) + b[:, :, None]
 
 
@@ -471,7 +460,7 @@ def choose(cfg: ProbeConfig, fit_x: torch.Tensor, fit_y: torch.Tensor, sel_x: to
 def probe_features(cfg: ProbeConfig, feats: torch.Tensor, labels: torch.Tensor, splits: Splits, names: list[str],
                    num_classes: int) -> list[LayerRow]:
     """Choose per layer on fit/select, refit that choice on the training part, score on the report set."""
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device, "ProbeConfig.device")
     part = {n: (feats[getattr(splits, n)].to(device), labels[getattr(splits, n)].to(device))
             for n in ("fit", "select", "train", "report")}
     chosen = choose(cfg, *part["fit"], *part["select"], num_classes)
@@ -532,11 +521,11 @@ def augment(views: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def finetune_scores(cfg: ProbeConfig, enc: VisionTransformer, train_views: torch.Tensor, train_y: torch.Tensor,
-                    test_views: torch.Tensor, num_classes: int) -> torch.Tensor:
+                    test_views: torch.Tensor, num_classes: int, progress: bool = True) -> torch.Tensor:
     """Fine-tune ``enc`` + a head on the training views; logits ``[M, C]`` for ``test_views``."""
     from student.train import lr_schedule
 
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device, "ProbeConfig.device")
     ft_enc = VisionTransformer(dataclasses.replace(enc.cfg, drop_path=cfg.drop_path))
     ft_enc.load_state_dict(enc.state_dict())
     model = Classifier(ft_enc, num_classes, cfg.pool).to(device)
@@ -545,9 +534,10 @@ def finetune_scores(cfg: ProbeConfig, enc: VisionTransformer, train_views: torch
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
     lrs = lr_schedule(cfg.finetune_epochs * steps_per_epoch, cfg.finetune_lr, cfg.warmup, 0.0)
     size, it = enc.cfg.img_size, 0
+    bar = progress_bar(total=len(lrs), desc="finetune", unit="step", disable=not progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        for epoch in range(cfg.finetune_epochs):
+        for _ in range(cfg.finetune_epochs):
             model.train()
             for idx in torch.randperm(len(train_y)).split(cfg.batch_size):
                 for g in opt.param_groups:
@@ -558,6 +548,9 @@ def finetune_scores(cfg: ProbeConfig, enc: VisionTransformer, train_views: torch
                 loss.backward()
                 opt.step()
                 it += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
     model.eval()
     with torch.inference_mode():
         return torch.cat([model(v.float().div(255.0).to(device)).float().cpu()
@@ -578,7 +571,7 @@ def _num_classes(labels: torch.Tensor, *datasets: PreparedDataset) -> int:
 def _open_inputs(cfg: ProbeConfig) -> list[PreparedDataset]:
     """Check everything the run reads or writes before any work: the device, the datasets (training
     shards, then validation shards) and the result path."""
-    _device(cfg.device)
+    resolve_device(cfg.device, "ProbeConfig.device")
     datasets = []
     for name in ("shards", "val_shards"):
         if getattr(cfg, name):
@@ -615,7 +608,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
     splits = make_splits(labels.numpy(), n_val, cfg.holdout, cfg.select_fraction, cfg.seed)
     if cfg.kind == "finetune":
         tr, rp = splits.train, splits.report
-        scores = finetune_scores(cfg, enc, table[tr], labels[tr], table[rp], num_classes)
+        scores = finetune_scores(cfg, enc, table[tr], labels[tr], table[rp], num_classes, progress)
         top5 = topk_accuracy(scores, labels[rp], 5) if num_classes >= 5 else None
         # No choice is made, so the select split is not held out: the whole training part is fit.
         rows = [LayerRow(enc.cfg.depth, "norm", None, topk_accuracy(scores, labels[rp], 1), top5, cfg.finetune_lr)]
@@ -632,7 +625,4 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
 
 def _write_json(path: str, result: ProbeResult) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result.to_json(), f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result.to_json(), indent=2))

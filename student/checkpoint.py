@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from teacher_cache.io import atomic_write_text
+
 LATEST = "latest"
 
 
@@ -24,15 +26,6 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -48,10 +41,10 @@ def save_checkpoint(run: str, model: torch.nn.Module, optimizer: torch.optim.Opt
     save_file(weights, os.path.join(tmp, "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
                os.path.join(tmp, "optim.pt"))
-    _atomic_text(os.path.join(tmp, "state.json"), json.dumps({**asdict(state), **(extra or {})}, indent=2))
+    atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({**asdict(state), **(extra or {})}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _atomic_text(os.path.join(root, LATEST), name)
+    atomic_write_text(os.path.join(root, LATEST), name)
     done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)

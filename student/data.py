@@ -91,7 +91,7 @@ class CacheJoin:
         if name not in toks:
             raise ValueError(f"tokenizer {name!r} is not in cache {cfg.cache}; it holds {toks}")
         self.info = tokenizer_info(self.root, name)
-        self.aug = AugConfig(**{**meta["aug"], "scale": tuple(meta["aug"]["scale"]), "ratio": tuple(meta["aug"]["ratio"])})
+        self.aug = AugConfig.from_json(meta["aug"])
         self.sids = shard_ids(self.ds.shards)
         tok = self.root[name]
         missing = [s for s in self.ds.shards if not is_complete(tok, self.sids[s])]

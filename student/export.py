@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import latest_checkpoint
 from .sizes import timm_kwargs_for, vit_preset
-from .vit import ViTConfig, VisionTransformer, timm_conv_stem_embed
+from .vit import VisionTransformer, ViTConfig, timm_conv_stem_embed
 
 
 def run_config(run: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from teacher_cache.io import atomic_write
 from teacher_cache.store import ShardTargets
 
 NORMS = ("channel", "none")
@@ -56,9 +57,8 @@ class TargetNorm(nn.Module):
     def save(self, run: str) -> None:
         from safetensors.torch import save_file
 
-        tmp = os.path.join(run, FILE + ".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, tmp)
-        os.replace(tmp, os.path.join(run, FILE))  # atomic: a resume never reads half a file
+        state = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(os.path.join(run, FILE), lambda tmp: save_file(state, tmp))  # a resume never reads half a file
 
     @classmethod
     def load(cls, run: str) -> TargetNorm:

@@ -18,15 +18,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from teacher_cache.config import TeacherConfig
 from teacher_cache.extract import build_teacher
+from teacher_cache.io import atomic_write_text
+from teacher_cache.runtime import progress_bar, resolve_device
 from teacher_cache.teachers import Teacher
 
 from .blind import blind_baseline, image_share
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import CacheJoin, CachedViews, DataConfig, make_loader
+from .data import CachedViews, CacheJoin, DataConfig, make_loader
 from .objectives import Objective, StudentConfig, TargetSpec, create_objective
 from .targets import FILE as TARGET_NORM_FILE
 from .targets import NORMS, TargetNorm, estimate_target_norm
@@ -76,9 +77,9 @@ class TrainConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     """Encoder size and decoder shape."""
     objective: str = "digpt"
-    """digpt, gen, fd, masked, igpt or digit."""
+    """Pretraining objective (one module per family in ``student/objectives/``)."""
     order: str | None = None
-    """raster, random or semantic; None: the objective's default."""
+    """Patch order of the autoregressive objectives (``student/orders.py``); None: the objective's default."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
     steps: int | None = None
@@ -167,16 +168,6 @@ def _dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA device is visible; use device 'auto' or 'cpu'")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
 def online_targets(teacher: Teacher, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The targets a cache would hold for this batch, computed now by the teacher."""
     out = teacher(batch["teacher_images"])
@@ -261,7 +252,7 @@ def check_out(out: str) -> None:
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     rank, world = _dist_env()
     check_out(cfg.out)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     objective, ds, teacher, join = build_run(cfg, rank, world, device)
@@ -290,7 +281,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     log = _MetricsLog(cfg.out, resume_step=state.step if ckpt else None) if rank == 0 else None
-    bar = tqdm(total=total, initial=state.step, desc=f"train {cfg.objective}", unit="step",
+    bar = progress_bar(total=total, initial=state.step, desc=f"train {cfg.objective}", unit="step",
                disable=not progress or rank != 0)
     t0, start_step, micro, last = time.perf_counter(), state.step, 0, {}
     while state.step < total:
@@ -446,10 +437,7 @@ class _MetricsLog:
             if not line.endswith("\n") or len(fields) != len(header) or int(fields[at]) > step:
                 break
             keep.append(line)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(keep))
 
     def write(self, row: dict) -> None:
         self.rows.append(row)

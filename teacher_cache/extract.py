@@ -19,11 +19,11 @@ import fsspec
 import numpy as np
 import torch
 import zarr
-from tqdm.auto import tqdm
 
 from .config import ExtractConfig, StorageConfig, TeacherConfig
 from .images import BadImage, decode_image, to_uint8_chw
 from .prepare import PreparedDataset, iter_dataset_samples, load_dataset
+from .runtime import progress_bar, resolve_device
 from .shards import pick_image
 from .store import (
     REPORTS_DIR,
@@ -40,7 +40,6 @@ from .teachers import Teacher, create_teacher, resolve_name
 from .teachers.kmeans import fit_kmeans
 from .teachers.pca import fit_pca
 from .views import AugConfig, plan_fingerprint, plan_shard, replay_view
-
 
 # ---------------------------------------------------------------------------------------------
 # building teachers from configs
@@ -78,15 +77,6 @@ def _build_fitted(tc: TeacherConfig, fitted: np.ndarray | None) -> Teacher:
     """:func:`build_teacher` with the array ``fitted_family(tc)`` stores (or ``None``)."""
     t = torch.from_numpy(np.array(fitted)) if fitted is not None else None
     return build_teacher(tc, pca_basis=t) if fitted_family(tc) == "pca" else build_teacher(tc, t)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        # A configuration error like any other (the CLI reports it in one line, exit 2).
-        raise ValueError("device='cuda' was asked for but no CUDA device is visible; use device 'auto' or 'cpu'")
-    return torch.device(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +260,7 @@ class _Worker:
         if threads:
             torch.set_num_threads(threads)
         self.cfgs, self.fitted = teachers, fitted
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.teachers: dict[str, Teacher] = {}
         self.datasets: dict[str, PreparedDataset] = {}
 
@@ -350,11 +340,11 @@ def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:
     }
     try:
         root = zarr.open_group(cfg.out, mode="r+")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as missing:
         fs, path = fsspec.core.url_to_fs(cfg.out)
         if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
             # zarr's mode "w" would delete whatever is there: never touch a location that is not ours.
-            raise ValueError(f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out")
+            raise ValueError(f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out") from missing
         # The attributes go into the group's one metadata write: a crash cannot leave a root without them.
         return zarr.open_group(cfg.out, mode="w",
                                attributes={"digpt_cache": {**want, "created_by": f"digpt {package_version()}"}})
@@ -451,7 +441,7 @@ def sample_base_tokens(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, d
     samples (a deterministic sample: what is fit on it is reproducible). Shared by every fitted tokenizer."""
     base = (base or _fitted_base(tc)).to(device)
     feats, seen = [], 0
-    bar = tqdm(total=tc.fit_samples, desc=desc, unit="img", leave=False)
+    bar = progress_bar(total=tc.fit_samples, desc=desc, unit="img", leave=False)
     for shard in ds.shards:
         rows = ds.rows(shard)
         plan = plan_shard(shard, rows["key"], rows["width"], rows["height"], aug)
@@ -499,7 +489,7 @@ _FITS = {"kmeans": fit_codebook, "pca": fit_pca_basis}
 
 def _plan_workers(cfg: ExtractConfig, n_jobs: int) -> tuple[int, int | None, float]:
     """(workers, torch threads per worker, GPUs per worker)."""
-    if pick_device(cfg.device).type == "cuda":
+    if resolve_device(cfg.device).type == "cuda":
         gpus = max(1, torch.cuda.device_count())
         return cfg.workers or gpus, cfg.threads, 1.0
     cpus = os.cpu_count() or 1
@@ -511,7 +501,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     """Extract every configured tokenizer; skip complete shards, redo incomplete ones."""
     t_start = time.perf_counter()
     ds = load_dataset(cfg.shards)
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     # Build every teacher in the driver first: a bad name, file or layer fails before any work,
     # and the weights fingerprint goes into the provenance before a single token is written.
     # (k-means / PCA tokenizers: their base teacher; the codebook or basis comes from the cache, a file
@@ -568,7 +558,7 @@ def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teach
     if not jobs:
         return []
     total = sum(len(ds.rows(j.shard)["key"]) for j in jobs)
-    bar = tqdm(total=total, desc="extract", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc="extract", unit="img", disable=not progress)
     results: list[ShardResult] = []
 
     def done(r: ShardResult) -> None:

@@ -4,7 +4,7 @@ Alignment starts here: the manifest's width/height, the teacher's pixels and the
 all come from :func:`decode_image`, so a crop box computed from the manifest lands on the same
 pixels everywhere.
 
-Policy (stated once, tested in tests/test_images.py):
+Policy (stated once, tested in tests/test_bad_input.py):
 
 * CMYK, grayscale, palette, 16-bit and other modes are converted to 8-bit RGB;
 * an alpha channel is composited onto white (transparent pixels are not black noise);

@@ -33,9 +33,11 @@ import braceexpand
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from teacher_cache.images import BadImage, decode_image
+from teacher_cache.io import atomic_write, atomic_write_text
+from teacher_cache.runtime import progress_bar
 from teacher_cache.shards import (
     IMAGE_EXTS,
     RawSample,
@@ -398,17 +400,6 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _begin_output(out: str) -> None:
     """Make ``out`` and remove its completion marker, so a half-rewritten directory never loads."""
     os.makedirs(out, exist_ok=True)
@@ -452,19 +443,14 @@ def _finish(
     }
     if skipped_files is not None:
         info["skipped_files"] = skipped_files
-    _atomic_write(os.path.join(out, MANIFEST_FILE), lambda p: pq.write_table(table, p))
+    atomic_write(os.path.join(out, MANIFEST_FILE), lambda p: pq.write_table(table, p))
     text = json.dumps(info, indent=2) + "\n"
-    _atomic_write(os.path.join(out, INFO_FILE), lambda p: _write_text(p, text))
+    atomic_write_text(os.path.join(out, INFO_FILE), text)
     return PreparedDataset(root=out, info=info, manifest=table)
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def _progress(total: int | None, kind: str) -> tqdm:
-    return tqdm(total=total, desc=f"prepare {kind}", unit="img", disable=None)
+    return progress_bar(total=total, desc=f"prepare {kind}", unit="img")
 
 
 def _write_indexed(

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import fsspec
 
+from .io import atomic_write
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # tarfile's stream mode reads in records of this many bytes; the tail we keep must cover one record
@@ -196,18 +198,14 @@ def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _write_one_shard(path: str, samples: list[RawSample]) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
             for sample in samples:
                 for ext in sorted(sample.files):
                     _check_member_name(sample.key, ext)
                     _add_member(tf, f"{sample.key}.{ext}", sample.files[ext])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def write_tar_shards(

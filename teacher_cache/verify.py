@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-from tqdm.auto import tqdm
 
 from .config import TeacherConfig
-from .extract import build_teacher, load_fitted, pick_device
+from .extract import build_teacher, load_fitted
 from .images import decode_image, to_uint8_chw
 from .prepare import iter_dataset_samples, load_dataset
+from .runtime import progress_bar, resolve_device
 from .shards import pick_image
 from .store import SCHEMA_VERSION, TokenizerInfo, decode_block, list_tokenizers, open_root, shard_ids, tokenizer_info
 from .views import AugConfig, plan_fingerprint, plan_shard, replay_view
@@ -101,7 +101,7 @@ def run_verify(cfg: VerifyConfig, progress: bool = True) -> VerifyReport:
     if not report.add("cache", "same shards", have_fp == ds.fingerprint,
                       f"manifest {have_fp[:12]} vs shards {ds.fingerprint[:12]}"):
         return report
-    aug = AugConfig(**{**meta["aug"], "scale": tuple(meta["aug"]["scale"]), "ratio": tuple(meta["aug"]["ratio"])})
+    aug = AugConfig.from_json(meta["aug"])
     report.add("cache", "view plan fingerprint",
                aug.fingerprint() == meta["aug_fingerprint"] and plan_fingerprint(aug, ds.fingerprint) == meta["plan_fingerprint"],
                f"plan {meta['plan_fingerprint'][:12]}")
@@ -123,7 +123,7 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
     sids = shard_ids(ds.shards)
     missing, incomplete, bad_keys, bad_plan, nonfinite, valid, rows = [], [], [], [], [], 0, 0
     bad_shape: list[str] = []
-    for shard in tqdm(ds.shards, desc=f"verify {name}", unit="shard", disable=not progress):
+    for shard in progress_bar(ds.shards, desc=f"verify {name}", unit="shard", disable=not progress):
         sid = sids[shard]
         if sid not in tok:
             missing.append(shard)
@@ -224,7 +224,7 @@ def _spot_check(cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: 
     if not report.add(name, "teacher spec", not diff, f"differs (recorded, rebuilt): {diff}" if diff else
                       "recorded spec equals the rebuilt teacher's"):
         return
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     teacher = teacher.to(device)
     rng = np.random.default_rng(cfg.seed)
     candidates = [(shard, i) for shard in ds.shards for i in np.flatnonzero(tok[sids[shard]]["valid"][:])]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -58,6 +58,15 @@ class AugConfig:
         d["scale"] = list(self.scale)
         d["ratio"] = list(self.ratio)
         return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> AugConfig:
+        """The inverse of :meth:`to_json`: the config a cache's ``aug`` attribute records."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"the cache's augmentation record has fields this version does not know: {unknown}; "
+                             "read it with the digpt version that wrote it")
+        return cls(**{**d, "scale": tuple(d["scale"]), "ratio": tuple(d["ratio"])})
 
     def fingerprint(self) -> str:
         payload = json.dumps({"algorithm": PLAN_ALGORITHM, **self.to_json()}, sort_keys=True)

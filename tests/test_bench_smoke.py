@@ -88,7 +88,7 @@ def test_extract_smoke_local(tmp_path):
                                  "--views", "1", "--batch-size", "8", "--repeats", "1", "--warmup", "0",
                                  "--ray-workers", ""], tmp_path)
     r = out["teachers"]["random-vit:32/8"]
-    assert 0 < r["efficiency"] and r["stages"]["teacher forward"] > 0 and r["stages"]["zarr write"] > 0
+    assert r["efficiency"] > 0 and r["stages"]["teacher forward"] > 0 and r["stages"]["zarr write"] > 0
     assert "Ray scaling" not in text
 
 

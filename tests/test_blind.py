@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from student.blind import BlindStats, estimate_blind_stats, image_share
-from student.data import CacheJoin, CachedViews, DataConfig, make_loader
+from student.data import CachedViews, CacheJoin, DataConfig, make_loader
 from student.objectives import StudentConfig, TargetSpec, create_objective
 from student.targets import estimate_target_norm
 from student.train import OptimConfig, TrainConfig, train

@@ -10,7 +10,7 @@ from student.data import DataConfig
 from student.export import create_timm_from_export, export_encoder, load_encoder
 from student.objectives import StudentConfig
 from student.train import OptimConfig, TrainConfig, train
-from student.vit import ViTConfig, VisionTransformer
+from student.vit import VisionTransformer, ViTConfig
 
 
 def test_conv_stem_keeps_the_token_grid():

@@ -7,8 +7,8 @@ import json
 import os
 
 import numpy as np
-import torch
 import pytest
+import torch
 import zarr
 from PIL import Image
 

@@ -21,6 +21,7 @@ its pid after the shard's first chunk and waits until the test releases it (or k
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -99,10 +100,8 @@ def _reap(proc: subprocess.Popen, grace: float = 0.0) -> None:
     while grace and _session(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in _session(proc.pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait(timeout=30)
     deadline = time.monotonic() + 30
     while _session(proc.pid) and time.monotonic() < deadline:
@@ -195,7 +194,7 @@ def _assert_same_cache(got: Path, want: Path) -> None:
             assert a[k] == b[k], k
     root = zarr.open_group(str(got), mode="r")
     for g in GROUPS:  # and nothing is marked complete with rows missing
-        for sid, grp in root[g].groups():
+        for _, grp in root[g].groups():
             done = grp.attrs["complete"]
             assert done["rows"] == done["valid"] == grp["keys"].shape[0] == grp.attrs["shard"]["rows"]
             assert grp["valid"][:].all()
@@ -369,8 +368,8 @@ def test_existing_cache_refuses_other_layer_grid_and_shards(tiny_dataset, clean_
 
 def test_missing_shard_and_inf_targets_are_caught(tiny_dataset, clean_cache, tmp_path):
     from student.data import CacheJoin, DataConfig
-    from student.train import OptimConfig, TrainConfig, train
     from student.objectives import StudentConfig
+    from student.train import OptimConfig, TrainConfig, train
     from teacher_cache.verify import VerifyConfig, run_verify
 
     def failed(cache):

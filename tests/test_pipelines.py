@@ -35,6 +35,8 @@ def test_recipe_writes_a_report(recipe, tiny_dataset, shared_cache, tmp_path):
         if run["run"]:
             assert os.path.exists(os.path.join(run["run"], "probe_linear.json"))
             assert len(run["losses"]) >= 1
+            # the loss plot's x axis: the optimizer step of each logged loss, ending at the last step
+            assert len(run["loss_steps"]) == len(run["losses"]) and run["loss_steps"][-1] == 3
     report = open(tmp_path / "report.md").read()
     assert "| variant | teacher |" in report and "## Findings" in report
     assert json.load(open(tmp_path / "results.json"))["rows"] == json.loads(json.dumps(rows, default=str))

@@ -94,8 +94,33 @@ def test_finetune_one_epoch(trained_run, tiny_dataset, tmp_path):
     out = str(tmp_path / "ft.json")
     result = run_probe(ProbeConfig(shards=tiny_dataset, kind="finetune", run=trained_run, finetune_epochs=1,
                                    batch_size=16, out=out), progress=False)
-    _check_result(out, "finetune", depth=4)
-    assert result.rows[0].select_top1 is None and 0.0 <= result.top1 <= 1.0
+    saved = _check_result(out, "finetune", depth=4)
+    assert result.rows[0].select_top1 is None and result.rows[0].lr == 1e-3  # no choice made: the given lr
+    # A stratified quarter of 4 classes x 12 is held out, and top-1 is a count over it.
+    assert (result.n_train, result.n_report) == (36, 12)
+    assert result.top1 * 12 == pytest.approx(round(result.top1 * 12)) and saved["top1"] == result.top1
+
+
+def test_finetune_learns_what_a_frozen_head_cannot_miss():
+    """Four classes that differ only in colour: fine-tuning a random tiny ViT must separate them on
+    held-out views; trained on labels shifted by one, it must predict the shifted labels (top-1 0 on
+    the true ones), so it is the training labels that are learned, not something in the setup."""
+    from pipelines.probe import finetune_scores
+
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20]], dtype=torch.uint8)
+    labels = torch.arange(4).repeat(16)  # 64 views, 16 per class
+    noise = torch.randint(-15, 16, (64, 3, 32, 32), generator=g)
+    views = (colours[labels][:, :, None, None].int() + noise).clamp(0, 255).to(torch.uint8)
+    train, test = slice(0, 48), slice(48, 64)
+    enc = VisionTransformer(vit_config("tiny-test"))
+    cfg = ProbeConfig(shards="-", run="-", kind="finetune", finetune_epochs=6, finetune_lr=3e-3, batch_size=16,
+                      warmup=0.0, device="cpu")
+    accs = {}
+    for shift in (0, 1):
+        scores = finetune_scores(cfg, enc, views[train], (labels[train] + shift) % 4, views[test], 4, progress=False)
+        accs[shift] = topk_accuracy(scores, labels[test], 1)
+    assert accs == {0: 1.0, 1: 0.0}, accs
 
 
 def test_layer_decay_scales_from_the_head_down():

@@ -133,9 +133,8 @@ def _unsafe_calls(path: Path) -> list[str]:
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
             parts = tuple(name.split("."))
-            if name in ("eval", "exec", "compile", "__import__", "builtins.eval", "builtins.exec"):
-                found.append(f"{where} {name}(...)")
-            elif parts[-2:] in _FORBIDDEN_CALLS:
+            builtin = name in ("eval", "exec", "compile", "__import__", "builtins.eval", "builtins.exec")
+            if builtin or parts[-2:] in _FORBIDDEN_CALLS:
                 found.append(f"{where} {name}(...)")
             elif name == "torch.load":
                 wo = _kw(node, "weights_only")

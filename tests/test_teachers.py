@@ -35,7 +35,7 @@ def test_tiny_teacher_contract(name, tmp_path):
     n = s.grid[0] * s.grid[1]
     if s.kind == "codes":
         assert out.tokens.shape == (3, n) and out.tokens.dtype == torch.int64
-        assert 0 <= out.tokens.min() and out.tokens.max() < s.num_codes
+        assert out.tokens.min() >= 0 and out.tokens.max() < s.num_codes
     else:
         assert out.tokens.shape == (3, n, s.dim) and torch.isfinite(out.tokens).all()
     assert (out.cls is not None) == s.has_cls

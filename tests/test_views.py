@@ -41,7 +41,7 @@ def test_crops_follow_random_resized_crop_ranges():
     areas, flips = [], []
     for i in range(2000):
         (top, left, h, w), flip = sample_crop(view_seed("x", 0, "s", str(i), 0), 200, 150, aug)
-        assert 0 <= top and top + h <= 150 and 0 <= left and left + w <= 200
+        assert top >= 0 and top + h <= 150 and left >= 0 and left + w <= 200
         areas.append(h * w / (200 * 150))
         flips.append(flip)
     areas = np.array(areas)

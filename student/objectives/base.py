@@ -13,7 +13,7 @@ from torch import nn
 from student.attention import ATTN_IMPLS
 from student.blind import BlindStats
 from student.sizes import list_vit_sizes, vit_config
-from student.vit import STEMS, ViTConfig, VisionTransformer
+from student.vit import STEMS, VisionTransformer, ViTConfig
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class StudentConfig:
     """The student network and the knobs objectives share."""
 
     size: str = "tiny-test"
-    """Encoder preset (``student/sizes.py``): tiny-test, small-cpu, vit_tiny, vit_small, vit_base, vit_large."""
+    """Encoder preset (the table in ``student/sizes.py``)."""
     cluster_size: int | None = None
     """Cluster side in patches; default half the patch grid (2x2 clusters, as the official 7 on 14x14)."""
     decoder_depth: int = 2

@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from ..runtime import progress_bar
 from .base import Teacher, TeacherOutput
 from .registry import create_teacher, register_teacher
 
@@ -24,13 +25,17 @@ def fit_kmeans(x: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0) -> to
     if m < k:
         raise ValueError(f"k-means needs at least codebook_size={k} vectors, got {m}; sample more views")
     g = torch.Generator().manual_seed(seed)
+    # k-means++ seeding takes k steps, then up to `iters` Lloyd steps: one bar for both.
+    bar = progress_bar(total=k + iters, desc=f"k-means k={k}", unit="step", leave=False)
     centers = x[torch.randint(m, (1,), generator=g)]
     d2 = (2 - 2 * x @ centers.T).clamp_min_(0).squeeze(1)
+    bar.update(1)
     for _ in range(1, k):  # k-means++: next centre drawn proportionally to squared distance
         probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / m)
         c = x[torch.multinomial(probs, 1, generator=g)]
         centers = torch.cat([centers, c])
         d2 = torch.minimum(d2, (2 - 2 * x @ c.T).clamp_min_(0).squeeze(1))
+        bar.update(1)
     for _ in range(iters):
         assign = (x @ centers.T).argmax(1)
         sums = torch.zeros_like(centers).index_add_(0, assign, x)
@@ -38,9 +43,11 @@ def fit_kmeans(x: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0) -> to
         # An empty cluster keeps its old centre rather than collapsing to zero.
         new = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
         new = F.normalize(new, dim=-1)
+        bar.update(1)
         if torch.allclose(new, centers, atol=1e-6):
             break
         centers = new
+    bar.close()
     return centers
 
 
