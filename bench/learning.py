@@ -115,7 +115,7 @@ def supervised(args: argparse.Namespace) -> list[dict]:
             torch.manual_seed(seed)
             t0 = time.perf_counter()
             if name == "finetune-probe":
-                enc = VisionTransformer(vit_config(args.student, stem=args.stem))
+                enc = VisionTransformer(vit_config(args.student, **({"stem": args.stem} if args.stem else {})))
                 epochs = max(1, round(args.steps * args.batch_size / len(tr)))
                 pcfg = ProbeConfig(shards=args.shards, kind="finetune", random_init=True, student=args.student,
                                    out="-", finetune_epochs=epochs, batch_size=args.batch_size, seed=seed)
@@ -149,17 +149,17 @@ def pretrain(args: argparse.Namespace) -> list[dict]:
     rows = []
     for steps in args.steps_list:
         for lr in args.base_lrs:
-            out = os.path.join(args.out, f"{args.student}_{steps}steps_lr{lr:g}")
+            out = os.path.join(args.out, f"{args.student}_{args.stem or 'preset'}_{steps}steps_lr{lr:g}")
             cfg = AblateConfig(recipe="learning", out=out, shards=args.shards, cache=args.cache, student=args.student,
                                steps=steps, batch_size=args.batch_size, base_lr=lr, seeds=args.seeds,
-                               views=args.views, executor=args.executor, semantic_teacher=args.semantic, knn=False)
+                               views=args.views, executor=args.executor, semantic_teacher=args.semantic, knn=False, stem=args.stem)
             res = run_ablation(cfg)
             for r in res["rows"]:
                 rows.append({"steps": steps, "base_lr": lr, "variant": r["variant"], "top1": r["linear_top1"],
                              "std": r["linear_top1_std"], "loss_vs_blind": r.get("loss_vs_blind"),
                              "train_seconds": r["train_seconds"], "n_report": res["n_report"]})
     n = rows[0]["n_report"] if rows else 0
-    print(f"\nPretraining: {args.student}, batch {args.batch_size}, {args.seeds} seed(s), semantic teacher "
+    print(f"\nPretraining: {args.student} (stem {args.stem or 'preset'}), batch {args.batch_size}, {args.seeds} seed(s), semantic teacher "
           f"{args.semantic}, {args.views} views; {machine()}\n")
     print("| steps | base lr | variant | linear top-1 (mean ± std) | loss / blind | train s |\n|---:|---:|---|---:|---:|---:|")
     for r in rows:
@@ -188,6 +188,7 @@ def main() -> None:
     t.add_argument("--shards", required=True)
     t.add_argument("--cache", required=True)
     t.add_argument("--student", default="demo-cpu")
+    t.add_argument("--stem", default=None, help="patch or conv (default: the preset's)")
     t.add_argument("--steps", dest="steps_list", type=int, nargs="+", default=[600])
     t.add_argument("--base-lr", dest="base_lrs", type=float, nargs="+", default=[1.5e-3])
     t.add_argument("--batch-size", type=int, default=64)

@@ -87,6 +87,8 @@ class AblateConfig:
     """The semantic tokenizer the recipes vary around (needs a grid that splits into the clusters)."""
     cache: str | None = None
     """Cache location; default ``out/cache`` (point several ablations at one cache to share extraction)."""
+    stem: str | None = None
+    """Student patch embedding, ``patch`` or ``conv``; None: the preset's (``student/vit.py``)."""
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -258,14 +260,16 @@ def _extract(cfg: AblateConfig, data: str, variants: list[Variant]) -> tuple[str
     return cache, bytes_per_view
 
 
-def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int) -> tuple[dict, dict | None]:
+def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int, floor: bool = False) -> tuple[dict, dict | None]:
+    """Probe ``run``'s encoder; ``floor``: a seeded random encoder of ``run``'s architecture (of the
+    ``student`` preset when there is no run), so the floor is the same network, untrained."""
     common = dict(shards=data, seed=seed, student=None if run else cfg.student)
-    out = None if run else os.path.join(cfg.out, "runs", f"random-init_s{seed}")
+    out = os.path.join(cfg.out, "runs", f"random-init_s{seed}") if floor else None
     if out:
         os.makedirs(out, exist_ok=True)
-    lin = run_probe(ProbeConfig(run=run, kind="linear", random_init=run is None,
+    lin = run_probe(ProbeConfig(run=run, kind="linear", random_init=floor,
                                 out=os.path.join(out, "probe_linear.json") if out else None, **common))
-    knn = run_probe(ProbeConfig(run=run, kind="knn", random_init=run is None,
+    knn = run_probe(ProbeConfig(run=run, kind="knn", random_init=floor,
                                 out=os.path.join(out, "probe_knn.json") if out else None, **common)) if cfg.knn else None
     return _summary(lin), (_summary(knn) if knn else None)
 
@@ -343,7 +347,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
     for v in variants:
         for seed in range(cfg.seeds):
             run = os.path.join(cfg.out, "runs", f"{slug(v.name)}_s{seed}")
-            student = StudentConfig(size=cfg.student, decoder_depth=v.decoder_depth)
+            student = StudentConfig(size=cfg.student, decoder_depth=v.decoder_depth, stem=cfg.stem)
             tcfg = TrainConfig(
                 data=DataConfig(shards=data, cache=cache, tokenizer=v.tokenizer, img_size=student.encoder_config().img_size,
                                 batch_size=cfg.batch_size, num_workers=cfg.workers, seed=seed),
@@ -360,7 +364,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
                                      loss_steps=[int(h["step"]) for h in result.history]))
     floors = []
     for seed in range(cfg.seeds):
-        lin, knn = _probe(cfg, data, None, seed)
+        lin, knn = _probe(cfg, data, records[0].run if records else None, seed, floor=True)
         floors.append(RunRecord("random-init", seed, "", 0.0, float("nan"), [], lin["top1"], lin["top5"],
                                 lin["best_layer"], knn["top1"] if knn else None))
     ceilings = {}

@@ -146,6 +146,8 @@ TRAIN_CASES = [
     (TRAIN + " --steps 1 --decoder-dim -8", ["decoder_dim"], [">= 1"]),
     (TRAIN + " --steps 1 --mask-ratio 1.5", ["mask_ratio"], ["(0, 1)"]),
     (TRAIN + " --steps 1 --drop-path 1", ["drop_path"], ["[0, 1)"]),
+    (TRAIN + " --steps 1 --stem resnet", ["stem"], ["patch", "conv"]),
+    (TRAIN + " --steps 1 --blind-batches 1", ["blind_batches"], [">= 2"]),
     (TRAIN + " --steps 1 --attn nope", ["attn"], ["sdpa", "flex", "eager"]),
     (TRAIN + " --steps 1 --workers -1", ["num_workers"], [">= 0"]),
     ("--shards {ds} --cache {cache} --out {out} --steps 1 --workers 9", ["worker"], ["shard"]),

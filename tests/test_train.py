@@ -56,7 +56,9 @@ def _expected_refusal(objective: str, order: str | None, kind: str) -> list[str]
     if order is not None and objective in NO_ORDER:
         return ["has no order", f"drop --order {order}"]
     if kind == "features" and objective in CODES_ONLY:
-        return ["predicts discrete tokens", "kmeans:<teacher>"]
+        return ["discrete tokens", "kmeans:<teacher>"]
+    if objective == "digit" and order not in (None, "raster"):  # DiGIT's GPT reads its codes in raster order
+        return ["raster order", f"drop --order {order}"]
     return None
 
 
