@@ -117,13 +117,15 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spot-checks", type=int, default=8, help="views recomputed by the teacher (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--full", action="store_true", help="decode every chunk of every array (checksums); slower")
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
     from teacher_cache.verify import VerifyConfig, run_verify
 
     report = run_verify(VerifyConfig(shards=a.shards, cache=a.cache, tokenizers=tuple(a.tokenizer or ()),
-                                     spot_checks=a.spot_checks, seed=a.seed, device=a.device))
+                                     spot_checks=a.spot_checks, seed=a.seed, device=a.device,
+                                     full=a.full))
     print(report.table())
     return 0 if report.ok else 1
 
@@ -162,6 +164,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--online-teacher", action="store_true", help="run the teacher in the step (baseline/oracle)")
+    p.add_argument("--on-mismatch", default="error", choices=["error", "skip"],
+                   help="an image changed since prepare (its cached targets belong to other pixels): error (default) "
+                        "refuses naming the key, skip counts and skips it")
     p.add_argument("--target-norm", default="channel", choices=["channel", "none"],
                    help="standardise continuous targets per channel with the cache's statistics (default) or not")
 
@@ -174,7 +179,8 @@ def train_config(a: argparse.Namespace):
     student = StudentConfig(size=a.student, cluster_size=a.cluster_size, decoder_depth=a.decoder_depth,
                             decoder_dim=a.decoder_dim, mask_ratio=a.mask_ratio, drop_path=a.drop_path, attn_impl=a.attn)
     data = DataConfig(shards=a.shards, cache=a.cache, tokenizer=a.tokenizer, img_size=student.encoder_config().img_size,
-                      batch_size=a.batch_size, num_workers=a.workers, seed=a.seed, shuffle_buffer=a.shuffle_buffer)
+                      batch_size=a.batch_size, num_workers=a.workers, seed=a.seed, shuffle_buffer=a.shuffle_buffer,
+                      on_mismatch=a.on_mismatch)
     optim = OptimConfig(base_lr=a.base_lr, min_lr=a.min_lr, weight_decay=a.weight_decay, warmup=a.warmup,
                         clip_grad=a.clip_grad, accum=a.accum)
     return TrainConfig(data=data, out=a.out, student=student, objective=a.objective, order=a.order, optim=optim,
@@ -348,8 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError) as e:
-        # Configuration and input errors: one line that names the problem, no traceback, nothing run.
+    except (ValueError, OSError) as e:
+        # Configuration and input errors, and the environment's (read-only folder, full disk: OSError
+        # names the path): one line that names the problem, no traceback.
         if os.environ.get("DIGPT_DEBUG"):
             raise
         print(f"digpt {args.command}: error: {e}", file=sys.stderr)
