@@ -162,7 +162,15 @@ def _run_teacher(teacher: Teacher, views: torch.Tensor, batch_size: int, device:
 
 
 def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None = None) -> ShardResult:
-    """Extract one shard for one tokenizer: plan its views, run the teacher, write its group."""
+    """Extract one shard for one tokenizer: plan its views, run the teacher, write its group.
+
+    Every chunk is written, even one that holds only fill values (zarr skips those by default, and the
+    setting is not stored with the array): readers take a missing chunk for damage, never for zeros."""
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        return _extract_shard(job, teacher, device, ds)
+
+
+def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None) -> ShardResult:
     t0 = time.perf_counter()
     ds = ds or load_dataset(job.dataset)
     rows = ds.rows(job.shard)
@@ -194,7 +202,10 @@ def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pre
             samples[row["index"]] = raw
             read = row["index"] + 1
         ok, views = _views_of(job, teacher, rows, plan, lo, hi, samples, skipped)
-        if not ok:
+        if not ok:  # no row of this chunk decoded: its target chunks hold fill values, written all the same
+            for name in ("tokens", "token_scale", "cls", "cls_scale"):
+                if name in g:
+                    g[name][lo:hi] = 0
             continue
         tokens, cls = _run_teacher(teacher, views, job.batch_size, device)
         idx = np.asarray(ok) - lo

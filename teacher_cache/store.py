@@ -16,7 +16,9 @@ Every array of a shard lives in that shard's group, so the task that owns the sh
 writer of every chunk in it (DESIGN invariant 3). A shard group without ``complete`` is garbage
 from an interrupted run: the next run deletes and redoes it.
 
-Compression is Blosc/zstd with bit-shuffle (zarr's ``BloscCodec``, backed by numcodecs' Blosc).
+Compression is Blosc/zstd with bit-shuffle (zarr's ``BloscCodec``, backed by numcodecs' Blosc), followed
+by a ``crc32c`` checksum on every chunk; every chunk is written, even an all-fill one, so a missing chunk
+file is damage rather than zeros (``integrity.py``; shard attribute ``integrity``).
 """
 
 from __future__ import annotations
