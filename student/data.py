@@ -259,7 +259,7 @@ class CachedViews(IterableDataset):
             index = {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
             g, valid = j.group(shard), j.valid[shard]
             reader = _ChunkReader(g)
-            seeds, boxes, flips = (np.array(checked(g, n, lambda n=n: g[n][:])) for n in ("seeds", "boxes", "flips"))
+            seeds, boxes, flips = (np.array(checked(g, n, lambda g=g, n=n: g[n][:])) for n in ("seeds", "boxes", "flips"))
             errors: list[str] = []
             handler = _Recorder(errors)
             seen: set[str] = set()

@@ -281,7 +281,10 @@ def with_mismatch_log(cfg: TrainConfig) -> TrainConfig:
 def report_mismatches(cfg: TrainConfig) -> int:
     """Count (and say) the samples skipped for a changed image; 0 when none or not skipping."""
     log = cfg.data.mismatch_log
-    n = sum(1 for _ in open(log)) if log and os.path.exists(log) else 0
+    n = 0
+    if log and os.path.exists(log):
+        with open(log) as f:
+            n = sum(1 for _ in f)
     if n:
         print(f"skipped {n} sample read(s) whose image differs from the manifest (--on-mismatch skip); see {log}")
     return n

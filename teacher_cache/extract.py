@@ -327,8 +327,11 @@ class _Worker:
         except Exception as e:  # one broken shard must not take the others down; it is reported
             import traceback
 
+            where = ""
+            if isinstance(e, OSError) and not e.filename:  # zarr's store drops the path: name the shard group
+                where = f" (writing {job.cache.rstrip('/')}/{job.group}/{job.sid})"
             return ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
-                               error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+                               error=f"{type(e).__name__}: {e}{where}\n{traceback.format_exc()}")
 
     def _run(self, job: ShardJob) -> ShardResult:
         if job.group not in self.teachers:
@@ -717,7 +720,7 @@ def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult],
         views = sum(c["views"] for c in complete)
         nbytes = sum(c["bytes"] for c in complete)
         secs = sum(r.seconds for r in mine)
-        skipped_file = _report_or_note(notes, _write_skipped, cfg.out, name, skipped)
+        skipped_file = _report_or_note(notes, f"skipped-{name}.jsonl", _write_skipped, cfg.out, name, skipped)
         out.append(TokenizerSummary(
             group=name, teacher=tc.name, shards_done=len(mine), shards_skipped_complete=already[name],
             samples=sum(c["rows"] for c in complete), valid=valid, views=views, seconds=secs,
@@ -727,18 +730,19 @@ def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult],
             skipped_file=skipped_file,
         ))
     summary = ExtractSummary(cfg.out, out, wall, failed, notes)
-    _report_or_note(notes, write_report, cfg.out, "extract-summary.json",
+    _report_or_note(notes, "extract-summary.json", write_report, cfg.out, "extract-summary.json",
                     json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str))
     return summary
 
 
-def _report_or_note(notes: list[str], write, *args) -> str:
+def _report_or_note(notes: list[str], report: str, write, cache: str, *args) -> str:
     """Write a report file; on a full disk or read-only folder say so in the summary instead of dying
     before the summary (which lists the failed shards) is printed."""
     try:
-        return write(*args)
+        return write(cache, *args)
     except OSError as e:
-        notes.append(f"could not write report {e.filename or args[0]}: {e.strerror or e}")
+        path = e.filename or f"{cache.rstrip('/')}/{REPORTS_DIR}/{report}"
+        notes.append(f"could not write report {path}: {e.strerror or e}")
         return ""
 
 

@@ -152,7 +152,7 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
             if shard in bad_keys:
                 continue
             plan = plan_shard(shard, mrows["key"], mrows["width"], mrows["height"], aug)
-            stored = {n: checked(g, n, lambda n=n: g[n][:]) for n in ("seeds", "boxes", "flips")}
+            stored = {n: checked(g, n, lambda g=g, n=n: g[n][:]) for n in ("seeds", "boxes", "flips")}
             if not (np.array_equal(plan.seeds, stored["seeds"]) and np.array_equal(plan.boxes, stored["boxes"])
                     and np.array_equal(plan.flips, stored["flips"])):
                 bad_plan.append(shard)

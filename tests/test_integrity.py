@@ -334,7 +334,7 @@ def test_two_extract_runs_on_one_out_never_race(dataset, tmp_path):
         assert list(pause.glob("*.pid")), (tmp_path / "first.log").read_text()
         before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
         second = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True,
-                                cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=240)
+                                cwd=str(REPO), check=False, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=240)
         assert second.returncode == 2, second.stderr
         assert f"being written by another run: pid {first.pid}" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
