@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from .config import ExtractConfig, StorageConfig, TeacherConfig
 from .images import BadImage, decode_image, to_uint8_chw
-from .lock import WriterLock
-from .prepare import ManifestMismatch, PreparedDataset, iter_dataset_samples, load_dataset
+from .integrity import changed_since_extraction, source_stamp
+from .lock import WriterLock, foreign_out
+from .prepare import PreparedDataset, iter_dataset_samples, load_dataset
 from .shards import pick_image
 from .store import (
     REPORTS_DIR,
@@ -221,37 +222,6 @@ def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pr
     return result
 
 
-def source_stamp(ds: PreparedDataset, shard: str) -> dict[str, Any]:
-    """Size and modification time of a shard's tar, recorded with its completion: a re-run compares
-    them to notice a shard whose images changed after its targets were extracted."""
-    url = ds.shard_url(shard)
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        return {}
-    mtime = info.get("mtime", info.get("LastModified", info.get("last_modified", info.get("created"))))
-    return {"size": int(info.get("size") or 0), "mtime": str(mtime)}
-
-
-def changed_since_extraction(tok: zarr.Group, sid: str, ds: PreparedDataset, shard: str) -> str:
-    """Why a complete shard's targets no longer belong to its images ('' when they do).
-
-    Cheap unless the tar's size or mtime changed since extraction; then every image is hashed
-    against the manifest (a shard only touched, or copied back unchanged, still passes)."""
-    recorded = dict(tok[sid].attrs["complete"]).get("source")
-    if not recorded or source_stamp(ds, shard) == recorded:
-        return ""
-    try:
-        for _ in iter_dataset_samples(ds, shard):
-            pass
-    except ManifestMismatch as e:
-        return (f"{e}; its cached targets were computed from the old images, and the manifest still describes "
-                "those, so it is not redone: re-run `digpt prepare` on the changed shards, then extract into a "
-                "new --out")
-    return ""
-
-
 FAULT_PAUSE_ENV = "DIGPT_FAULT_PAUSE"
 
 
@@ -388,18 +358,6 @@ class ExtractSummary:
                 reasons = ", ".join(f"{r} x{c}" for r, c in sorted(t.skipped_by_reason.items()))
                 lines.append(f"skipped in {t.group}: {reasons} (details: {t.skipped_file})")
         return "\n".join(lines)
-
-
-def foreign_out(out: str) -> bool:
-    """Whether ``out`` holds something that is not a digpt cache: a file, or a folder with entries but no
-    Zarr root (a folder holding only ``reports/`` — our lock — counts as ours)."""
-    fs, path = fsspec.core.url_to_fs(out)
-    if not fs.exists(path):
-        return False
-    if not fs.isdir(path):
-        return True
-    names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)}
-    return "zarr.json" not in names and bool(names - {REPORTS_DIR})
 
 
 def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:

@@ -12,7 +12,8 @@ this closes:
   absent ones with one listing per shard.
 
 Caches written before this (no ``integrity`` attribute) are still read; :func:`warn_unchecked`
-says so once, in one line.
+says so once, in one line. A shard's completion record also holds its tar's size and mtime
+(:func:`source_stamp`), so a re-run of ``extract`` notices images changed after extraction.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
+
+from .prepare import ManifestMismatch, PreparedDataset, iter_dataset_samples
 
 INTEGRITY = "crc32c+all-chunks"
 """Value of a shard group's ``attrs["shard"]["integrity"]``: every chunk present, each with a crc32c."""
@@ -167,3 +171,34 @@ def warn_unchecked(cache: str, groups: list[zarr.Group]) -> bool:
               f"(e.g. {old[0]}); damaged or missing chunks cannot be detected there - re-extract into a new "
               "--out to add them", file=sys.stderr)
     return bool(old)
+
+
+def source_stamp(ds: PreparedDataset, shard: str) -> dict[str, Any]:
+    """Size and modification time of a shard's tar, recorded with its completion: a re-run compares
+    them to notice a shard whose images changed after its targets were extracted."""
+    url = ds.shard_url(shard)
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return {}
+    mtime = info.get("mtime", info.get("LastModified", info.get("last_modified", info.get("created"))))
+    return {"size": int(info.get("size") or 0), "mtime": str(mtime)}
+
+
+def changed_since_extraction(tok: zarr.Group, sid: str, ds: PreparedDataset, shard: str) -> str:
+    """Why a complete shard's targets no longer belong to its images ('' when they do).
+
+    Cheap unless the tar's size or mtime changed since extraction; then every image is hashed
+    against the manifest (a shard only touched, or copied back unchanged, still passes)."""
+    recorded = dict(tok[sid].attrs["complete"]).get("source")
+    if not recorded or source_stamp(ds, shard) == recorded:
+        return ""
+    try:
+        for _ in iter_dataset_samples(ds, shard):
+            pass
+    except ManifestMismatch as e:
+        return (f"{e}; its cached targets were computed from the old images, and the manifest still describes "
+                "those, so it is not redone: re-run `digpt prepare` on the changed shards, then extract into a "
+                "new --out")
+    return ""

@@ -161,3 +161,15 @@ def writer_lock(cache: str, command: str = "extract"):
         yield lock
     finally:
         lock.release()
+
+
+def foreign_out(out: str) -> bool:
+    """Whether ``out`` holds something that is not a digpt cache: a file, or a folder with entries but no
+    Zarr root (a folder holding only ``reports/`` — our lock — counts as ours)."""
+    fs, path = fsspec.core.url_to_fs(out)
+    if not fs.exists(path):
+        return False
+    if not fs.isdir(path):
+        return True
+    names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)}
+    return "zarr.json" not in names and bool(names - {REPORTS_DIR})
