@@ -154,13 +154,15 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     _field(p, "--spot-checks", doc["spot_checks"], type=int)
     _field(p, "--seed", doc["seed"], type=int)
     _field(p, "--device", doc["device"])
+    _field(p, "--full", doc["full"], action="store_true")
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
     from teacher_cache.verify import VerifyConfig, run_verify
 
     report = run_verify(VerifyConfig(shards=a.shards, cache=a.cache, tokenizers=tuple(a.tokenizer or ()),
-                                     spot_checks=a.spot_checks, seed=a.seed, device=a.device))
+                                     spot_checks=a.spot_checks, seed=a.seed, device=a.device,
+                                     full=a.full))
     print(report.table())
     return 0 if report.ok else 1
 
@@ -203,6 +205,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _field(p, "--device", run["device"])
     _field(p, "--resume", run["resume"], action="store_true")
     _field(p, "--online-teacher", run["online_teacher"], action="store_true")
+    _field(p, "--on-mismatch", data["on_mismatch"], choices=cli_docs.module_value("student.data", "ON_MISMATCH"))
     _field(p, "--blind-batches", run["blind_batches"], type=int)
     _field(p, "--target-norm", run["target_norm"], choices=cli_docs.module_value("student.targets", "NORMS"), strict=True)
 
@@ -216,7 +219,8 @@ def train_config(a: argparse.Namespace):
                             decoder_dim=a.decoder_dim, mask_ratio=a.mask_ratio, drop_path=a.drop_path, attn_impl=a.attn,
                             stem=a.stem)
     data = DataConfig(shards=a.shards, cache=a.cache, tokenizer=a.tokenizer, img_size=student.encoder_config().img_size,
-                      batch_size=a.batch_size, num_workers=a.workers, seed=a.seed, shuffle_buffer=a.shuffle_buffer)
+                      batch_size=a.batch_size, num_workers=a.workers, seed=a.seed, shuffle_buffer=a.shuffle_buffer,
+                      on_mismatch=a.on_mismatch)
     optim = OptimConfig(base_lr=a.base_lr, min_lr=a.min_lr, weight_decay=a.weight_decay, warmup=a.warmup,
                         clip_grad=a.clip_grad, accum=a.accum)
     return TrainConfig(data=data, out=a.out, student=student, objective=a.objective, order=a.order, optim=optim,
@@ -389,8 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
-    except (ValueError, FileNotFoundError) as e:
-        # Configuration and input errors: one line that names the problem, no traceback, nothing run.
+    except (ValueError, OSError) as e:
+        # Configuration and input errors, and the environment's (read-only folder, full disk: OSError
+        # names the path): one line that names the problem, no traceback.
         if os.environ.get("DIGPT_DEBUG"):
             raise
         print(f"digpt {args.command}: error: {e}", file=sys.stderr)

@@ -323,6 +323,10 @@ def check_inputs(cfg: AblateConfig) -> None:
 
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"out {cfg.out} exists and is not a directory; choose another --out")
+    runs = os.path.join(cfg.out, "runs")
+    if os.path.isdir(runs) and any(os.path.exists(os.path.join(runs, d, "config.json")) for d in os.listdir(runs)):
+        # Runs are never overwritten (train refuses too, but only after the extraction): say so up front.
+        raise ValueError(f"out {cfg.out} already holds the runs of an ablation; choose another --out")
     if cfg.shards:
         try:
             load_dataset(cfg.shards)

@@ -45,10 +45,21 @@ def save_checkpoint(run: str, model: torch.nn.Module, optimizer: torch.optim.Opt
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write_text(os.path.join(root, LATEST), name)
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
-    for old in done[:-keep] if keep > 0 else []:
+    # Prune by step number, never by name order, and never the checkpoint just written.
+    done = [d for _, d in _by_step(root) if d != name]
+    for old in done[: max(0, len(done) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
+
+
+def _by_step(root: str) -> list[tuple[int, str]]:
+    """``(step, name)`` of the finished checkpoint directories, oldest first."""
+    found = []
+    for d in os.listdir(root) if os.path.isdir(root) else []:
+        head, _, num = d.partition("_")
+        if head == "step" and num.isdigit() and os.path.isdir(os.path.join(root, d)):
+            found.append((int(num), d))
+    return sorted(found)
 
 
 def latest_checkpoint(run: str) -> str | None:
@@ -57,6 +68,30 @@ def latest_checkpoint(run: str) -> str | None:
         return None
     ckpt = os.path.join(run, "checkpoints", open(path).read().strip())
     return ckpt if os.path.isdir(ckpt) else None
+
+
+def candidate_checkpoints(run: str) -> list[str]:
+    """Checkpoints to try on resume, best first: the one ``latest`` names, then the others by step, newest first."""
+    root = os.path.join(run, "checkpoints")
+    first = latest_checkpoint(run)
+    rest = [os.path.join(root, d) for _, d in reversed(_by_step(root))]
+    return ([first] if first else []) + [c for c in rest if c != first]
+
+
+def load_latest(run: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                warn=print) -> tuple[str, TrainState] | None:
+    """Load the newest readable checkpoint of ``run``; one that cannot be read (truncated by a full disk,
+    damaged on copy) is passed over with a warning naming it and why. ``None`` when there is none."""
+    tried = candidate_checkpoints(run)
+    for ckpt in tried:
+        try:
+            return ckpt, load_checkpoint(ckpt, model, optimizer)
+        except Exception as e:  # safetensors, torch.load and json each raise their own types on damage
+            warn(f"warning: checkpoint {ckpt} is unreadable ({type(e).__name__}: {str(e)[:160]}); "
+                 "falling back to the previous one")
+    if tried:  # never train on from weights a damaged checkpoint may have half-loaded
+        raise ValueError(f"no readable checkpoint in {run} (tried {len(tried)}); start a new run with another --out")
+    return None
 
 
 def load_checkpoint(ckpt: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainState:

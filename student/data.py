@@ -17,6 +17,7 @@ stored dtype until a batch is formed.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,14 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
+from teacher_cache.integrity import CacheIntegrityError, check_shard_group, checked, warn_unchecked
 from teacher_cache.prepare import PreparedDataset, load_dataset
+from teacher_cache.prepare import _digest as _content_hash  # the manifest's `hash` of image bytes
 from teacher_cache.shards import IMAGE_EXTS
 from teacher_cache.store import decode_block, is_complete, list_tokenizers, open_root, shard_ids, tokenizer_info
 from teacher_cache.views import AugConfig, replay_view, sample_crop
+
+ON_MISMATCH = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,15 @@ class DataConfig:
     """Seeds shard order, the shuffle buffer, the per-epoch view choice and the per-sample orders."""
     shuffle_buffer: int = 256
     """Samples held for in-shard shuffling (0 disables)."""
+    on_mismatch: str = "error"
+    """An image whose bytes no longer match the manifest's content hash (so its cached targets were
+    computed from other pixels): ``error`` refuses naming the key; ``skip`` counts it and skips it."""
+    mismatch_log: str | None = None
+    """File that each skipped sample is appended to (one JSON line; ``on_mismatch="skip"``)."""
 
     def __post_init__(self) -> None:
+        if self.on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {self.on_mismatch!r}")
         for name in ("img_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -102,7 +114,21 @@ class CacheJoin:
         # pca:<t> tokenizers: the basis their (already projected) tokens were made with; only the online
         # teacher needs it.
         self.pca_basis = torch.from_numpy(np.array(tok["pca_basis"][:])) if "pca_basis" in tok else None
+        self._check_shards(cfg.cache, tok)
         self.valid = {s: np.array(tok[self.sids[s]]["valid"][:]) for s in self.ds.shards}
+
+    def _check_shards(self, cache: str, tok: zarr.Group) -> None:
+        """Before any step (invariant 7), per shard group: it belongs to this shard, its keys equal the
+        manifest's in order, its valid count equals the completion record's, no chunk is missing."""
+        groups = [tok[self.sids[s]] for s in self.ds.shards]
+        warn_unchecked(cache, groups)
+        bad = []
+        for shard, g in zip(self.ds.shards, groups):
+            bad += [f"{shard}: {p}" for p in check_shard_group(g, shard, self.ds.rows(shard)["key"])]
+        if bad:
+            raise CacheIntegrityError(f"cache {cache} tokenizer {self.info.name!r} does not match its shards "
+                                      f"({len(bad)} problem(s)): " + "; ".join(bad[:3])
+                                      + "; run `digpt verify` and re-extract the named shards")
 
     @property
     def spec(self) -> dict:
@@ -124,8 +150,8 @@ class _ChunkReader:
         lo = (i // self.step) * self.step
         if lo != self.lo:
             self.lo = lo
-            self.block = {n: self.g[n][lo : lo + self.step] for n in ("tokens", "token_scale", "cls", "cls_scale")
-                          if n in self.g}
+            self.block = {n: checked(self.g, n, lambda n=n: self.g[n][lo : lo + self.step])
+                          for n in ("tokens", "token_scale", "cls", "cls_scale") if n in self.g}
         return {n: a[i - lo, v] for n, a in self.block.items()}
 
 
@@ -141,6 +167,7 @@ class CachedViews(IterableDataset):
         self.cfg, self.rank, self.world, self.teacher_size = cfg, rank, world, teacher_size
         self.join = join or CacheJoin(cfg)
         self.epoch, self.skip = 0, 0
+        self.mismatched = 0  # samples skipped by on_mismatch="skip" (this process only)
         need = world * max(1, cfg.num_workers)
         if len(self.join.ds.shards) < need:
             raise ValueError(f"{len(self.join.ds.shards)} shard(s) cannot feed {world} rank(s) x "
@@ -232,7 +259,7 @@ class CachedViews(IterableDataset):
             index = {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
             g, valid = j.group(shard), j.valid[shard]
             reader = _ChunkReader(g)
-            seeds, boxes, flips = np.array(g["seeds"][:]), np.array(g["boxes"][:]), np.array(g["flips"][:])
+            seeds, boxes, flips = (np.array(checked(g, n, lambda g=g, n=n: g[n][:])) for n in ("seeds", "boxes", "flips"))
             errors: list[str] = []
             handler = _Recorder(errors)
             seen: set[str] = set()
@@ -242,13 +269,27 @@ class CachedViews(IterableDataset):
                 if i is None or key in seen or not valid[i]:
                     continue  # skipped at extraction (recorded there) or a duplicate key
                 seen.add(key)
+                image = _image_bytes(s)
+                if _content_hash(image) != rows["hash"][i]:
+                    self._mismatch(shard, key)
+                    continue
                 v = _hash64(self.cfg.seed, self.epoch, shard, key) % k
                 yield {"shard": shard, "key": key, "row": i, "view": v, "seed": int(seeds[i, v]),
                        "box": boxes[i, v], "flip": bool(flips[i, v]), "size": (rows["width"][i], rows["height"][i]),
-                       "label": rows["label"][i], "image": _image_bytes(s), "targets": reader.row(i, v),
+                       "label": rows["label"][i], "image": image, "targets": reader.row(i, v),
                        "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order")}
             if errors:
                 raise RuntimeError(f"shard {shard} could not be read to the end: {errors[0]}")
+
+    def _mismatch(self, shard: str, key: str) -> None:
+        what = (f"image {shard}/{key} differs from the manifest's content hash: the shard changed after "
+                "`digpt prepare`, so its cached targets belong to other pixels")
+        if self.cfg.on_mismatch == "error":
+            raise CacheIntegrityError(f"{what}; re-run prepare and extract, or train with --on-mismatch skip")
+        self.mismatched += 1
+        if self.cfg.mismatch_log:  # one short line per sample: appends from several workers do not interleave
+            with open(self.cfg.mismatch_log, "a") as f:
+                f.write(json.dumps({"shard": shard, "key": key, "reason": "content hash differs"}) + "\n")
 
     def _collate(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         j = self.join

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from teacher_cache.runtime import progress_bar, resolve_device
 from teacher_cache.teachers import Teacher
 
 from .blind import blind_baseline, image_share
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, load_latest, save_checkpoint
 from .data import CachedViews, CacheJoin, DataConfig, make_loader
 from .objectives import Objective, StudentConfig, TargetSpec, create_objective
 from .targets import FILE as TARGET_NORM_FILE
@@ -249,13 +249,88 @@ def check_out(out: str) -> None:
                          "choose another --out")
 
 
+# Fields of a run's config.json ``train`` section that ``--resume`` may change: how long, how often it
+# logs, where it runs, where the (fingerprint-checked) inputs now live. Any other difference is refused.
+RESUME_MAY_CHANGE = frozenset({"steps", "epochs", "log_every", "ckpt_every", "amp", "device", "resume", "out",
+                               "data.shards", "data.cache", "data.num_workers", "data.on_mismatch",
+                               "data.mismatch_log"})
+
+
+def guard_run_dir(cfg: TrainConfig) -> None:
+    """A run directory is never overwritten: an existing run needs ``--resume`` (today's metrics.csv,
+    checkpoints and ``latest`` would otherwise mix two runs)."""
+    if os.path.exists(os.path.join(cfg.out, "config.json")) and not cfg.resume:
+        raise ValueError(f"out {cfg.out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(cfg: TrainConfig, join: CacheJoin) -> None:
+    """``--resume`` continues the same run: refuse another cache (teacher fingerprint, shards, view plan,
+    tokenizer), student, objective, optimizer or data config, naming every differing field."""
+    path = os.path.join(cfg.out, "config.json")
+    if not cfg.resume or not os.path.exists(path):
+        return
+    with open(path) as f:
+        have = json.load(f)
+    now = _flat(json.loads(json.dumps(asdict(cfg), default=str)))
+    before = _flat(have.get("train", {}))
+    diff = {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before))
+            if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k)}
+    cache = {"tokenizer": join.info.name, "fingerprint": join.info.attrs["fingerprint"],
+             "manifest_fingerprint": join.ds.fingerprint, "plan_fingerprint": join.info.attrs["plan_fingerprint"]}
+    diff.update({f"cache.{k}": (have.get("cache", {}).get(k), v) for k, v in cache.items()
+                 if have.get("cache", {}).get(k) != v})
+    if diff:
+        shown = "; ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in list(diff.items())[:6])
+        raise ValueError(f"--resume: {cfg.out} was trained with another configuration ({len(diff)} field(s) differ: "
+                         f"{shown}); resume with the run's settings, or start a new run with another --out")
+
+
+MISMATCH_LOG = "skipped-mismatch.jsonl"
+
+
+def with_mismatch_log(cfg: TrainConfig) -> TrainConfig:
+    """``--on-mismatch skip``: samples skipped by the loader are appended to ``RUN/skipped-mismatch.jsonl``."""
+    if cfg.data.on_mismatch != "skip" or cfg.data.mismatch_log:
+        return cfg
+    os.makedirs(cfg.out, exist_ok=True)
+    log = os.path.join(cfg.out, MISMATCH_LOG)
+    if not cfg.resume and os.path.exists(log):
+        os.remove(log)
+    return replace(cfg, data=replace(cfg.data, mismatch_log=log))
+
+
+def report_mismatches(cfg: TrainConfig) -> int:
+    """Count (and say) the samples skipped for a changed image; 0 when none or not skipping."""
+    log = cfg.data.mismatch_log
+    n = 0
+    if log and os.path.exists(log):
+        with open(log) as f:
+            n = sum(1 for _ in f)
+    if n:
+        print(f"skipped {n} sample read(s) whose image differs from the manifest (--on-mismatch skip); see {log}")
+    return n
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     rank, world = _dist_env()
     check_out(cfg.out)
+    guard_run_dir(cfg)
+    cfg = with_mismatch_log(cfg)
     device = resolve_device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     objective, ds, teacher, join = build_run(cfg, rank, world, device)
+    check_resume_config(cfg, join)
     norm = target_norm_for(cfg, join)
     norm = norm.to(device) if norm is not None else None
     accum = cfg.optim.accum
@@ -265,11 +340,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     lrs = lr_schedule(total, peak, cfg.optim.warmup, cfg.optim.min_lr)
     opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=peak, betas=cfg.optim.betas)
     state = TrainState()
-    ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
+    loaded = load_latest(cfg.out, objective, opt) if cfg.resume else None
+    ckpt = loaded[0] if loaded else None
     if cfg.resume and ckpt is None and rank == 0:
         print(f"--resume: no checkpoint in {cfg.out}; starting from scratch")
-    if ckpt:
-        state = load_checkpoint(ckpt, objective, opt)
+    if loaded:
+        state = loaded[1]
     model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     if rank == 0:
         _write_config(cfg, join, objective, total, peak, norm)
@@ -321,7 +397,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
             if cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and state.step < total and rank == 0:
                 save_checkpoint(cfg.out, objective, opt, state)
-        if state.batch_in_epoch >= n_batches:
+        # A loader that ran dry early (samples skipped by --on-mismatch skip) ends the epoch too: never
+        # replay the same epoch forever.
+        if state.batch_in_epoch >= n_batches or state.step < total:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     bar.close()
     seconds = time.perf_counter() - t0
@@ -339,6 +417,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                   f"{result.samples_per_s:.1f} samples/s); final loss {result.final_loss:.4f}; run: {cfg.out}")
             if summary.get("blind_verdict"):
                 print(summary["blind_verdict"])
+        report_mismatches(cfg)
     if world > 1:
         dist.barrier()
     return result

@@ -22,6 +22,8 @@ import zarr
 
 from .config import ExtractConfig, StorageConfig, TeacherConfig
 from .images import BadImage, decode_image, to_uint8_chw
+from .integrity import changed_since_extraction, source_stamp
+from .lock import WriterLock, foreign_out
 from .prepare import PreparedDataset, iter_dataset_samples, load_dataset
 from .runtime import progress_bar, resolve_device
 from .shards import pick_image
@@ -152,7 +154,15 @@ def _run_teacher(teacher: Teacher, views: torch.Tensor, batch_size: int, device:
 
 
 def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None = None) -> ShardResult:
-    """Extract one shard for one tokenizer: plan its views, run the teacher, write its group."""
+    """Extract one shard for one tokenizer: plan its views, run the teacher, write its group.
+
+    Every chunk is written, even one that holds only fill values (zarr skips those by default, and the
+    setting is not stored with the array): readers take a missing chunk for damage, never for zeros."""
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        return _extract_shard(job, teacher, device, ds)
+
+
+def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None) -> ShardResult:
     t0 = time.perf_counter()
     ds = ds or load_dataset(job.dataset)
     rows = ds.rows(job.shard)
@@ -163,6 +173,10 @@ def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pre
                       codes=codes, dtype=job.storage.dtype, chunk_rows=job.storage.chunk_rows,
                       clevel=job.storage.clevel, num_codes=spec.num_codes, codec=job.storage.codec)
     tok = zarr.open_group(job.cache, mode="r+")[job.group]
+    if is_complete(tok, job.sid):  # a retried task whose first attempt finished: a complete shard is never redone
+        rec = dict(tok[job.sid].attrs["complete"])
+        return ShardResult(job.group, **{f: rec[f] for f in ShardResult.__dataclass_fields__ if f in rec})
+    source = source_stamp(ds, job.shard)  # before reading: a change while we read fails the hash check
     g = create_shard_group(tok, job.sid, job.shard, lay)
     g["keys"][:] = np.asarray(rows["key"], dtype=str)
     g["seeds"][:], g["boxes"][:], g["flips"][:] = plan.seeds, plan.boxes, plan.flips
@@ -180,7 +194,10 @@ def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pre
             samples[row["index"]] = raw
             read = row["index"] + 1
         ok, views = _views_of(job, teacher, rows, plan, lo, hi, samples, skipped)
-        if not ok:
+        if not ok:  # no row of this chunk decoded: its target chunks hold fill values, written all the same
+            for name in ("tokens", "token_scale", "cls", "cls_scale"):
+                if name in g:
+                    g[name][lo:hi] = 0
             continue
         tokens, cls = _run_teacher(teacher, views, job.batch_size, device)
         idx = np.asarray(ok) - lo
@@ -191,7 +208,8 @@ def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pre
     g["valid"][:] = valid
     result = ShardResult(job.group, job.shard, n, int(valid.sum()), int(valid.sum()) * k,
                          time.perf_counter() - t0, stored_bytes(g), skipped)
-    g.attrs["complete"] = {k_: v for k_, v in asdict(result).items() if k_ != "group"}  # written last
+    record = {k_: v for k_, v in asdict(result).items() if k_ != "group"}
+    g.attrs["complete"] = {**record, "source": source}  # written last
     return result
 
 
@@ -270,8 +288,11 @@ class _Worker:
         except Exception as e:  # one broken shard must not take the others down; it is reported
             import traceback
 
+            where = ""
+            if isinstance(e, OSError) and not e.filename:  # zarr's store drops the path: name the shard group
+                where = f" (writing {job.cache.rstrip('/')}/{job.group}/{job.sid})"
             return ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
-                               error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+                               error=f"{type(e).__name__}: {e}{where}\n{traceback.format_exc()}")
 
     def _run(self, job: ShardJob) -> ShardResult:
         if job.group not in self.teachers:
@@ -304,10 +325,12 @@ class ExtractSummary:
     tokenizers: list[TokenizerSummary]
     wall_seconds: float
     failed: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Problems writing the reports (full disk, read-only folder); the summary is printed regardless."""
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.notes
 
     def table(self) -> str:
         head = f"{'tokenizer':28s} {'shards':>7s} {'samples':>8s} {'views':>8s} {'skipped':>8s} {'img/s':>8s} {'B/view':>10s}"
@@ -318,8 +341,9 @@ class ExtractSummary:
                          f"{t.images_per_s:>8.1f} {t.bytes_per_view:>10.0f}")
         lines.append(f"cache: {self.cache}   wall time: {self.wall_seconds:.1f}s")
         for f in self.failed:
-            lines.append(f"FAILED shard {f['shard']} of {f['group']}: {f['error'].splitlines()[0]} "
-                         "(left incomplete; re-run the same command to retry)")
+            hint = "" if f["error"].startswith("changed") else " (left incomplete; re-run the same command to retry)"
+            lines.append(f"FAILED shard {f['shard']} of {f['group']}: {f['error'].splitlines()[0]}{hint}")
+        lines += [f"WARNING: {n}" for n in self.notes]
         for t in self.tokenizers:
             if t.skipped_by_reason:
                 reasons = ", ".join(f"{r} x{c}" for r, c in sorted(t.skipped_by_reason.items()))
@@ -340,13 +364,13 @@ def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:
     }
     try:
         root = zarr.open_group(cfg.out, mode="r+")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as missing:
-        fs, path = fsspec.core.url_to_fs(cfg.out)
-        if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
-            # zarr's mode "w" would delete whatever is there: never touch a location that is not ours.
-            raise ValueError(f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out") from missing
-        # The attributes go into the group's one metadata write: a crash cannot leave a root without them.
-        return zarr.open_group(cfg.out, mode="w",
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        if foreign_out(cfg.out):  # checked again under the lock: nothing of another run's is ever emptied
+            raise ValueError(f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out") from None
+        # Mode "a" creates without deleting anything (mode "w" empties the folder, and tries to remove an
+        # empty mount point). The attributes go into the group's one metadata write: a crash cannot leave
+        # a root without them.
+        return zarr.open_group(cfg.out, mode="a",
                                attributes={"digpt_cache": {**want, "created_by": f"digpt {package_version()}"}})
     have = root.attrs.get("digpt_cache")
     if have is None:
@@ -509,6 +533,24 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     fit = {tc.group_name for tc in cfg.teachers if fitted_family(tc)}
     teachers = {tc.group_name: build_teacher(tc) for tc in cfg.teachers if tc.group_name not in fit}
     bases = {tc.group_name: _fitted_base(tc) for tc in cfg.teachers if tc.group_name in fit}
+    if foreign_out(cfg.out):  # before the lock creates anything inside it
+        raise ValueError(f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out")
+    try:
+        lock = WriterLock(cfg.out)
+        lock.acquire()
+    except OSError as e:  # read-only or missing parent: one line naming the path
+        raise ValueError(f"cannot write the cache at {cfg.out}: {e.strerror or e}"
+                         + (f": {e.filename}" if e.filename else "")) from None
+    try:
+        return _extract_locked(cfg, ds, device, fit, teachers, bases, t_start, progress)
+    finally:
+        lock.release()
+
+
+def _extract_locked(cfg: ExtractConfig, ds: PreparedDataset, device: torch.device, fit: set[str],
+                    teachers: dict[str, Teacher], bases: dict[str, Teacher], t_start: float,
+                    progress: bool) -> ExtractSummary:
+    """:func:`run_extract` once this run holds the cache's writer lock."""
     root = _init_root(cfg, ds)
     fitted: dict[str, np.ndarray] = {}  # group -> its codebook / PCA basis
     for tc in cfg.teachers:  # every existing group must match its config before anything is written or fit
@@ -536,13 +578,16 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     bases.clear()
 
     sids = shard_ids(ds.shards)
-    jobs, already = [], Counter()
+    jobs, already, changed = [], Counter(), []
     # Workers may run in another directory (Ray starts them in its session dir): hand them an absolute path.
     out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
     for tc in cfg.teachers:
         tok = root[tc.group_name]
         for shard in ds.shards:
             if is_complete(tok, sids[shard]):
+                why = changed_since_extraction(tok, sids[shard], ds, shard)
+                if why:
+                    changed.append({"group": tc.group_name, "shard": shard, "error": f"changed since extraction: {why}"})
                 already[tc.group_name] += 1
             else:
                 jobs.append(ShardJob(os.path.abspath(ds.root), shard, sids[shard], out, tc.group_name,
@@ -550,7 +595,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     t_exec = time.perf_counter()
     results = _execute(cfg, jobs, teachers, fitted, ds, progress)
     exec_seconds = time.perf_counter() - t_exec
-    return _summarize(cfg, root, results, already, exec_seconds, time.perf_counter() - t_start)
+    return _summarize(cfg, root, results, already, exec_seconds, time.perf_counter() - t_start, changed)
 
 
 def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teacher], fitted: dict[str, np.ndarray],
@@ -607,11 +652,12 @@ def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherCo
 
 
 def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult], already: Counter,
-               exec_seconds: float, wall: float) -> ExtractSummary:
+               exec_seconds: float, wall: float, changed: list[dict[str, str]] = ()) -> ExtractSummary:
     """Per-tokenizer totals over the whole cache; images/s over this run's execution phase (all
     tokenizers share it, so a tokenizer's rate is its share of samples / that time)."""
     out = []
-    failed = [{"group": r.group, "shard": r.shard, "error": r.error} for r in results if r.error]
+    failed = [*changed, *({"group": r.group, "shard": r.shard, "error": r.error} for r in results if r.error)]
+    notes: list[str] = []
     for tc in cfg.teachers:
         name = tc.group_name
         tok = root[name]
@@ -623,7 +669,7 @@ def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult],
         views = sum(c["views"] for c in complete)
         nbytes = sum(c["bytes"] for c in complete)
         secs = sum(r.seconds for r in mine)
-        skipped_file = _write_skipped(cfg.out, name, skipped)
+        skipped_file = _report_or_note(notes, f"skipped-{name}.jsonl", _write_skipped, cfg.out, name, skipped)
         out.append(TokenizerSummary(
             group=name, teacher=tc.name, shards_done=len(mine), shards_skipped_complete=already[name],
             samples=sum(c["rows"] for c in complete), valid=valid, views=views, seconds=secs,
@@ -632,10 +678,21 @@ def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult],
             skipped_by_reason=dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
             skipped_file=skipped_file,
         ))
-    summary = ExtractSummary(cfg.out, out, wall, failed)
-    write_report(cfg.out, "extract-summary.json",
-                 json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str))
+    summary = ExtractSummary(cfg.out, out, wall, failed, notes)
+    _report_or_note(notes, "extract-summary.json", write_report, cfg.out, "extract-summary.json",
+                    json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str))
     return summary
+
+
+def _report_or_note(notes: list[str], report: str, write, cache: str, *args) -> str:
+    """Write a report file; on a full disk or read-only folder say so in the summary instead of dying
+    before the summary (which lists the failed shards) is printed."""
+    try:
+        return write(cache, *args)
+    except OSError as e:
+        path = e.filename or f"{cache.rstrip('/')}/{REPORTS_DIR}/{report}"
+        notes.append(f"could not write report {path}: {e.strerror or e}")
+        return ""
 
 
 def _reason_kind(reason: str) -> str:

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -43,7 +44,9 @@ from teacher_cache.shards import (
     RawSample,
     ShardError,
     iter_tar_samples,
+    key_problem,
     pick_image,
+    printable_key,
     shard_name,
     write_tar_shards,
 )
@@ -323,7 +326,7 @@ def iter_dataset_samples(
 
 
 def _check_same_sample(shard: str, row: dict[str, Any], sample: RawSample) -> None:
-    if sample.key != row["key"]:
+    if printable_key(sample.key) != row["key"]:
         raise ManifestMismatch(
             f"{shard}: index {row['index']} has key {sample.key!r}, manifest says {row['key']!r}"
         )
@@ -370,12 +373,13 @@ class _ManifestBuilder:
         duplicate = sample.key in self._seen[1]
         self._seen[1].add(sample.key)
         ext, data, width, height, image_error = _describe_image(sample)
+        bad_key = key_problem(sample.key)  # a name webdataset would drop or the manifest cannot hold
         row = {
-            "shard": shard, "key": sample.key, "index": index, "label": label, "width": width,
+            "shard": shard, "key": printable_key(sample.key), "index": index, "label": label, "width": width,
             "height": height, "bytes": len(data), "hash": _digest(data) if ext else "", "ext": ext,
             # One reason per row, the one that matters most downstream: a duplicate is skipped
             # whatever else is wrong with it.
-            "error": (ERR_DUPLICATE if duplicate else "") or image_error or label_error,
+            "error": bad_key or (ERR_DUPLICATE if duplicate else "") or image_error or label_error,
         }  # fmt: skip
         row.update({name: extra.get(name, "") for name in self._extra})
         for name, value in row.items():
@@ -536,13 +540,12 @@ def _scan_imagefolder(root: str) -> _FolderListing:
         elif e.name.startswith("."):
             listing.skipped.append({"path": e.name, "reason": "hidden directory"})
     used: set[str] = set()
+    # The root and every class directory: a link back to one of them inside a class is a loop (or
+    # would file another class's images under this one).
+    tree = {os.path.realpath(root)} | {os.path.realpath(os.path.join(root, c)) for c in listing.classes}
     for label, name in enumerate(listing.classes):
         class_dir = os.path.join(root, name)
-        rel_paths = sorted(
-            os.path.relpath(os.path.join(d, f), class_dir).replace(os.sep, "/")
-            for d, _, files in os.walk(class_dir, followlinks=True)
-            for f in files
-        )
+        rel_paths = _walk_class_dir(class_dir, name, listing.skipped, tree)
         for rel in rel_paths:
             ext = os.path.splitext(rel)[1][1:].lower()
             if ext not in IMAGE_EXTS:
@@ -553,6 +556,41 @@ def _scan_imagefolder(root: str) -> _FolderListing:
             key = _folder_key(label, rel, used)
             listing.files.append(_FolderFile(os.path.join(class_dir, rel), label, key, ext))
     return listing
+
+
+def _walk_class_dir(class_dir: str, name: str, skipped: list[dict[str, str]], tree: set[str]) -> list[str]:
+    """Relative paths of the regular files under ``class_dir``, following links to directories once.
+
+    A directory reached twice (a symlink loop, or two links to one folder) is walked once; a FIFO (it
+    would block ``open`` forever), a device (``/dev/zero`` never ends), a socket or a dangling link is
+    skipped with its reason instead of being read."""
+    rel_paths: list[str] = []
+    seen = set(tree)
+    for d, dirs, files in os.walk(class_dir, followlinks=True):
+        for sub in sorted(dirs):
+            real = os.path.realpath(os.path.join(d, sub))
+            if real in seen or any(t.startswith(real.rstrip(os.sep) + os.sep) for t in tree):  # also ancestors
+                dirs.remove(sub)
+                rel = os.path.relpath(os.path.join(d, sub), class_dir).replace(os.sep, "/")
+                skipped.append({"path": f"{name}/{rel}", "reason": "directory already listed (symlink loop or "
+                                                                     "second link to it)"})
+            else:
+                seen.add(real)
+        for f in files:
+            path = os.path.join(d, f)
+            rel = os.path.relpath(path, class_dir).replace(os.sep, "/")
+            try:
+                mode = os.stat(path).st_mode  # follows links: what open() would read
+            except OSError as e:
+                skipped.append({"path": f"{name}/{rel}", "reason": f"unreadable: {e.strerror or e}"})
+                continue
+            if not stat.S_ISREG(mode):
+                kind = ("fifo" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                        else "socket" if stat.S_ISSOCK(mode) else "special file")
+                skipped.append({"path": f"{name}/{rel}", "reason": f"not a regular file ({kind})"})
+                continue
+            rel_paths.append(rel)
+    return sorted(rel_paths)
 
 
 def _read_folder_samples(listing: _FolderListing, root: str) -> Iterator[tuple[RawSample, int]]:

@@ -73,6 +73,27 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+def key_problem(key: str) -> str:
+    """Why a member key cannot name a sample ('' when it can): webdataset drops an empty key (a member
+    named ``.jpg``) and names that are not UTF-8 cannot be stored in the manifest or matched later."""
+    if not key or key.endswith("/"):
+        return "bad key: empty (a member named like '.jpg')"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "bad key: member name is not UTF-8"
+    return ""
+
+
+def printable_key(key: str) -> str:
+    """``key`` itself when it is valid UTF-8, else its bytes with the invalid ones as ``\\xNN``."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def shard_name(prefix: str, number: int) -> str:
     """File name of shard ``number`` as :func:`write_tar_shards` writes it."""
     return f"{prefix}-{number:06d}.tar"

@@ -19,7 +19,9 @@ from an interrupted run: the next run deletes and redoes it.
 Compression is Blosc with bit-shuffle (zarr's ``BloscCodec``, backed by numcodecs' Blosc): lz4 for
 float features by default (they are near-incompressible, and lz4 decodes ~3x faster than zstd for ~2%
 more bytes), zstd for integer codes and metadata arrays; ``StorageConfig.codec`` chooses (see
-:func:`target_codec`).
+:func:`target_codec`), followed by a ``crc32c`` checksum on every chunk; every
+chunk is written, even an all-fill one, so a missing chunk file is damage rather than zeros
+(``integrity.py``; shard attribute ``integrity``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .integrity import INTEGRITY, checked, chunk_config, with_checksum
 
 SCHEMA_VERSION = 1
 REPORTS_DIR = "reports"  # CACHE/reports holds JSON summaries and skip lists, outside the hierarchy
@@ -155,14 +159,15 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
     if sid in tok:
         del tok[sid]
     g = tok.create_group(sid)
-    g.attrs["shard"] = {"name": shard, "rows": lay.rows}
+    # ``integrity``: every chunk is written (even all-fill ones) and checksummed; readers rely on both.
+    g.attrs["shard"] = {"name": shard, "rows": lay.rows, "integrity": INTEGRITY}
     n, k, t, d, c = lay.rows, lay.views, lay.tokens, lay.dim, max(1, min(lay.chunk_rows, lay.rows))
     comp, target_comp = compressor(lay.clevel), compressor(lay.clevel, target_codec(lay.codec, lay.codes))
 
     def arr(name: str, shape: tuple[int, ...], dtype: str, fill: Any = 0, target: bool = False) -> None:
         chunks = (c, *shape[1:]) if shape else shape
-        g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=target_comp if target else comp,
-                       fill_value=fill)
+        g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, config=chunk_config(),
+                       compressors=with_checksum(target_comp if target else comp))
 
     if lay.codes:
         arr("tokens", (n, k, t), "int16" if lay.num_codes <= 32767 else "int32", target=True)
@@ -174,7 +179,8 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
         arr("cls", (n, k, d), zarr_dtype(lay.dtype), target=True)
         if lay.dtype == "int8":
             arr("cls_scale", (n, k), "float32")
-    g.create_array("keys", shape=(n,), chunks=(max(1, n),), dtype=str)
+    g.create_array("keys", shape=(n,), chunks=(max(1, n),), dtype=str, config=chunk_config(),
+                   compressors=with_checksum(ZstdCodec()))
     arr("valid", (n,), "bool", False)
     arr("seeds", (n, k), "uint64")
     arr("boxes", (n, k, 4), "int32", -1)
@@ -233,31 +239,37 @@ class ShardTargets:
 
     @property
     def keys(self) -> list[str]:
-        return [str(k) for k in self.g["keys"][:]]
+        return [str(k) for k in self._read("keys", lambda a: a[:])]
+
+    def _read(self, name: str, read) -> np.ndarray:
+        """``read(array)``, with a damaged chunk reported by array, shard and chunk (never fill values:
+        missing chunks are refused before reading, by ``integrity.check_shard_group``)."""
+        return checked(self.g, name, lambda: read(self.g[name]))
+
+    def _select(self, name: str, rows: slice | np.ndarray, view: int | slice | np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            return self._read(name, lambda a: a[rows, view])
+        return self._read(name, lambda a: a.get_orthogonal_selection((rows, view)))
 
     def tokens(self, rows: slice | np.ndarray, view: int | slice | np.ndarray = slice(None)) -> torch.Tensor:
         """Float tokens ``[len(rows), (K,) T, D]``; code teachers are looked up in the codebook."""
-        stored = self.g["tokens"].get_orthogonal_selection((rows, view)) if not isinstance(rows, slice) \
-            else self.g["tokens"][rows, view]
+        stored = self._select("tokens", rows, view)
         if self.info.codes:
             assert self.codebook is not None
             return self.codebook[torch.from_numpy(stored.astype(np.int64))]
-        scale = None
-        if self.info.dtype == "int8":
-            scale = self.g["token_scale"].get_orthogonal_selection((rows, view)) if not isinstance(rows, slice) \
-                else self.g["token_scale"][rows, view]
+        scale = self._select("token_scale", rows, view) if self.info.dtype == "int8" else None
         return decode_block(stored, self.info.dtype, scale)
 
     def codes(self, rows: slice, view: int | slice = slice(None)) -> torch.Tensor:
         if not self.info.codes:
             raise ValueError(f"tokenizer {self.info.name!r} stores features, not codes")
-        return torch.from_numpy(self.g["tokens"][rows, view].astype(np.int64))
+        return torch.from_numpy(self._select("tokens", rows, view).astype(np.int64))
 
     def cls(self, rows: slice, view: int | slice = slice(None)) -> torch.Tensor | None:
         if "cls" not in self.g:
             return None
-        scale = self.g["cls_scale"][rows, view] if self.info.dtype == "int8" else None
-        return decode_block(self.g["cls"][rows, view], self.info.dtype, scale)
+        scale = self._select("cls_scale", rows, view) if self.info.dtype == "int8" else None
+        return decode_block(self._select("cls", rows, view), self.info.dtype, scale)
 
 
 def open_shard(root: zarr.Group, tokenizer: str, sid: str) -> ShardTargets:

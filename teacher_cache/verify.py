@@ -20,6 +20,7 @@ import zarr
 from .config import TeacherConfig
 from .extract import build_teacher, load_fitted
 from .images import decode_image, to_uint8_chw
+from .integrity import CacheIntegrityError, check_shard_group, checked, has_integrity, read_every_chunk, warn_unchecked
 from .prepare import iter_dataset_samples, load_dataset
 from .runtime import progress_bar, resolve_device
 from .shards import pick_image
@@ -47,6 +48,9 @@ class VerifyConfig:
     """Seed for picking the spot-check views."""
     device: str = "auto"
     """Device for the recomputation."""
+    full: bool = False
+    """Decode every chunk of every array (each checksum verified); the default reads the target arrays
+    (for the finite check), lists every chunk and reads the small ones."""
 
     def __post_init__(self) -> None:
         if self.spot_checks < 0:
@@ -123,6 +127,8 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
     sids = shard_ids(ds.shards)
     missing, incomplete, bad_keys, bad_plan, nonfinite, valid, rows = [], [], [], [], [], 0, 0
     bad_shape: list[str] = []
+    damaged: list[str] = []  # corrupt or missing chunks, swapped groups, valid counts off the record
+    chunks_read, unchecked = 0, []
     for shard in progress_bar(ds.shards, desc=f"verify {name}", unit="shard", disable=not progress):
         sid = sids[shard]
         if sid not in tok:
@@ -133,19 +139,37 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
             incomplete.append(shard)
             continue
         mrows = ds.rows(shard)
-        if [str(k) for k in g["keys"][:]] != list(mrows["key"]):
-            bad_keys.append(shard)
+        if not has_integrity(g):
+            unchecked.append(g)
+        try:
+            problems = check_shard_group(g, shard, list(mrows["key"]))
+            if any(p.startswith("stored keys") for p in problems):
+                bad_keys.append(shard)
+            problems = [p for p in problems if not p.startswith("stored keys")]
+            if problems:
+                damaged += [f"{shard}: {p}" for p in problems]
+                continue
+            if shard in bad_keys:
+                continue
+            plan = plan_shard(shard, mrows["key"], mrows["width"], mrows["height"], aug)
+            stored = {n: checked(g, n, lambda g=g, n=n: g[n][:]) for n in ("seeds", "boxes", "flips")}
+            if not (np.array_equal(plan.seeds, stored["seeds"]) and np.array_equal(plan.boxes, stored["boxes"])
+                    and np.array_equal(plan.flips, stored["flips"])):
+                bad_plan.append(shard)
+            shape_problem = _shape_problem(g, info, aug.views, len(mrows["key"]))
+            if shape_problem:
+                bad_shape.append(f"{shard}: {shape_problem}")
+                continue
+            if cfg.full:
+                chunks_read += read_every_chunk(g)
+            if not info.codes and not _finite(g, info.dtype):
+                nonfinite.append(shard)
+        except CacheIntegrityError as e:
+            damaged.append(str(e))
             continue
-        plan = plan_shard(shard, mrows["key"], mrows["width"], mrows["height"], aug)
-        if not (np.array_equal(plan.seeds, g["seeds"][:]) and np.array_equal(plan.boxes, g["boxes"][:])
-                and np.array_equal(plan.flips, g["flips"][:])):
-            bad_plan.append(shard)
-        shape_problem = _shape_problem(g, info, aug.views, len(mrows["key"]))
-        if shape_problem:
-            bad_shape.append(f"{shard}: {shape_problem}")
+        except Exception as e:  # a damaged chunk in the plan arrays: zarr/Blosc's own error types
+            damaged.append(f"{shard}: {type(e).__name__}: {e}")
             continue
-        if not info.codes and not _finite(g, info.dtype):
-            nonfinite.append(shard)
         valid += int(g["valid"][:].sum())
         rows += len(mrows["key"])
     report.add(name, "complete", not missing and not incomplete,
@@ -156,8 +180,14 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
     spec = info.spec
     report.add(name, "shapes match spec", not bad_shape, "; ".join(bad_shape[:3]) if bad_shape else
                f"{aug.views} views x {spec['grid'][0]}x{spec['grid'][1]} tokens x {spec['dim']}")
+    if unchecked:
+        warn_unchecked(cfg.cache, unchecked)
+    intact = ("every chunk present; " + (f"{chunks_read} chunks decoded, every checksum matches" if cfg.full else
+              "target chunks decoded with their checksums (--full: every chunk)"))
+    report.add(name, "chunks intact", not damaged, "; ".join(damaged[:3]) if damaged else
+               f"{len(unchecked)} shard(s) written without checksums: not checkable" if unchecked else intact)
     report.add(name, "finite", not nonfinite, f"NaN/Inf in {nonfinite[:3]}" if nonfinite else "no NaN/Inf")
-    if cfg.spot_checks and not (missing or incomplete or bad_keys or bad_shape):
+    if cfg.spot_checks and not (missing or incomplete or bad_keys or bad_shape or damaged):
         _spot_check(cfg, report, tok, info, ds, sids, aug)
 
 
@@ -197,7 +227,7 @@ def _finite(g: zarr.Group, dtype: str) -> bool:
         arr = g[name]
         step = arr.chunks[0]
         for lo in range(0, arr.shape[0], step):
-            x = decode_block(arr[lo : lo + step], dtype, np.ones(arr.shape[:-1], np.float32)[lo : lo + step]
+            x = decode_block(checked(g, name, lambda a=arr, lo=lo, step=step: a[lo : lo + step]), dtype, np.ones(arr.shape[:-1], np.float32)[lo : lo + step]
                              if dtype == "int8" else None)
             if not torch.isfinite(x).all():
                 return False

@@ -160,6 +160,7 @@ TRAIN_CASES = [
     pytest.param(TRAIN + " --steps 1 --device cuda", ["device"], ["cpu"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
     (TRAIN + " --steps 1 --target-norm zscore", ["--target-norm"], ["channel", "none"]),
+    (TRAIN + " --steps 1 --on-mismatch ignore", ["--on-mismatch"], ["error", "skip"]),
     ("--shards {ds} --cache {cache} --out EMPTY --steps 1", ["out"], []),
     ("--shards {ds} --cache {cache} --out {tmp}/w.pt --steps 1", ["out"], ["not a directory"]),
     # An existing directory that is not a run is never written into.
@@ -359,7 +360,7 @@ def test_every_option_has_a_bad_value_case():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
     # Flags: no value to get wrong.
-    exempt = {"--help", "--allow-hub", "--resume", "--online-teacher", "--random-init"}
+    exempt = {"--help", "--allow-hub", "--resume", "--online-teacher", "--random-init", "--full"}
     assert set(sub) == set(CASES) | {"teachers"}, "a new command needs a case table"
     missing = []
     for command, cases in CASES.items():
