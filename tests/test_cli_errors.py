@@ -160,7 +160,7 @@ TRAIN_CASES = [
     pytest.param(TRAIN + " --steps 1 --device cuda", ["device"], ["cpu"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
     (TRAIN + " --steps 1 --target-norm zscore", ["--target-norm"], ["channel", "none"]),
-    (TRAIN + " --steps 1 --on-mismatch ignore", ["--on-mismatch"], ["error", "skip"]),
+    (TRAIN + " --steps 1 --on-mismatch ignore", ["on_mismatch"], ["error", "skip"]),
     ("--shards {ds} --cache {cache} --out EMPTY --steps 1", ["out"], []),
     ("--shards {ds} --cache {cache} --out {tmp}/w.pt --steps 1", ["out"], ["not a directory"]),
     # An existing directory that is not a run is never written into.
