@@ -117,6 +117,13 @@ class ShardResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     error: str = ""
     """Non-empty when the shard failed as a whole (left incomplete; a re-run redoes it)."""
+    node: str = ""
+    """Ray node id of the worker that ran it (``local`` in-process); kept out of the completion record,
+    so where a shard ran never changes the cache's bytes."""
+    host: str = ""
+
+
+_RUN_ONLY = ("group", "node", "host")  # ShardResult fields the completion record leaves out
 
 
 def _views_of(job: ShardJob, teacher: Teacher, rows: dict[str, list], plan, lo: int, hi: int,
@@ -201,7 +208,7 @@ def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pre
     g["valid"][:] = valid
     result = ShardResult(job.group, job.shard, n, int(valid.sum()), int(valid.sum()) * k,
                          time.perf_counter() - t0, stored_bytes(g), skipped)
-    g.attrs["complete"] = {k_: v for k_, v in asdict(result).items() if k_ != "group"}  # written last
+    g.attrs["complete"] = {k_: v for k_, v in asdict(result).items() if k_ not in _RUN_ONLY}  # written last
     return result
 
 
@@ -276,12 +283,14 @@ class _Worker:
 
     def run(self, job: ShardJob) -> ShardResult:
         try:
-            return self._run(job)
+            result = self._run(job)
         except Exception as e:  # one broken shard must not take the others down; it is reported
             import traceback
 
-            return ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
-                               error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            result = ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
+                                 error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        result.node, result.host = _where()
+        return result
 
     def _run(self, job: ShardJob) -> ShardResult:
         if job.group not in self.teachers:
@@ -290,6 +299,16 @@ class _Worker:
         if job.dataset not in self.datasets:
             self.datasets[job.dataset] = load_dataset(job.dataset)
         return extract_shard(job, self.teachers[job.group], self.device, self.datasets[job.dataset])
+
+
+def _where() -> tuple[str, str]:
+    """(Ray node id, host name) of this process; node ``local`` outside Ray."""
+    import socket
+    import sys
+
+    ray = sys.modules.get("ray")  # never imported by the local executor: do not pay for it there
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
+    return node, socket.gethostname()
 
 
 @dataclass
@@ -314,6 +333,12 @@ class ExtractSummary:
     tokenizers: list[TokenizerSummary]
     wall_seconds: float
     failed: list[dict[str, str]] = field(default_factory=list)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    """This run's shards: group, shard, node (Ray node id), host, seconds, ok, in completion order."""
+
+    def nodes(self) -> dict[str, int]:
+        """``node@host -> shards run there`` over this run (failed ones included)."""
+        return dict(Counter(f"{s['node'][:12]}@{s['host']}" for s in self.shards))
 
     @property
     def ok(self) -> bool:
@@ -327,6 +352,8 @@ class ExtractSummary:
             lines.append(f"{t.group[:28]:28s} {t.shards_done:>7d} {t.samples:>8d} {t.views:>8d} {skipped:>8d} "
                          f"{t.images_per_s:>8.1f} {t.bytes_per_view:>10.0f}")
         lines.append(f"cache: {self.cache}   wall time: {self.wall_seconds:.1f}s")
+        if self.shards:
+            lines.append("shards per node: " + ", ".join(f"{n} x{c}" for n, c in sorted(self.nodes().items())))
         for f in self.failed:
             lines.append(f"FAILED shard {f['shard']} of {f['group']}: {f['error'].splitlines()[0]} "
                          "(left incomplete; re-run the same command to retry)")
@@ -583,7 +610,9 @@ def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teach
         w.teachers.update({k: t.to(w.device) for k, t in teachers.items()})  # reuse the driver's models
         w.datasets[os.path.abspath(ds.root)] = ds
         for job in jobs:
-            done(w.run(job))
+            r = w.run(job)
+            r.node = "local"  # (even when a Ray session exists in this process: the driver did the work)
+            done(r)
     else:
         _run_ray(cfg, jobs, cfgs, fitted, workers, threads, gpus, done)
     bar.close()
@@ -598,20 +627,32 @@ def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherCo
 
     ensure_ray(cfg.ray_address)
     # Ray runs a task at least once: an actor that dies is restarted and its task retried. Retrying a
-    # shard is safe because extract_shard recreates the shard group before writing it.
+    # shard is safe because extract_shard recreates the shard group before writing it. An actor whose
+    # node is lost is restarted on another node, which needs a free slot there: so an actor that comes
+    # back idle with nothing left to hand out is killed at once, giving its slot to such a restart
+    # (otherwise the retried shard would wait forever for a slot held by an idle actor).
     actor_cls = ray.remote(num_cpus=threads or 1, num_gpus=gpus, max_restarts=3, max_task_retries=3)(_Worker)
     actors = [actor_cls.remote(cfgs, fitted, cfg.device, threads) for _ in range(min(workers, len(jobs)))]
     pending = list(jobs)
-    inflight: dict[Any, Any] = {}
+    inflight: dict[Any, tuple[Any, ShardJob]] = {}
     for a in actors:
         if pending:
-            inflight[a.run.remote(pending.pop(0))] = a
+            job = pending.pop(0)
+            inflight[a.run.remote(job)] = (a, job)
     while inflight:
         ready, _ = ray.wait(list(inflight), num_returns=1)
-        actor = inflight.pop(ready[0])
-        done(ray.get(ready[0]))
-        if pending:
-            inflight[actor.run.remote(pending.pop(0))] = actor
+        actor, job = inflight.pop(ready[0])
+        try:
+            done(ray.get(ready[0]))
+        except ray.exceptions.RayActorError as e:  # restarts used up (a node lost for good): named, re-runnable
+            done(ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
+                             error=f"worker lost: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            actor = None
+        if pending and actor is not None:
+            job = pending.pop(0)
+            inflight[actor.run.remote(job)] = (actor, job)
+        elif actor is not None:
+            ray.kill(actor)
     for a in actors:
         ray.kill(a)
 
@@ -642,7 +683,9 @@ def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult],
             skipped_by_reason=dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
             skipped_file=skipped_file,
         ))
-    summary = ExtractSummary(cfg.out, out, wall, failed)
+    ran = [{"group": r.group, "shard": r.shard, "node": r.node, "host": r.host, "seconds": round(r.seconds, 3),
+            "ok": not r.error} for r in results]
+    summary = ExtractSummary(cfg.out, out, wall, failed, ran)
     write_report(cfg.out, "extract-summary.json",
                  json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str))
     return summary
