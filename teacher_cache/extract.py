@@ -335,6 +335,8 @@ class ExtractSummary:
     failed: list[dict[str, str]] = field(default_factory=list)
     shards: list[dict[str, Any]] = field(default_factory=list)
     """This run's shards: group, shard, node (Ray node id), host, seconds, ok, in completion order."""
+    report_error: str = ""
+    """Non-empty when the cache could not be read back or reported on after the shards ran."""
 
     def nodes(self) -> dict[str, int]:
         """``node@host -> shards run there`` over this run (failed ones included)."""
@@ -342,7 +344,7 @@ class ExtractSummary:
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.report_error
 
     def table(self) -> str:
         head = f"{'tokenizer':28s} {'shards':>7s} {'samples':>8s} {'views':>8s} {'skipped':>8s} {'img/s':>8s} {'B/view':>10s}"
@@ -354,6 +356,9 @@ class ExtractSummary:
         lines.append(f"cache: {self.cache}   wall time: {self.wall_seconds:.1f}s")
         if self.shards:
             lines.append("shards per node: " + ", ".join(f"{n} x{c}" for n, c in sorted(self.nodes().items())))
+        if self.report_error:
+            lines.append(f"cache {self.cache} unreachable after the shards ran ({self.report_error}); totals and "
+                         "reports not written; re-run the same command when it answers")
         for f in self.failed:
             lines.append(f"FAILED shard {f['shard']} of {f['group']}: {f['error'].splitlines()[0]} "
                          "(left incomplete; re-run the same command to retry)")
@@ -661,34 +666,39 @@ def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult],
                exec_seconds: float, wall: float) -> ExtractSummary:
     """Per-tokenizer totals over the whole cache; images/s over this run's execution phase (all
     tokenizers share it, so a tokenizer's rate is its share of samples / that time)."""
-    out = []
     failed = [{"group": r.group, "shard": r.shard, "error": r.error} for r in results if r.error]
-    for tc in cfg.teachers:
-        name = tc.group_name
-        tok = root[name]
-        mine = [r for r in results if r.group == name and not r.error]
-        # Totals cover the whole cache (earlier runs included), read back from completion records.
-        complete = [dict(g.attrs["complete"]) for _, g in tok.groups() if "complete" in g.attrs]
-        skipped = [s for c in complete for s in c["skipped"]]
-        valid = sum(c["valid"] for c in complete)
-        views = sum(c["views"] for c in complete)
-        nbytes = sum(c["bytes"] for c in complete)
-        secs = sum(r.seconds for r in mine)
-        skipped_file = _write_skipped(cfg.out, name, skipped)
-        out.append(TokenizerSummary(
-            group=name, teacher=tc.name, shards_done=len(mine), shards_skipped_complete=already[name],
-            samples=sum(c["rows"] for c in complete), valid=valid, views=views, seconds=secs,
-            images_per_s=(sum(r.rows for r in mine) / exec_seconds) if mine and exec_seconds > 0 else 0.0,
-            bytes_per_view=(nbytes / views) if views else 0.0,
-            skipped_by_reason=dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
-            skipped_file=skipped_file,
-        ))
     ran = [{"group": r.group, "shard": r.shard, "node": r.node, "host": r.host, "seconds": round(r.seconds, 3),
             "ok": not r.error} for r in results]
-    summary = ExtractSummary(cfg.out, out, wall, failed, ran)
-    write_report(cfg.out, "extract-summary.json",
-                 json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str))
+    try:
+        out = [_tokenizer_totals(cfg, root[tc.group_name], tc, results, already, exec_seconds) for tc in cfg.teachers]
+        summary = ExtractSummary(cfg.out, out, wall, failed, ran)
+        write_report(cfg.out, "extract-summary.json",
+                     json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str))
+    except Exception as e:  # noqa: BLE001 - the store itself went away (object-store outage): the shards
+        # that failed are still named, and the run still ends with its table, not a traceback.
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        summary = ExtractSummary(cfg.out, [], wall, failed, ran, report_error=why)
     return summary
+
+
+def _tokenizer_totals(cfg: ExtractConfig, tok: zarr.Group, tc: TeacherConfig, results: list[ShardResult],
+                      already: Counter, exec_seconds: float) -> TokenizerSummary:
+    name = tc.group_name
+    mine = [r for r in results if r.group == name and not r.error]
+    # Totals cover the whole cache (earlier runs included), read back from completion records.
+    complete = [dict(g.attrs["complete"]) for _, g in tok.groups() if "complete" in g.attrs]
+    skipped = [s for c in complete for s in c["skipped"]]
+    valid = sum(c["valid"] for c in complete)
+    views = sum(c["views"] for c in complete)
+    nbytes = sum(c["bytes"] for c in complete)
+    return TokenizerSummary(
+        group=name, teacher=tc.name, shards_done=len(mine), shards_skipped_complete=already[name],
+        samples=sum(c["rows"] for c in complete), valid=valid, views=views, seconds=sum(r.seconds for r in mine),
+        images_per_s=(sum(r.rows for r in mine) / exec_seconds) if mine and exec_seconds > 0 else 0.0,
+        bytes_per_view=(nbytes / views) if views else 0.0,
+        skipped_by_reason=dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
+        skipped_file=_write_skipped(cfg.out, name, skipped),
+    )
 
 
 def _reason_kind(reason: str) -> str:
