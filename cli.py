@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="turn images into webdataset shards + a Parquet manifest")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="{imagefolder,wds,synthetic}")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{imagefolder,wds,parquet,synthetic}")
     f = kinds.add_parser("imagefolder", help="ImageNet-style class folders -> tar shards")
     f.add_argument("root", help="directory with one sub-directory per class")
     f.add_argument("--out", required=True, help="dataset directory to write")
@@ -27,6 +27,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     w = kinds.add_parser("wds", help="index existing webdataset / img2dataset shards in place")
     w.add_argument("pattern", help="shard pattern, e.g. '/data/laion/{00000..00099}.tar'")
     w.add_argument("--out", required=True, help="dataset directory to write the manifest into")
+    q = kinds.add_parser("parquet", help="parquet shards with an image-bytes column (Hugging Face layout) -> tar shards")
+    q.add_argument("pattern", help="parquet pattern, e.g. 's3://bucket/train-{00000..00009}.parquet'")
+    q.add_argument("--out", required=True, help="dataset directory to write")
+    q.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default 1000)")
+    q.add_argument("--image-column", default="image", help="struct column with 'bytes' or binary column (default image)")
+    q.add_argument("--label-column", default="label", help="integer label column (default label; absent: -1)")
     s = kinds.add_parser("synthetic", help="generate a class-structured image set (demo, tests)")
     s.add_argument("--out", required=True, help="dataset directory to write")
     s.add_argument("--num-samples", type=int, default=512)
@@ -44,6 +50,9 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
                                                    image_size=a.image_size, shard_size=a.shard_size, seed=a.seed))
     elif a.kind == "imagefolder":
         ds = P.prepare_imagefolder(P.ImageFolderConfig(root=a.root, out=a.out, shard_size=a.shard_size))
+    elif a.kind == "parquet":
+        ds = P.prepare_parquet(P.ParquetConfig(pattern=a.pattern, out=a.out, shard_size=a.shard_size,
+                                               image_column=a.image_column, label_column=a.label_column))
     else:
         ds = P.prepare_wds(P.WdsConfig(pattern=a.pattern, out=a.out))
     print(ds.summary())
