@@ -4,7 +4,7 @@ moto's server mode runs as its own process on a free port of 127.0.0.1 (started 
 here). Every command is a real ``python cli.py ...`` process that finds the endpoint and credentials
 in the standard ``AWS_*`` variables (``AWS_ENDPOINT_URL`` included), as it would on a cluster:
 
-* ``prepare wds 's3://bucket/shards/{000..003}.tar'``, ``extract --out s3://bucket/cache`` on Ray
+* ``prepare wds 's3://bucket/shards/{000..003}.tar'`` (and ``prepare parquet 's3://...'``), ``extract --out s3://bucket/cache`` on Ray
   workers, ``verify``, ``train`` (loader workers forked) and ``probe`` all read ``s3://``; the cache's
   arrays and chunk bytes equal the same extraction written to local disk; no endpoint or credential
   is written anywhere in the cache or the dataset directory.
@@ -223,15 +223,25 @@ def test_s3_prepare_extract_verify_train_probe(s3, local_cache, tmp_path):
              tmp_path / "probe.log")
     assert r.returncode == 0 and (run / "probe_linear.json").exists(), r.stdout[-3000:]
 
+    # Parquet shards (Hugging Face layout) read from s3:// by `prepare parquet`
+    from test_prepare_parquet import write_hf_parquet
+
+    write_hf_parquet(tmp_path / "pq")
+    fs = server.fs()
+    for p in sorted((tmp_path / "pq").iterdir()):
+        fs.put(str(p), f"bucket/pq/{p.name}")
+    r = _cli(["prepare", "parquet", "s3://bucket/pq/train-{00000..00001}-of-00002.parquet", "--out",
+              str(tmp_path / "pqds")], server, tmp_path / "parquet.log")
+    assert r.returncode == 0 and "20 samples" in r.stdout, r.stdout[-3000:]
+
     # Neither the endpoint nor a credential is written into the cache or the dataset directory.
     secrets = [server.endpoint, f"127.0.0.1:{server.port}", KEY, SECRET]
-    fs = server.fs()
     objects = fs.find("bucket/cache")
     assert len(objects) > 20
     for p in objects:
         data = fs.cat(p).decode("latin-1")
         assert not [s for s in secrets if s in data], p
-    for p in Path(ds).rglob("*"):
+    for p in [*Path(ds).rglob("*"), *(tmp_path / "pqds").rglob("*")]:
         data = p.read_bytes().decode("latin-1")
         assert not [s for s in secrets if s in data], p
 
