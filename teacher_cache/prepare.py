@@ -750,6 +750,8 @@ class ParquetConfig:
         _require(bool(self.pattern), "pattern must be a non-empty parquet pattern")
         _require(bool(self.out), "out must be a non-empty path")
         _require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+        _require(bool(self.image_column), "image_column must be a non-empty column name")
+        _require(bool(self.label_column), "label_column must be a non-empty column name")
         _require(
             not (_is_url(self.pattern) and any(c in self.pattern for c in "*?[")),
             f"pattern: globs are only supported for local paths, got {self.pattern!r}",
