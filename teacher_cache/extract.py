@@ -658,6 +658,8 @@ def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherCo
             inflight[actor.run.remote(job)] = (actor, job)
         elif actor is not None:
             ray.kill(actor)
+    for job in pending:  # every worker was lost before these could be handed out
+        done(ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0, error="not run: every Ray worker was lost"))
     for a in actors:
         ray.kill(a)
 
