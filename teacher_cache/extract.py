@@ -631,6 +631,11 @@ def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherCo
     from .ray_utils import ensure_ray
 
     ensure_ray(cfg.ray_address)
+    if cfg.ray_address and cfg.workers is None:
+        # Joining a cluster: the default is one worker per GPU (or per `threads` CPUs) of the whole
+        # cluster, not of the machine the driver happens to run on.
+        res = ray.cluster_resources()
+        workers = max(1, int(res.get("GPU", 0) // gpus) if gpus else int(res.get("CPU", 1) // (threads or 1)))
     # Ray runs a task at least once: an actor that dies is restarted and its task retried. Retrying a
     # shard is safe because extract_shard recreates the shard group before writing it. An actor whose
     # node is lost is restarted on another node, which needs a free slot there: so an actor that comes

@@ -39,8 +39,9 @@ from teacher_cache.store import shard_ids
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 GROUP = "random-vit_32_8"
+# No --workers: joining a cluster, extract starts one worker per `--threads` CPUs of the whole cluster (2 here).
 EXTRACT = ["--teacher", "random-vit:32/8", "--views", "2", "--dtype", "fp16", "--chunk-rows", "8",
-           "--batch-size", "8", "--device", "cpu", "--workers", "2", "--threads", "1"]
+           "--batch-size", "8", "--device", "cpu", "--threads", "1"]
 
 
 def _free_port() -> int:
