@@ -53,7 +53,7 @@ def _field(p: argparse.ArgumentParser, flag: str, fd: cli_docs.FieldDoc, *, choi
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> None:
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="{imagefolder,wds,synthetic}")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{imagefolder,wds,parquet,synthetic}")
     mod = "teacher_cache.prepare"
     f = _parser(kinds, "imagefolder", "ImageNet-style class folders -> tar shards")
     doc = cli_docs.config_fields(mod, "ImageFolderConfig")
@@ -64,6 +64,13 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
     doc = cli_docs.config_fields(mod, "WdsConfig")
     _field(w, "pattern", doc["pattern"])
     _field(w, "--out", doc["out"], required=True)
+    q = _parser(kinds, "parquet", "parquet shards with an image-bytes column (Hugging Face layout) -> tar shards")
+    doc = cli_docs.config_fields(mod, "ParquetConfig")
+    _field(q, "pattern", doc["pattern"])
+    _field(q, "--out", doc["out"], required=True)
+    _field(q, "--shard-size", doc["shard_size"], type=int)
+    _field(q, "--image-column", doc["image_column"])
+    _field(q, "--label-column", doc["label_column"])
     s = _parser(kinds, "synthetic", "generate a class-structured image set (demo, tests)")
     doc = cli_docs.config_fields(mod, "SyntheticConfig")
     _field(s, "--out", doc["out"], required=True)
@@ -79,6 +86,9 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
                                                    image_size=a.image_size, shard_size=a.shard_size, seed=a.seed))
     elif a.kind == "imagefolder":
         ds = P.prepare_imagefolder(P.ImageFolderConfig(root=a.root, out=a.out, shard_size=a.shard_size))
+    elif a.kind == "parquet":
+        ds = P.prepare_parquet(P.ParquetConfig(pattern=a.pattern, out=a.out, shard_size=a.shard_size,
+                                               image_column=a.image_column, label_column=a.label_column))
     else:
         ds = P.prepare_wds(P.WdsConfig(pattern=a.pattern, out=a.out))
     print(ds.summary())

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
@@ -88,6 +89,7 @@ class CacheJoin:
 
     def __init__(self, cfg: DataConfig, ds: PreparedDataset | None = None):
         self.ds = ds or load_dataset(cfg.shards)
+        self.cache = cfg.cache
         self.root = open_root(cfg.cache)
         meta = self.root.attrs.get("digpt_cache")
         if meta is None:
@@ -133,6 +135,13 @@ class CacheJoin:
     @property
     def spec(self) -> dict:
         return self.info.spec
+
+    def reopen(self) -> None:
+        """Open the cache's store again, in this process (see :func:`_reopen_in_worker`)."""
+        # The inherited store stays referenced: its session belongs to the parent's loop, so closing it
+        # (or letting it be collected, which warns "Unclosed client session") is not this process's business.
+        self._inherited = self.root
+        self.root = open_root(self.cache)
 
     def group(self, shard: str) -> zarr.Group:
         return self.root[self.info.name][self.sids[shard]]
@@ -263,7 +272,7 @@ class CachedViews(IterableDataset):
             errors: list[str] = []
             handler = _Recorder(errors)
             seen: set[str] = set()
-            for s in wds.tarfile_to_samples(handler=handler)(iter([{"url": j.ds.shard_url(shard)}])):
+            for s in _tar_samples(j.ds.shard_url(shard), handler):
                 key = s["__key__"]
                 i = index.get(key)
                 if i is None or key in seen or not valid[i]:
@@ -335,6 +344,25 @@ class _Recorder:
         return True
 
 
+def _tar_samples(url: str, handler: _Recorder):
+    """webdataset samples of one tar, opened through fsspec so that object-store URLs (``s3://``,
+    ``gs://``) read like local paths (webdataset's own opener knows files, pipes and http only)."""
+
+    def opened():
+        try:
+            stream = fsspec.open(url, "rb").open()
+        except Exception as e:  # noqa: BLE001 - recorded and raised with the shard's name by the caller
+            handler(e)
+            return
+        try:
+            yield {"url": url, "stream": stream}
+        finally:
+            stream.close()
+
+    files = wds.tariterators.tar_file_expander(opened(), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
+
+
 def _image_bytes(sample: dict) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in sample:
@@ -342,7 +370,21 @@ def _image_bytes(sample: dict) -> bytes:
     return b""
 
 
+def _reopen_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: reopen the cache in the forked worker.
+
+    A forked worker inherits the parent's open Zarr store. For an object store (``s3://``, ``gs://``) that
+    store holds an fsspec filesystem whose aiohttp session was created on the parent's event loop; zarr
+    and fsspec give the child fresh loops after a fork, so the first read through the inherited session
+    fails with "attached to a different loop". Opening the store again here builds a new filesystem
+    (fsspec's instance cache is per process) whose session lives on the child's own loop. Local stores
+    are reopened too: it costs one metadata read and keeps one code path."""
+    info = get_worker_info()
+    if info is not None:
+        info.dataset.join.reopen()
+
+
 def make_loader(ds: CachedViews) -> DataLoader:
     """A DataLoader over pre-batched samples (workers batch themselves)."""
-    return DataLoader(ds, batch_size=None, num_workers=ds.cfg.num_workers,
+    return DataLoader(ds, batch_size=None, num_workers=ds.cfg.num_workers, worker_init_fn=_reopen_in_worker,
                       persistent_workers=False, prefetch_factor=2 if ds.cfg.num_workers else None)

@@ -109,6 +109,13 @@ class ShardResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     error: str = ""
     """Non-empty when the shard failed as a whole (left incomplete; a re-run redoes it)."""
+    node: str = ""
+    """Ray node id of the worker that ran it (``local`` in-process); kept out of the completion record,
+    so where a shard ran never changes the cache's bytes."""
+    host: str = ""
+
+
+_RUN_ONLY = ("group", "node", "host")  # ShardResult fields the completion record leaves out
 
 
 def _views_of(job: ShardJob, teacher: Teacher, rows: dict[str, list], plan, lo: int, hi: int,
@@ -208,7 +215,7 @@ def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pr
     g["valid"][:] = valid
     result = ShardResult(job.group, job.shard, n, int(valid.sum()), int(valid.sum()) * k,
                          time.perf_counter() - t0, stored_bytes(g), skipped)
-    record = {k_: v for k_, v in asdict(result).items() if k_ != "group"}
+    record = {k_: v for k_, v in asdict(result).items() if k_ not in _RUN_ONLY}
     g.attrs["complete"] = {**record, "source": source}  # written last
     return result
 
@@ -284,15 +291,17 @@ class _Worker:
 
     def run(self, job: ShardJob) -> ShardResult:
         try:
-            return self._run(job)
+            result = self._run(job)
         except Exception as e:  # one broken shard must not take the others down; it is reported
             import traceback
 
             where = ""
             if isinstance(e, OSError) and not e.filename:  # zarr's store drops the path: name the shard group
                 where = f" (writing {job.cache.rstrip('/')}/{job.group}/{job.sid})"
-            return ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
-                               error=f"{type(e).__name__}: {e}{where}\n{traceback.format_exc()}")
+            result = ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
+                                 error=f"{type(e).__name__}: {e}{where}\n{traceback.format_exc()}")
+        result.node, result.host = _where()
+        return result
 
     def _run(self, job: ShardJob) -> ShardResult:
         if job.group not in self.teachers:
@@ -301,6 +310,16 @@ class _Worker:
         if job.dataset not in self.datasets:
             self.datasets[job.dataset] = load_dataset(job.dataset)
         return extract_shard(job, self.teachers[job.group], self.device, self.datasets[job.dataset])
+
+
+def _where() -> tuple[str, str]:
+    """(Ray node id, host name) of this process; node ``local`` outside Ray."""
+    import socket
+    import sys
+
+    ray = sys.modules.get("ray")  # never imported by the local executor: do not pay for it there
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
+    return node, socket.gethostname()
 
 
 @dataclass
@@ -327,10 +346,18 @@ class ExtractSummary:
     failed: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Problems writing the reports (full disk, read-only folder); the summary is printed regardless."""
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    """This run's shards: group, shard, node (Ray node id), host, seconds, ok, in completion order."""
+    report_error: str = ""
+    """Non-empty when the cache could not be read back or reported on after the shards ran."""
+
+    def nodes(self) -> dict[str, int]:
+        """``node@host -> shards run there`` over this run (failed ones included)."""
+        return dict(Counter(f"{s['node'][:12]}@{s['host']}" for s in self.shards))
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.notes
+        return not self.failed and not self.notes and not self.report_error
 
     def table(self) -> str:
         head = f"{'tokenizer':28s} {'shards':>7s} {'samples':>8s} {'views':>8s} {'skipped':>8s} {'img/s':>8s} {'B/view':>10s}"
@@ -340,6 +367,11 @@ class ExtractSummary:
             lines.append(f"{t.group[:28]:28s} {t.shards_done:>7d} {t.samples:>8d} {t.views:>8d} {skipped:>8d} "
                          f"{t.images_per_s:>8.1f} {t.bytes_per_view:>10.0f}")
         lines.append(f"cache: {self.cache}   wall time: {self.wall_seconds:.1f}s")
+        if self.shards:
+            lines.append("shards per node: " + ", ".join(f"{n} x{c}" for n, c in sorted(self.nodes().items())))
+        if self.report_error:
+            lines.append(f"cache {self.cache} unreachable after the shards ran ({self.report_error}); totals and "
+                         "reports not written; re-run the same command when it answers")
         for f in self.failed:
             hint = "" if f["error"].startswith("changed") else " (left incomplete; re-run the same command to retry)"
             lines.append(f"FAILED shard {f['shard']} of {f['group']}: {f['error'].splitlines()[0]}{hint}")
@@ -618,7 +650,9 @@ def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teach
         w.teachers.update({k: t.to(w.device) for k, t in teachers.items()})  # reuse the driver's models
         w.datasets[os.path.abspath(ds.root)] = ds
         for job in jobs:
-            done(w.run(job))
+            r = w.run(job)
+            r.node = "local"  # (even when a Ray session exists in this process: the driver did the work)
+            done(r)
     else:
         _run_ray(cfg, jobs, cfgs, fitted, workers, threads, gpus, done)
     bar.close()
@@ -632,21 +666,40 @@ def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherCo
     from .ray_utils import ensure_ray
 
     ensure_ray(cfg.ray_address)
+    if cfg.ray_address and cfg.workers is None:
+        # Joining a cluster: the default is one worker per GPU (or per `threads` CPUs) of the whole
+        # cluster, not of the machine the driver happens to run on.
+        res = ray.cluster_resources()
+        workers = max(1, int(res.get("GPU", 0) // gpus) if gpus else int(res.get("CPU", 1) // (threads or 1)))
     # Ray runs a task at least once: an actor that dies is restarted and its task retried. Retrying a
-    # shard is safe because extract_shard recreates the shard group before writing it.
+    # shard is safe because extract_shard recreates the shard group before writing it. An actor whose
+    # node is lost is restarted on another node, which needs a free slot there: so an actor that comes
+    # back idle with nothing left to hand out is killed at once, giving its slot to such a restart
+    # (otherwise the retried shard would wait forever for a slot held by an idle actor).
     actor_cls = ray.remote(num_cpus=threads or 1, num_gpus=gpus, max_restarts=3, max_task_retries=3)(_Worker)
     actors = [actor_cls.remote(cfgs, fitted, cfg.device, threads) for _ in range(min(workers, len(jobs)))]
     pending = list(jobs)
-    inflight: dict[Any, Any] = {}
+    inflight: dict[Any, tuple[Any, ShardJob]] = {}
     for a in actors:
         if pending:
-            inflight[a.run.remote(pending.pop(0))] = a
+            job = pending.pop(0)
+            inflight[a.run.remote(job)] = (a, job)
     while inflight:
         ready, _ = ray.wait(list(inflight), num_returns=1)
-        actor = inflight.pop(ready[0])
-        done(ray.get(ready[0]))
-        if pending:
-            inflight[actor.run.remote(pending.pop(0))] = actor
+        actor, job = inflight.pop(ready[0])
+        try:
+            done(ray.get(ready[0]))
+        except ray.exceptions.RayActorError as e:  # restarts used up (a node lost for good): named, re-runnable
+            done(ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
+                             error=f"worker lost: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            actor = None
+        if pending and actor is not None:
+            job = pending.pop(0)
+            inflight[actor.run.remote(job)] = (actor, job)
+        elif actor is not None:
+            ray.kill(actor)
+    for job in pending:  # every worker was lost before these could be handed out
+        done(ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0, error="not run: every Ray worker was lost"))
     for a in actors:
         ray.kill(a)
 
@@ -655,33 +708,41 @@ def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult],
                exec_seconds: float, wall: float, changed: list[dict[str, str]] = ()) -> ExtractSummary:
     """Per-tokenizer totals over the whole cache; images/s over this run's execution phase (all
     tokenizers share it, so a tokenizer's rate is its share of samples / that time)."""
-    out = []
     failed = [*changed, *({"group": r.group, "shard": r.shard, "error": r.error} for r in results if r.error)]
+    ran = [{"group": r.group, "shard": r.shard, "node": r.node, "host": r.host, "seconds": round(r.seconds, 3),
+            "ok": not r.error} for r in results]
     notes: list[str] = []
-    for tc in cfg.teachers:
-        name = tc.group_name
-        tok = root[name]
-        mine = [r for r in results if r.group == name and not r.error]
-        # Totals cover the whole cache (earlier runs included), read back from completion records.
-        complete = [dict(g.attrs["complete"]) for _, g in tok.groups() if "complete" in g.attrs]
-        skipped = [s for c in complete for s in c["skipped"]]
-        valid = sum(c["valid"] for c in complete)
-        views = sum(c["views"] for c in complete)
-        nbytes = sum(c["bytes"] for c in complete)
-        secs = sum(r.seconds for r in mine)
-        skipped_file = _report_or_note(notes, f"skipped-{name}.jsonl", _write_skipped, cfg.out, name, skipped)
-        out.append(TokenizerSummary(
-            group=name, teacher=tc.name, shards_done=len(mine), shards_skipped_complete=already[name],
-            samples=sum(c["rows"] for c in complete), valid=valid, views=views, seconds=secs,
-            images_per_s=(sum(r.rows for r in mine) / exec_seconds) if mine and exec_seconds > 0 else 0.0,
-            bytes_per_view=(nbytes / views) if views else 0.0,
-            skipped_by_reason=dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
-            skipped_file=skipped_file,
-        ))
-    summary = ExtractSummary(cfg.out, out, wall, failed, notes)
+    try:
+        out = [_tokenizer_totals(cfg, root[tc.group_name], tc, results, already, exec_seconds, notes)
+               for tc in cfg.teachers]
+    except Exception as e:  # noqa: BLE001 - the store itself went away (object-store outage): the shards
+        # that failed are still named, and the run still ends with its table, not a traceback.
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return ExtractSummary(cfg.out, [], wall, failed, notes, ran, report_error=why)
+    summary = ExtractSummary(cfg.out, out, wall, failed, notes, ran)
     _report_or_note(notes, "extract-summary.json", write_report, cfg.out, "extract-summary.json",
                     json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str))
     return summary
+
+
+def _tokenizer_totals(cfg: ExtractConfig, tok: zarr.Group, tc: TeacherConfig, results: list[ShardResult],
+                      already: Counter, exec_seconds: float, notes: list[str]) -> TokenizerSummary:
+    name = tc.group_name
+    mine = [r for r in results if r.group == name and not r.error]
+    # Totals cover the whole cache (earlier runs included), read back from completion records.
+    complete = [dict(g.attrs["complete"]) for _, g in tok.groups() if "complete" in g.attrs]
+    skipped = [s for c in complete for s in c["skipped"]]
+    valid = sum(c["valid"] for c in complete)
+    views = sum(c["views"] for c in complete)
+    nbytes = sum(c["bytes"] for c in complete)
+    return TokenizerSummary(
+        group=name, teacher=tc.name, shards_done=len(mine), shards_skipped_complete=already[name],
+        samples=sum(c["rows"] for c in complete), valid=valid, views=views, seconds=sum(r.seconds for r in mine),
+        images_per_s=(sum(r.rows for r in mine) / exec_seconds) if mine and exec_seconds > 0 else 0.0,
+        bytes_per_view=(nbytes / views) if views else 0.0,
+        skipped_by_reason=dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
+        skipped_file=_report_or_note(notes, f"skipped-{name}.jsonl", _write_skipped, cfg.out, name, skipped),
+    )
 
 
 def _report_or_note(notes: list[str], report: str, write, cache: str, *args) -> str:

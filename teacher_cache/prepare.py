@@ -4,7 +4,10 @@ Three sources, one output layout (the *dataset directory*):
 
 * ``synthetic``   — generate the class-structured set of :mod:`teacher_cache.synthetic` into shards;
 * ``imagefolder`` — copy an ImageNet-style tree (``root/<class>/<image>``) into shards, bytes unchanged;
-* ``wds``         — index existing webdataset shards in place (LAION/img2dataset style), never rewriting.
+* ``wds``         — index existing webdataset shards in place (LAION/img2dataset style), never rewriting;
+* ``parquet``     — Parquet shards with an image-bytes column (the Hugging Face datasets layout: ``image``
+  struct with ``bytes``, plus ``label``), copied into tar shards with the image bytes unchanged (the
+  loader and extract stream tars; one more form of shard would mean one more reader in each).
 
 The directory holds the shards (not for ``wds``), ``manifest.parquet`` (one row per sample, in shard
 then stream order, bad samples included and named) and ``dataset.json`` (what was made, from what,
@@ -746,3 +749,83 @@ def prepare_wds(cfg: WdsConfig) -> PreparedDataset:
         for shard in shards:
             _index_wds_shard(shard, builder, bar, shard_errors)
     return _finish(cfg.out, "wds", cfg, builder, shards, None, shard_errors)
+
+
+# ---------------------------------------------------------------------------------------- parquet
+
+
+@dataclass(frozen=True)
+class ParquetConfig:
+    """Copy Parquet shards with an image-bytes column into tar shards (image bytes unchanged)."""
+
+    pattern: str
+    """Parquet files as a brace/glob pattern (``/data/train-{00000..00009}.parquet``, ``s3://b/*.parquet``
+    is refused: fsspec URLs may use braces but not globs)."""
+    out: str
+    """Dataset directory to write (tar shards, manifest.parquet, dataset.json)."""
+    shard_size: int = 1000
+    """Samples per tar shard."""
+    image_column: str = "image"
+    """A struct column with a ``bytes`` field (Hugging Face ``Image`` feature) or a binary column."""
+    label_column: str = "label"
+    """An integer column; absent or null labels become -1."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.pattern), "pattern must be a non-empty parquet pattern")
+        _require(bool(self.out), "out must be a non-empty path")
+        _require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+        _require(bool(self.image_column), "image_column must be a non-empty column name")
+        _require(bool(self.label_column), "label_column must be a non-empty column name")
+        _require(
+            not (_is_url(self.pattern) and any(c in self.pattern for c in "*?[")),
+            f"pattern: globs are only supported for local paths, got {self.pattern!r}",
+        )
+
+
+def _sniff_ext(data: bytes, path: str | None) -> str:
+    """The image's extension: from the row's ``path`` when it names one, else from the magic bytes."""
+    ext = os.path.splitext(path or "")[1][1:].lower()
+    if ext in IMAGE_EXTS:
+        return ext
+    if data.startswith(b"\x89PNG"):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "jpg"  # JPEG or undecodable: the decoder, not the name, decides (a bad image is named in the manifest)
+
+
+def _parquet_rows(path: str, cfg: ParquetConfig) -> Iterator[tuple[RawSample, int]]:
+    """``(sample, label)`` for every row of one parquet file, keyed ``<file stem>_<row:06d>``."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(path).removesuffix(".parquet"))
+    with fsspec.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        names = pf.schema_arrow.names
+        if cfg.image_column not in names:
+            raise ValueError(f"{path}: no image column {cfg.image_column!r} (columns: {names}); "
+                             "name it with --image-column")
+        columns = [cfg.image_column] + ([cfg.label_column] if cfg.label_column in names else [])
+        row = 0
+        for batch in pf.iter_batches(batch_size=256, columns=columns):
+            images = batch.column(cfg.image_column).to_pylist()
+            labels = batch.column(cfg.label_column).to_pylist() if len(columns) > 1 else [None] * len(images)
+            for image, label in zip(images, labels):
+                data, where = (image.get("bytes"), image.get("path")) if isinstance(image, dict) else (image, None)
+                label = label if isinstance(label, int) and not isinstance(label, bool) and label >= 0 else -1
+                files = {"cls": str(label).encode()}  # always one member, so a row without an image still
+                if data:                              # has its place in the tar and the manifest
+                    files[_sniff_ext(data, where)] = bytes(data)
+                yield RawSample(f"{stem}_{row:06d}", files), label
+                row += 1
+
+
+def prepare_parquet(cfg: ParquetConfig) -> PreparedDataset:
+    """Copy every row of the parquet files (in pattern order, then row order) into tar shards in
+    ``cfg.out``; rows with no image bytes or an undecodable image stay in the manifest, named."""
+    files = expand_shard_pattern(cfg.pattern)
+    _begin_output(cfg.out)
+    builder = _ManifestBuilder()
+    samples = (item for f in files for item in _parquet_rows(f, cfg))
+    with _progress(None, "parquet") as bar:
+        shards = _write_indexed(samples, cfg.out, cfg.shard_size, builder, bar)
+    _remove_stale_shards(cfg.out, shards)
+    return _finish(cfg.out, "parquet", cfg, builder, shards, None)

@@ -22,7 +22,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([repo, *paths])
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="warning", log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        # "local", not None: ray.init() with no address joins the cluster last started with `ray start` on
+        # this machine (its address file in /tmp/ray), which is never what an embedded run means.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)

@@ -50,6 +50,11 @@ PREPARE_CASES = [
     ("wds {tmp}/{{a,b}}.tar --out {out}", ["pattern"], ["no such shard"]),
     ("wds s3://bucket/*.tar --out {out}", ["pattern"], ["glob"]),
     ("wds EMPTY --out {out}", ["pattern"], []),
+    ("parquet {tmp}/nothing-*.parquet --out {out}", ["pattern"], ["matched no shards"]),
+    ("parquet s3://bucket/*.parquet --out {out}", ["pattern"], ["glob"]),
+    ("parquet {tmp}/a.parquet --out {out} --shard-size 0", ["shard_size"], []),
+    ("parquet {tmp}/a.parquet --out {out} --image-column EMPTY", ["image_column"], []),
+    ("parquet {tmp}/a.parquet --out {out} --label-column EMPTY", ["label_column"], []),
     ("bogus --out {out}", ["invalid choice", "kind"], []),
 ]
 
