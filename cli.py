@@ -282,13 +282,16 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     _field(p, "--num-samples", doc["num_samples"], type=int)
     _field(p, "--steps", doc["steps"], type=int)
     _field(p, "--student", doc["student"], choices=cli_docs.module_value("student.sizes", "VIT_SIZES"))
+    _field(p, "--base-lr", doc["base_lr"], type=float)
     _field(p, "--executor", doc["executor"])
+    _field(p, "--quick", doc["quick"], action="store_true")
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from pipelines.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=a.out, num_samples=a.num_samples, steps=a.steps, student=a.student, executor=a.executor)
+    cfg = DemoConfig(out=a.out, num_samples=a.num_samples, steps=a.steps, student=a.student, executor=a.executor,
+                     base_lr=a.base_lr, quick=a.quick)
     return 0 if run_demo(cfg).ok else 1
 
 

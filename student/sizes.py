@@ -34,8 +34,9 @@ VIT_SIZES: dict[str, ViTPreset] = {
     "tiny-test": _nonstandard(ViTConfig(32, 8, 32, 4, 2), "vit_tiny_patch16_224"),
     # 8x8 grid, so 2x2 clusters of 4x4 patches mirror the official 2x2 of 7x7.
     "small-cpu": _nonstandard(ViTConfig(64, 8, 128, 6, 4), "vit_small_patch16_224"),
-    # The demo's student: as small-cpu's grid, narrower and shallower, so two students train in minutes.
-    "demo-cpu": _nonstandard(ViTConfig(64, 8, 96, 4, 3), "vit_tiny_patch16_224"),
+    # The demo's student: as small-cpu's grid, narrower and shallower, so two students train in minutes;
+    # with the convolutional stem, without which it learns no shape in a CPU budget (LEARNING.md).
+    "demo-cpu": _nonstandard(ViTConfig(64, 8, 96, 4, 3, stem="conv"), "vit_tiny_patch16_224"),
     "vit_tiny": ViTPreset(ViTConfig(224, 16, 192, 12, 3), "vit_tiny_patch16_224"),
     "vit_small": ViTPreset(ViTConfig(224, 16, 384, 12, 6), "vit_small_patch16_224"),
     "vit_base": ViTPreset(ViTConfig(224, 16, 768, 12, 12), "vit_base_patch16_224"),

@@ -250,6 +250,7 @@ DEMO_CASES = [
     (DEMO + " --num-samples some", ["--num-samples"], ["invalid int value"]),
     (DEMO + " --steps 0", ["steps"], [">= 1"]),
     (DEMO + " --steps x", ["--steps"], ["invalid int value"]),
+    (DEMO + " --base-lr 0", ["base_lr"], ["> 0"]),
     (DEMO + " --student nope", ["student"], ["demo-cpu", "small-cpu"]),
     (DEMO + " --student tiny-test", ["student"], ["64"]),
     ("--out {out} --executor dask", ["executor"], ["ray", "local"]),
@@ -365,7 +366,7 @@ def test_every_option_has_a_bad_value_case():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
     # Flags: no value to get wrong.
-    exempt = {"--help", "--allow-hub", "--resume", "--online-teacher", "--random-init", "--full"}
+    exempt = {"--help", "--allow-hub", "--resume", "--online-teacher", "--random-init", "--full", "--quick"}
     assert set(sub) == set(CASES) | {"teachers"}, "a new command needs a case table"
     missing = []
     for command, cases in CASES.items():
