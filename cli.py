@@ -1,12 +1,12 @@
 """``digpt``: the command line. Thin on purpose: it parses, builds a config, and calls one function.
 
-    digpt prepare synthetic --out data/syn --num-samples 512
-    digpt extract --shards data/syn --teacher efficientnet_lite0 --views 2 --out cache/syn
-    digpt verify --shards data/syn --cache cache/syn
-    digpt train --shards data/syn --cache cache/syn --out runs/digpt --student small-cpu --steps 300
-    digpt export runs/digpt --out encoder.safetensors
-    digpt teachers
-    digpt demo --out demo_out
+digpt prepare synthetic --out data/syn --num-samples 512
+digpt extract --shards data/syn --teacher efficientnet_lite0 --views 2 --out cache/syn
+digpt verify --shards data/syn --cache cache/syn
+digpt train --shards data/syn --cache cache/syn --out runs/digpt --student small-cpu --steps 300
+digpt export runs/digpt --out encoder.safetensors
+digpt teachers
+digpt demo --out demo_out
 """
 
 from __future__ import annotations
@@ -35,8 +35,15 @@ def _parser(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.A
     return sub.add_parser(name, help=text, description=text, formatter_class=_Help)
 
 
-def _field(p: argparse.ArgumentParser, flag: str, fd: cli_docs.FieldDoc, *, choices: Sequence[str] = (),
-           strict: bool = False, **kwargs) -> None:
+def _field(
+    p: argparse.ArgumentParser,
+    flag: str,
+    fd: cli_docs.FieldDoc,
+    *,
+    choices: Sequence[str] = (),
+    strict: bool = False,
+    **kwargs,
+) -> None:
     """An option whose help (and default, unless given) is the config field ``fd``'s; ``choices`` (from
     a registry) are listed in the help and checked by the config, whose error names the field
     (``strict``: checked by argparse instead, whose error names the flag)."""
@@ -82,13 +89,28 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     from teacher_cache import prepare as P
 
     if a.kind == "synthetic":
-        ds = P.prepare_synthetic(P.SyntheticConfig(out=a.out, num_samples=a.num_samples, num_classes=a.num_classes,
-                                                   image_size=a.image_size, shard_size=a.shard_size, seed=a.seed))
+        ds = P.prepare_synthetic(
+            P.SyntheticConfig(
+                out=a.out,
+                num_samples=a.num_samples,
+                num_classes=a.num_classes,
+                image_size=a.image_size,
+                shard_size=a.shard_size,
+                seed=a.seed,
+            )
+        )
     elif a.kind == "imagefolder":
         ds = P.prepare_imagefolder(P.ImageFolderConfig(root=a.root, out=a.out, shard_size=a.shard_size))
     elif a.kind == "parquet":
-        ds = P.prepare_parquet(P.ParquetConfig(pattern=a.pattern, out=a.out, shard_size=a.shard_size,
-                                               image_column=a.image_column, label_column=a.label_column))
+        ds = P.prepare_parquet(
+            P.ParquetConfig(
+                pattern=a.pattern,
+                out=a.out,
+                shard_size=a.shard_size,
+                image_column=a.image_column,
+                label_column=a.label_column,
+            )
+        )
     else:
         ds = P.prepare_wds(P.WdsConfig(pattern=a.pattern, out=a.out))
     print(ds.summary())
@@ -102,10 +124,20 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     aug = cli_docs.config_fields("teacher_cache.views", "AugConfig")
     _field(p, "--shards", run["shards"], required=True)
     _field(p, "--out", run["out"], required=True)
-    p.add_argument("--teacher", action="append", required=True, metavar="NAME",
-                   help="teacher to extract (repeatable); see `digpt teachers`")
-    p.add_argument("--weights", action="append", default=None, metavar="FILE",
-                   help="local weights file, one per --teacher in order (use '-' for none)")
+    p.add_argument(
+        "--teacher",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="teacher to extract (repeatable); see `digpt teachers`",
+    )
+    p.add_argument(
+        "--weights",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="local weights file, one per --teacher in order (use '-' for none)",
+    )
     _field(p, "--layer", teacher["layer"], type=int)
     p.add_argument("--group", action="append", default=None, help="cache group name, one per --teacher")
     _field(p, "--views", aug["views"], type=int)
@@ -137,15 +169,32 @@ def _extract_config(a: argparse.Namespace):
         if len(vals) != n:
             raise ValueError(f"{flag} was given {len(vals)} times for {n} --teacher(s); give one per teacher")
     teachers = tuple(
-        TeacherConfig(name=t, weights=None if w in (None, "-") else w, layer=a.layer, group=g,
-                      codebook=a.codebook, codebook_size=a.codebook_size, fit_samples=a.fit_samples, pca_dim=a.pca_dim,
-                      allow_hub=a.allow_hub)
+        TeacherConfig(
+            name=t,
+            weights=None if w in (None, "-") else w,
+            layer=a.layer,
+            group=g,
+            codebook=a.codebook,
+            codebook_size=a.codebook_size,
+            fit_samples=a.fit_samples,
+            pca_dim=a.pca_dim,
+            allow_hub=a.allow_hub,
+        )
         for t, w, g in zip(a.teacher, weights, groups)
     )
-    return ExtractConfig(shards=a.shards, out=a.out, teachers=teachers, aug=AugConfig(views=a.views, seed=a.seed),
-                         storage=StorageConfig(dtype=a.dtype, chunk_rows=a.chunk_rows, codec=a.codec), batch_size=a.batch_size,
-                         executor=a.executor, ray_address=a.ray_address, workers=a.workers, threads=a.threads,
-                         device=a.device)
+    return ExtractConfig(
+        shards=a.shards,
+        out=a.out,
+        teachers=teachers,
+        aug=AugConfig(views=a.views, seed=a.seed),
+        storage=StorageConfig(dtype=a.dtype, chunk_rows=a.chunk_rows, codec=a.codec),
+        batch_size=a.batch_size,
+        executor=a.executor,
+        ray_address=a.ray_address,
+        workers=a.workers,
+        threads=a.threads,
+        device=a.device,
+    )
 
 
 def _cmd_extract(a: argparse.Namespace) -> int:
@@ -170,9 +219,17 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 def _cmd_verify(a: argparse.Namespace) -> int:
     from teacher_cache.verify import VerifyConfig, run_verify
 
-    report = run_verify(VerifyConfig(shards=a.shards, cache=a.cache, tokenizers=tuple(a.tokenizer or ()),
-                                     spot_checks=a.spot_checks, seed=a.seed, device=a.device,
-                                     full=a.full))
+    report = run_verify(
+        VerifyConfig(
+            shards=a.shards,
+            cache=a.cache,
+            tokenizers=tuple(a.tokenizer or ()),
+            spot_checks=a.spot_checks,
+            seed=a.seed,
+            device=a.device,
+            full=a.full,
+        )
+    )
     print(report.table())
     return 0 if report.ok else 1
 
@@ -207,8 +264,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     # command line decodes in 2 worker processes.
     _field(p, "--workers", data["num_workers"], type=int, default=2)
     _field(p, "--shuffle-buffer", data["shuffle_buffer"], type=int)
-    p.add_argument("--seed", type=int, default=run["seed"].default,
-                   help=f"{run['seed'].help()} Also {data['seed'].help()[0].lower()}{data['seed'].help()[1:]}")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=run["seed"].default,
+        help=f"{run['seed'].help()} Also {data['seed'].help()[0].lower()}{data['seed'].help()[1:]}",
+    )
     _field(p, "--log-every", run["log_every"], type=int)
     _field(p, "--ckpt-every", run["ckpt_every"], type=int)
     _field(p, "--amp", run["amp"])
@@ -217,7 +278,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _field(p, "--online-teacher", run["online_teacher"], action="store_true")
     _field(p, "--on-mismatch", data["on_mismatch"], choices=cli_docs.module_value("student.data", "ON_MISMATCH"))
     _field(p, "--blind-batches", run["blind_batches"], type=int)
-    _field(p, "--target-norm", run["target_norm"], choices=cli_docs.module_value("student.targets", "NORMS"), strict=True)
+    _field(
+        p, "--target-norm", run["target_norm"], choices=cli_docs.module_value("student.targets", "NORMS"), strict=True
+    )
 
 
 def train_config(a: argparse.Namespace):
@@ -225,18 +288,54 @@ def train_config(a: argparse.Namespace):
     from student.objectives import StudentConfig
     from student.train import OptimConfig, TrainConfig
 
-    student = StudentConfig(size=a.student, cluster_size=a.cluster_size, decoder_depth=a.decoder_depth,
-                            decoder_dim=a.decoder_dim, mask_ratio=a.mask_ratio, drop_path=a.drop_path, attn_impl=a.attn,
-                            stem=a.stem)
-    data = DataConfig(shards=a.shards, cache=a.cache, tokenizer=a.tokenizer, img_size=student.encoder_config().img_size,
-                      batch_size=a.batch_size, num_workers=a.workers, seed=a.seed, shuffle_buffer=a.shuffle_buffer,
-                      on_mismatch=a.on_mismatch)
-    optim = OptimConfig(base_lr=a.base_lr, min_lr=a.min_lr, weight_decay=a.weight_decay, warmup=a.warmup,
-                        clip_grad=a.clip_grad, accum=a.accum)
-    return TrainConfig(data=data, out=a.out, student=student, objective=a.objective, order=a.order, optim=optim,
-                       steps=a.steps, epochs=a.epochs, log_every=a.log_every, ckpt_every=a.ckpt_every, amp=a.amp,
-                       device=a.device, resume=a.resume, online_teacher=a.online_teacher, seed=a.seed,
-                       target_norm=a.target_norm, blind_batches=a.blind_batches)
+    student = StudentConfig(
+        size=a.student,
+        cluster_size=a.cluster_size,
+        decoder_depth=a.decoder_depth,
+        decoder_dim=a.decoder_dim,
+        mask_ratio=a.mask_ratio,
+        drop_path=a.drop_path,
+        attn_impl=a.attn,
+        stem=a.stem,
+    )
+    data = DataConfig(
+        shards=a.shards,
+        cache=a.cache,
+        tokenizer=a.tokenizer,
+        img_size=student.encoder_config().img_size,
+        batch_size=a.batch_size,
+        num_workers=a.workers,
+        seed=a.seed,
+        shuffle_buffer=a.shuffle_buffer,
+        on_mismatch=a.on_mismatch,
+    )
+    optim = OptimConfig(
+        base_lr=a.base_lr,
+        min_lr=a.min_lr,
+        weight_decay=a.weight_decay,
+        warmup=a.warmup,
+        clip_grad=a.clip_grad,
+        accum=a.accum,
+    )
+    return TrainConfig(
+        data=data,
+        out=a.out,
+        student=student,
+        objective=a.objective,
+        order=a.order,
+        optim=optim,
+        steps=a.steps,
+        epochs=a.epochs,
+        log_every=a.log_every,
+        ckpt_every=a.ckpt_every,
+        amp=a.amp,
+        device=a.device,
+        resume=a.resume,
+        online_teacher=a.online_teacher,
+        seed=a.seed,
+        target_norm=a.target_norm,
+        blind_batches=a.blind_batches,
+    )
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -290,8 +389,15 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from pipelines.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=a.out, num_samples=a.num_samples, steps=a.steps, student=a.student, executor=a.executor,
-                     base_lr=a.base_lr, quick=a.quick)
+    cfg = DemoConfig(
+        out=a.out,
+        num_samples=a.num_samples,
+        steps=a.steps,
+        student=a.student,
+        executor=a.executor,
+        base_lr=a.base_lr,
+        quick=a.quick,
+    )
     return 0 if run_demo(cfg).ok else 1
 
 
@@ -308,8 +414,13 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
     _field(p, "--base-lr", doc["base_lr"], type=float)
     _field(p, "--seeds", doc["seeds"], type=int)
     _field(p, "--executor", doc["executor"])
-    p.add_argument("--weights", action="append", default=[], metavar="TEACHER=FILE",
-                   help="add a headline teacher with local weights to the tokenizers recipe (repeatable)")
+    p.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="TEACHER=FILE",
+        help="add a headline teacher with local weights to the tokenizers recipe (repeatable)",
+    )
 
 
 def _cmd_ablate(a: argparse.Namespace) -> int:
@@ -321,9 +432,22 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--weights expects TEACHER=FILE, got {item!r}")
         weights.append((name, path))
-    run_ablation(AblateConfig(recipe=a.recipe, out=a.out, shards=a.shards, num_samples=a.num_samples,
-                              num_classes=a.num_classes, student=a.student, steps=a.steps, batch_size=a.batch_size,
-                              base_lr=a.base_lr, seeds=a.seeds, executor=a.executor, weights=tuple(weights)))
+    run_ablation(
+        AblateConfig(
+            recipe=a.recipe,
+            out=a.out,
+            shards=a.shards,
+            num_samples=a.num_samples,
+            num_classes=a.num_classes,
+            student=a.student,
+            steps=a.steps,
+            batch_size=a.batch_size,
+            base_lr=a.base_lr,
+            seeds=a.seeds,
+            executor=a.executor,
+            weights=tuple(weights),
+        )
+    )
     return 0
 
 
@@ -341,8 +465,9 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
     _field(p, "--out", doc["out"])
     _field(p, "--batch-size", doc["batch_size"], type=int)
     _field(p, "--holdout", doc["holdout"], type=float)
-    p.add_argument("--lrs", default=",".join(map(str, doc["lrs"].default)),
-                   help=doc["lrs"].help() + " Comma-separated.")
+    p.add_argument(
+        "--lrs", default=",".join(map(str, doc["lrs"].default)), help=doc["lrs"].help() + " Comma-separated."
+    )
     for name in ("epochs", "k"):
         _field(p, "--" + name, doc[name], type=int)
     _field(p, "--temperature", doc["temperature"], type=float)
@@ -363,11 +488,28 @@ def _cmd_probe(a: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
 
     layers = None if a.layers is None else values(a.layers, "--layers", int)
-    cfg = ProbeConfig(shards=a.shards, kind=a.kind, run=a.run, val_shards=a.val_shards, out=a.out,
-                      random_init=a.random_init, student=a.student, pool=a.pool, layers=layers,
-                      batch_size=a.batch_size, holdout=a.holdout, lrs=values(a.lrs, "--lrs", float), epochs=a.epochs,
-                      k=a.k, temperature=a.temperature, finetune_epochs=a.finetune_epochs,
-                      finetune_lr=a.finetune_lr, layer_decay=a.layer_decay, seed=a.seed, device=a.device)
+    cfg = ProbeConfig(
+        shards=a.shards,
+        kind=a.kind,
+        run=a.run,
+        val_shards=a.val_shards,
+        out=a.out,
+        random_init=a.random_init,
+        student=a.student,
+        pool=a.pool,
+        layers=layers,
+        batch_size=a.batch_size,
+        holdout=a.holdout,
+        lrs=values(a.lrs, "--lrs", float),
+        epochs=a.epochs,
+        k=a.k,
+        temperature=a.temperature,
+        finetune_epochs=a.finetune_epochs,
+        finetune_lr=a.finetune_lr,
+        layer_decay=a.layer_decay,
+        seed=a.seed,
+        device=a.device,
+    )
     result = run_probe(cfg)
     print(result.table())
     print(f"wrote {cfg.out_path()}")
@@ -390,7 +532,9 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with ``only``, a parser in which only that command has its options (the
     others are listed by name), which is all one invocation needs."""
-    parser = argparse.ArgumentParser(prog="digpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="digpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (summary, add, _) in COMMANDS.items():
         p = _parser(sub, name, summary)

@@ -42,13 +42,20 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 def parser(description: str, *, repeats: int = 5, warmup: int = 1, threads: int | None = 1) -> argparse.ArgumentParser:
     """An argparse parser with the flags every script shares; ``description`` is the script's docstring."""
     p = argparse.ArgumentParser(description=description, formatter_class=_Help)
-    p.add_argument("--results", default=DEFAULT_RESULTS,
-                   help="markdown file the results section is appended to ('-' or '' : do not append)")
+    p.add_argument(
+        "--results",
+        default=DEFAULT_RESULTS,
+        help="markdown file the results section is appended to ('-' or '' : do not append)",
+    )
     p.add_argument("--repeats", type=int, default=repeats, help="timed repeats per variant (the median is reported)")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed warmup runs per variant")
-    p.add_argument("--threads", type=int, default=threads,
-                   help="torch intra-op threads in this process (0: torch's default, one per core; on a shared "
-                        "machine two threads per process oversubscribe the cores and run slower than one)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=threads,
+        help="torch intra-op threads in this process (0: torch's default, one per core; on a shared "
+        "machine two threads per process oversubscribe the cores and run slower than one)",
+    )
     p.add_argument("--workdir", default=None, help="scratch directory (default: a fresh temporary directory)")
     return p
 
@@ -105,10 +112,16 @@ def _nproc() -> int:
 def code_version() -> str:
     """``git`` commit of the tree the numbers come from, ``+ uncommitted changes`` when it is dirty."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (sha or "unknown") + (" + uncommitted changes" if dirty else "")
     except Exception:
         return "unknown"
@@ -118,17 +131,26 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"cpu": _cpu_model(), "cpus_in_cpuinfo": _cpu_count_proc(), "nproc": _nproc(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "python": platform.python_version(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    return {
+        "cpu": _cpu_model(),
+        "cpus_in_cpuinfo": _cpu_count_proc(),
+        "nproc": _nproc(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
 
 
 def machine_line(info: dict[str, Any] | None = None) -> str:
     m = info or machine_info()
     load = " / ".join(f"{x:.2f}" for x in m["load_avg"]) if m.get("load_avg") else "n/a"
-    return (f"CPU: {m['cpu']} ({m['cpus_in_cpuinfo']} in /proc/cpuinfo, nproc {m['nproc']}); "
-            f"torch {m['torch']} ({m['torch_threads']} intra-op threads); GPU: {m['gpu']}; "
-            f"Python {m['python']}; load average at start (1/5/15 min): {load}")
+    return (
+        f"CPU: {m['cpu']} ({m['cpus_in_cpuinfo']} in /proc/cpuinfo, nproc {m['nproc']}); "
+        f"torch {m['torch']} ({m['torch_threads']} intra-op threads); GPU: {m['gpu']}; "
+        f"Python {m['python']}; load average at start (1/5/15 min): {load}"
+    )
 
 
 def has_cuda() -> bool:
@@ -164,8 +186,13 @@ def repeat(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5, device: Any
     return [time_once(fn, device)[0] for _ in range(repeats)]
 
 
-def interleave(variants: dict[str, Callable[[], Any]], warmup: int = 1, repeats: int = 5,
-               device: Any = None, on_result: Callable[[str, Any], None] | None = None) -> dict[str, list[float]]:
+def interleave(
+    variants: dict[str, Callable[[], Any]],
+    warmup: int = 1,
+    repeats: int = 5,
+    device: Any = None,
+    on_result: Callable[[str, Any], None] | None = None,
+) -> dict[str, list[float]]:
     """Time several variants side by side: round ``r`` runs each once, starting at a rotating offset, so
     a neighbour's burst or a thermal drift lands on all of them alike. Returns seconds per variant.
 
@@ -222,6 +249,7 @@ class StageTimer:
         timer = self
 
         if iterator:
+
             def wrapped(*a, **k):
                 it = iter(orig(*a, **k))
                 while True:
@@ -235,6 +263,7 @@ class StageTimer:
                     timer.calls[label] += 1
                     yield item
         else:
+
             def wrapped(*a, **k):
                 t0 = time.perf_counter()
                 try:
@@ -275,7 +304,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | No
     def line(vals: Sequence[str]) -> str:
         return "| " + " | ".join(v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(vals, widths, align)) + " |"
 
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else (":" + "-" * (w + 1)) for w, a in zip(widths, align)) + "|"
+    sep = (
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if a == "r" else (":" + "-" * (w + 1)) for w, a in zip(widths, align))
+        + "|"
+    )
     return "\n".join([line([str(h) for h in headers]), sep, *(line(r) for r in cells)])
 
 
@@ -301,7 +334,9 @@ class Report:
         self.parts: list[str] = []
         print(f"# {title}\n{machine_line(self.machine)}\n$ {self.command}\n", flush=True)
 
-    def table(self, caption: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    def table(
+        self, caption: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None
+    ) -> str:
         t = table(headers, rows, align)
         self.parts.append(f"**{caption}**\n\n{t}")
         print(f"{caption}\n{t}\n", flush=True)
@@ -313,11 +348,15 @@ class Report:
 
     def markdown(self) -> str:
         took = (_dt.datetime.now().astimezone() - self.started).total_seconds()
-        head = [f"## {self.title} — {self.started.strftime('%Y-%m-%d %H:%M %Z')}", "",
-                f"- command: `{self.command}`",
-                f"- machine: {machine_line(self.machine)}",
-                f"- code: {code_version()}",
-                f"- date: {self.started.isoformat(timespec='seconds')}; took {took:.0f} s", ""]
+        head = [
+            f"## {self.title} — {self.started.strftime('%Y-%m-%d %H:%M %Z')}",
+            "",
+            f"- command: `{self.command}`",
+            f"- machine: {machine_line(self.machine)}",
+            f"- code: {code_version()}",
+            f"- date: {self.started.isoformat(timespec='seconds')}; took {took:.0f} s",
+            "",
+        ]
         return "\n".join(head) + "\n" + "\n\n".join(self.parts) + "\n"
 
     def append(self, path: str | None) -> str | None:

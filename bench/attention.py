@@ -43,8 +43,10 @@ IMPLS = ("eager", "sdpa_dense", "sdpa", "flex")
 def shapes(which: str):
     from student.attention import AttnMask
 
-    out = {"clusters (148 = 3x49 + cls)": (148, AttnMask(49, n_prefix=1, prefix="last")),
-           "per-patch (196 = 195 + cls)": (196, AttnMask(1, n_prefix=1, prefix="last"))}
+    out = {
+        "clusters (148 = 3x49 + cls)": (148, AttnMask(49, n_prefix=1, prefix="last")),
+        "per-patch (196 = 195 + cls)": (196, AttnMask(1, n_prefix=1, prefix="last")),
+    }
     if which == "all":
         return out
     return {k: v for k, v in out.items() if k.startswith(which)}
@@ -57,7 +59,9 @@ def _cpu_peak(fn) -> int | None:
     try:
         from torch.profiler._memory_profiler import Action
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+        ) as prof:
             fn()
         live = peak = 0
         for _, action, (key, _version), size in prof._memory_profile().timeline:
@@ -92,15 +96,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(a.device)
     cuda = device.type == "cuda"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype or ("bf16" if cuda else "fp32")]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        a.dtype or ("bf16" if cuda else "fp32")
+    ]
     impls = [i for i in IMPLS if i != "flex" or (cuda and flex_available()[0])]
     rep = C.Report("attention", "Attention at D-iGPT shapes (bench/attention.py)", argv)
     result: dict = {}
     rows = []
     for label, (length, mask) in shapes(a.shape).items():
         g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(a.batch, a.heads, length, a.head_dim, generator=g).to(device, dtype).requires_grad_()
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(a.batch, a.heads, length, a.head_dim, generator=g).to(device, dtype).requires_grad_()
+            for _ in range(3)
+        )
         grad = torch.randn(a.batch, a.heads, length, a.head_dim, generator=g).to(device, dtype)
 
         def run(impl):
@@ -114,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
             err = (attend(q, k, v, mask, impl).float() - ref).abs().max().item()
             if err > (1e-3 if dtype == torch.float32 else 5e-2):
                 raise RuntimeError(f"{impl} disagrees with the eager reference by {err:.3g} at {label}")
-        times = C.interleave({i: (lambda i=i: run(i)) for i in impls}, warmup=a.warmup, repeats=a.repeats, device=device)
+        times = C.interleave(
+            {i: (lambda i=i: run(i)) for i in impls}, warmup=a.warmup, repeats=a.repeats, device=device
+        )
         peaks: dict[str, int | None] = {}
         for impl in impls:
             if cuda:
@@ -139,15 +149,35 @@ def main(argv: list[str] | None = None) -> dict:
             pk = peaks.get(impl)
             pk_ref = peaks.get("eager")
             mem_ratio = f"{pk / pk_ref:.2f}x" if pk is not None and pk_ref else "n/a"
-            rows.append([label, impl + (" (reference)" if impl == "eager" else ""), C.fmt_ms(t), f"{vs_ref:.2f}x",
-                         f"{vs_dense:.2f}x", C.fmt_bytes(pk) if pk is not None else "n/a", mem_ratio])
-            result.setdefault(label, {})[impl] = {"ms": 1e3 * t, "vs_eager": vs_ref, "vs_sdpa_dense": vs_dense,
-                                                  "peak_bytes": pk}
-    mem_how = "CUDA max_memory_allocated above inputs" if cuda else "CPU: torch profiler memory timeline, live tensor bytes above inputs"
-    rep.table(f"Forward + backward, batch {a.batch} x {a.heads} heads x L x {a.head_dim}, {str(dtype).replace('torch.', '')}, "
-              f"device {device}, {threads} thread(s); medians of {a.repeats} interleaved rounds; peak memory: {mem_how}",
-              ["sequence", "impl", "ms fwd+bwd", "time vs eager", "time vs sdpa_dense", "peak memory", "memory vs eager"],
-              rows, align="llrrrrr")
+            rows.append(
+                [
+                    label,
+                    impl + (" (reference)" if impl == "eager" else ""),
+                    C.fmt_ms(t),
+                    f"{vs_ref:.2f}x",
+                    f"{vs_dense:.2f}x",
+                    C.fmt_bytes(pk) if pk is not None else "n/a",
+                    mem_ratio,
+                ]
+            )
+            result.setdefault(label, {})[impl] = {
+                "ms": 1e3 * t,
+                "vs_eager": vs_ref,
+                "vs_sdpa_dense": vs_dense,
+                "peak_bytes": pk,
+            }
+    mem_how = (
+        "CUDA max_memory_allocated above inputs"
+        if cuda
+        else "CPU: torch profiler memory timeline, live tensor bytes above inputs"
+    )
+    rep.table(
+        f"Forward + backward, batch {a.batch} x {a.heads} heads x L x {a.head_dim}, {str(dtype).replace('torch.', '')}, "
+        f"device {device}, {threads} thread(s); medians of {a.repeats} interleaved rounds; peak memory: {mem_how}",
+        ["sequence", "impl", "ms fwd+bwd", "time vs eager", "time vs sdpa_dense", "peak memory", "memory vs eager"],
+        rows,
+        align="llrrrrr",
+    )
     if not cuda:
         rep.note(f"GPU rows (sdpa / flex vs eager, target <= 0.5x time and memory): {C.NO_GPU}.")
     rep.append(a.results)

@@ -25,13 +25,27 @@ import time
 
 from bench import _common as C
 
-STAGES = ("prepare", "extract", "  of which Ray start", "train", "probe", "probe of the cached targets (ceiling)",
-          "verify", "report + plots")
+STAGES = (
+    "prepare",
+    "extract",
+    "  of which Ray start",
+    "train",
+    "probe",
+    "probe of the cached targets (ceiling)",
+    "verify",
+    "report + plots",
+)
 # (module, function, stage); functions a given version of the pipeline lacks are skipped
-PATCHES = (("A", "prepare_synthetic", "prepare"), ("A", "run_extract", "extract"),
-           ("R", "ensure_ray", "  of which Ray start"), ("A", "train", "train"), ("A", "run_probe", "probe"),
-           ("A", "teacher_ceiling", "probe of the cached targets (ceiling)"), ("D", "run_verify", "verify"),
-           ("A", "_write_report", "report + plots"))
+PATCHES = (
+    ("A", "prepare_synthetic", "prepare"),
+    ("A", "run_extract", "extract"),
+    ("R", "ensure_ray", "  of which Ray start"),
+    ("A", "train", "train"),
+    ("A", "run_probe", "probe"),
+    ("A", "teacher_ceiling", "probe of the cached targets (ceiling)"),
+    ("D", "run_verify", "verify"),
+    ("A", "_write_report", "report + plots"),
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,8 +78,16 @@ def main(argv: list[str] | None = None) -> dict:
             out = os.path.join(wd, f"demo-{r}")
             try:
                 t0 = time.perf_counter()
-                res = D.run_demo(D.DemoConfig(out=out, num_samples=a.num_samples, num_classes=a.num_classes,
-                                              steps=a.steps, batch_size=a.batch_size, executor=a.executor))
+                res = D.run_demo(
+                    D.DemoConfig(
+                        out=out,
+                        num_samples=a.num_samples,
+                        num_classes=a.num_classes,
+                        steps=a.steps,
+                        batch_size=a.batch_size,
+                        executor=a.executor,
+                    )
+                )
                 total = time.perf_counter() - t0
             finally:
                 timer.restore()
@@ -80,15 +102,28 @@ def main(argv: list[str] | None = None) -> dict:
         v = C.median(x.get(s, 0.0) for x in runs)
         rows.append([s, f"{v:.1f}", f"{100 * v / total:.1f}%", str(runs[-1]["calls"].get(s, 0))])
     accounted = sum(C.median(x.get(s, 0.0) for x in runs) for s in STAGES if not s.startswith(" "))
-    rows.append(["other (demo glue)", f"{max(0.0, total - accounted):.1f}", f"{100 * max(0.0, total - accounted) / total:.1f}%", "-"])
+    rows.append(
+        [
+            "other (demo glue)",
+            f"{max(0.0, total - accounted):.1f}",
+            f"{100 * max(0.0, total - accounted) / total:.1f}%",
+            "-",
+        ]
+    )
     rows.append(["**total**", f"{total:.1f}", "100%", "-"])
-    rep.table(f"`digpt demo` at {a.num_samples} images, {a.steps} steps x batch {a.batch_size} per student, executor "
-              f"{a.executor}, {threads} torch thread(s) in the driver; median of {a.repeats} run(s); verify "
-              f"{'passed' if ok else 'FAILED'}",
-              ["stage", "seconds", "share", "calls"], rows, align="lrrr")
-    rep.note("Train covers two students (pixel and EfficientNet targets); probe covers linear + k-NN for each "
-             "student and for the random-init floor (six probe runs). Extract includes Ray's start when the "
-             "executor is ray.")
+    rep.table(
+        f"`digpt demo` at {a.num_samples} images, {a.steps} steps x batch {a.batch_size} per student, executor "
+        f"{a.executor}, {threads} torch thread(s) in the driver; median of {a.repeats} run(s); verify "
+        f"{'passed' if ok else 'FAILED'}",
+        ["stage", "seconds", "share", "calls"],
+        rows,
+        align="lrrr",
+    )
+    rep.note(
+        "Train covers two students (pixel and EfficientNet targets); probe covers linear + k-NN for each "
+        "student and for the random-init floor (six probe runs). Extract includes Ray's start when the "
+        "executor is ray."
+    )
     rep.append(a.results)
     return {"stages": {s: C.median(x.get(s, 0.0) for x in runs) for s in STAGES}, "total": total, "verified": ok}
 

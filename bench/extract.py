@@ -94,8 +94,11 @@ def _bare_forward(teacher, chunks, batch_size: int, device) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, repeats=5, warmup=1)
-    p.add_argument("--teachers", default="random-vit:32/8,efficientnet_lite0",
-                   help="comma-separated teacher names (registry names, no weights files)")
+    p.add_argument(
+        "--teachers",
+        default="random-vit:32/8,efficientnet_lite0",
+        help="comma-separated teacher names (registry names, no weights files)",
+    )
     p.add_argument("--num-samples", type=int, default=32, help="generated images")
     p.add_argument("--image-size", type=int, default=64, help="generated image side (px)")
     p.add_argument("--shard-size", type=int, default=16, help="images per shard (>= 2 shards feed 2 Ray workers)")
@@ -123,8 +126,16 @@ def main(argv: list[str] | None = None) -> dict:
         data = os.path.join(wd, "data")
         if os.path.exists(data):
             shutil.rmtree(data)
-        prepare_synthetic(SyntheticConfig(out=data, num_samples=a.num_samples, num_classes=4,
-                                          image_size=a.image_size, shard_size=a.shard_size, seed=0))
+        prepare_synthetic(
+            SyntheticConfig(
+                out=data,
+                num_samples=a.num_samples,
+                num_classes=4,
+                image_size=a.image_size,
+                shard_size=a.shard_size,
+                seed=0,
+            )
+        )
         storage = StorageConfig(dtype=a.dtype)
         aug = AugConfig(views=a.views)
         eff_rows, stage_rows = [], []
@@ -141,24 +152,41 @@ def main(argv: list[str] | None = None) -> dict:
                 out = os.path.join(wd, f"cache-{runs['n']}")
                 runs["n"] += 1
                 timer.reset()
-                cfg = ExtractConfig(shards=data, out=out, teachers=(tc,), aug=aug, storage=storage,
-                                    batch_size=a.batch_size, executor="local", device=a.device,
-                                    threads=threads)
+                cfg = ExtractConfig(
+                    shards=data,
+                    out=out,
+                    teachers=(tc,),
+                    aug=aug,
+                    storage=storage,
+                    batch_size=a.batch_size,
+                    executor="local",
+                    device=a.device,
+                    threads=threads,
+                )
                 summary = run_extract(cfg, progress=False)
                 shutil.rmtree(out, ignore_errors=True)
                 if not summary.ok:
                     raise RuntimeError(f"extraction failed: {summary.failed}")
                 tok = summary.tokenizers[0]
-                return {"exec_s": tok.samples / tok.images_per_s, "stages": timer.snapshot(),
-                        "bytes_per_view": tok.bytes_per_view}
+                return {
+                    "exec_s": tok.samples / tok.images_per_s,
+                    "stages": timer.snapshot(),
+                    "bytes_per_view": tok.bytes_per_view,
+                }
 
             seen: list[dict] = []
             _instrument(timer)
             try:
                 times = C.interleave(
-                    {"bare": lambda t=teacher, c=chunks: _bare_forward(t, c, a.batch_size, device), "pipeline": pipeline},
-                    warmup=a.warmup, repeats=a.repeats, device=device,
-                    on_result=lambda n, v: seen.append(v) if n == "pipeline" else None)
+                    {
+                        "bare": lambda t=teacher, c=chunks: _bare_forward(t, c, a.batch_size, device),
+                        "pipeline": pipeline,
+                    },
+                    warmup=a.warmup,
+                    repeats=a.repeats,
+                    device=device,
+                    on_result=lambda n, v: seen.append(v) if n == "pipeline" else None,
+                )
             finally:
                 timer.restore()
             C.setup_threads(threads)  # the worker sets threads; keep the bare forward on the same count
@@ -167,31 +195,70 @@ def main(argv: list[str] | None = None) -> dict:
             eff = C.paired_ratio(bare_s, exec_s)
             n_img = a.num_samples
             share = C.median(r["stages"].get("teacher forward", 0.0) / r["exec_s"] for r in seen)
-            eff_rows.append([name, f"{n_img / C.median(bare_s):.1f}", f"{n_img / C.median(exec_s):.1f}",
-                             f"{n_img / C.median(times['pipeline']):.1f}", f"{eff:.3f}",
-                             f"{C.median(bare_s) / C.median(exec_s):.3f}", f"{share:.3f}", C.verdict(eff >= 0.90),
-                             f"{build_s:.2f}"])
+            eff_rows.append(
+                [
+                    name,
+                    f"{n_img / C.median(bare_s):.1f}",
+                    f"{n_img / C.median(exec_s):.1f}",
+                    f"{n_img / C.median(times['pipeline']):.1f}",
+                    f"{eff:.3f}",
+                    f"{C.median(bare_s) / C.median(exec_s):.3f}",
+                    f"{share:.3f}",
+                    C.verdict(eff >= 0.90),
+                    f"{build_s:.2f}",
+                ]
+            )
             med_stage = {s: C.median(r["stages"].get(s, 0.0) for r in seen) for s in STAGES}
             total = C.median(exec_s)
             other = max(0.0, total - sum(med_stage.values()))
             for s in (*STAGES, "other (metadata, seeds/keys arrays, bookkeeping)"):
                 v = med_stage.get(s, other)
                 stage_rows.append([name, s, C.fmt_ms(v), f"{100 * v / total:.1f}%", f"{1e3 * v / n_img:.2f}"])
-            stage_rows.append([name, "**pipeline (execution phase)**", C.fmt_ms(total), "100%", f"{1e3 * total / n_img:.2f}"])
-            stage_rows.append([name, "bare forward (same batches)", C.fmt_ms(C.median(bare_s)),
-                               f"{100 * C.median(bare_s) / total:.1f}%", f"{1e3 * C.median(bare_s) / n_img:.2f}"])
-            result["teachers"][name] = {"efficiency": eff, "teacher_share": share, "bare_s": bare_s, "pipeline_exec_s": exec_s,
-                                        "pipeline_wall_s": times["pipeline"], "stages": med_stage,
-                                        "bytes_per_view": seen[-1]["bytes_per_view"] if seen else None}
+            stage_rows.append(
+                [name, "**pipeline (execution phase)**", C.fmt_ms(total), "100%", f"{1e3 * total / n_img:.2f}"]
+            )
+            stage_rows.append(
+                [
+                    name,
+                    "bare forward (same batches)",
+                    C.fmt_ms(C.median(bare_s)),
+                    f"{100 * C.median(bare_s) / total:.1f}%",
+                    f"{1e3 * C.median(bare_s) / n_img:.2f}",
+                ]
+            )
+            result["teachers"][name] = {
+                "efficiency": eff,
+                "teacher_share": share,
+                "bare_s": bare_s,
+                "pipeline_exec_s": exec_s,
+                "pipeline_wall_s": times["pipeline"],
+                "stages": med_stage,
+                "bytes_per_view": seen[-1]["bytes_per_view"] if seen else None,
+            }
             del teacher, chunks
 
-        rep.table(f"Efficiency: {a.num_samples} images x {a.views} views, {a.image_size}px JPEG, batch {a.batch_size}, "
-                  f"{a.dtype} storage, device {device}, {threads} thread(s); medians of {a.repeats} interleaved rounds",
-                  ["teacher", "bare forward img/s", "pipeline img/s (exec)", "pipeline img/s (wall)",
-                   "efficiency (paired median)", "ratio of medians", "teacher share within run", ">= 0.90?",
-                   "teacher build s"], eff_rows)
-        rep.table("Where the pipeline's time goes (local executor, median per stage over the timed rounds)",
-                  ["teacher", "stage", "ms", "share", "ms / image"], stage_rows, align="llrrr")
+        rep.table(
+            f"Efficiency: {a.num_samples} images x {a.views} views, {a.image_size}px JPEG, batch {a.batch_size}, "
+            f"{a.dtype} storage, device {device}, {threads} thread(s); medians of {a.repeats} interleaved rounds",
+            [
+                "teacher",
+                "bare forward img/s",
+                "pipeline img/s (exec)",
+                "pipeline img/s (wall)",
+                "efficiency (paired median)",
+                "ratio of medians",
+                "teacher share within run",
+                ">= 0.90?",
+                "teacher build s",
+            ],
+            eff_rows,
+        )
+        rep.table(
+            "Where the pipeline's time goes (local executor, median per stage over the timed rounds)",
+            ["teacher", "stage", "ms", "share", "ms / image"],
+            stage_rows,
+            align="llrrr",
+        )
 
         if workers:
             import ray
@@ -211,9 +278,18 @@ def main(argv: list[str] | None = None) -> dict:
                 def on_ray(w, tc=tc, runs=runs):
                     out = os.path.join(wd, f"ray-cache-{runs['n']}")
                     runs["n"] += 1
-                    cfg = ExtractConfig(shards=data, out=out, teachers=(tc,), aug=aug, storage=storage,
-                                        batch_size=a.batch_size, executor="ray", workers=w, threads=threads,
-                                        device=a.device)
+                    cfg = ExtractConfig(
+                        shards=data,
+                        out=out,
+                        teachers=(tc,),
+                        aug=aug,
+                        storage=storage,
+                        batch_size=a.batch_size,
+                        executor="ray",
+                        workers=w,
+                        threads=threads,
+                        device=a.device,
+                    )
                     t0 = time.perf_counter()
                     summary = run_extract(cfg, progress=False)
                     wall = time.perf_counter() - t0
@@ -230,22 +306,46 @@ def main(argv: list[str] | None = None) -> dict:
                     sh = C.median(r["shard_s"] for r in got[w])
                     rate = a.num_samples / ex
                     base = base or rate
-                    ray_rows.append([name, str(w), str(threads), f"{rate:.1f}", f"{rate / base:.2f}x",
-                                     f"{a.num_samples / (sh / w):.1f}", f"{max(0.0, ex - sh / w):.2f}"])
-                    result["ray"].setdefault(name, {})[w] = {"images_per_s": rate, "exec_s": [r["exec_s"] for r in got[w]]}
-            rep.table(f"Ray scaling ({a.num_samples} images in "
-                      f"{-(-a.num_samples // a.shard_size)} shards; Ray start {ray_start:.1f}s not included; "
-                      f"medians of {a.ray_repeats} run(s))",
-                      ["teacher", "workers", "threads/worker", "img/s (exec phase)", "speedup",
-                       "img/s inside shards", "actor start + teacher build s"], ray_rows)
+                    ray_rows.append(
+                        [
+                            name,
+                            str(w),
+                            str(threads),
+                            f"{rate:.1f}",
+                            f"{rate / base:.2f}x",
+                            f"{a.num_samples / (sh / w):.1f}",
+                            f"{max(0.0, ex - sh / w):.2f}",
+                        ]
+                    )
+                    result["ray"].setdefault(name, {})[w] = {
+                        "images_per_s": rate,
+                        "exec_s": [r["exec_s"] for r in got[w]],
+                    }
+            rep.table(
+                f"Ray scaling ({a.num_samples} images in "
+                f"{-(-a.num_samples // a.shard_size)} shards; Ray start {ray_start:.1f}s not included; "
+                f"medians of {a.ray_repeats} run(s))",
+                [
+                    "teacher",
+                    "workers",
+                    "threads/worker",
+                    "img/s (exec phase)",
+                    "speedup",
+                    "img/s inside shards",
+                    "actor start + teacher build s",
+                ],
+                ray_rows,
+            )
             if started:
                 ray.shutdown()
-        rep.note("Efficiency = median over rounds of (bare forward time / pipeline execution time); 'ratio of "
-                 "medians' is the same from the medians; 'teacher share within run' is the pipeline's own teacher-forward "
-                 "time / its execution time — measured inside one run, so a noisy neighbour cancels out. "
-                 "Pipeline 'exec' excludes building the teacher and fingerprinting its weights (done once per "
-                 "run before any shard); 'wall' includes them. 'img/s inside shards' divides by the shard-task "
-                 "time per worker, i.e. without actor start-up and teacher construction in the workers.")
+        rep.note(
+            "Efficiency = median over rounds of (bare forward time / pipeline execution time); 'ratio of "
+            "medians' is the same from the medians; 'teacher share within run' is the pipeline's own teacher-forward "
+            "time / its execution time — measured inside one run, so a noisy neighbour cancels out. "
+            "Pipeline 'exec' excludes building the teacher and fingerprinting its weights (done once per "
+            "run before any shard); 'wall' includes them. 'img/s inside shards' divides by the shard-task "
+            "time per worker, i.e. without actor start-up and teacher construction in the workers."
+        )
         if not C.has_cuda():
             rep.note(f"GPU: {C.NO_GPU}.")
     rep.append(a.results)

@@ -69,8 +69,16 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def supervised_loop(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, test_views: torch.Tensor,
-                    steps: int, batch: int, lr: float, seed: int) -> torch.Tensor:
+def supervised_loop(
+    model: nn.Module,
+    views: torch.Tensor,
+    labels: torch.Tensor,
+    test_views: torch.Tensor,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+) -> torch.Tensor:
     """A plain supervised loop: AdamW, warmup + cosine, flips, batches drawn with replacement."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     lrs = lr_schedule(steps, lr, 0.1, 0.0)
@@ -117,8 +125,16 @@ def supervised(args: argparse.Namespace) -> list[dict]:
             if name == "finetune-probe":
                 enc = VisionTransformer(vit_config(args.student, **({"stem": args.stem} if args.stem else {})))
                 epochs = max(1, round(args.steps * args.batch_size / len(tr)))
-                pcfg = ProbeConfig(shards=args.shards, kind="finetune", random_init=True, student=args.student,
-                                   out="-", finetune_epochs=epochs, batch_size=args.batch_size, seed=seed)
+                pcfg = ProbeConfig(
+                    shards=args.shards,
+                    kind="finetune",
+                    random_init=True,
+                    student=args.student,
+                    out="-",
+                    finetune_epochs=epochs,
+                    batch_size=args.batch_size,
+                    seed=seed,
+                )
                 scores = finetune_scores(pcfg, enc, views[tr], labels[tr], views[rp], num_classes)
             else:
                 if name == "cnn":
@@ -126,16 +142,27 @@ def supervised(args: argparse.Namespace) -> list[dict]:
                 else:
                     stem = "conv" if name == "vit-conv" else "patch"
                     model = Classifier(VisionTransformer(vit_config(args.student, stem=stem)), num_classes, "mean")
-                scores = supervised_loop(model, views[tr], labels[tr], views[rp], args.steps, args.batch_size,
-                                         args.lr, seed)
+                scores = supervised_loop(
+                    model, views[tr], labels[tr], views[rp], args.steps, args.batch_size, args.lr, seed
+                )
             accs.append(topk_accuracy(scores, labels[rp], 1))
             secs.append(time.perf_counter() - t0)
             print(f"{name} seed {seed}: top-1 {accs[-1]:.3f} ({secs[-1]:.0f}s)", flush=True)
         mean, std = _stats(accs)
-        rows.append({"model": name, "top1": mean, "std": std, "seeds": accs, "seconds": statistics.fmean(secs),
-                     "n_report": len(rp)})
-    print(f"\nSupervised upper bound: {args.student} ({args.steps} steps x {args.batch_size}, lr {args.lr}), "
-          f"{len(tr)} train / {len(rp)} report images of {args.shards}; {machine()}\n")
+        rows.append(
+            {
+                "model": name,
+                "top1": mean,
+                "std": std,
+                "seeds": accs,
+                "seconds": statistics.fmean(secs),
+                "n_report": len(rp),
+            }
+        )
+    print(
+        f"\nSupervised upper bound: {args.student} ({args.steps} steps x {args.batch_size}, lr {args.lr}), "
+        f"{len(tr)} train / {len(rp)} report images of {args.shards}; {machine()}\n"
+    )
     print("| model | report top-1 (mean ± std over seeds) | seconds / run |\n|---|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['top1']:.3f} ± {r['std']:.3f} | {r['seconds']:.0f} |")
@@ -150,22 +177,54 @@ def pretrain(args: argparse.Namespace) -> list[dict]:
     for steps in args.steps_list:
         for lr in args.base_lrs:
             out = os.path.join(args.out, f"{args.student}_{args.stem or 'preset'}_{steps}steps_lr{lr:g}")
-            cfg = AblateConfig(recipe="learning", out=out, shards=args.shards, cache=args.cache, student=args.student,
-                               steps=steps, batch_size=args.batch_size, base_lr=lr, seeds=args.seeds,
-                               views=args.views, executor=args.executor, semantic_teacher=args.semantic, knn=False, stem=args.stem)
+            cfg = AblateConfig(
+                recipe="learning",
+                out=out,
+                shards=args.shards,
+                cache=args.cache,
+                student=args.student,
+                steps=steps,
+                batch_size=args.batch_size,
+                base_lr=lr,
+                seeds=args.seeds,
+                views=args.views,
+                executor=args.executor,
+                semantic_teacher=args.semantic,
+                knn=False,
+                stem=args.stem,
+            )
             res = run_ablation(cfg)
             for r in res["rows"]:
-                rows.append({"steps": steps, "base_lr": lr, "variant": r["variant"], "top1": r["linear_top1"],
-                             "std": r["linear_top1_std"], "loss_vs_blind": r.get("loss_vs_blind"),
-                             "train_seconds": r["train_seconds"], "n_report": res["n_report"]})
+                rows.append(
+                    {
+                        "steps": steps,
+                        "base_lr": lr,
+                        "variant": r["variant"],
+                        "top1": r["linear_top1"],
+                        "std": r["linear_top1_std"],
+                        "loss_vs_blind": r.get("loss_vs_blind"),
+                        "train_seconds": r["train_seconds"],
+                        "n_report": res["n_report"],
+                    }
+                )
     n = rows[0]["n_report"] if rows else 0
-    print(f"\nPretraining: {args.student} (stem {args.stem or 'preset'}), batch {args.batch_size}, {args.seeds} seed(s), semantic teacher "
-          f"{args.semantic}, {args.views} views; {machine()}\n")
-    print("| steps | base lr | variant | linear top-1 (mean ± std) | loss / blind | train s |\n|---:|---:|---|---:|---:|---:|")
+    print(
+        f"\nPretraining: {args.student} (stem {args.stem or 'preset'}), batch {args.batch_size}, {args.seeds} seed(s), semantic teacher "
+        f"{args.semantic}, {args.views} views; {machine()}\n"
+    )
+    print(
+        "| steps | base lr | variant | linear top-1 (mean ± std) | loss / blind | train s |\n|---:|---:|---|---:|---:|---:|"
+    )
     for r in rows:
-        lb = "-" if r["loss_vs_blind"] is None or r["loss_vs_blind"] != r["loss_vs_blind"] else f"{r['loss_vs_blind']:.3f}"
-        print(f"| {r['steps']} | {r['base_lr']:g} | {r['variant']} | {r['top1']:.3f} ± {r['std']:.3f} | {lb} | "
-              f"{r['train_seconds']:.0f} |")
+        lb = (
+            "-"
+            if r["loss_vs_blind"] is None or r["loss_vs_blind"] != r["loss_vs_blind"]
+            else f"{r['loss_vs_blind']:.3f}"
+        )
+        print(
+            f"| {r['steps']} | {r['base_lr']:g} | {r['variant']} | {r['top1']:.3f} ± {r['std']:.3f} | {lb} | "
+            f"{r['train_seconds']:.0f} |"
+        )
     if n:
         print(f"\nnoise: two standard errors of a difference at p=0.5 on {n} report samples = {two_se(0.5, n):.3f}")
     return rows

@@ -39,8 +39,9 @@ from bench import _common as C
 class PlainViews(IterableDataset):
     """The baseline: a webdataset image loader with a RandomResizedCrop-style crop, no targets."""
 
-    def __init__(self, ds, img_size: int, batch_size: int, shuffle_buffer: int, views: int, seed: int = 0,
-                 epoch: int = 0):
+    def __init__(
+        self, ds, img_size: int, batch_size: int, shuffle_buffer: int, views: int, seed: int = 0, epoch: int = 0
+    ):
         from teacher_cache.views import AugConfig
 
         self.ds = ds
@@ -84,7 +85,10 @@ class PlainViews(IterableDataset):
                 seed = view_seed(self.aug_fp, self.aug.seed, b["shard"], b["key"], v)
                 box, flip = sample_crop(seed, img.shape[2], img.shape[1], self.aug)
                 images.append(replay_view(img, box, flip, self.img_size))
-            return {"images": torch.stack(images), "labels": torch.tensor([b["label"] for b in batch], dtype=torch.long)}
+            return {
+                "images": torch.stack(images),
+                "labels": torch.tensor([b["label"] for b in batch], dtype=torch.long),
+            }
 
         for shard in self._shards(worker, workers):
             for s in wds.tarfile_to_samples()(iter([{"url": self.ds.shard_url(shard)}])):
@@ -175,8 +179,11 @@ def _instrumented_epoch(make) -> tuple[dict[str, float], float, int]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, repeats=11, warmup=1)
-    p.add_argument("--teachers", default="pixel:64/8,efficientnet_lite0:256",
-                   help="tokenizers extracted into the cache (comma-separated); one cached-loader row each")
+    p.add_argument(
+        "--teachers",
+        default="pixel:64/8,efficientnet_lite0:256",
+        help="tokenizers extracted into the cache (comma-separated); one cached-loader row each",
+    )
     p.add_argument("--num-samples", type=int, default=128, help="generated images")
     p.add_argument("--image-size", type=int, default=64, help="generated image side (px)")
     p.add_argument("--shard-size", type=int, default=64, help="images per shard")
@@ -201,19 +208,48 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"tokenizers": {}}
     with C.workdir(a.workdir) as wd:
         data, cache = os.path.join(wd, "data"), os.path.join(wd, "cache")
-        prepare_synthetic(SyntheticConfig(out=data, num_samples=a.num_samples, num_classes=4, image_size=a.image_size,
-                                          shard_size=a.shard_size, seed=0))
+        prepare_synthetic(
+            SyntheticConfig(
+                out=data,
+                num_samples=a.num_samples,
+                num_classes=4,
+                image_size=a.image_size,
+                shard_size=a.shard_size,
+                seed=0,
+            )
+        )
         t0 = time.perf_counter()
-        summary = run_extract(ExtractConfig(shards=data, out=cache, teachers=tuple(TeacherConfig(n) for n in names),
-                                            aug=AugConfig(views=a.views), storage=StorageConfig(dtype=a.dtype),
-                                            batch_size=32, executor="local", threads=threads), progress=False)
+        summary = run_extract(
+            ExtractConfig(
+                shards=data,
+                out=cache,
+                teachers=tuple(TeacherConfig(n) for n in names),
+                aug=AugConfig(views=a.views),
+                storage=StorageConfig(dtype=a.dtype),
+                batch_size=32,
+                executor="local",
+                threads=threads,
+            ),
+            progress=False,
+        )
         extract_s = time.perf_counter() - t0
         C.setup_threads(threads)
         groups = {n: t for n, t in zip(names, summary.tokenizers)}
         # Per-run setup (manifest, cache validation) happens once, as in train(); each round is one epoch.
         dataset = load_dataset(data)
-        cfgs = {n: DataConfig(shards=data, cache=cache, tokenizer=t.group, img_size=a.img_size, batch_size=a.batch_size,
-                              num_workers=a.workers, seed=0, shuffle_buffer=a.shuffle_buffer) for n, t in groups.items()}
+        cfgs = {
+            n: DataConfig(
+                shards=data,
+                cache=cache,
+                tokenizer=t.group,
+                img_size=a.img_size,
+                batch_size=a.batch_size,
+                num_workers=a.workers,
+                seed=0,
+                shuffle_buffer=a.shuffle_buffer,
+            )
+            for n, t in groups.items()
+        }
         joins = {n: CacheJoin(c, dataset) for n, c in cfgs.items()}
 
         def plain():
@@ -239,50 +275,94 @@ def main(argv: list[str] | None = None) -> dict:
             cnt = per[0][2]
             med = {s: C.median(x[0].get(s, 0.0) for x in per) for s in stage_names}
             total = C.median(x[1] for x in per)
-            inner[n] = C.median(sum(x[0].get(s, 0.0) for s in join_stages)
-                                / max(1e-12, x[1] - sum(x[0].get(s, 0.0) for s in join_stages)) for x in per)
+            inner[n] = C.median(
+                sum(x[0].get(s, 0.0) for s in join_stages)
+                / max(1e-12, x[1] - sum(x[0].get(s, 0.0) for s in join_stages))
+                for x in per
+            )
             for s in stage_names:
                 brows.append([n, s, f"{1e6 * med[s] / cnt:.0f}", f"{100 * med[s] / total:.1f}%"])
             rest = max(0.0, total - sum(med.values()))
             setup = C.median(_shard_setup_seconds(joins[n]) for _ in range(3)) * len(dataset.shards)
             setup = min(setup, rest)
             per_shard = a.num_samples / len(dataset.shards)
-            brows.append([n, f"per-shard setup: rows, group, seeds/boxes/flips ({1e3 * setup / len(dataset.shards):.1f} ms "
-                             f"per shard of {per_shard:.0f}; {1e6 * setup / len(dataset.shards) / 1000:.0f} µs/sample at 1000)",
-                          f"{1e6 * setup / cnt:.0f}", f"{100 * setup / total:.1f}%"])
-            brows.append([n, "rest (tar stream, key lookup, shuffle, collate + target stacking, labels/order seeds)",
-                          f"{1e6 * (rest - setup) / cnt:.0f}", f"{100 * (rest - setup) / total:.1f}%"])
+            brows.append(
+                [
+                    n,
+                    f"per-shard setup: rows, group, seeds/boxes/flips ({1e3 * setup / len(dataset.shards):.1f} ms "
+                    f"per shard of {per_shard:.0f}; {1e6 * setup / len(dataset.shards) / 1000:.0f} µs/sample at 1000)",
+                    f"{1e6 * setup / cnt:.0f}",
+                    f"{100 * setup / total:.1f}%",
+                ]
+            )
+            brows.append(
+                [
+                    n,
+                    "rest (tar stream, key lookup, shuffle, collate + target stacking, labels/order seeds)",
+                    f"{1e6 * (rest - setup) / cnt:.0f}",
+                    f"{100 * (rest - setup) / total:.1f}%",
+                ]
+            )
             brows.append([n, "**epoch**", f"{1e6 * total / cnt:.0f}", "100%"])
-            result["tokenizers"][n] = {"shard_setup_s": setup / len(dataset.shards),
-                                       "stages_us_per_sample": {s: 1e6 * v / cnt for s, v in med.items()},
-                                       "join_stages_over_rest": inner[n]}
+            result["tokenizers"][n] = {
+                "shard_setup_s": setup / len(dataset.shards),
+                "stages_us_per_sample": {s: 1e6 * v / cnt for s, v in med.items()},
+                "join_stages_over_rest": inner[n],
+            }
 
         rows = [["plain (decode + crop)", "-", f"{counts['plain'] / C.median(plain_t):.0f}", "-", "-", "-", "-"]]
         for n, tok in groups.items():
             over = C.paired_ratio(times[n], plain_t) - 1
-            rows.append([f"cached: {n} [{a.dtype}]", f"{tok.bytes_per_view:,.0f}", f"{counts[n] / C.median(times[n]):.0f}",
-                         f"{100 * over:+.1f}%", C.spread([100 * (t / p - 1) for t, p in zip(times[n], plain_t)]) + " %",
-                         f"+{100 * inner[n]:.1f}%", C.verdict(over <= 0.05 and inner[n] <= 0.05)])
-            result["tokenizers"][n].update(overhead=over, samples_per_s=counts[n] / C.median(times[n]),
-                                           bytes_per_view=tok.bytes_per_view)
+            rows.append(
+                [
+                    f"cached: {n} [{a.dtype}]",
+                    f"{tok.bytes_per_view:,.0f}",
+                    f"{counts[n] / C.median(times[n]):.0f}",
+                    f"{100 * over:+.1f}%",
+                    C.spread([100 * (t / p - 1) for t, p in zip(times[n], plain_t)]) + " %",
+                    f"+{100 * inner[n]:.1f}%",
+                    C.verdict(over <= 0.05 and inner[n] <= 0.05),
+                ]
+            )
+            result["tokenizers"][n].update(
+                overhead=over, samples_per_s=counts[n] / C.median(times[n]), bytes_per_view=tok.bytes_per_view
+            )
         result["plain_samples_per_s"] = counts["plain"] / C.median(plain_t)
-        rep.table(f"{a.num_samples} images ({a.image_size}px JPEG) in {-(-a.num_samples // a.shard_size)} shards, "
-                  f"{a.views} views cached, replayed at {a.img_size}px, batch {a.batch_size}, shuffle buffer "
-                  f"{a.shuffle_buffer}, {a.workers} loader workers, {threads} thread(s); one epoch per round, "
-                  f"medians of {a.repeats} rounds, loaders advanced in lockstep batch by batch (cache built in {extract_s:.0f}s, "
-                  "not timed)",
-                  ["loader", "stored B/view", "samples/s", "join overhead (side by side)", "range over rounds",
-                   "Zarr read + target decode / rest of epoch (within run)", "<= 5%?"], rows, align="lrrrrrr")
-        rep.table(f"Where the cached loader's time goes (in-process; medians of {max(1, a.instrumented_epochs)} "
-                  "instrumented epochs; µs per sample)", ["tokenizer", "stage", "µs / sample", "share"], brows, align="llrr")
-        rep.note("Join overhead (side by side) = median over rounds of (cached epoch time / plain epoch time) - 1: "
-                 "both loaders decode the same JPEGs and cut the same boxes, so the difference is the cache join (key "
-                 "lookup, per-shard seeds/boxes reads, crop re-derivation check, Zarr chunk reads, target decoding and "
-                 "stacking). The loaders advance in lockstep, one batch each in turn, so both see the same load. "
-                 "The within-run column times the join's two main stages (Zarr chunk read, target decode) inside the "
-                 "same cached epochs against the rest of those epochs, so a neighbour's load cancels out; it leaves "
-                 "out the small join costs hidden in 'rest'. Crop parameters cost the same in both loaders (the plain "
-                 "one draws them, the cached one re-derives and checks them) and are not counted as join.")
+        rep.table(
+            f"{a.num_samples} images ({a.image_size}px JPEG) in {-(-a.num_samples // a.shard_size)} shards, "
+            f"{a.views} views cached, replayed at {a.img_size}px, batch {a.batch_size}, shuffle buffer "
+            f"{a.shuffle_buffer}, {a.workers} loader workers, {threads} thread(s); one epoch per round, "
+            f"medians of {a.repeats} rounds, loaders advanced in lockstep batch by batch (cache built in {extract_s:.0f}s, "
+            "not timed)",
+            [
+                "loader",
+                "stored B/view",
+                "samples/s",
+                "join overhead (side by side)",
+                "range over rounds",
+                "Zarr read + target decode / rest of epoch (within run)",
+                "<= 5%?",
+            ],
+            rows,
+            align="lrrrrrr",
+        )
+        rep.table(
+            f"Where the cached loader's time goes (in-process; medians of {max(1, a.instrumented_epochs)} "
+            "instrumented epochs; µs per sample)",
+            ["tokenizer", "stage", "µs / sample", "share"],
+            brows,
+            align="llrr",
+        )
+        rep.note(
+            "Join overhead (side by side) = median over rounds of (cached epoch time / plain epoch time) - 1: "
+            "both loaders decode the same JPEGs and cut the same boxes, so the difference is the cache join (key "
+            "lookup, per-shard seeds/boxes reads, crop re-derivation check, Zarr chunk reads, target decoding and "
+            "stacking). The loaders advance in lockstep, one batch each in turn, so both see the same load. "
+            "The within-run column times the join's two main stages (Zarr chunk read, target decode) inside the "
+            "same cached epochs against the rest of those epochs, so a neighbour's load cancels out; it leaves "
+            "out the small join costs hidden in 'rest'. Crop parameters cost the same in both loaders (the plain "
+            "one draws them, the cached one re-derives and checks them) and are not counted as join."
+        )
     rep.append(a.results)
     return result
 

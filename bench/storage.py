@@ -71,8 +71,18 @@ def _teacher_tokens(data: str, teacher, views: int, batch_size: int):
     return shard, list(rows["key"]), tokens, cls
 
 
-def _write_form(root, name: str, shard: str, tokens, cls, dtype: str, chunk_rows: int, clevel: int,
-                codes: bool = False, num_codes: int = 0):
+def _write_form(
+    root,
+    name: str,
+    shard: str,
+    tokens,
+    cls,
+    dtype: str,
+    chunk_rows: int,
+    clevel: int,
+    codes: bool = False,
+    num_codes: int = 0,
+):
     """Write one form through the extractor's own writer; returns the shard group."""
     import numpy as np
 
@@ -81,8 +91,18 @@ def _write_form(root, name: str, shard: str, tokens, cls, dtype: str, chunk_rows
 
     n, k, t = tokens.shape[:3]
     d = 1 if codes else tokens.shape[3]
-    lay = ShardLayout(rows=n, views=k, tokens=t, dim=d, has_cls=cls is not None and not codes, codes=codes,
-                      dtype=dtype, chunk_rows=chunk_rows, clevel=clevel, num_codes=num_codes)
+    lay = ShardLayout(
+        rows=n,
+        views=k,
+        tokens=t,
+        dim=d,
+        has_cls=cls is not None and not codes,
+        codes=codes,
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+        clevel=clevel,
+        num_codes=num_codes,
+    )
     tok = root.create_group(name)
     g = create_shard_group(tok, "s0", shard, lay)
     c = max(1, min(chunk_rows, n))
@@ -103,11 +123,22 @@ def _raw_bytes(g) -> int:
 def _cos(a, b) -> float:
     import torch.nn.functional as F
 
-    return float(F.cosine_similarity(a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float(), dim=-1).mean())
+    return float(
+        F.cosine_similarity(a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float(), dim=-1).mean()
+    )
 
 
-def _loader_read(g, keys: list[str], shard: str, views: int, batch: int, dtype: str, codebook=None,
-                 per_sample: bool = False, limit: int | None = None) -> int:
+def _loader_read(
+    g,
+    keys: list[str],
+    shard: str,
+    views: int,
+    batch: int,
+    dtype: str,
+    codebook=None,
+    per_sample: bool = False,
+    limit: int | None = None,
+) -> int:
     """One pass over the shard in CachedViews' order; returns the samples read."""
     import numpy as np
     import torch
@@ -143,14 +174,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=64, help="generated image side (px)")
     p.add_argument("--views", type=int, default=2, help="views per image")
     p.add_argument("--chunk-rows", type=int, default=64, help="samples per Zarr chunk (StorageConfig default)")
-    p.add_argument("--clevel", default="3",
-                   help="Blosc/zstd level (StorageConfig default 3); a comma list (e.g. 3,0) writes and reads every "
-                        "form at each level side by side")
+    p.add_argument(
+        "--clevel",
+        default="3",
+        help="Blosc/zstd level (StorageConfig default 3); a comma list (e.g. 3,0) writes and reads every "
+        "form at each level side by side",
+    )
     p.add_argument("--pca-dims", default="64,256", help="PCA widths to try ('' skips)")
     p.add_argument("--codebook-size", type=int, default=256, help="k-means codes: codebook size (0 skips)")
     p.add_argument("--batch-size", type=int, default=64, help="loader batch for the read benchmark")
-    p.add_argument("--per-sample-rows", type=int, default=8,
-                   help="rows read by the one-Zarr-call-per-sample contrast (each call decompresses a whole chunk)")
+    p.add_argument(
+        "--per-sample-rows",
+        type=int,
+        default=8,
+        help="rows read by the one-Zarr-call-per-sample contrast (each call decompresses a whole chunk)",
+    )
     a = p.parse_args(argv)
     threads = C.setup_threads(a.threads)
 
@@ -168,8 +206,16 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"forms": {}}
     with C.workdir(a.workdir) as wd:
         data = os.path.join(wd, "data")
-        prepare_synthetic(SyntheticConfig(out=data, num_samples=a.num_samples, num_classes=4, image_size=a.image_size,
-                                          shard_size=a.num_samples, seed=0))
+        prepare_synthetic(
+            SyntheticConfig(
+                out=data,
+                num_samples=a.num_samples,
+                num_classes=4,
+                image_size=a.image_size,
+                shard_size=a.num_samples,
+                seed=0,
+            )
+        )
         teacher = build_teacher(TeacherConfig(a.teacher))
         t0 = time.perf_counter()
         shard, keys, tokens, cls = _teacher_tokens(data, teacher, a.views, 32)
@@ -182,9 +228,17 @@ def main(argv: list[str] | None = None) -> dict:
 
         for dtype in ("fp32", "fp16", "bf16", "int8"):
             g = _write_form(root, dtype, shard, tokens, cls, dtype, a.chunk_rows, lvl)
-            dec = decode_block(np.asarray(g["tokens"][:]), dtype, np.asarray(g["token_scale"][:]) if "token_scale" in g else None)
-            forms[dtype] = {"g": g, "dtype": dtype, "cos": _cos(dec, tokens), "extra": 0, "note": "store form",
-                            "args": (tokens, cls, dtype, False, 0)}
+            dec = decode_block(
+                np.asarray(g["tokens"][:]), dtype, np.asarray(g["token_scale"][:]) if "token_scale" in g else None
+            )
+            forms[dtype] = {
+                "g": g,
+                "dtype": dtype,
+                "cos": _cos(dec, tokens),
+                "extra": 0,
+                "note": "store form",
+                "args": (tokens, cls, dtype, False, 0),
+            }
 
         flat = tokens.reshape(-1, d)
         try:  # the pca:<teacher> tokenizer's own fit (versions of the project that have it)
@@ -210,10 +264,14 @@ def main(argv: list[str] | None = None) -> dict:
             back = torch.from_numpy(np.asarray(g["tokens"][:]).astype(np.float32)).reshape(-1, pd) @ comps + mean
             xc = flat - mean
             explained = float(((xc @ comps.T).var(0).sum()) / xc.var(0).sum())
-            forms[f"pca-{pd}"] = {"g": g, "dtype": "fp16", "cos": _cos(back.reshape(tokens.shape), tokens),
-                                  "extra": int(basis.numel()) * 4,
-                                  "note": f"{how}; {100 * explained:.1f}% of token variance kept; fp16",
-                                  "args": (red, red_cls, "fp16", False, 0)}
+            forms[f"pca-{pd}"] = {
+                "g": g,
+                "dtype": "fp16",
+                "cos": _cos(back.reshape(tokens.shape), tokens),
+                "extra": int(basis.numel()) * 4,
+                "note": f"{how}; {100 * explained:.1f}% of token variance kept; fp16",
+                "args": (red, red_cls, "fp16", False, 0),
+            }
         codebook = None
         if a.codebook_size:
             kk = min(a.codebook_size, flat.shape[0])
@@ -221,11 +279,18 @@ def main(argv: list[str] | None = None) -> dict:
             centers = fit_kmeans(flat, kk, seed=0)
             fit_s = time.perf_counter() - t1
             codes = (torch.nn.functional.normalize(flat, dim=-1) @ centers.T).argmax(-1).reshape(n, k, t)
-            g = _write_form(root, f"codes-{kk}", shard, codes, None, "fp16", a.chunk_rows, lvl, codes=True, num_codes=kk)
+            g = _write_form(
+                root, f"codes-{kk}", shard, codes, None, "fp16", a.chunk_rows, lvl, codes=True, num_codes=kk
+            )
             codebook = centers
-            forms[f"codes-{kk}"] = {"g": g, "dtype": "codes", "cos": _cos(centers[codes], tokens), "extra": kk * d * 4,
-                                    "note": f"kmeans codes (int16), no cls; fit {fit_s:.1f}s on {flat.shape[0]} tokens",
-                                    "args": (codes, None, "fp16", True, kk)}
+            forms[f"codes-{kk}"] = {
+                "g": g,
+                "dtype": "codes",
+                "cos": _cos(centers[codes], tokens),
+                "extra": kk * d * 4,
+                "note": f"kmeans codes (int16), no cls; fit {fit_s:.1f}s on {flat.shape[0]} tokens",
+                "args": (codes, None, "fp16", True, kk),
+            }
 
         if len(clevels) > 1:  # the same forms at the other levels, named "<form> @clevel <c>"
             base_forms = dict(forms)
@@ -237,8 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
                         g = f["g"]
                     else:
                         x, xc, dt, is_codes, nc = f["args"]
-                        g = _write_form(root, f"{name}-c{c}", shard, x, xc, dt, a.chunk_rows, c, codes=is_codes,
-                                        num_codes=nc)
+                        g = _write_form(
+                            root, f"{name}-c{c}", shard, x, xc, dt, a.chunk_rows, c, codes=is_codes, num_codes=nc
+                        )
                     forms[key] = {**f, "g": g, "group": g.path.split("/")[0]}
 
         views = n * k
@@ -248,17 +314,42 @@ def main(argv: list[str] | None = None) -> dict:
             g = f["g"]
             raw, stored = _raw_bytes(g), stored_bytes(g)
             f.update(raw=raw, stored=stored)
-            rows.append([name, f"{stored / views:,.0f}", f"{raw / views:,.0f}", f"{raw / stored:.2f}",
-                         f"{fp32_raw / (stored / views):.1f}", f"{f['cos']:.4f}", C.fmt_bytes(f["extra"]) if f["extra"] else "-",
-                         f["note"]])
-            result["forms"][name] = {"bytes_per_view": stored / views, "raw_bytes_per_view": raw / views,
-                                     "compression": raw / stored, "vs_fp32_raw": fp32_raw / (stored / views),
-                                     "cos": f["cos"]}
-        rep.table(f"Bytes per view: {a.teacher} ({t} tokens x {d} dims{' + cls' if cls is not None else ''}), "
-                  f"{n} images x {k} views, chunk {a.chunk_rows} rows, Blosc zstd clevel {a.clevel} + bitshuffle "
-                  f"(teacher ran {teacher_s:.1f}s)",
-                  ["form", "stored B/view", "raw B/view", "compression (raw/stored)", "vs fp32 raw", "cos to fp32",
-                   "one-off per tokenizer", "note"], rows, align="lrrrrrrl")
+            rows.append(
+                [
+                    name,
+                    f"{stored / views:,.0f}",
+                    f"{raw / views:,.0f}",
+                    f"{raw / stored:.2f}",
+                    f"{fp32_raw / (stored / views):.1f}",
+                    f"{f['cos']:.4f}",
+                    C.fmt_bytes(f["extra"]) if f["extra"] else "-",
+                    f["note"],
+                ]
+            )
+            result["forms"][name] = {
+                "bytes_per_view": stored / views,
+                "raw_bytes_per_view": raw / views,
+                "compression": raw / stored,
+                "vs_fp32_raw": fp32_raw / (stored / views),
+                "cos": f["cos"],
+            }
+        rep.table(
+            f"Bytes per view: {a.teacher} ({t} tokens x {d} dims{' + cls' if cls is not None else ''}), "
+            f"{n} images x {k} views, chunk {a.chunk_rows} rows, Blosc zstd clevel {a.clevel} + bitshuffle "
+            f"(teacher ran {teacher_s:.1f}s)",
+            [
+                "form",
+                "stored B/view",
+                "raw B/view",
+                "compression (raw/stored)",
+                "vs fp32 raw",
+                "cos to fp32",
+                "one-off per tokenizer",
+                "note",
+            ],
+            rows,
+            align="lrrrrrrl",
+        )
 
         # --- read throughput in CachedViews' access pattern, all forms interleaved
         variants = {}
@@ -284,20 +375,37 @@ def main(argv: list[str] | None = None) -> dict:
             g = f["g"]
             per_view_floats = int(np.prod(g["tokens"].shape[2:])) * (d if f["dtype"] == "codes" else 1)
             per_view_floats += int(np.prod(g["cls"].shape[2:])) if "cls" in g else 0
-            read_rows.append([name, f"{n / tc:,.0f}", f"{f['stored'] / tc / 2**20:.1f}",
-                              f"{n * per_view_floats * 4 / tc / 2**20:.1f}", f"{n / ts:,.0f}", f"{ts / tc:.1f}x"])
+            read_rows.append(
+                [
+                    name,
+                    f"{n / tc:,.0f}",
+                    f"{f['stored'] / tc / 2**20:.1f}",
+                    f"{n * per_view_floats * 4 / tc / 2**20:.1f}",
+                    f"{n / ts:,.0f}",
+                    f"{ts / tc:.1f}x",
+                ]
+            )
             result["forms"][name].update(read_samples_per_s=n / tc, per_sample_samples_per_s=n / ts)
-        rep.table(f"Zarr read in the loader's pattern ({n} samples of one shard in stream order, one view each, "
-                  f"batches of {a.batch_size}; medians of {a.repeats} interleaved passes, {threads} thread(s))",
-                  ["form", "samples/s (chunk reads, as CachedViews)", "stored MiB/s read (all views)",
-                   "fp32 targets delivered MiB/s",
-                   f"samples/s (one Zarr call per sample; first {min(n, a.per_sample_rows or n)} rows)",
-                   "chunk-read speedup"], read_rows)
-        rep.note("Chunk reads fetch every view of a chunk's rows while the loader uses one view per sample, so "
-                 "'stored MiB/s read' counts all views and 'delivered' only the targets handed to the batch. "
-                 "Stored bytes are what `stored_bytes()` (Zarr `nbytes_stored`) reports for the target arrays; "
-                 "keys/seeds/boxes/flips/valid add a few bytes per sample and are not counted. "
-                 "'cos to fp32' of a PCA form is that of its reconstruction from the stored coefficients.")
+        rep.table(
+            f"Zarr read in the loader's pattern ({n} samples of one shard in stream order, one view each, "
+            f"batches of {a.batch_size}; medians of {a.repeats} interleaved passes, {threads} thread(s))",
+            [
+                "form",
+                "samples/s (chunk reads, as CachedViews)",
+                "stored MiB/s read (all views)",
+                "fp32 targets delivered MiB/s",
+                f"samples/s (one Zarr call per sample; first {min(n, a.per_sample_rows or n)} rows)",
+                "chunk-read speedup",
+            ],
+            read_rows,
+        )
+        rep.note(
+            "Chunk reads fetch every view of a chunk's rows while the loader uses one view per sample, so "
+            "'stored MiB/s read' counts all views and 'delivered' only the targets handed to the batch. "
+            "Stored bytes are what `stored_bytes()` (Zarr `nbytes_stored`) reports for the target arrays; "
+            "keys/seeds/boxes/flips/valid add a few bytes per sample and are not counted. "
+            "'cos to fp32' of a PCA form is that of its reconstruction from the stored coefficients."
+        )
     rep.append(a.results)
     return result
 

@@ -38,9 +38,9 @@ from bench import _common as C
 
 # Random-weight ViT teachers at the shapes of the paper's teachers: (input size, patch, width, depth, heads).
 TEACHER_SHAPES = {
-    "vit_base_16": (224, 16, 768, 12, 12),    # CLIP / DINO ViT-B/16: 14x14 tokens x 768
+    "vit_base_16": (224, 16, 768, 12, 12),  # CLIP / DINO ViT-B/16: 14x14 tokens x 768
     "vit_large_14": (224, 14, 1024, 24, 16),  # CLIP / OpenCLIP ViT-L/14: 16x16 tokens x 1024
-    "vit_huge_14": (224, 14, 1280, 32, 16),   # OpenCLIP ViT-H/14 trunk: 16x16 tokens x 1280
+    "vit_huge_14": (224, 14, 1280, 32, 16),  # OpenCLIP ViT-H/14 trunk: 16x16 tokens x 1280
 }
 
 
@@ -87,8 +87,11 @@ def step_bench(a, device, teacher) -> dict:
         from student.targets import TargetNorm
 
         tok = ref.tokens.float().reshape(-1, ref.tokens.shape[-1]).cpu()
-        cls_ms = (ref.cls.float().cpu().mean(0), ref.cls.float().cpu().std(0).clamp_min(1e-6)) if ref.cls is not None \
+        cls_ms = (
+            (ref.cls.float().cpu().mean(0), ref.cls.float().cpu().std(0).clamp_min(1e-6))
+            if ref.cls is not None
             else (None, None)
+        )
         norm = TargetNorm(tok.mean(0), tok.std(0).clamp_min(1e-6), *cls_ms).to(device)
     except ImportError:
         pass
@@ -137,11 +140,21 @@ def step_bench(a, device, teacher) -> dict:
             fn()
             torch.cuda.synchronize()
             peak[name] = torch.cuda.max_memory_allocated() - base
-    times = C.interleave({"cached": cached, "online": online, "teacher forward": teacher_only},
-                         warmup=a.warmup, repeats=a.repeats, device=device)
+    times = C.interleave(
+        {"cached": cached, "online": online, "teacher forward": teacher_only},
+        warmup=a.warmup,
+        repeats=a.repeats,
+        device=device,
+    )
     n_params = sum(p.numel() for p in objective.parameters())
-    return {"times": times, "peak": peak, "student_params": n_params, "target_norm": norm is not None,
-            "teacher_params": sum(p.numel() for p in teacher.parameters()), "amp": "bf16" if use_bf16 else "off"}
+    return {
+        "times": times,
+        "peak": peak,
+        "student_params": n_params,
+        "target_norm": norm is not None,
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "amp": "bf16" if use_bf16 else "off",
+    }
 
 
 def loop_bench(a, wd: str, threads: int) -> dict:
@@ -160,18 +173,38 @@ def loop_bench(a, wd: str, threads: int) -> dict:
     n = a.batch_size * a.loop_steps
     prepare_synthetic(SyntheticConfig(out=data, num_samples=n, num_classes=4, image_size=size, shard_size=n, seed=0))
     t0 = time.perf_counter()
-    run_extract(ExtractConfig(shards=data, out=cache, teachers=(TeacherConfig(a.teacher),), aug=AugConfig(views=1),
-                              batch_size=32, executor="local", threads=threads, device=a.device), progress=False)
+    run_extract(
+        ExtractConfig(
+            shards=data,
+            out=cache,
+            teachers=(TeacherConfig(a.teacher),),
+            aug=AugConfig(views=1),
+            batch_size=32,
+            executor="local",
+            threads=threads,
+            device=a.device,
+        ),
+        progress=False,
+    )
     extract_s = time.perf_counter() - t0
     C.setup_threads(threads)
     out: dict[str, list[float]] = {"cached": [], "online": []}
     for r in range(a.loop_repeats):
-        for mode in (("cached", "online") if r % 2 == 0 else ("online", "cached")):
-            cfg = TrainConfig(data=DataConfig(shards=data, cache=cache, img_size=size, batch_size=a.batch_size,
-                                              num_workers=0, seed=0),
-                              out=os.path.join(wd, f"run-{mode}-{r}"), student=student, objective=a.objective,
-                              steps=a.loop_steps, optim=OptimConfig(warmup=0), log_every=a.loop_steps,
-                              device=a.device, amp=a.amp, online_teacher=mode == "online")
+        for mode in ("cached", "online") if r % 2 == 0 else ("online", "cached"):
+            cfg = TrainConfig(
+                data=DataConfig(
+                    shards=data, cache=cache, img_size=size, batch_size=a.batch_size, num_workers=0, seed=0
+                ),
+                out=os.path.join(wd, f"run-{mode}-{r}"),
+                student=student,
+                objective=a.objective,
+                steps=a.loop_steps,
+                optim=OptimConfig(warmup=0),
+                log_every=a.loop_steps,
+                device=a.device,
+                amp=a.amp,
+                online_teacher=mode == "online",
+            )
             res = train(cfg, progress=False)
             C.setup_threads(threads)
             out[mode].append(res.seconds)
@@ -182,8 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, repeats=5, warmup=2)
     p.add_argument("--student", default="demo-cpu", help="student size preset (student/sizes.py)")
     p.add_argument("--teacher", default="efficientnet_lite0:256", help="registry teacher name")
-    p.add_argument("--teacher-shape", default=None, choices=sorted(TEACHER_SHAPES),
-                   help="instead of --teacher: a random-weight ViT of this shape (step level only)")
+    p.add_argument(
+        "--teacher-shape",
+        default=None,
+        choices=sorted(TEACHER_SHAPES),
+        help="instead of --teacher: a random-weight ViT of this shape (step level only)",
+    )
     p.add_argument("--objective", default="digpt", help="training objective")
     p.add_argument("--attn", default="sdpa", help="student attention impl")
     p.add_argument("--batch-size", type=int, default=16, help="samples per step")
@@ -207,33 +244,53 @@ def main(argv: list[str] | None = None) -> dict:
     speedup = C.paired_ratio(t["online"], t["cached"])
     peak = res["peak"]
     mem = (lambda k: C.fmt_bytes(peak[k])) if peak else (lambda k: "n/a (CPU)")
-    rows = [["cached targets", C.fmt_ms(cached), f"{a.batch_size / cached:.1f}", mem("cached"), "1.00x"],
-            ["online teacher", C.fmt_ms(online), f"{a.batch_size / online:.1f}", mem("online"), f"{speedup:.2f}x"],
-            ["(teacher forward alone)", C.fmt_ms(tf), f"{a.batch_size / tf:.1f}", "-", "-"]]
-    rep.table(f"Step level: student {a.student} ({res['student_params'] / 1e6:.2f}M params, {a.objective}, attn {a.attn}), "
-              f"teacher {tname} ({res['teacher_params'] / 1e6:.2f}M params, {teacher.spec.grid[0]}x{teacher.spec.grid[1]}"
-              f"x{teacher.spec.dim}), batch {a.batch_size}, device {device}, amp {res['amp']}, {threads} thread(s); "
-              f"medians of {a.repeats} interleaved rounds"
-              + ("; targets standardised per channel as train() does" if res["target_norm"] else ""),
-              ["mode", "ms / step", "samples/s", "peak GPU memory", "online / cached"], rows, align="lrrrr")
-    result = {"step": {"cached_s": t["cached"], "online_s": t["online"], "teacher_s": t["teacher forward"],
-                       "online_over_cached": speedup, "peak": peak}}
+    rows = [
+        ["cached targets", C.fmt_ms(cached), f"{a.batch_size / cached:.1f}", mem("cached"), "1.00x"],
+        ["online teacher", C.fmt_ms(online), f"{a.batch_size / online:.1f}", mem("online"), f"{speedup:.2f}x"],
+        ["(teacher forward alone)", C.fmt_ms(tf), f"{a.batch_size / tf:.1f}", "-", "-"],
+    ]
+    rep.table(
+        f"Step level: student {a.student} ({res['student_params'] / 1e6:.2f}M params, {a.objective}, attn {a.attn}), "
+        f"teacher {tname} ({res['teacher_params'] / 1e6:.2f}M params, {teacher.spec.grid[0]}x{teacher.spec.grid[1]}"
+        f"x{teacher.spec.dim}), batch {a.batch_size}, device {device}, amp {res['amp']}, {threads} thread(s); "
+        f"medians of {a.repeats} interleaved rounds"
+        + ("; targets standardised per channel as train() does" if res["target_norm"] else ""),
+        ["mode", "ms / step", "samples/s", "peak GPU memory", "online / cached"],
+        rows,
+        align="lrrrr",
+    )
+    result = {
+        "step": {
+            "cached_s": t["cached"],
+            "online_s": t["online"],
+            "teacher_s": t["teacher forward"],
+            "online_over_cached": speedup,
+            "peak": peak,
+        }
+    }
     if a.loop_steps and not a.teacher_shape:
         with C.workdir(a.workdir) as wd:
             loop = loop_bench(a, wd, threads)
         s = loop["seconds"]
         lc, lo = C.median(s["cached"]), C.median(s["online"])
         ratio = C.paired_ratio(s["online"], s["cached"]) if s["cached"] else math.nan
-        rep.table(f"Loop level: real train() for {a.loop_steps} steps x batch {a.batch_size} per mode "
-                  f"(loader in-process, first step included; cache of {loop['samples']} images built in "
-                  f"{loop['extract_s']:.0f}s, not timed; {a.loop_repeats} run(s) per mode)",
-                  ["mode", "s", "samples/s", "online / cached"],
-                  [["cached targets", f"{lc:.2f}", f"{loop['samples'] / lc:.1f}", "1.00x"],
-                   ["online teacher", f"{lo:.2f}", f"{loop['samples'] / lo:.1f}", f"{ratio:.2f}x"]], align="lrrr")
+        rep.table(
+            f"Loop level: real train() for {a.loop_steps} steps x batch {a.batch_size} per mode "
+            f"(loader in-process, first step included; cache of {loop['samples']} images built in "
+            f"{loop['extract_s']:.0f}s, not timed; {a.loop_repeats} run(s) per mode)",
+            ["mode", "s", "samples/s", "online / cached"],
+            [
+                ["cached targets", f"{lc:.2f}", f"{loop['samples'] / lc:.1f}", "1.00x"],
+                ["online teacher", f"{lo:.2f}", f"{loop['samples'] / lo:.1f}", f"{ratio:.2f}x"],
+            ],
+            align="lrrr",
+        )
         result["loop"] = {"cached_s": s["cached"], "online_s": s["online"], "online_over_cached": ratio}
     if device.type != "cuda":
-        rep.note(f"GPU shapes (e.g. `--student vit_base --teacher-shape vit_large_14 --batch-size 64 --device cuda`): "
-                 f"{C.NO_GPU}.")
+        rep.note(
+            f"GPU shapes (e.g. `--student vit_base --teacher-shape vit_large_14 --batch-size 64 --device cuda`): "
+            f"{C.NO_GPU}."
+        )
     rep.append(a.results)
     return result
 

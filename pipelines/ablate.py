@@ -112,14 +112,17 @@ class AblateConfig:
         if self.student not in list_vit_sizes():
             raise ValueError(f"student must be one of {list_vit_sizes()}, got {self.student!r}")
         if vit_config(self.student).img_size != self.image_size:
-            raise ValueError(f"student {self.student!r} takes {vit_config(self.student).img_size} px images, the "
-                             f"ablation's images are {self.image_size} px; choose a student of that size "
-                             f"(e.g. small-cpu or demo-cpu for 64 px)")
+            raise ValueError(
+                f"student {self.student!r} takes {vit_config(self.student).img_size} px images, the "
+                f"ablation's images are {self.image_size} px; choose a student of that size "
+                f"(e.g. small-cpu or demo-cpu for 64 px)"
+            )
         if self.executor not in ("ray", "local"):
             raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
         if self.weights and self.recipe != "tokenizers":
-            raise ValueError(f"weights add teachers to the tokenizers recipe only; recipe {self.recipe!r} "
-                             "would ignore them")
+            raise ValueError(
+                f"weights add teachers to the tokenizers recipe only; recipe {self.recipe!r} would ignore them"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +135,7 @@ def recipe(name: str):
     def deco(fn):
         RECIPES[name] = fn
         return fn
+
     return deco
 
 
@@ -165,16 +169,29 @@ def learning_recipe(cfg: AblateConfig) -> list[Variant]:
     """Does pretraining teach anything here? Feature distillation and D-iGPT on the semantic teacher, D-iGPT
     on pixel targets, against the random-init floor (the study in LEARNING.md)."""
     t = _semantic(cfg)
-    return [Variant("fd/semantic", t, objective="fd"), Variant("digpt/semantic", t), Variant("digpt/pixel", _pixel(cfg))]
+    return [
+        Variant("fd/semantic", t, objective="fd"),
+        Variant("digpt/semantic", t),
+        Variant("digpt/pixel", _pixel(cfg)),
+    ]
 
 
 @recipe("tokenizers")
 def tokenizers_recipe(cfg: AblateConfig) -> list[Variant]:
     """Paper Tables 5/6: one objective, several tokenizers; headline teachers when weights are given."""
-    out = [Variant("digpt/pixel", _pixel(cfg)),
-           Variant("digpt/kmeans-codes", TeacherConfig(f"kmeans:{cfg.semantic_teacher}", group="kmeans", codebook_size=64,
-                                                       fit_samples=min(256, cfg.num_samples))),
-           Variant("digpt/semantic", _semantic(cfg))]
+    out = [
+        Variant("digpt/pixel", _pixel(cfg)),
+        Variant(
+            "digpt/kmeans-codes",
+            TeacherConfig(
+                f"kmeans:{cfg.semantic_teacher}",
+                group="kmeans",
+                codebook_size=64,
+                fit_samples=min(256, cfg.num_samples),
+            ),
+        ),
+        Variant("digpt/semantic", _semantic(cfg)),
+    ]
     for name, path in cfg.weights:
         out.append(Variant(f"digpt/{name}", TeacherConfig(name, weights=path, group=slug(name))))
     return out
@@ -184,8 +201,13 @@ def tokenizers_recipe(cfg: AblateConfig) -> list[Variant]:
 def decoders_recipe(cfg: AblateConfig) -> list[Variant]:
     """Paper Tables 8/9: D-iGPT vs generative-only vs feature distillation; decoder depth 1/2/4."""
     t = _semantic(cfg)
-    return [Variant("digpt", t), Variant("gen", t, objective="gen"), Variant("fd", t, objective="fd"),
-            Variant("digpt/depth1", t, decoder_depth=1), Variant("digpt/depth4", t, decoder_depth=4)]
+    return [
+        Variant("digpt", t),
+        Variant("gen", t, objective="gen"),
+        Variant("fd", t, objective="fd"),
+        Variant("digpt/depth1", t, decoder_depth=1),
+        Variant("digpt/depth4", t, decoder_depth=4),
+    ]
 
 
 @recipe("orders")
@@ -199,13 +221,29 @@ def orders_recipe(cfg: AblateConfig) -> list[Variant]:
 def storage_recipe(cfg: AblateConfig) -> list[Variant]:
     """Bytes per view against probe accuracy: fp16, int8, PCA-reduced and k-means codes of the same teacher."""
     t = _semantic(cfg)
-    return [Variant("fp16", t), Variant("int8", t, storage=StorageConfig(dtype="int8")),
-            Variant("bf16", t, storage=StorageConfig(dtype="bf16")),
-            Variant("pca-64", TeacherConfig(f"pca:{cfg.semantic_teacher}", group="pca64",
-                                            pca_dim=min(64, _token_dim(cfg.semantic_teacher)),
-                                            fit_samples=min(512, cfg.num_samples))),
-            Variant("codes-256", TeacherConfig(f"kmeans:{cfg.semantic_teacher}", group="kmeans256", codebook_size=256,
-                                               fit_samples=min(512, cfg.num_samples)))]
+    return [
+        Variant("fp16", t),
+        Variant("int8", t, storage=StorageConfig(dtype="int8")),
+        Variant("bf16", t, storage=StorageConfig(dtype="bf16")),
+        Variant(
+            "pca-64",
+            TeacherConfig(
+                f"pca:{cfg.semantic_teacher}",
+                group="pca64",
+                pca_dim=min(64, _token_dim(cfg.semantic_teacher)),
+                fit_samples=min(512, cfg.num_samples),
+            ),
+        ),
+        Variant(
+            "codes-256",
+            TeacherConfig(
+                f"kmeans:{cfg.semantic_teacher}",
+                group="kmeans256",
+                codebook_size=256,
+                fit_samples=min(512, cfg.num_samples),
+            ),
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,8 +272,14 @@ def _dataset(cfg: AblateConfig) -> str:
     if cfg.shards:
         return cfg.shards
     data = os.path.join(cfg.out, "data")
-    want = SyntheticConfig(out=data, num_samples=cfg.num_samples, num_classes=cfg.num_classes,
-                           image_size=cfg.image_size, shard_size=max(16, cfg.num_samples // 4), seed=0)
+    want = SyntheticConfig(
+        out=data,
+        num_samples=cfg.num_samples,
+        num_classes=cfg.num_classes,
+        image_size=cfg.image_size,
+        shard_size=max(16, cfg.num_samples // 4),
+        seed=0,
+    )
     if os.path.exists(os.path.join(data, "dataset.json")):
         ds = load_dataset(data)
         if ds.info.get("config") == asdict(want):
@@ -252,9 +296,17 @@ def _extract(cfg: AblateConfig, data: str, variants: list[Variant]) -> tuple[str
         by_storage.setdefault(v.storage, {})[v.tokenizer] = replace(v.teacher, group=v.tokenizer)
     bytes_per_view: dict[str, float] = {}
     for storage, teachers in by_storage.items():
-        summary = run_extract(ExtractConfig(shards=data, out=cache, teachers=tuple(teachers.values()),
-                                            aug=AugConfig(views=cfg.views), storage=storage, batch_size=32,
-                                            executor=cfg.executor))
+        summary = run_extract(
+            ExtractConfig(
+                shards=data,
+                out=cache,
+                teachers=tuple(teachers.values()),
+                aug=AugConfig(views=cfg.views),
+                storage=storage,
+                batch_size=32,
+                executor=cfg.executor,
+            )
+        )
         print(summary.table())
         bytes_per_view.update({t.group: t.bytes_per_view for t in summary.tokenizers})
     return cache, bytes_per_view
@@ -267,10 +319,28 @@ def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int, floor: bool
     out = os.path.join(cfg.out, "runs", f"random-init_s{seed}") if floor else None
     if out:
         os.makedirs(out, exist_ok=True)
-    lin = run_probe(ProbeConfig(run=run, kind="linear", random_init=floor,
-                                out=os.path.join(out, "probe_linear.json") if out else None, **common))
-    knn = run_probe(ProbeConfig(run=run, kind="knn", random_init=floor,
-                                out=os.path.join(out, "probe_knn.json") if out else None, **common)) if cfg.knn else None
+    lin = run_probe(
+        ProbeConfig(
+            run=run,
+            kind="linear",
+            random_init=floor,
+            out=os.path.join(out, "probe_linear.json") if out else None,
+            **common,
+        )
+    )
+    knn = (
+        run_probe(
+            ProbeConfig(
+                run=run,
+                kind="knn",
+                random_init=floor,
+                out=os.path.join(out, "probe_knn.json") if out else None,
+                **common,
+            )
+        )
+        if cfg.knn
+        else None
+    )
     return _summary(lin), (_summary(knn) if knn else None)
 
 
@@ -334,8 +404,9 @@ def check_inputs(cfg: AblateConfig) -> None:
             raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(f"shards: {e}") from None
     for name, path in cfg.weights:
         if split_name(name)[0] not in list_teachers():
-            raise ValueError(f"weights: unknown teacher {name!r}: families are {list_teachers()}, "
-                             f"presets are {sorted(PRESETS)}")
+            raise ValueError(
+                f"weights: unknown teacher {name!r}: families are {list_teachers()}, presets are {sorted(PRESETS)}"
+            )
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights: {path} not found (weights of teacher {name!r})")
 
@@ -353,24 +424,61 @@ def run_ablation(cfg: AblateConfig) -> dict:
             run = os.path.join(cfg.out, "runs", f"{slug(v.name)}_s{seed}")
             student = StudentConfig(size=cfg.student, decoder_depth=v.decoder_depth, stem=cfg.stem)
             tcfg = TrainConfig(
-                data=DataConfig(shards=data, cache=cache, tokenizer=v.tokenizer, img_size=student.encoder_config().img_size,
-                                batch_size=cfg.batch_size, num_workers=cfg.workers, seed=seed),
-                out=run, student=student, objective=v.objective, order=v.order, steps=cfg.steps, seed=seed,
-                optim=OptimConfig(base_lr=cfg.base_lr, warmup=0.1), log_every=max(1, cfg.steps // 40))
+                data=DataConfig(
+                    shards=data,
+                    cache=cache,
+                    tokenizer=v.tokenizer,
+                    img_size=student.encoder_config().img_size,
+                    batch_size=cfg.batch_size,
+                    num_workers=cfg.workers,
+                    seed=seed,
+                ),
+                out=run,
+                student=student,
+                objective=v.objective,
+                order=v.order,
+                steps=cfg.steps,
+                seed=seed,
+                optim=OptimConfig(base_lr=cfg.base_lr, warmup=0.1),
+                log_every=max(1, cfg.steps // 40),
+            )
             print(f"== {v.name} (seed {seed}): {v.objective} on {v.teacher.name} [{v.storage.dtype}]")
             t0 = time.perf_counter()
             result = train(tcfg)
             lin, knn = _probe(cfg, data, run, seed)
-            records.append(RunRecord(v.name, seed, run, time.perf_counter() - t0, result.final_loss,
-                                     [h["loss"] for h in result.history], lin["top1"], lin["top5"], lin["best_layer"],
-                                     knn["top1"] if knn else None,
-                                     blind_loss=next((h["blind_loss"] for h in result.history if "blind_loss" in h), None),
-                                     loss_steps=[int(h["step"]) for h in result.history]))
+            records.append(
+                RunRecord(
+                    v.name,
+                    seed,
+                    run,
+                    time.perf_counter() - t0,
+                    result.final_loss,
+                    [h["loss"] for h in result.history],
+                    lin["top1"],
+                    lin["top5"],
+                    lin["best_layer"],
+                    knn["top1"] if knn else None,
+                    blind_loss=next((h["blind_loss"] for h in result.history if "blind_loss" in h), None),
+                    loss_steps=[int(h["step"]) for h in result.history],
+                )
+            )
     floors = []
     for seed in range(cfg.seeds):
         lin, knn = _probe(cfg, data, records[0].run if records else None, seed, floor=True)
-        floors.append(RunRecord("random-init", seed, "", 0.0, float("nan"), [], lin["top1"], lin["top5"],
-                                lin["best_layer"], knn["top1"] if knn else None))
+        floors.append(
+            RunRecord(
+                "random-init",
+                seed,
+                "",
+                0.0,
+                float("nan"),
+                [],
+                lin["top1"],
+                lin["top5"],
+                lin["best_layer"],
+                knn["top1"] if knn else None,
+            )
+        )
     ceilings = {}
     for v in variants:
         if v.tokenizer not in ceilings:
@@ -389,41 +497,84 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
 
 
-def _results(cfg: AblateConfig, variants: list[Variant], records: list[RunRecord], floors: list[RunRecord],
-             bytes_per_view: dict[str, float], seconds: float, num_classes: int) -> dict:
+def _results(
+    cfg: AblateConfig,
+    variants: list[Variant],
+    records: list[RunRecord],
+    floors: list[RunRecord],
+    bytes_per_view: dict[str, float],
+    seconds: float,
+    num_classes: int,
+) -> dict:
     rows = []
     for v in variants:
         mine = [r for r in records if r.variant == v.name]
         top1, std = _mean_std([r.linear_top1 for r in mine])
         knn, knn_std = _mean_std([r.knn_top1 for r in mine if r.knn_top1 is not None])
-        rows.append({"variant": v.name, "teacher": v.teacher.name, "objective": v.objective,
-                     "order": v.order or "default", "storage": v.storage.dtype, "decoder_depth": v.decoder_depth,
-                     "bytes_per_view": bytes_per_view.get(v.tokenizer, float("nan")),
-                     "train_seconds": statistics.fmean(r.train_seconds for r in mine),
-                     "linear_top1": top1, "linear_top1_std": std, "knn_top1": knn, "knn_top1_std": knn_std,
-                     "best_layer": [r.best_layer for r in mine], "seeds": len(mine),
-                     "loss_vs_blind": _mean_std([r.final_loss / r.blind_loss for r in mine if r.blind_loss])[0]})
+        rows.append(
+            {
+                "variant": v.name,
+                "teacher": v.teacher.name,
+                "objective": v.objective,
+                "order": v.order or "default",
+                "storage": v.storage.dtype,
+                "decoder_depth": v.decoder_depth,
+                "bytes_per_view": bytes_per_view.get(v.tokenizer, float("nan")),
+                "train_seconds": statistics.fmean(r.train_seconds for r in mine),
+                "linear_top1": top1,
+                "linear_top1_std": std,
+                "knn_top1": knn,
+                "knn_top1_std": knn_std,
+                "best_layer": [r.best_layer for r in mine],
+                "seeds": len(mine),
+                "loss_vs_blind": _mean_std([r.final_loss / r.blind_loss for r in mine if r.blind_loss])[0],
+            }
+        )
     f1, fstd = _mean_std([r.linear_top1 for r in floors])
     fk, fkstd = _mean_std([r.knn_top1 for r in floors if r.knn_top1 is not None])
-    rows.append({"variant": "random-init (floor)", "teacher": "-", "objective": "-", "order": "-", "storage": "-",
-                 "decoder_depth": "-", "bytes_per_view": 0.0, "train_seconds": 0.0, "linear_top1": f1,
-                 "linear_top1_std": fstd, "knn_top1": fk, "knn_top1_std": fkstd,
-                 "best_layer": [r.best_layer for r in floors], "seeds": len(floors), "loss_vs_blind": float("nan")})
-    return {"config": asdict(cfg), "rows": rows, "runs": [asdict(r) for r in records + floors],
-            "chance": 1.0 / num_classes, "seconds": seconds}
+    rows.append(
+        {
+            "variant": "random-init (floor)",
+            "teacher": "-",
+            "objective": "-",
+            "order": "-",
+            "storage": "-",
+            "decoder_depth": "-",
+            "bytes_per_view": 0.0,
+            "train_seconds": 0.0,
+            "linear_top1": f1,
+            "linear_top1_std": fstd,
+            "knn_top1": fk,
+            "knn_top1_std": fkstd,
+            "best_layer": [r.best_layer for r in floors],
+            "seeds": len(floors),
+            "loss_vs_blind": float("nan"),
+        }
+    )
+    return {
+        "config": asdict(cfg),
+        "rows": rows,
+        "runs": [asdict(r) for r in records + floors],
+        "chance": 1.0 / num_classes,
+        "seconds": seconds,
+    }
 
 
 def format_table(results: dict) -> str:
-    head = ("| variant | teacher | objective | order | storage | bytes/view | train s | loss / blind | linear top-1 "
-            "| k-NN top-1 |\n|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    head = (
+        "| variant | teacher | objective | order | storage | bytes/view | train s | loss / blind | linear top-1 "
+        "| k-NN top-1 |\n|---|---|---|---|---|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     for r in results["rows"]:
         pm = f" ± {r['linear_top1_std']:.3f}" if r["seeds"] > 1 else ""
         kpm = f" ± {r['knn_top1_std']:.3f}" if r["seeds"] > 1 else ""
-        lines.append(f"| {r['variant']} | {r['teacher']} | {r['objective']} | {r['order']} | {r['storage']} | "
-                     f"{r['bytes_per_view']:.0f} | {r['train_seconds']:.0f} | {_fmt(r.get('loss_vs_blind'))} | "
-                     f"{r['linear_top1']:.3f}{pm} | "
-                     f"{r['knn_top1']:.3f}{kpm} |")
+        lines.append(
+            f"| {r['variant']} | {r['teacher']} | {r['objective']} | {r['order']} | {r['storage']} | "
+            f"{r['bytes_per_view']:.0f} | {r['train_seconds']:.0f} | {_fmt(r.get('loss_vs_blind'))} | "
+            f"{r['linear_top1']:.3f}{pm} | "
+            f"{r['knn_top1']:.3f}{kpm} |"
+        )
     return "\n".join(lines)
 
 
@@ -453,31 +604,44 @@ def findings(results: dict) -> list[str]:
         p, s = max(x["linear_top1"] for x in pixel), max(x["linear_top1"] for x in semantic)
         margin = noise_margin(s, p, results.get("n_report"))
         if margin is not None and abs(s - p) <= margin:
-            out.append(f"Semantic vs pixel targets: {s:.3f} vs {p:.3f}, a difference within noise (±{margin:.3f}: two "
-                       f"standard errors on {results['n_report']} report samples); this run does not separate them.")
+            out.append(
+                f"Semantic vs pixel targets: {s:.3f} vs {p:.3f}, a difference within noise (±{margin:.3f}: two "
+                f"standard errors on {results['n_report']} report samples); this run does not separate them."
+            )
         else:
             verdict = "beat" if s > p else "did NOT beat"
             out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}).")
     ceil = results.get("ceilings", {})
     if ceil:
         best_t = max(ceil.values(), key=lambda c: c["linear_top1"])
-        out.append(f"The targets themselves carry the label up to {best_t['linear_top1']:.3f} linear top-1 "
-                   f"({best_t['teacher']}'s pooled features); a student probe far below that has not yet learned "
-                   "what its targets know (a longer schedule, more data or a larger student closes the gap).")
+        out.append(
+            f"The targets themselves carry the label up to {best_t['linear_top1']:.3f} linear top-1 "
+            f"({best_t['teacher']}'s pooled features); a student probe far below that has not yet learned "
+            "what its targets know (a longer schedule, more data or a larger student closes the gap)."
+        )
     trained = [r for r in results["rows"] if r["variant"] != "random-init (floor)"]
     blindish = [r["variant"] for r in trained if (x := r.get("loss_vs_blind")) is not None and x == x and x > 0.97]
     if blindish:
-        out.append(f"Final loss within 3% of the input-blind baseline (per-position mean target): "
-                   f"{', '.join(blindish)} — the loss fell, but almost nothing of that needed the image.")
+        out.append(
+            f"Final loss within 3% of the input-blind baseline (per-position mean target): "
+            f"{', '.join(blindish)} — the loss fell, but almost nothing of that needed the image."
+        )
     n = results.get("n_report")
-    near = [r["variant"] for r in trained if r["linear_top1"] > floor
-            and (m := noise_margin(r["linear_top1"], floor, n)) is not None and r["linear_top1"] - floor <= m]
+    near = [
+        r["variant"]
+        for r in trained
+        if r["linear_top1"] > floor
+        and (m := noise_margin(r["linear_top1"], floor, n)) is not None
+        and r["linear_top1"] - floor <= m
+    ]
     if near:
         out.append(f"Above the floor only within noise: {', '.join(near)}.")
     below = [r["variant"] for r in trained if r["linear_top1"] <= floor]
     if below:
-        out.append(f"At or below the random-init floor: {', '.join(below)} — too short a schedule, or a target "
-                   "that carries little class information.")
+        out.append(
+            f"At or below the random-init floor: {', '.join(below)} — too short a schedule, or a target "
+            "that carries little class information."
+        )
     return out
 
 
@@ -485,8 +649,12 @@ def _ceiling_table(results: dict) -> list[str]:
     ceil = results.get("ceilings", {})
     if not ceil:
         return []
-    lines = ["Teacher features (the targets' own pooled features from the cache, same linear protocol):", "",
-             "| tokenizer | teacher | storage | linear top-1 |", "|---|---|---|---:|"]
+    lines = [
+        "Teacher features (the targets' own pooled features from the cache, same linear protocol):",
+        "",
+        "| tokenizer | teacher | storage | linear top-1 |",
+        "|---|---|---|---:|",
+    ]
     lines += [f"| {k} | {c['teacher']} | {c['storage']} | {c['linear_top1']:.3f} |" for k, c in ceil.items()]
     return lines + [""]
 
@@ -498,11 +666,24 @@ def _write_report(cfg: AblateConfig, results: dict) -> None:
         json.dump(results, f, indent=2, default=str)
     figs = plots.write_plots(results, cfg.out)
     c = results["config"]
-    md = [f"# Ablation `{cfg.recipe}`", "",
-          f"Student `{c['student']}`, {c['steps']} steps x batch {c['batch_size']}, {c['seeds']} seed(s); "
-          f"linear probe (best layer, selected without the report split) and k-NN; total {results['seconds']:.0f}s.",
-          "", format_table(results), "", *_ceiling_table(results), "## Findings", "", *[f"- {x}" for x in findings(results)], "",
-          "## Plots", "", *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figs], ""]
+    md = [
+        f"# Ablation `{cfg.recipe}`",
+        "",
+        f"Student `{c['student']}`, {c['steps']} steps x batch {c['batch_size']}, {c['seeds']} seed(s); "
+        f"linear probe (best layer, selected without the report split) and k-NN; total {results['seconds']:.0f}s.",
+        "",
+        format_table(results),
+        "",
+        *_ceiling_table(results),
+        "## Findings",
+        "",
+        *[f"- {x}" for x in findings(results)],
+        "",
+        "## Plots",
+        "",
+        *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figs],
+        "",
+    ]
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write("\n".join(md))
     print(format_table(results))

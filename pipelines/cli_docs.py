@@ -75,8 +75,11 @@ def config_fields(module: str, cls: str) -> dict[str, FieldDoc]:
             for stmt, nxt in zip(node.body, [*node.body[1:], None]):
                 if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
                     doc = ""
-                    if (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                            and isinstance(nxt.value.value, str)):
+                    if (
+                        isinstance(nxt, ast.Expr)
+                        and isinstance(nxt.value, ast.Constant)
+                        and isinstance(nxt.value.value, str)
+                    ):
                         doc = inspect.cleandoc(nxt.value.value)
                     out[stmt.target.id] = FieldDoc(stmt.target.id, _literal(stmt.value), doc, stmt.value is None)
             return out

@@ -75,12 +75,23 @@ class DemoResult:
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
     t0 = time.perf_counter()
-    acfg = AblateConfig(recipe="demo", out=cfg.out, num_samples=cfg.num_samples, num_classes=cfg.num_classes,
-                        image_size=64, student=cfg.student, steps=cfg.steps, batch_size=cfg.batch_size,
-                        base_lr=cfg.base_lr, semantic_teacher=cfg.semantic_teacher, executor=cfg.executor)
+    acfg = AblateConfig(
+        recipe="demo",
+        out=cfg.out,
+        num_samples=cfg.num_samples,
+        num_classes=cfg.num_classes,
+        image_size=64,
+        student=cfg.student,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        base_lr=cfg.base_lr,
+        semantic_teacher=cfg.semantic_teacher,
+        executor=cfg.executor,
+    )
     results = run_ablation(acfg)
-    report = run_verify(VerifyConfig(shards=os.path.join(cfg.out, "data"), cache=os.path.join(cfg.out, "cache"),
-                                     spot_checks=4))
+    report = run_verify(
+        VerifyConfig(shards=os.path.join(cfg.out, "data"), cache=os.path.join(cfg.out, "cache"), spot_checks=4)
+    )
     print(report.table().splitlines()[-1])
     seconds = time.perf_counter() - t0
     print(f"demo finished in {seconds / 60:.1f} min; report: {os.path.join(cfg.out, 'report.md')}")

@@ -21,10 +21,22 @@ def _accuracy(results: dict, out: str) -> str:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows)), 3.6))
     names = [r["variant"] for r in rows]
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["linear_top1"] for r in rows], 0.4, yerr=[r["linear_top1_std"] for r in rows],
-           capsize=3, label="linear (best layer)")
-    ax.bar([i + 0.2 for i in x], [r["knn_top1"] for r in rows], 0.4, yerr=[r["knn_top1_std"] for r in rows],
-           capsize=3, label="k-NN")
+    ax.bar(
+        [i - 0.2 for i in x],
+        [r["linear_top1"] for r in rows],
+        0.4,
+        yerr=[r["linear_top1_std"] for r in rows],
+        capsize=3,
+        label="linear (best layer)",
+    )
+    ax.bar(
+        [i + 0.2 for i in x],
+        [r["knn_top1"] for r in rows],
+        0.4,
+        yerr=[r["knn_top1_std"] for r in rows],
+        capsize=3,
+        label="k-NN",
+    )
     ax.axhline(results["chance"], color="grey", ls="--", lw=1, label="chance")
     ax.set_xticks(list(x), names, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("top-1")
@@ -41,8 +53,9 @@ def _storage(results: dict, out: str) -> str | None:
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
     for r in rows:
         ax.errorbar(r["bytes_per_view"], r["linear_top1"], yerr=r["linear_top1_std"], fmt="o", capsize=3)
-        ax.annotate(r["variant"], (r["bytes_per_view"], r["linear_top1"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+        ax.annotate(
+            r["variant"], (r["bytes_per_view"], r["linear_top1"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
     ax.set_xscale("log")
     ax.set_xlabel("stored bytes per view (compressed)")
     ax.set_ylabel("linear top-1")
@@ -57,7 +70,9 @@ def _losses(results: dict, out: str) -> str | None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in runs:
         steps = r.get("loss_steps") or []
-        x = steps if len(steps) == len(r["losses"]) else range(1, len(r["losses"]) + 1)  # reports from before steps were kept
+        x = (
+            steps if len(steps) == len(r["losses"]) else range(1, len(r["losses"]) + 1)
+        )  # reports from before steps were kept
         ax.plot(x, r["losses"], label=f"{r['variant']} s{r['seed']}", lw=1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")

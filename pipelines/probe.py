@@ -128,12 +128,21 @@ class ProbeConfig:
         need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         need(bool(self.shards), "shards", "must be a dataset directory")
         need(self.run is not None or self.random_init, "run", "is required unless random_init is set")
-        need(self.run is None or self.student is None, "student",
-             "only applies to random_init without a run (a run knows its encoder)")
-        need(self.run is not None or self.student is not None, "student",
-             "names the preset of a random_init encoder when there is no run")
-        need(self.student is None or self.student in list_vit_sizes(), "student",
-             f"must be one of {', '.join(list_vit_sizes())}")
+        need(
+            self.run is None or self.student is None,
+            "student",
+            "only applies to random_init without a run (a run knows its encoder)",
+        )
+        need(
+            self.run is not None or self.student is not None,
+            "student",
+            "names the preset of a random_init encoder when there is no run",
+        )
+        need(
+            self.student is None or self.student in list_vit_sizes(),
+            "student",
+            f"must be one of {', '.join(list_vit_sizes())}",
+        )
         need(self.run is not None or self.out is not None, "out", "is required when there is no run")
         need(self.out is None or bool(self.out), "out", "must be a non-empty file path")
         for name in ("batch_size", "epochs", "k", "finetune_epochs"):
@@ -141,8 +150,11 @@ class ProbeConfig:
         for name in ("holdout", "select_fraction"):
             need(0.0 < getattr(self, name) < 1.0, name, "must be in (0, 1)")
         need(len(self.lrs) > 0 and all(lr > 0 for lr in self.lrs), "lrs", "must be non-empty and > 0")
-        need(self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 0), "layers",
-             "must be None or non-empty 0-based block indices")
+        need(
+            self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 0),
+            "layers",
+            "must be None or non-empty 0-based block indices",
+        )
         for name in ("temperature", "finetune_lr"):
             need(getattr(self, name) > 0, name, "must be > 0")
         need(0.0 < self.layer_decay <= 1.0, "layer_decay", "must be in (0, 1]")
@@ -201,16 +213,20 @@ class ProbeResult:
     def table(self) -> str:
         """``layer | select | top-1 | top-5`` with the chosen row marked ``*``."""
         src = self.encoder["source"] + (f" {self.encoder['run']}" if self.encoder.get("run") else "")
-        head = (f"probe {self.kind} ({src}, pool={self.config.get('pool')}): train {self.n_train}, "
-                f"report {self.n_report}, skipped {self.n_skipped}, {self.num_classes} classes, {self.seconds:.1f}s")
+        head = (
+            f"probe {self.kind} ({src}, pool={self.config.get('pool')}): train {self.n_train}, "
+            f"report {self.n_report}, skipped {self.n_skipped}, {self.num_classes} classes, {self.seconds:.1f}s"
+        )
         lines = [head, f"  {'layer':10s} {'select':>7s} {'top-1':>7s} {'top-5':>7s}"]
         for r in self.rows:
             mark = "*" if r.layer == self.best_layer else " "
             top5 = "-" if r.top5 is None else f"{r.top5:.3f}"
             sel = "-" if r.select_top1 is None else f"{r.select_top1:.3f}"
             lines.append(f"{mark} {r.layer:10s} {sel:>7s} {r.top1:7.3f} {top5:>7s}")
-        lines.append(f"best (chosen on the select split): {self.best_layer}, top-1 {self.top1:.3f}"
-                     + ("" if self.top5 is None else f", top-5 {self.top5:.3f}"))
+        lines.append(
+            f"best (chosen on the select split): {self.best_layer}, top-1 {self.top1:.3f}"
+            + ("" if self.top5 is None else f", top-5 {self.top5:.3f}")
+        )
         return "\n".join(lines)
 
 
@@ -225,11 +241,17 @@ def build_encoder(cfg: ProbeConfig) -> tuple[VisionTransformer, dict]:
 
     if cfg.run is not None and is_code_run(run_config(cfg.run)):
         if cfg.kind == "finetune":
-            raise ValueError(f"ProbeConfig.kind 'finetune': run {cfg.run} is DiGIT's code model (it reads codes, "
-                             "not pixels); probe it with kind linear or knn")
+            raise ValueError(
+                f"ProbeConfig.kind 'finetune': run {cfg.run} is DiGIT's code model (it reads codes, "
+                "not pixels); probe it with kind linear or knn"
+            )
         code = load_code_probe_encoder(cfg.run, cfg.random_init, cfg.seed)
-        return code, {"source": "random-init" if cfg.random_init else "trained", "run": cfg.run, "student": None,
-                      "config": {**asdict(code.cfg), "input": f"codes of tokenizer {code.tokenizer.spec.name}"}}
+        return code, {
+            "source": "random-init" if cfg.random_init else "trained",
+            "run": cfg.run,
+            "student": None,
+            "config": {**asdict(code.cfg), "input": f"codes of tokenizer {code.tokenizer.spec.name}"},
+        }
     if not cfg.random_init:
         enc = load_encoder(cfg.run)
         return enc, {"source": "trained", "run": cfg.run, "student": None, "config": asdict(enc.cfg)}
@@ -249,8 +271,9 @@ def layer_names(depth: int, layers: Sequence[int] | None) -> list[str]:
     return [f"block{i + 1}" for i in (layers if layers is not None else range(depth))] + ["norm"]
 
 
-def encode_layers(enc: VisionTransformer, images: torch.Tensor, pool: str,
-                  layers: Sequence[int] | None) -> torch.Tensor:
+def encode_layers(
+    enc: VisionTransformer, images: torch.Tensor, pool: str, layers: Sequence[int] | None
+) -> torch.Tensor:
     """``[B, 3, S, S]`` in [0, 1] -> ``[B, L, D]``: pooled block outputs (one pass), final norm last."""
     outs = enc.forward_intermediates(images)
     picked = [outs[i] for i in layers] if layers is not None else outs
@@ -274,8 +297,15 @@ def iter_labeled_views(ds: PreparedDataset, size: int, skipped: Counter) -> Iter
     for shard in ds.shards:
         for row, raw in iter_dataset_samples(ds, shard):
             picked = pick_image(raw) if raw is not None else None
-            reason = ("manifest error" if row["error"] else "no label" if row["label"] is None or row["label"] < 0
-                      else "missing sample" if picked is None else None)
+            reason = (
+                "manifest error"
+                if row["error"]
+                else "no label"
+                if row["label"] is None or row["label"] < 0
+                else "missing sample"
+                if picked is None
+                else None
+            )
             if reason is None:
                 try:
                     img = decode_image(picked[1])
@@ -298,14 +328,19 @@ def _batches(it: Iterator[tuple[torch.Tensor, int]], size: int) -> Iterator[tupl
         yield torch.stack([b[0] for b in buf]), torch.tensor([b[1] for b in buf])
 
 
-def extract_features(enc: VisionTransformer, ds: PreparedDataset, cfg: ProbeConfig, skipped: Counter,
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    enc: VisionTransformer, ds: PreparedDataset, cfg: ProbeConfig, skipped: Counter, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features [N, L, D] float32 on CPU, labels [N])`` of every usable sample of ``ds``."""
     device = resolve_device(cfg.device, "ProbeConfig.device")
     enc = enc.to(device).eval()
     feats, labels = [], []
-    bar = progress_bar(total=ds.num_samples, desc=f"features {os.path.basename(os.path.normpath(ds.root))}",
-                       unit="img", disable=not progress)
+    bar = progress_bar(
+        total=ds.num_samples,
+        desc=f"features {os.path.basename(os.path.normpath(ds.root))}",
+        unit="img",
+        disable=not progress,
+    )
     with torch.inference_mode():
         for x, y in _batches(iter_labeled_views(ds, enc.cfg.img_size, skipped), cfg.batch_size):
             feats.append(encode_layers(enc, x.to(device), cfg.pool, cfg.layers).float().cpu())
@@ -373,8 +408,9 @@ def make_splits(labels: np.ndarray, n_val: int, holdout: float, select_fraction:
     splits = Splits(train[fit], train[select], report)
     for name in ("fit", "select", "report"):
         if len(getattr(splits, name)) == 0:
-            raise ValueError(f"the {name} split is empty: {len(labels)} samples is too few to probe "
-                             "(need at least 2 per class)")
+            raise ValueError(
+                f"the {name} split is empty: {len(labels)} samples is too few to probe (need at least 2 per class)"
+            )
     return splits
 
 
@@ -387,8 +423,15 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return (top == labels[:, None]).any(dim=1).float().mean().item()
 
 
-def linear_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int,
-                  lr: torch.Tensor, epochs: int, weight_decay: float = 0.0) -> torch.Tensor:
+def linear_scores(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    num_classes: int,
+    lr: torch.Tensor,
+    epochs: int,
+    weight_decay: float = 0.0,
+) -> torch.Tensor:
     """Fit a linear classifier per layer and per learning rate at once; logits ``[G, L, M, C]``.
 
     ``train_x [N, L, D]``, ``test_x [M, L, D]``; ``lr [G, L]``: the lr of candidate ``(g, l)``. Each
@@ -404,8 +447,12 @@ def linear_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
     peak = lr.reshape(-1).tolist()
     ws = [torch.zeros(d, num_classes, device=x.device, requires_grad=True) for _ in peak]
     bs = [torch.zeros(num_classes, device=x.device, requires_grad=True) for _ in peak]
-    opt = torch.optim.AdamW([{"params": [w, b], "lr": p} for w, b, p in zip(ws, bs, peak)],
-                            betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(
+        [{"params": [w, b], "lr": p} for w, b, p in zip(ws, bs, peak)],
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=weight_decay,
+    )
     target = train_y.repeat(g * L)
     with torch.enable_grad():
         for t in range(epochs):
@@ -422,8 +469,15 @@ def linear_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
         return torch.einsum("mld,gldc->glmc", (test_x - mean) / std, w) + b[:, :, None]
 
 
-def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int,
-               k: int, temperature: float, chunk: int = 1024) -> torch.Tensor:
+def knn_scores(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """DINO's weighted k-NN on one layer (``train_x [N, D]``, ``test_x [M, D]``): class votes ``[M, C]``
     of the ``k`` most cosine-similar training rows, each weighing ``exp(sim / temperature)``."""
     bank = F.normalize(train_x, dim=1)
@@ -436,17 +490,33 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
     return torch.cat(out)
 
 
-def layer_scores(cfg: ProbeConfig, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                 num_classes: int, lr: torch.Tensor) -> torch.Tensor:
+def layer_scores(
+    cfg: ProbeConfig,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    num_classes: int,
+    lr: torch.Tensor,
+) -> torch.Tensor:
     """Scores ``[G, L, M, C]`` of every layer's probe (``*_x: [N, L, D]``); k-NN ignores ``lr`` (G = 1)."""
     if cfg.kind == "knn":
-        return torch.stack([knn_scores(train_x[:, li], train_y, test_x[:, li], num_classes, cfg.k, cfg.temperature)
-                            for li in range(train_x.shape[1])])[None]
+        return torch.stack(
+            [
+                knn_scores(train_x[:, li], train_y, test_x[:, li], num_classes, cfg.k, cfg.temperature)
+                for li in range(train_x.shape[1])
+            ]
+        )[None]
     return linear_scores(train_x, train_y, test_x, num_classes, lr, cfg.epochs, cfg.weight_decay)
 
 
-def choose(cfg: ProbeConfig, fit_x: torch.Tensor, fit_y: torch.Tensor, sel_x: torch.Tensor, sel_y: torch.Tensor,
-           num_classes: int) -> list[tuple[float, float | None]]:
+def choose(
+    cfg: ProbeConfig,
+    fit_x: torch.Tensor,
+    fit_y: torch.Tensor,
+    sel_x: torch.Tensor,
+    sel_y: torch.Tensor,
+    num_classes: int,
+) -> list[tuple[float, float | None]]:
     """Per layer, ``(select top-1, lr)`` of its best lr (linear; None for k-NN) fit on *fit*, scored on
     *select*. ``*_x: [N, L, D]``. Only the training part comes in: the report set cannot sway the choice.
     """
@@ -457,19 +527,30 @@ def choose(cfg: ProbeConfig, fit_x: torch.Tensor, fit_y: torch.Tensor, sel_x: to
     return [(acc[g, li].item(), cfg.lrs[g] if cfg.kind == "linear" else None) for li, g in enumerate(best.tolist())]
 
 
-def probe_features(cfg: ProbeConfig, feats: torch.Tensor, labels: torch.Tensor, splits: Splits, names: list[str],
-                   num_classes: int) -> list[LayerRow]:
+def probe_features(
+    cfg: ProbeConfig, feats: torch.Tensor, labels: torch.Tensor, splits: Splits, names: list[str], num_classes: int
+) -> list[LayerRow]:
     """Choose per layer on fit/select, refit that choice on the training part, score on the report set."""
     device = resolve_device(cfg.device, "ProbeConfig.device")
-    part = {n: (feats[getattr(splits, n)].to(device), labels[getattr(splits, n)].to(device))
-            for n in ("fit", "select", "train", "report")}
+    part = {
+        n: (feats[getattr(splits, n)].to(device), labels[getattr(splits, n)].to(device))
+        for n in ("fit", "select", "train", "report")
+    }
     chosen = choose(cfg, *part["fit"], *part["select"], num_classes)
     lr = torch.tensor([[lr or 0.0 for _, lr in chosen]])
     scores = layer_scores(cfg, *part["train"], part["report"][0], num_classes, lr)[0]
     y = part["report"][1]
-    return [LayerRow(li, names[li], sel, topk_accuracy(scores[li], y, 1),
-                     topk_accuracy(scores[li], y, 5) if num_classes >= 5 else None, lr)
-            for li, (sel, lr) in enumerate(chosen)]
+    return [
+        LayerRow(
+            li,
+            names[li],
+            sel,
+            topk_accuracy(scores[li], y, 1),
+            topk_accuracy(scores[li], y, 5) if num_classes >= 5 else None,
+            lr,
+        )
+        for li, (sel, lr) in enumerate(chosen)
+    ]
 
 
 # ----------------------------------------------------------------------------------------- finetune
@@ -506,8 +587,15 @@ def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, decay:
         else:
             layer_id = depth + 1
         no_wd = p.ndim <= 1 or name in skip
-        g = groups.setdefault((layer_id, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                                                  "lr_scale": decay ** (depth + 1 - layer_id), "lr": lr})
+        g = groups.setdefault(
+            (layer_id, no_wd),
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_wd else weight_decay,
+                "lr_scale": decay ** (depth + 1 - layer_id),
+                "lr": lr,
+            },
+        )
         g["params"].append(p)
     return list(groups.values())
 
@@ -520,8 +608,15 @@ def augment(views: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack([tf(v) for v in views]).float().div_(255.0)  # v2 on a batch would share one crop
 
 
-def finetune_scores(cfg: ProbeConfig, enc: VisionTransformer, train_views: torch.Tensor, train_y: torch.Tensor,
-                    test_views: torch.Tensor, num_classes: int, progress: bool = True) -> torch.Tensor:
+def finetune_scores(
+    cfg: ProbeConfig,
+    enc: VisionTransformer,
+    train_views: torch.Tensor,
+    train_y: torch.Tensor,
+    test_views: torch.Tensor,
+    num_classes: int,
+    progress: bool = True,
+) -> torch.Tensor:
     """Fine-tune ``enc`` + a head on the training views; logits ``[M, C]`` for ``test_views``."""
     from student.train import lr_schedule
 
@@ -553,8 +648,9 @@ def finetune_scores(cfg: ProbeConfig, enc: VisionTransformer, train_views: torch
     bar.close()
     model.eval()
     with torch.inference_mode():
-        return torch.cat([model(v.float().div(255.0).to(device)).float().cpu()
-                          for v in test_views.split(cfg.batch_size)])
+        return torch.cat(
+            [model(v.float().div(255.0).to(device)).float().cpu() for v in test_views.split(cfg.batch_size)]
+        )
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -585,14 +681,19 @@ def _open_inputs(cfg: ProbeConfig) -> list[PreparedDataset]:
     return datasets
 
 
-def _load_all(cfg: ProbeConfig, enc: VisionTransformer, datasets: list[PreparedDataset], skipped: Counter,
-              progress: bool):
+def _load_all(
+    cfg: ProbeConfig, enc: VisionTransformer, datasets: list[PreparedDataset], skipped: Counter, progress: bool
+):
     """``(table, labels, n_val)``: features (linear/knn) or uint8 views (finetune) of the training
     shards, then of the validation shards."""
     if cfg.layers is not None and max(cfg.layers) >= enc.cfg.depth:
         raise ValueError(f"ProbeConfig.layers {cfg.layers} out of range for an encoder of depth {enc.cfg.depth}")
-    parts = [load_views(ds, enc.cfg.img_size, skipped) if cfg.kind == "finetune"
-             else extract_features(enc, ds, cfg, skipped, progress) for ds in datasets]
+    parts = [
+        load_views(ds, enc.cfg.img_size, skipped)
+        if cfg.kind == "finetune"
+        else extract_features(enc, ds, cfg, skipped, progress)
+        for ds in datasets
+    ]
     n_val = len(parts[1][1]) if cfg.val_shards else 0
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), n_val
 
@@ -616,9 +717,21 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
     else:
         rows = probe_features(cfg, table, labels, splits, layer_names(enc.cfg.depth, cfg.layers), num_classes)
         best = max(rows, key=lambda r: r.select_top1)  # first max; never looks at the report set
-    result = ProbeResult(cfg.kind, source, rows, best.layer, best.top1, best.top5, len(splits.train),
-                         len(splits.report), sum(skipped.values()), dict(skipped), num_classes,
-                         time.perf_counter() - start, asdict(cfg))
+    result = ProbeResult(
+        cfg.kind,
+        source,
+        rows,
+        best.layer,
+        best.top1,
+        best.top5,
+        len(splits.train),
+        len(splits.report),
+        sum(skipped.values()),
+        dict(skipped),
+        num_classes,
+        time.perf_counter() - start,
+        asdict(cfg),
+    )
     _write_json(cfg.out_path(), result)
     return result
 

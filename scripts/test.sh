@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 # Lint first: it takes a second and fails before minutes of tests. Rules: [tool.ruff] in pyproject.toml.
-# (`ruff format --check .` joins here once the tree has been formatted in one go.)
-echo "ruff check ."
+echo "ruff check . && ruff format --check ."
 ruff check .
+ruff format --check .
 export RAY_DEDUP_LOGS=1 RAY_AUTH_MODE=disabled OMP_NUM_THREADS=2
 python -m pytest -q --timeout=900 "$@"

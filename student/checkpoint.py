@@ -28,8 +28,14 @@ class TrainState:
     batch_in_epoch: int = 0
 
 
-def save_checkpoint(run: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                    extra: dict[str, Any] | None = None, keep: int = 2) -> str:
+def save_checkpoint(
+    run: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> str:
     """Write ``RUN/checkpoints/step_XXXXXXXX`` and point ``latest`` at it; keep the newest ``keep``."""
     root = os.path.join(run, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -39,8 +45,7 @@ def save_checkpoint(run: str, model: torch.nn.Module, optimizer: torch.optim.Opt
     os.makedirs(tmp)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(tmp, "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-               os.path.join(tmp, "optim.pt"))
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "optim.pt"))
     atomic_write_text(os.path.join(tmp, "state.json"), json.dumps({**asdict(state), **(extra or {})}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -78,8 +83,9 @@ def candidate_checkpoints(run: str) -> list[str]:
     return ([first] if first else []) + [c for c in rest if c != first]
 
 
-def load_latest(run: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                warn=print) -> tuple[str, TrainState] | None:
+def load_latest(
+    run: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, warn=print
+) -> tuple[str, TrainState] | None:
     """Load the newest readable checkpoint of ``run``; one that cannot be read (truncated by a full disk,
     damaged on copy) is passed over with a warning naming it and why. ``None`` when there is none."""
     tried = candidate_checkpoints(run)
@@ -87,8 +93,10 @@ def load_latest(run: str, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         try:
             return ckpt, load_checkpoint(ckpt, model, optimizer)
         except Exception as e:  # safetensors, torch.load and json each raise their own types on damage
-            warn(f"warning: checkpoint {ckpt} is unreadable ({type(e).__name__}: {str(e)[:160]}); "
-                 "falling back to the previous one")
+            warn(
+                f"warning: checkpoint {ckpt} is unreadable ({type(e).__name__}: {str(e)[:160]}); "
+                "falling back to the previous one"
+            )
     if tried:  # never train on from weights a damaged checkpoint may have half-loaded
         raise ValueError(f"no readable checkpoint in {run} (tried {len(tried)}); start a new run with another --out")
     return None

@@ -66,8 +66,9 @@ class CodeGPT(nn.Module):
         bos = codes.new_full((codes.shape[0], 1), self.num_codes)
         return torch.cat([bos, codes[:, :-1]], dim=1)
 
-    def forward_features(self, codes: torch.Tensor, return_layers: Sequence[int] = ()
-                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def forward_features(
+        self, codes: torch.Tensor, return_layers: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """``codes [B, N]`` -> final normed states ``[B, N, D]`` and ``{i: output of blocks[i]}``."""
         wanted = set(return_layers)
         x = self.embed(self.inputs(codes)) + self.pos_embed
@@ -143,14 +144,18 @@ def load_code_probe_encoder(run: str, random_init: bool = False, seed: int = 0) 
         info = tokenizer_info(root, name)
         codebook = torch.from_numpy(np.asarray(root[name]["codebook"][:]))
     except Exception as e:  # gone, moved or rewritten: say which cache the run needs
-        raise ValueError(f"run {run} (objective digit) reads codes made by tokenizer {name!r} of cache {cache}, "
-                         f"which could not be opened ({type(e).__name__}: {e}); the probe rebuilds that tokenizer "
-                         "to turn probe images into codes — restore the cache or re-extract it") from None
+        raise ValueError(
+            f"run {run} (objective digit) reads codes made by tokenizer {name!r} of cache {cache}, "
+            f"which could not be opened ({type(e).__name__}: {e}); the probe rebuilds that tokenizer "
+            "to turn probe images into codes — restore the cache or re-extract it"
+        ) from None
     tokenizer = build_teacher(TeacherConfig(**info.attrs["teacher_config"]), codebook)
     if tokenizer.fingerprint() != want:
-        raise ValueError(f"run {run}: tokenizer {name!r} rebuilt from cache {cache} has weights "
-                         f"{tokenizer.fingerprint()[:12]}, the run was trained on {want[:12]}; re-extract the cache "
-                         "with the run's teacher")
+        raise ValueError(
+            f"run {run}: tokenizer {name!r} rebuilt from cache {cache} has weights "
+            f"{tokenizer.fingerprint()[:12]}, the run was trained on {want[:12]}; re-extract the cache "
+            "with the run's teacher"
+        )
     target = cfg["target"]
     gpt_cfg = ViTConfig(**cfg["encoder"])
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG stream is untouched

@@ -72,8 +72,9 @@ class DataConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError(f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers} and "
-                             f"{self.shuffle_buffer}")
+            raise ValueError(
+                f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers} and {self.shuffle_buffer}"
+            )
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
@@ -97,7 +98,8 @@ class CacheJoin:
         if meta["dataset"]["manifest_fingerprint"] != self.ds.fingerprint:
             raise ValueError(
                 f"cache {cfg.cache} was made from other shards: its manifest fingerprint is "
-                f"{meta['dataset']['manifest_fingerprint'][:12]}, {cfg.shards} has {self.ds.fingerprint[:12]}")
+                f"{meta['dataset']['manifest_fingerprint'][:12]}, {cfg.shards} has {self.ds.fingerprint[:12]}"
+            )
         toks = list_tokenizers(self.root)
         name = cfg.tokenizer or (toks[0] if len(toks) == 1 else None)
         if name is None:
@@ -110,8 +112,10 @@ class CacheJoin:
         tok = self.root[name]
         missing = [s for s in self.ds.shards if not is_complete(tok, self.sids[s])]
         if missing:
-            raise ValueError(f"tokenizer {name!r} is incomplete: {len(missing)} shard(s) missing, e.g. {missing[:2]}; "
-                             "re-run `digpt extract`")
+            raise ValueError(
+                f"tokenizer {name!r} is incomplete: {len(missing)} shard(s) missing, e.g. {missing[:2]}; "
+                "re-run `digpt extract`"
+            )
         self.codebook = torch.from_numpy(np.array(tok["codebook"][:])) if "codebook" in tok else None
         # pca:<t> tokenizers: the basis their (already projected) tokens were made with; only the online
         # teacher needs it.
@@ -128,9 +132,12 @@ class CacheJoin:
         for shard, g in zip(self.ds.shards, groups):
             bad += [f"{shard}: {p}" for p in check_shard_group(g, shard, self.ds.rows(shard)["key"])]
         if bad:
-            raise CacheIntegrityError(f"cache {cache} tokenizer {self.info.name!r} does not match its shards "
-                                      f"({len(bad)} problem(s)): " + "; ".join(bad[:3])
-                                      + "; run `digpt verify` and re-extract the named shards")
+            raise CacheIntegrityError(
+                f"cache {cache} tokenizer {self.info.name!r} does not match its shards "
+                f"({len(bad)} problem(s)): "
+                + "; ".join(bad[:3])
+                + "; run `digpt verify` and re-extract the named shards"
+            )
 
     @property
     def spec(self) -> dict:
@@ -159,8 +166,11 @@ class _ChunkReader:
         lo = (i // self.step) * self.step
         if lo != self.lo:
             self.lo = lo
-            self.block = {n: checked(self.g, n, lambda n=n: self.g[n][lo : lo + self.step])
-                          for n in ("tokens", "token_scale", "cls", "cls_scale") if n in self.g}
+            self.block = {
+                n: checked(self.g, n, lambda n=n: self.g[n][lo : lo + self.step])
+                for n in ("tokens", "token_scale", "cls", "cls_scale")
+                if n in self.g
+            }
         return {n: a[i - lo, v] for n, a in self.block.items()}
 
 
@@ -169,8 +179,14 @@ class CachedViews(IterableDataset):
     teachers: codebook vectors) and ``codes [B,T]`` for code teachers; ``cls [B,D]`` when the
     teacher has one; ``labels [B]``; ``order_seed [B]`` (seeds of per-sample random orders)."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, join: CacheJoin | None = None,
-                 teacher_size: int | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        rank: int = 0,
+        world: int = 1,
+        join: CacheJoin | None = None,
+        teacher_size: int | None = None,
+    ):
         """``teacher_size``: also yield ``teacher_images`` — the same views replayed at the teacher's
         resolution — for ``--online-teacher`` runs and the cached-vs-online oracle."""
         self.cfg, self.rank, self.world, self.teacher_size = cfg, rank, world, teacher_size
@@ -179,26 +195,35 @@ class CachedViews(IterableDataset):
         self.mismatched = 0  # samples skipped by on_mismatch="skip" (this process only)
         need = world * max(1, cfg.num_workers)
         if len(self.join.ds.shards) < need:
-            raise ValueError(f"{len(self.join.ds.shards)} shard(s) cannot feed {world} rank(s) x "
-                             f"{max(1, cfg.num_workers)} worker(s); use fewer workers or re-shard with a smaller --shard-size")
+            raise ValueError(
+                f"{len(self.join.ds.shards)} shard(s) cannot feed {world} rank(s) x "
+                f"{max(1, cfg.num_workers)} worker(s); use fewer workers or re-shard with a smaller --shard-size"
+            )
         if self.steps_per_epoch(0) == 0:  # the epoch loop would never take a step
-            per_worker = max(sum(int(self.join.valid[s].sum()) for s in self._shards(0, r, w, need // world))
-                             for r in range(world) for w in range(need // world))
-            raise ValueError(f"batch_size {cfg.batch_size} is more than the valid samples of a loader worker "
-                             f"(at most {per_worker}, over {world} rank(s) x {max(1, cfg.num_workers)} worker(s)); "
-                             "use a smaller --batch-size or fewer --workers")
+            per_worker = max(
+                sum(int(self.join.valid[s].sum()) for s in self._shards(0, r, w, need // world))
+                for r in range(world)
+                for w in range(need // world)
+            )
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is more than the valid samples of a loader worker "
+                f"(at most {per_worker}, over {world} rank(s) x {max(1, cfg.num_workers)} worker(s)); "
+                "use a smaller --batch-size or fewer --workers"
+            )
 
     # ----- the deterministic plan of an epoch -----
     def _shards(self, epoch: int, rank: int, worker: int, workers: int) -> list[str]:
         shards = list(self.join.ds.shards)
         np.random.default_rng([self.cfg.seed, epoch]).shuffle(shards)
-        return shards[rank :: self.world][worker :: workers]
+        return shards[rank :: self.world][worker::workers]
 
     def batches_per_worker(self, epoch: int, rank: int | None = None) -> list[int]:
         rank = self.rank if rank is None else rank
         workers = max(1, self.cfg.num_workers)
-        return [sum(int(self.join.valid[s].sum()) for s in self._shards(epoch, rank, w, workers)) // self.cfg.batch_size
-                for w in range(workers)]
+        return [
+            sum(int(self.join.valid[s].sum()) for s in self._shards(epoch, rank, w, workers)) // self.cfg.batch_size
+            for w in range(workers)
+        ]
 
     def steps_per_epoch(self, epoch: int) -> int:
         """Batches every rank can deliver this epoch (the minimum over ranks)."""
@@ -238,7 +263,9 @@ class CachedViews(IterableDataset):
         made = 0
         for raw in self._raw_samples(self._shards(self.epoch, self.rank, worker, workers), rng):
             buf.append(raw)
-            if len(buf) < self.cfg.batch_size * (1 + (self.cfg.shuffle_buffer > 0)) and len(buf) < max(self.cfg.shuffle_buffer, self.cfg.batch_size):
+            if len(buf) < self.cfg.batch_size * (1 + (self.cfg.shuffle_buffer > 0)) and len(buf) < max(
+                self.cfg.shuffle_buffer, self.cfg.batch_size
+            ):
                 continue
             batch = self._take(buf, rng)
             if made >= n_batches:
@@ -268,7 +295,9 @@ class CachedViews(IterableDataset):
             index = {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
             g, valid = j.group(shard), j.valid[shard]
             reader = _ChunkReader(g)
-            seeds, boxes, flips = (np.array(checked(g, n, lambda g=g, n=n: g[n][:])) for n in ("seeds", "boxes", "flips"))
+            seeds, boxes, flips = (
+                np.array(checked(g, n, lambda g=g, n=n: g[n][:])) for n in ("seeds", "boxes", "flips")
+            )
             errors: list[str] = []
             handler = _Recorder(errors)
             seen: set[str] = set()
@@ -283,16 +312,28 @@ class CachedViews(IterableDataset):
                     self._mismatch(shard, key)
                     continue
                 v = _hash64(self.cfg.seed, self.epoch, shard, key) % k
-                yield {"shard": shard, "key": key, "row": i, "view": v, "seed": int(seeds[i, v]),
-                       "box": boxes[i, v], "flip": bool(flips[i, v]), "size": (rows["width"][i], rows["height"][i]),
-                       "label": rows["label"][i], "image": image, "targets": reader.row(i, v),
-                       "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order")}
+                yield {
+                    "shard": shard,
+                    "key": key,
+                    "row": i,
+                    "view": v,
+                    "seed": int(seeds[i, v]),
+                    "box": boxes[i, v],
+                    "flip": bool(flips[i, v]),
+                    "size": (rows["width"][i], rows["height"][i]),
+                    "label": rows["label"][i],
+                    "image": image,
+                    "targets": reader.row(i, v),
+                    "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order"),
+                }
             if errors:
                 raise RuntimeError(f"shard {shard} could not be read to the end: {errors[0]}")
 
     def _mismatch(self, shard: str, key: str) -> None:
-        what = (f"image {shard}/{key} differs from the manifest's content hash: the shard changed after "
-                "`digpt prepare`, so its cached targets belong to other pixels")
+        what = (
+            f"image {shard}/{key} differs from the manifest's content hash: the shard changed after "
+            "`digpt prepare`, so its cached targets belong to other pixels"
+        )
         if self.cfg.on_mismatch == "error":
             raise CacheIntegrityError(f"{what}; re-run prepare and extract, or train with --on-mismatch skip")
         self.mismatched += 1
@@ -307,8 +348,10 @@ class CachedViews(IterableDataset):
             # Invariant 1: re-derive the view from its seed and check it against the stored one.
             box, flip = sample_crop(b["seed"], b["size"][0], b["size"][1], j.aug)
             if tuple(box) != tuple(int(x) for x in b["box"]) or flip != b["flip"]:
-                raise RuntimeError(f"view of {b['shard']}/{b['key']} does not re-derive from its seed: stored "
-                                   f"{tuple(b['box'])}/{b['flip']}, derived {box}/{flip} (cache and code disagree)")
+                raise RuntimeError(
+                    f"view of {b['shard']}/{b['key']} does not re-derive from its seed: stored "
+                    f"{tuple(b['box'])}/{b['flip']}, derived {box}/{flip} (cache and code disagree)"
+                )
             try:
                 img = torch.from_numpy(to_uint8_chw(decode_image(b["image"])))
             except BadImage as e:  # decoded fine at extraction; failing now means the shard changed
@@ -316,9 +359,11 @@ class CachedViews(IterableDataset):
             images.append(replay_view(img, b["box"], b["flip"], self.cfg.img_size))
             if self.teacher_size:
                 teacher_images.append(replay_view(img, b["box"], b["flip"], self.teacher_size))
-        out = {"images": torch.stack(images),
-               "labels": torch.tensor([b["label"] for b in batch], dtype=torch.long),
-               "order_seed": torch.tensor([b["order_seed"] for b in batch], dtype=torch.long)}
+        out = {
+            "images": torch.stack(images),
+            "labels": torch.tensor([b["label"] for b in batch], dtype=torch.long),
+            "order_seed": torch.tensor([b["order_seed"] for b in batch], dtype=torch.long),
+        }
         if teacher_images:
             out["teacher_images"] = torch.stack(teacher_images)
         t = {n: np.stack([b["targets"][n] for b in batch]) for n in batch[0]["targets"]}
@@ -386,5 +431,11 @@ def _reopen_in_worker(worker_id: int) -> None:
 
 def make_loader(ds: CachedViews) -> DataLoader:
     """A DataLoader over pre-batched samples (workers batch themselves)."""
-    return DataLoader(ds, batch_size=None, num_workers=ds.cfg.num_workers, worker_init_fn=_reopen_in_worker,
-                      persistent_workers=False, prefetch_factor=2 if ds.cfg.num_workers else None)
+    return DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=ds.cfg.num_workers,
+        worker_init_fn=_reopen_in_worker,
+        persistent_workers=False,
+        prefetch_factor=2 if ds.cfg.num_workers else None,
+    )

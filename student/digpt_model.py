@@ -93,11 +93,15 @@ class DiGPTConfig:
         if self.n_clusters < 2:
             raise ValueError(f"DiGPTConfig.cluster_size {self.cluster_size} leaves one cluster; need >= 2")
         if len(self.target_grid) != 2 or any(t < 1 or t % self.clusters_per_side for t in self.target_grid):
-            raise ValueError(f"DiGPTConfig.target_grid {self.target_grid}: each side must be a positive "
-                             f"multiple of the {self.clusters_per_side} clusters per side")
+            raise ValueError(
+                f"DiGPTConfig.target_grid {self.target_grid}: each side must be a positive "
+                f"multiple of the {self.clusters_per_side} clusters per side"
+            )
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
-            raise ValueError(f"DiGPTConfig.decoder_dim {self.decoder_dim} must be divisible by decoder_heads "
-                             f"{self.decoder_heads} and by 4 (sin-cos positions)")
+            raise ValueError(
+                f"DiGPTConfig.decoder_dim {self.decoder_dim} must be divisible by decoder_heads "
+                f"{self.decoder_heads} and by 4 (sin-cos positions)"
+            )
         if self.decoder_depth < 1 or self.target_dim < 1:
             raise ValueError("DiGPTConfig.decoder_depth and target_dim must be >= 1")
         if not self.memory_layers or any(not 0 < f <= 1 for f in self.memory_layers):
@@ -107,8 +111,10 @@ class DiGPTConfig:
         if self.cls_mode not in ("last_cluster", "prefix"):
             raise ValueError(f"DiGPTConfig.cls_mode must be 'last_cluster' or 'prefix', got {self.cls_mode!r}")
         if self.predict_cls and self.cls_mode == "prefix":
-            raise ValueError("DiGPTConfig.predict_cls needs cls_mode='last_cluster': a prefix class token "
-                             "attends only to itself and carries no image content")
+            raise ValueError(
+                "DiGPTConfig.predict_cls needs cls_mode='last_cluster': a prefix class token "
+                "attends only to itself and carries no image content"
+            )
 
     @property
     def clusters_per_side(self) -> int:
@@ -137,8 +143,9 @@ def cluster_index(h: int, w: int, per_side: int) -> torch.Tensor:
     return idx.permute(0, 2, 1, 3).reshape(per_side * per_side, -1)
 
 
-def random_cluster_order(batch: int, n_clusters: int, generator: torch.Generator | None = None,
-                         device: torch.device | str | None = None) -> torch.Tensor:
+def random_cluster_order(
+    batch: int, n_clusters: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """A uniformly random permutation of the clusters per sample, ``[batch, n_clusters]`` int64."""
     return torch.rand(batch, n_clusters, generator=generator).argsort(dim=1).to(device)
 
@@ -178,7 +185,8 @@ class Decoder(nn.Module):
         self.register_buffer("pos_embed", pos, persistent=False)
         self.blocks = nn.ModuleList(
             DecoderBlock(cfg.decoder_dim, cfg.decoder_heads, cfg.decoder_mlp_ratio, attn_impl)
-            for _ in range(cfg.decoder_depth))
+            for _ in range(cfg.decoder_depth)
+        )
         self.norm = nn.LayerNorm(cfg.decoder_dim, eps=LN_EPS)
         self.head = nn.Linear(cfg.decoder_dim, cfg.target_dim)
 
@@ -295,8 +303,9 @@ def gather_targets(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
-def digpt_loss(out: dict[str, torch.Tensor], tokens: torch.Tensor,
-               cls: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def digpt_loss(
+    out: dict[str, torch.Tensor], tokens: torch.Tensor, cls: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Official weighting: each decoder's loss is the mean of ``loss_cos`` over its rows plus, when the
     model predicted it and ``cls: [B, D]`` is given, its class row as one more token; ``loss = gen + dis``."""
     losses = {}

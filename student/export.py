@@ -50,7 +50,7 @@ def encoder_state_dict(run: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no checkpoint in {run} (train first)")
     full = load_file(os.path.join(ckpt, "model.safetensors"))
     for prefix in ("model.encoder.", "encoder."):
-        enc = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        enc = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         if enc:
             return enc
     raise ValueError(f"checkpoint {ckpt} holds no encoder weights")
@@ -60,9 +60,11 @@ def _refuse_code_run(run: str) -> None:
     from .code_gpt import is_code_run
 
     if is_code_run(run_config(run)):
-        raise ValueError(f"run {run} trained DiGIT's code model (objective digit): it reads k-means codes, not "
-                         "pixels, so it is no ViT encoder; probe it with `digpt probe --run` (which rebuilds its "
-                         "tokenizer)")
+        raise ValueError(
+            f"run {run} trained DiGIT's code model (objective digit): it reads k-means codes, not "
+            "pixels, so it is no ViT encoder; probe it with `digpt probe --run` (which rebuilds its "
+            "tokenizer)"
+        )
 
 
 def load_encoder(run: str) -> VisionTransformer:
@@ -75,8 +77,14 @@ def load_encoder(run: str) -> VisionTransformer:
 
 def timm_data_config(enc: ViTConfig) -> dict[str, Any]:
     """timm ``pretrained_cfg`` fields that reproduce the student's input (see the module docstring)."""
-    return {"input_size": (enc.in_chans, enc.img_size, enc.img_size), "mean": (0.0,) * enc.in_chans,
-            "std": (1.0,) * enc.in_chans, "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+    return {
+        "input_size": (enc.in_chans, enc.img_size, enc.img_size),
+        "mean": (0.0,) * enc.in_chans,
+        "std": (1.0,) * enc.in_chans,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
 
 
 def timm_spec(run: str) -> tuple[str, dict[str, Any]]:
@@ -101,14 +109,25 @@ def export_encoder(run: str, out: str) -> str:
     weights = {k: v.contiguous() for k, v in encoder_state_dict(run).items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = run_encoder_config(run).stem
-    save_file(weights, out, metadata={"timm_name": name, "timm_kwargs": json.dumps(kwargs), "stem": stem,
-                                      "timm_data_config": json.dumps(data), "source_run": os.path.abspath(run)})
+    save_file(
+        weights,
+        out,
+        metadata={
+            "timm_name": name,
+            "timm_kwargs": json.dumps(kwargs),
+            "stem": stem,
+            "timm_data_config": json.dumps(data),
+            "source_run": os.path.abspath(run),
+        },
+    )
     kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     if stem == "conv":  # timm has no conv-stem ViT preset: hand it the stem as its embed_layer
         kw += ", embed_layer=timm_conv_stem_embed()"
     overlay = "".join(f", {k}={v!r}" for k, v in data.items())
-    line = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={out!r}{overlay}), "
-            f"num_classes=0{kw})")
+    line = (
+        f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={out!r}{overlay}), "
+        f"num_classes=0{kw})"
+    )
     return ("from student.vit import timm_conv_stem_embed; " + line) if stem == "conv" else line
 
 
@@ -124,5 +143,6 @@ def create_timm_from_export(path: str, **overrides: Any) -> torch.nn.Module:
     # Files exported before the data config was recorded load as before (timm's base config).
     stored = json.loads(meta.get("timm_data_config", "{}"))
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
-    return timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=path, **data),
-                             **kwargs)
+    return timm.create_model(
+        meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=path, **data), **kwargs
+    )

@@ -22,6 +22,7 @@ def register_order(name: str) -> Callable[[OrderFn], OrderFn]:
     def deco(fn: OrderFn) -> OrderFn:
         _ORDERS[name] = fn
         return fn
+
     return deco
 
 

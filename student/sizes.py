@@ -24,8 +24,14 @@ class ViTPreset:
 
 
 def _nonstandard(cfg: ViTConfig, timm_name: str) -> ViTPreset:
-    kwargs = {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
-              "depth": cfg.depth, "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio}
+    kwargs = {
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio,
+    }
     return ViTPreset(cfg, timm_name, kwargs)
 
 
@@ -57,9 +63,17 @@ def vit_preset(name: str) -> ViTPreset:
 def timm_kwargs_for(cfg: ViTConfig, num_classes: int = 0) -> dict[str, Any]:
     """Full architecture kwargs for ``timm.create_model`` of any ViT family name, for any ``cfg``
     (robust to overrides that a preset's own ``timm_kwargs`` would not know about)."""
-    return {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
-            "depth": cfg.depth, "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio,
-            "qkv_bias": cfg.qkv_bias, "in_chans": cfg.in_chans, "num_classes": num_classes}
+    return {
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio,
+        "qkv_bias": cfg.qkv_bias,
+        "in_chans": cfg.in_chans,
+        "num_classes": num_classes,
+    }
 
 
 def vit_config(name: str, **overrides: Any) -> ViTConfig:

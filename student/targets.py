@@ -35,8 +35,13 @@ class TargetNorm(nn.Module):
     standardised targets, but what reads the teacher's own geometry — SemAIM's semantic order, a
     cosine to the teacher's global token — must not move when only the statistics do."""
 
-    def __init__(self, token_mean: torch.Tensor, token_std: torch.Tensor,
-                 cls_mean: torch.Tensor | None = None, cls_std: torch.Tensor | None = None):
+    def __init__(
+        self,
+        token_mean: torch.Tensor,
+        token_std: torch.Tensor,
+        cls_mean: torch.Tensor | None = None,
+        cls_std: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.register_buffer("token_mean", token_mean.float())
         self.register_buffer("token_std", token_std.float())
@@ -106,8 +111,10 @@ def estimate_target_norm(join, max_rows: int = 512, eps: float = 1e-6) -> Target
     def stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         s, ss, n = acc[name]
         if not (np.isfinite(s).all() and np.isfinite(ss).all()):
-            raise ValueError(f"tokenizer {join.info.name!r} holds non-finite {name} (NaN/Inf) in its first "
-                             f"{rows} samples; find them with `digpt verify` and re-extract")
+            raise ValueError(
+                f"tokenizer {join.info.name!r} holds non-finite {name} (NaN/Inf) in its first "
+                f"{rows} samples; find them with `digpt verify` and re-extract"
+            )
         mean = s / n
         std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
         # A channel that never varies carries nothing; divide it by 1 rather than by ~0.

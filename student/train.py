@@ -119,8 +119,9 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         size = self.student.encoder_config().img_size
         if self.data.img_size != size:
-            raise ValueError(f"data.img_size {self.data.img_size} differs from student {self.student.size}'s "
-                             f"input size {size}")
+            raise ValueError(
+                f"data.img_size {self.data.img_size} differs from student {self.student.size}'s input size {size}"
+            )
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -190,8 +191,10 @@ def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.dev
         a = join.info.attrs
         teacher = build_teacher(TeacherConfig(**a["teacher_config"]), join.codebook, pca_basis=join.pca_basis)
         if teacher.fingerprint() != a["fingerprint"]:
-            raise ValueError(f"--online-teacher: the teacher rebuilt from the cache's config has weights "
-                             f"{teacher.fingerprint()[:12]}, the cache was made by {a['fingerprint'][:12]}")
+            raise ValueError(
+                f"--online-teacher: the teacher rebuilt from the cache's config has weights "
+                f"{teacher.fingerprint()[:12]}, the cache was made by {a['fingerprint'][:12]}"
+            )
         teacher = teacher.to(device)
     ds = CachedViews(cfg.data, rank, world, join, teacher_size=teacher.spec.input_size if teacher else None)
     return objective, ds, teacher, join
@@ -207,8 +210,9 @@ def target_norm_for(cfg: TrainConfig, join: CacheJoin) -> TargetNorm | None:
     return estimate_target_norm(join)
 
 
-def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device, teacher: Teacher | None,
-                  norm: TargetNorm | None) -> dict[str, torch.Tensor]:
+def prepare_batch(
+    batch: dict[str, torch.Tensor], device: torch.device, teacher: Teacher | None, norm: TargetNorm | None
+) -> dict[str, torch.Tensor]:
     """A loader batch as the objective sees it: on the device, with online targets, standardised."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if teacher is not None:
@@ -216,8 +220,14 @@ def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device, teacher:
     return norm(batch) if norm is not None else batch
 
 
-def measure_blind(cfg: TrainConfig, objective: Objective, ds: CachedViews, device: torch.device,
-                  teacher: Teacher | None, norm: TargetNorm | None) -> float | None:
+def measure_blind(
+    cfg: TrainConfig,
+    objective: Objective,
+    ds: CachedViews,
+    device: torch.device,
+    teacher: Teacher | None,
+    norm: TargetNorm | None,
+) -> float | None:
     """The run's input-blind baseline (``student/blind.py``), from the first ``cfg.blind_batches``
     batches of epoch 0 — the same batches on every resume, so the number is a property of the run.
     A resumed run reads it back from ``blind.json``."""
@@ -245,15 +255,30 @@ def check_out(out: str) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"out {out} exists and is not a directory; choose another --out")
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "config.json")):
-        raise ValueError(f"out {out} exists and is not a digpt run directory (no config.json, not empty); "
-                         "choose another --out")
+        raise ValueError(
+            f"out {out} exists and is not a digpt run directory (no config.json, not empty); choose another --out"
+        )
 
 
 # Fields of a run's config.json ``train`` section that ``--resume`` may change: how long, how often it
 # logs, where it runs, where the (fingerprint-checked) inputs now live. Any other difference is refused.
-RESUME_MAY_CHANGE = frozenset({"steps", "epochs", "log_every", "ckpt_every", "amp", "device", "resume", "out",
-                               "data.shards", "data.cache", "data.num_workers", "data.on_mismatch",
-                               "data.mismatch_log"})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "steps",
+        "epochs",
+        "log_every",
+        "ckpt_every",
+        "amp",
+        "device",
+        "resume",
+        "out",
+        "data.shards",
+        "data.cache",
+        "data.num_workers",
+        "data.on_mismatch",
+        "data.mismatch_log",
+    }
+)
 
 
 def guard_run_dir(cfg: TrainConfig) -> None:
@@ -283,16 +308,26 @@ def check_resume_config(cfg: TrainConfig, join: CacheJoin) -> None:
         have = json.load(f)
     now = _flat(json.loads(json.dumps(asdict(cfg), default=str)))
     before = _flat(have.get("train", {}))
-    diff = {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before))
-            if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k)}
-    cache = {"tokenizer": join.info.name, "fingerprint": join.info.attrs["fingerprint"],
-             "manifest_fingerprint": join.ds.fingerprint, "plan_fingerprint": join.info.attrs["plan_fingerprint"]}
-    diff.update({f"cache.{k}": (have.get("cache", {}).get(k), v) for k, v in cache.items()
-                 if have.get("cache", {}).get(k) != v})
+    diff = {
+        k: (before.get(k), now.get(k))
+        for k in sorted(set(now) | set(before))
+        if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k)
+    }
+    cache = {
+        "tokenizer": join.info.name,
+        "fingerprint": join.info.attrs["fingerprint"],
+        "manifest_fingerprint": join.ds.fingerprint,
+        "plan_fingerprint": join.info.attrs["plan_fingerprint"],
+    }
+    diff.update(
+        {f"cache.{k}": (have.get("cache", {}).get(k), v) for k, v in cache.items() if have.get("cache", {}).get(k) != v}
+    )
     if diff:
         shown = "; ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in list(diff.items())[:6])
-        raise ValueError(f"--resume: {cfg.out} was trained with another configuration ({len(diff)} field(s) differ: "
-                         f"{shown}); resume with the run's settings, or start a new run with another --out")
+        raise ValueError(
+            f"--resume: {cfg.out} was trained with another configuration ({len(diff)} field(s) differ: "
+            f"{shown}); resume with the run's settings, or start a new run with another --out"
+        )
 
 
 MISMATCH_LOG = "skipped-mismatch.jsonl"
@@ -357,14 +392,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     log = _MetricsLog(cfg.out, resume_step=state.step if ckpt else None) if rank == 0 else None
-    bar = progress_bar(total=total, initial=state.step, desc=f"train {cfg.objective}", unit="step",
-               disable=not progress or rank != 0)
+    bar = progress_bar(
+        total=total, initial=state.step, desc=f"train {cfg.objective}", unit="step", disable=not progress or rank != 0
+    )
     t0, start_step, micro, last = time.perf_counter(), state.step, 0, {}
     while state.step < total:
         n_batches = ds.steps_per_epoch(state.epoch)
         if n_batches == 0:  # another epoch would not take a step either
-            raise ValueError(f"epoch {state.epoch} has no full batch of {cfg.data.batch_size} for every rank; "
-                             "use a smaller --batch-size or fewer --workers")
+            raise ValueError(
+                f"epoch {state.epoch} has no full batch of {cfg.data.batch_size} for every rank; "
+                "use a smaller --batch-size or fewer --workers"
+            )
         ds.set_epoch(state.epoch, state.batch_in_epoch)
         for batch in make_loader(ds):
             if state.batch_in_epoch >= n_batches or state.step >= total:
@@ -375,8 +413,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             with autocast:
                 loss, metrics = model(batch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {state.step} (epoch {state.epoch}); "
-                                         "lower --base-lr or check the cache with `digpt verify`")
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {state.step} (epoch {state.epoch}); "
+                    "lower --base-lr or check the cache with `digpt verify`"
+                )
             (loss / accum).backward()
             state.batch_in_epoch += 1
             micro += 1
@@ -387,8 +427,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             opt.zero_grad(set_to_none=True)
             state.step += 1
             bar.update(1)
-            last = {"step": state.step, "epoch": state.epoch, "lr": float(lrs[state.step - 1]),
-                    "grad_norm": float(grad_norm), **{k: float(v) for k, v in metrics.items()}}
+            last = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "lr": float(lrs[state.step - 1]),
+                "grad_norm": float(grad_norm),
+                **{k: float(v) for k, v in metrics.items()},
+            }
             if blind is not None:
                 last["blind_loss"] = blind
             if log is not None and (state.step % cfg.log_every == 0 or state.step == total):
@@ -404,17 +449,25 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     bar.close()
     seconds = time.perf_counter() - t0
     done = state.step - start_step
-    result = TrainResult(cfg.out, state.step, last.get("loss", float("nan")), seconds,
-                         done / seconds if seconds else 0.0, done * global_batch / seconds if seconds else 0.0,
-                         log.rows if log else [])
+    result = TrainResult(
+        cfg.out,
+        state.step,
+        last.get("loss", float("nan")),
+        seconds,
+        done / seconds if seconds else 0.0,
+        done * global_batch / seconds if seconds else 0.0,
+        log.rows if log else [],
+    )
     if rank == 0:
         save_checkpoint(cfg.out, objective, opt, state)
         summary = {k: v for k, v in asdict(result).items() if k != "history"}
         summary.update(blind_summary(cfg.out, result.final_loss, blind))
         _write_json(os.path.join(cfg.out, "summary.json"), summary)
         if progress:
-            print(f"trained {done} steps in {seconds:.1f}s ({result.steps_per_s:.2f} steps/s, "
-                  f"{result.samples_per_s:.1f} samples/s); final loss {result.final_loss:.4f}; run: {cfg.out}")
+            print(
+                f"trained {done} steps in {seconds:.1f}s ({result.steps_per_s:.2f} steps/s, "
+                f"{result.samples_per_s:.1f} samples/s); final loss {result.final_loss:.4f}; run: {cfg.out}"
+            )
             if summary.get("blind_verdict"):
                 print(summary["blind_verdict"])
         report_mismatches(cfg)
@@ -451,28 +504,39 @@ def blind_summary(run: str, final: float, blind: float | None) -> dict:
     gap = (blind - final) / abs(blind) if blind else 0.0
     out["below_blind"] = gap
     if gap < BLIND_NEAR:
-        out["blind_verdict"] = (f"note: the final loss {final:.4f} is within {BLIND_NEAR:.0%} of the input-blind baseline "
-                                f"{blind:.4f} (per-position mean target): this run has learned little that needs the "
-                                "image; a probe will tell, the loss cannot")
+        out["blind_verdict"] = (
+            f"note: the final loss {final:.4f} is within {BLIND_NEAR:.0%} of the input-blind baseline "
+            f"{blind:.4f} (per-position mean target): this run has learned little that needs the "
+            "image; a probe will tell, the loss cannot"
+        )
     elif share is not None:
-        out["blind_verdict"] = (f"input-blind baseline {blind:.4f}: {share:.0%} of the loss drop "
-                                f"({first:.4f} -> {final:.4f}) needed the image")
+        out["blind_verdict"] = (
+            f"input-blind baseline {blind:.4f}: {share:.0%} of the loss drop "
+            f"({first:.4f} -> {final:.4f}) needed the image"
+        )
     return out
 
 
-def _write_config(cfg: TrainConfig, join: CacheJoin, objective: Objective, total: int, peak: float,
-                  norm: TargetNorm | None = None) -> None:
+def _write_config(
+    cfg: TrainConfig, join: CacheJoin, objective: Objective, total: int, peak: float, norm: TargetNorm | None = None
+) -> None:
     """The resolved config, plus what the run was trained against: enough to rebuild and check it."""
     os.makedirs(cfg.out, exist_ok=True)
     resolved = {
         "train": asdict(cfg),
         "resolved": {"total_steps": total, "peak_lr": peak, "order": getattr(objective, "order_name", None)},
         "target": asdict(TargetSpec.from_spec(join.spec)),
-        "cache": {"tokenizer": join.info.name, "fingerprint": join.info.attrs["fingerprint"],
-                  "manifest_fingerprint": join.ds.fingerprint, "plan_fingerprint": join.info.attrs["plan_fingerprint"]},
+        "cache": {
+            "tokenizer": join.info.name,
+            "fingerprint": join.info.attrs["fingerprint"],
+            "manifest_fingerprint": join.ds.fingerprint,
+            "plan_fingerprint": join.info.attrs["plan_fingerprint"],
+        },
         "encoder": asdict(objective.encoder.cfg),
-        "target_norm": {"kind": cfg.target_norm if norm is not None else "none",
-                        **(norm.summary() if norm is not None else {})},
+        "target_norm": {
+            "kind": cfg.target_norm if norm is not None else "none",
+            **(norm.summary() if norm is not None else {}),
+        },
     }
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(resolved, f, indent=2, default=str)
@@ -494,8 +558,9 @@ class _MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # On resume, TensorBoard hides the events a killed run logged after its checkpoint.
-            self.tb = SummaryWriter(os.path.join(run, "tb"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+            self.tb = SummaryWriter(
+                os.path.join(run, "tb"), purge_step=None if resume_step is None else resume_step + 1
+            )
         except ImportError:  # tensorboard is optional
             self.tb = None
 

@@ -251,4 +251,3 @@ def timm_conv_stem_embed():
             self.proj = conv_stem(in_chans, embed_dim, p)
 
     return ConvStemPatchEmbed
-

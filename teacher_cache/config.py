@@ -130,7 +130,9 @@ class ExtractConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.ray_address is not None and not _RAY_ADDRESS.fullmatch(self.ray_address):
             # Checked here because Ray only parses it after the cache has been created.
-            raise ValueError(f"ray_address must be 'auto', 'local', HOST:PORT or ray://HOST:PORT, got {self.ray_address!r}")
+            raise ValueError(
+                f"ray_address must be 'auto', 'local', HOST:PORT or ray://HOST:PORT, got {self.ray_address!r}"
+            )
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -63,8 +63,9 @@ def load_fitted(tok: zarr.Group) -> dict[str, torch.Tensor]:
     return {n: torch.from_numpy(np.array(tok[n][:])) for n in FITTED_ARRAYS.values() if n in tok}
 
 
-def build_teacher(tc: TeacherConfig, codebook: torch.Tensor | None = None, *,
-                  pca_basis: torch.Tensor | None = None) -> Teacher:
+def build_teacher(
+    tc: TeacherConfig, codebook: torch.Tensor | None = None, *, pca_basis: torch.Tensor | None = None
+) -> Teacher:
     """The one place a :class:`TeacherConfig` becomes a model (driver, workers and verify alike)."""
     opts = tc.options()
     family = fitted_family(tc)
@@ -118,8 +119,16 @@ class ShardResult:
 _RUN_ONLY = ("group", "node", "host")  # ShardResult fields the completion record leaves out
 
 
-def _views_of(job: ShardJob, teacher: Teacher, rows: dict[str, list], plan, lo: int, hi: int,
-              samples: dict[int, Any], skipped: list[dict[str, str]]) -> tuple[list[int], torch.Tensor]:
+def _views_of(
+    job: ShardJob,
+    teacher: Teacher,
+    rows: dict[str, list],
+    plan,
+    lo: int,
+    hi: int,
+    samples: dict[int, Any],
+    skipped: list[dict[str, str]],
+) -> tuple[list[int], torch.Tensor]:
     """Decode rows [lo, hi) and replay their views at the teacher's resolution.
 
     Returns the rows that decoded and their views ``[n_ok * K, 3, S, S]``. Bad rows are appended
@@ -139,8 +148,9 @@ def _views_of(job: ShardJob, teacher: Teacher, rows: dict[str, list], plan, lo: 
                     img = torch.from_numpy(to_uint8_chw(decode_image(picked[1])))
                     if tuple(img.shape[1:]) != (rows["height"][i], rows["width"][i]):
                         raise BadImage(f"decoded size {tuple(img.shape[1:])} differs from manifest")
-                    views.extend(replay_view(img, plan.boxes[i, v], plan.flips[i, v], size)
-                                 for v in range(job.aug.views))
+                    views.extend(
+                        replay_view(img, plan.boxes[i, v], plan.flips[i, v], size) for v in range(job.aug.views)
+                    )
                     ok.append(i)
                 except BadImage as e:
                     reason = str(e)
@@ -160,7 +170,9 @@ def _run_teacher(teacher: Teacher, views: torch.Tensor, batch_size: int, device:
     return torch.cat(toks), (torch.cat(clss) if clss else None)
 
 
-def extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None = None) -> ShardResult:
+def extract_shard(
+    job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None = None
+) -> ShardResult:
     """Extract one shard for one tokenizer: plan its views, run the teacher, write its group.
 
     Every chunk is written, even one that holds only fill values (zarr skips those by default, and the
@@ -176,9 +188,19 @@ def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pr
     n, k, spec = len(rows["key"]), job.aug.views, teacher.spec
     plan = plan_shard(job.shard, rows["key"], rows["width"], rows["height"], job.aug)
     codes = spec.kind == "codes"
-    lay = ShardLayout(rows=n, views=k, tokens=spec.grid[0] * spec.grid[1], dim=spec.dim, has_cls=spec.has_cls,
-                      codes=codes, dtype=job.storage.dtype, chunk_rows=job.storage.chunk_rows,
-                      clevel=job.storage.clevel, num_codes=spec.num_codes, codec=job.storage.codec)
+    lay = ShardLayout(
+        rows=n,
+        views=k,
+        tokens=spec.grid[0] * spec.grid[1],
+        dim=spec.dim,
+        has_cls=spec.has_cls,
+        codes=codes,
+        dtype=job.storage.dtype,
+        chunk_rows=job.storage.chunk_rows,
+        clevel=job.storage.clevel,
+        num_codes=spec.num_codes,
+        codec=job.storage.codec,
+    )
     tok = zarr.open_group(job.cache, mode="r+")[job.group]
     if is_complete(tok, job.sid):  # a retried task whose first attempt finished: a complete shard is never redone
         rec = dict(tok[job.sid].attrs["complete"])
@@ -213,8 +235,16 @@ def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pr
         if lo == 0:
             _fault_pause(job)
     g["valid"][:] = valid
-    result = ShardResult(job.group, job.shard, n, int(valid.sum()), int(valid.sum()) * k,
-                         time.perf_counter() - t0, stored_bytes(g), skipped)
+    result = ShardResult(
+        job.group,
+        job.shard,
+        n,
+        int(valid.sum()),
+        int(valid.sum()) * k,
+        time.perf_counter() - t0,
+        stored_bytes(g),
+        skipped,
+    )
     record = {k_: v for k_, v in asdict(result).items() if k_ not in _RUN_ONLY}
     g.attrs["complete"] = {**record, "source": source}  # written last
     return result
@@ -245,8 +275,16 @@ def _fault_pause(job: ShardJob) -> None:
         time.sleep(0.02)
 
 
-def _write_rows(g: zarr.Group, lo: int, hi: int, idx: np.ndarray, tokens: torch.Tensor, cls: torch.Tensor | None,
-                k: int, lay: ShardLayout) -> None:
+def _write_rows(
+    g: zarr.Group,
+    lo: int,
+    hi: int,
+    idx: np.ndarray,
+    tokens: torch.Tensor,
+    cls: torch.Tensor | None,
+    k: int,
+    lay: ShardLayout,
+) -> None:
     """Scatter the teacher outputs of the decoded rows into a full chunk and write it once."""
     m = hi - lo
     if lay.codes:
@@ -280,8 +318,9 @@ def _write_rows(g: zarr.Group, lo: int, hi: int, idx: np.ndarray, tokens: torch.
 class _Worker:
     """Builds each tokenizer's teacher once, then extracts shards. Runs in-process or as a Ray actor."""
 
-    def __init__(self, teachers: dict[str, TeacherConfig], fitted: dict[str, np.ndarray], device: str,
-                 threads: int | None):
+    def __init__(
+        self, teachers: dict[str, TeacherConfig], fitted: dict[str, np.ndarray], device: str, threads: int | None
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.cfgs, self.fitted = teachers, fitted
@@ -298,8 +337,9 @@ class _Worker:
             where = ""
             if isinstance(e, OSError) and not e.filename:  # zarr's store drops the path: name the shard group
                 where = f" (writing {job.cache.rstrip('/')}/{job.group}/{job.sid})"
-            result = ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
-                                 error=f"{type(e).__name__}: {e}{where}\n{traceback.format_exc()}")
+            result = ShardResult(
+                job.group, job.shard, 0, 0, 0, 0.0, 0, error=f"{type(e).__name__}: {e}{where}\n{traceback.format_exc()}"
+            )
         result.node, result.host = _where()
         return result
 
@@ -364,14 +404,18 @@ class ExtractSummary:
         lines = [head, "-" * len(head)]
         for t in self.tokenizers:
             skipped = t.samples - t.valid
-            lines.append(f"{t.group[:28]:28s} {t.shards_done:>7d} {t.samples:>8d} {t.views:>8d} {skipped:>8d} "
-                         f"{t.images_per_s:>8.1f} {t.bytes_per_view:>10.0f}")
+            lines.append(
+                f"{t.group[:28]:28s} {t.shards_done:>7d} {t.samples:>8d} {t.views:>8d} {skipped:>8d} "
+                f"{t.images_per_s:>8.1f} {t.bytes_per_view:>10.0f}"
+            )
         lines.append(f"cache: {self.cache}   wall time: {self.wall_seconds:.1f}s")
         if self.shards:
             lines.append("shards per node: " + ", ".join(f"{n} x{c}" for n, c in sorted(self.nodes().items())))
         if self.report_error:
-            lines.append(f"cache {self.cache} unreachable after the shards ran ({self.report_error}); totals and "
-                         "reports not written; re-run the same command when it answers")
+            lines.append(
+                f"cache {self.cache} unreachable after the shards ran ({self.report_error}); totals and "
+                "reports not written; re-run the same command when it answers"
+            )
         for f in self.failed:
             hint = "" if f["error"].startswith("changed") else " (left incomplete; re-run the same command to retry)"
             lines.append(f"FAILED shard {f['shard']} of {f['group']}: {f['error'].splitlines()[0]}{hint}")
@@ -388,8 +432,13 @@ def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:
     plan_fp = plan_fingerprint(cfg.aug, ds.fingerprint)
     want = {
         "schema_version": SCHEMA_VERSION,
-        "dataset": {"root": os.path.abspath(ds.root), "manifest_fingerprint": ds.fingerprint,
-                    "num_samples": ds.num_samples, "shards": ds.shards, "shard_ids": shard_ids(ds.shards)},
+        "dataset": {
+            "root": os.path.abspath(ds.root),
+            "manifest_fingerprint": ds.fingerprint,
+            "num_samples": ds.num_samples,
+            "shards": ds.shards,
+            "shard_ids": shard_ids(ds.shards),
+        },
         "aug": cfg.aug.to_json(),
         "aug_fingerprint": cfg.aug.fingerprint(),
         "plan_fingerprint": plan_fp,
@@ -398,18 +447,23 @@ def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:
         root = zarr.open_group(cfg.out, mode="r+")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         if foreign_out(cfg.out):  # checked again under the lock: nothing of another run's is ever emptied
-            raise ValueError(f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out") from None
+            raise ValueError(
+                f"out {cfg.out} exists and is not a digpt cache (nor empty); choose another --out"
+            ) from None
         # Mode "a" creates without deleting anything (mode "w" empties the folder, and tries to remove an
         # empty mount point). The attributes go into the group's one metadata write: a crash cannot leave
         # a root without them.
-        return zarr.open_group(cfg.out, mode="a",
-                               attributes={"digpt_cache": {**want, "created_by": f"digpt {package_version()}"}})
+        return zarr.open_group(
+            cfg.out, mode="a", attributes={"digpt_cache": {**want, "created_by": f"digpt {package_version()}"}}
+        )
     have = root.attrs.get("digpt_cache")
     if have is None:
         raise ValueError(f"{cfg.out} exists but is not a digpt cache; choose another --out")
     if have["dataset"]["manifest_fingerprint"] != ds.fingerprint:
-        raise ValueError(f"cache {cfg.out} was made from other shards (manifest fingerprint "
-                         f"{have['dataset']['manifest_fingerprint'][:12]} != {ds.fingerprint[:12]}); use a new --out")
+        raise ValueError(
+            f"cache {cfg.out} was made from other shards (manifest fingerprint "
+            f"{have['dataset']['manifest_fingerprint'][:12]} != {ds.fingerprint[:12]}); use a new --out"
+        )
     if have["aug_fingerprint"] != want["aug_fingerprint"]:
         diff = {k: (have["aug"].get(k), v) for k, v in want["aug"].items() if have["aug"].get(k) != v}
         raise ValueError(f"cache {cfg.out} has another view plan; differing aug fields (cache, asked): {diff}")
@@ -443,11 +497,13 @@ def _check_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, te
             raise ValueError(
                 f"cache group {name!r} holds a tokenizer with a different {field_} "
                 f"({_short(have.get(field_))} != {_short(prov[field_])}); extract into another group "
-                f"(--group NAME) or another cache")
+                f"(--group NAME) or another cache"
+            )
 
 
-def _init_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher: Teacher,
-                    fitted: np.ndarray | None) -> None:
+def _init_tokenizer(
+    root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher: Teacher, fitted: np.ndarray | None
+) -> None:
     name = tc.group_name
     if name in root:
         _check_tokenizer(root, cfg, tc, teacher)
@@ -470,14 +526,17 @@ def _fitted_base(tc: TeacherConfig) -> Teacher:
     wider than the base's tokens fail before any work."""
     family = fitted_family(tc)
     try:
-        base = create_teacher(resolve_name(tc.name).removeprefix(f"{family}:"), weights=tc.weights, layer=tc.layer,
-                              **tc.options())
+        base = create_teacher(
+            resolve_name(tc.name).removeprefix(f"{family}:"), weights=tc.weights, layer=tc.layer, **tc.options()
+        )
     except ValueError as e:
         raise ValueError(f"teacher {tc.name!r}: {e}") from e
     if family == "pca":
         if tc.pca_dim > base.spec.dim:
-            raise ValueError(f"pca_dim {tc.pca_dim} exceeds the token dim {base.spec.dim} of {base.spec.name}; "
-                             f"lower pca_dim to at most {base.spec.dim}")
+            raise ValueError(
+                f"pca_dim {tc.pca_dim} exceeds the token dim {base.spec.dim} of {base.spec.name}; "
+                f"lower pca_dim to at most {base.spec.dim}"
+            )
     elif tc.codebook is not None:
         if not os.path.isfile(tc.codebook):
             raise FileNotFoundError(f"codebook file not found: {tc.codebook}")
@@ -487,12 +546,19 @@ def _fitted_base(tc: TeacherConfig) -> Teacher:
             raise ValueError(
                 f"codebook_size {tc.codebook_size} exceeds the {tc.fit_samples * per_view} token vectors "
                 f"fit_samples={tc.fit_samples} views give ({per_view} tokens each); lower codebook_size or "
-                "raise fit_samples")
+                "raise fit_samples"
+            )
     return base
 
 
-def sample_base_tokens(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device,
-                       base: Teacher | None = None, desc: str = "fit") -> torch.Tensor:
+def sample_base_tokens(
+    tc: TeacherConfig,
+    ds: PreparedDataset,
+    aug: AugConfig,
+    device: torch.device,
+    base: Teacher | None = None,
+    desc: str = "fit",
+) -> torch.Tensor:
     """The base teacher's tokens ``[M, D]`` of the first views of the first ``fit_samples`` usable
     samples (a deterministic sample: what is fit on it is reproducible). Shared by every fitted tokenizer."""
     base = (base or _fitted_base(tc)).to(device)
@@ -526,15 +592,17 @@ def sample_base_tokens(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, d
     return torch.cat(feats)
 
 
-def fit_codebook(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device,
-                 base: Teacher | None = None) -> np.ndarray:
+def fit_codebook(
+    tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device, base: Teacher | None = None
+) -> np.ndarray:
     """Fit a ``kmeans:<base>`` codebook ``[codebook_size, D]`` on :func:`sample_base_tokens`."""
     x = sample_base_tokens(tc, ds, aug, device, base, f"fit k-means ({tc.codebook_size} codes)")
     return fit_kmeans(x, tc.codebook_size, seed=0).numpy()
 
 
-def fit_pca_basis(tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device,
-                  base: Teacher | None = None) -> np.ndarray:
+def fit_pca_basis(
+    tc: TeacherConfig, ds: PreparedDataset, aug: AugConfig, device: torch.device, base: Teacher | None = None
+) -> np.ndarray:
     """Fit a ``pca:<base>`` basis ``[pca_dim + 1, D]`` (mean, then directions) on :func:`sample_base_tokens`."""
     x = sample_base_tokens(tc, ds, aug, device, base, f"fit PCA ({tc.pca_dim} dims)")
     return fit_pca(x, tc.pca_dim).numpy()
@@ -571,17 +639,25 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         lock = WriterLock(cfg.out)
         lock.acquire()
     except OSError as e:  # read-only or missing parent: one line naming the path
-        raise ValueError(f"cannot write the cache at {cfg.out}: {e.strerror or e}"
-                         + (f": {e.filename}" if e.filename else "")) from None
+        raise ValueError(
+            f"cannot write the cache at {cfg.out}: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        ) from None
     try:
         return _extract_locked(cfg, ds, device, fit, teachers, bases, t_start, progress)
     finally:
         lock.release()
 
 
-def _extract_locked(cfg: ExtractConfig, ds: PreparedDataset, device: torch.device, fit: set[str],
-                    teachers: dict[str, Teacher], bases: dict[str, Teacher], t_start: float,
-                    progress: bool) -> ExtractSummary:
+def _extract_locked(
+    cfg: ExtractConfig,
+    ds: PreparedDataset,
+    device: torch.device,
+    fit: set[str],
+    teachers: dict[str, Teacher],
+    bases: dict[str, Teacher],
+    t_start: float,
+    progress: bool,
+) -> ExtractSummary:
     """:func:`run_extract` once this run holds the cache's writer lock."""
     root = _init_root(cfg, ds)
     fitted: dict[str, np.ndarray] = {}  # group -> its codebook / PCA basis
@@ -589,8 +665,10 @@ def _extract_locked(cfg: ExtractConfig, ds: PreparedDataset, device: torch.devic
         name = tc.group_name
         if name in root and "tokenizer" not in root[name].attrs:
             if any(True for _ in root[name].groups()):
-                raise ValueError(f"cache group {name!r} holds shards but no tokenizer record; "
-                                 "extract into another group (--group NAME) or another cache")
+                raise ValueError(
+                    f"cache group {name!r} holds shards but no tokenizer record; "
+                    "extract into another group (--group NAME) or another cache"
+                )
             del root[name]  # left by a run that died while creating it (its record is written last)
         if name in fit and name in root and FITTED_ARRAYS[fitted_family(tc)] in root[name]:
             fitted[name] = np.array(root[name][FITTED_ARRAYS[fitted_family(tc)]][:])
@@ -619,19 +697,37 @@ def _extract_locked(cfg: ExtractConfig, ds: PreparedDataset, device: torch.devic
             if is_complete(tok, sids[shard]):
                 why = changed_since_extraction(tok, sids[shard], ds, shard)
                 if why:
-                    changed.append({"group": tc.group_name, "shard": shard, "error": f"changed since extraction: {why}"})
+                    changed.append(
+                        {"group": tc.group_name, "shard": shard, "error": f"changed since extraction: {why}"}
+                    )
                 already[tc.group_name] += 1
             else:
-                jobs.append(ShardJob(os.path.abspath(ds.root), shard, sids[shard], out, tc.group_name,
-                                     cfg.aug, cfg.storage, cfg.batch_size))
+                jobs.append(
+                    ShardJob(
+                        os.path.abspath(ds.root),
+                        shard,
+                        sids[shard],
+                        out,
+                        tc.group_name,
+                        cfg.aug,
+                        cfg.storage,
+                        cfg.batch_size,
+                    )
+                )
     t_exec = time.perf_counter()
     results = _execute(cfg, jobs, teachers, fitted, ds, progress)
     exec_seconds = time.perf_counter() - t_exec
     return _summarize(cfg, root, results, already, exec_seconds, time.perf_counter() - t_start, changed)
 
 
-def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teacher], fitted: dict[str, np.ndarray],
-             ds: PreparedDataset, progress: bool) -> list[ShardResult]:
+def _execute(
+    cfg: ExtractConfig,
+    jobs: list[ShardJob],
+    teachers: dict[str, Teacher],
+    fitted: dict[str, np.ndarray],
+    ds: PreparedDataset,
+    progress: bool,
+) -> list[ShardResult]:
     if not jobs:
         return []
     total = sum(len(ds.rows(j.shard)["key"]) for j in jobs)
@@ -659,8 +755,16 @@ def _execute(cfg: ExtractConfig, jobs: list[ShardJob], teachers: dict[str, Teach
     return results
 
 
-def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherConfig], fitted: dict[str, np.ndarray],
-             workers: int, threads: int | None, gpus: float, done) -> None:
+def _run_ray(
+    cfg: ExtractConfig,
+    jobs: list[ShardJob],
+    cfgs: dict[str, TeacherConfig],
+    fitted: dict[str, np.ndarray],
+    workers: int,
+    threads: int | None,
+    gpus: float,
+    done,
+) -> None:
     import ray
 
     from .ray_utils import ensure_ray
@@ -690,8 +794,18 @@ def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherCo
         try:
             done(ray.get(ready[0]))
         except ray.exceptions.RayActorError as e:  # restarts used up (a node lost for good): named, re-runnable
-            done(ShardResult(job.group, job.shard, 0, 0, 0, 0.0, 0,
-                             error=f"worker lost: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            done(
+                ShardResult(
+                    job.group,
+                    job.shard,
+                    0,
+                    0,
+                    0,
+                    0.0,
+                    0,
+                    error=f"worker lost: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                )
+            )
             actor = None
         if pending and actor is not None:
             job = pending.pop(0)
@@ -704,29 +818,60 @@ def _run_ray(cfg: ExtractConfig, jobs: list[ShardJob], cfgs: dict[str, TeacherCo
         ray.kill(a)
 
 
-def _summarize(cfg: ExtractConfig, root: zarr.Group, results: list[ShardResult], already: Counter,
-               exec_seconds: float, wall: float, changed: list[dict[str, str]] = ()) -> ExtractSummary:
+def _summarize(
+    cfg: ExtractConfig,
+    root: zarr.Group,
+    results: list[ShardResult],
+    already: Counter,
+    exec_seconds: float,
+    wall: float,
+    changed: list[dict[str, str]] = (),
+) -> ExtractSummary:
     """Per-tokenizer totals over the whole cache; images/s over this run's execution phase (all
     tokenizers share it, so a tokenizer's rate is its share of samples / that time)."""
     failed = [*changed, *({"group": r.group, "shard": r.shard, "error": r.error} for r in results if r.error)]
-    ran = [{"group": r.group, "shard": r.shard, "node": r.node, "host": r.host, "seconds": round(r.seconds, 3),
-            "ok": not r.error} for r in results]
+    ran = [
+        {
+            "group": r.group,
+            "shard": r.shard,
+            "node": r.node,
+            "host": r.host,
+            "seconds": round(r.seconds, 3),
+            "ok": not r.error,
+        }
+        for r in results
+    ]
     notes: list[str] = []
     try:
-        out = [_tokenizer_totals(cfg, root[tc.group_name], tc, results, already, exec_seconds, notes)
-               for tc in cfg.teachers]
+        out = [
+            _tokenizer_totals(cfg, root[tc.group_name], tc, results, already, exec_seconds, notes)
+            for tc in cfg.teachers
+        ]
     except Exception as e:  # noqa: BLE001 - the store itself went away (object-store outage): the shards
         # that failed are still named, and the run still ends with its table, not a traceback.
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return ExtractSummary(cfg.out, [], wall, failed, notes, ran, report_error=why)
     summary = ExtractSummary(cfg.out, out, wall, failed, notes, ran)
-    _report_or_note(notes, "extract-summary.json", write_report, cfg.out, "extract-summary.json",
-                    json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str))
+    _report_or_note(
+        notes,
+        "extract-summary.json",
+        write_report,
+        cfg.out,
+        "extract-summary.json",
+        json.dumps({"config": cfg.to_json(), "summary": asdict(summary)}, indent=2, default=str),
+    )
     return summary
 
 
-def _tokenizer_totals(cfg: ExtractConfig, tok: zarr.Group, tc: TeacherConfig, results: list[ShardResult],
-                      already: Counter, exec_seconds: float, notes: list[str]) -> TokenizerSummary:
+def _tokenizer_totals(
+    cfg: ExtractConfig,
+    tok: zarr.Group,
+    tc: TeacherConfig,
+    results: list[ShardResult],
+    already: Counter,
+    exec_seconds: float,
+    notes: list[str],
+) -> TokenizerSummary:
     name = tc.group_name
     mine = [r for r in results if r.group == name and not r.error]
     # Totals cover the whole cache (earlier runs included), read back from completion records.
@@ -736,8 +881,14 @@ def _tokenizer_totals(cfg: ExtractConfig, tok: zarr.Group, tc: TeacherConfig, re
     views = sum(c["views"] for c in complete)
     nbytes = sum(c["bytes"] for c in complete)
     return TokenizerSummary(
-        group=name, teacher=tc.name, shards_done=len(mine), shards_skipped_complete=already[name],
-        samples=sum(c["rows"] for c in complete), valid=valid, views=views, seconds=sum(r.seconds for r in mine),
+        group=name,
+        teacher=tc.name,
+        shards_done=len(mine),
+        shards_skipped_complete=already[name],
+        samples=sum(c["rows"] for c in complete),
+        valid=valid,
+        views=views,
+        seconds=sum(r.seconds for r in mine),
         images_per_s=(sum(r.rows for r in mine) / exec_seconds) if mine and exec_seconds > 0 else 0.0,
         bytes_per_view=(nbytes / views) if views else 0.0,
         skipped_by_reason=dict(Counter(_reason_kind(s["reason"]) for s in skipped)),

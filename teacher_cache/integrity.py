@@ -86,7 +86,8 @@ def locate_bad_chunk(g: zarr.Group, name: str, cause: Exception) -> CacheIntegri
             return CacheIntegrityError(
                 f"corrupt chunk {key} of array {name!r} in {_where(g)}{_rows_of(arr, coords)}: "
                 f"{type(e).__name__}: {e}; the cache is damaged: re-extract this shard (delete its group "
-                "and re-run `digpt extract`)")
+                "and re-run `digpt extract`)"
+            )
     return CacheIntegrityError(f"array {name!r} in {_where(g)} could not be read: {type(cause).__name__}: {cause}")
 
 
@@ -109,7 +110,7 @@ def missing_chunks(g: zarr.Group) -> list[str]:
     prefix = g.path.rstrip("/") + "/" if g.path else ""
 
     async def listing() -> set[str]:
-        return {k[len(prefix):] async for k in g.store.list_prefix(prefix)}
+        return {k[len(prefix) :] async for k in g.store.list_prefix(prefix)}
 
     present = sync(listing())
     missing = []
@@ -141,15 +142,21 @@ def check_shard_group(g: zarr.Group, shard: str, manifest_keys: list[str]) -> li
     done = dict(g.attrs.get("complete", {}))
     problems = []
     if rec.get("name") != shard:
-        problems.append(f"group {g.path!r} was written for shard {rec.get('name')!r}, not {shard!r} "
-                        "(shard groups moved or swapped on disk)")
+        problems.append(
+            f"group {g.path!r} was written for shard {rec.get('name')!r}, not {shard!r} "
+            "(shard groups moved or swapped on disk)"
+        )
     keys = [str(k) for k in checked(g, "keys", lambda: g["keys"][:])]
     if keys != list(manifest_keys):
-        first = next((i for i, (a, b) in enumerate(zip(keys, manifest_keys)) if a != b), min(len(keys), len(manifest_keys)))
-        problems.append(f"stored keys differ from the manifest's at row {first} "
-                        f"({keys[first] if first < len(keys) else '<end>'!r} vs "
-                        f"{manifest_keys[first] if first < len(manifest_keys) else '<end>'!r}; "
-                        f"{len(keys)} vs {len(manifest_keys)} rows)")
+        first = next(
+            (i for i, (a, b) in enumerate(zip(keys, manifest_keys)) if a != b), min(len(keys), len(manifest_keys))
+        )
+        problems.append(
+            f"stored keys differ from the manifest's at row {first} "
+            f"({keys[first] if first < len(keys) else '<end>'!r} vs "
+            f"{manifest_keys[first] if first < len(manifest_keys) else '<end>'!r}; "
+            f"{len(keys)} vs {len(manifest_keys)} rows)"
+        )
     missing = missing_chunks(g)
     if missing:
         problems.append(f"{len(missing)} chunk(s) missing: {missing[:4]} (a read would give fill values)")
@@ -167,9 +174,12 @@ def warn_unchecked(cache: str, groups: list[zarr.Group]) -> bool:
     old = [g.path for g in groups if not has_integrity(g)]
     if old and cache not in _warned:
         _warned.add(cache)
-        print(f"digpt: warning: cache {cache} has {len(old)} shard group(s) written without chunk checksums "
-              f"(e.g. {old[0]}); damaged or missing chunks cannot be detected there - re-extract into a new "
-              "--out to add them", file=sys.stderr)
+        print(
+            f"digpt: warning: cache {cache} has {len(old)} shard group(s) written without chunk checksums "
+            f"(e.g. {old[0]}); damaged or missing chunks cannot be detected there - re-extract into a new "
+            "--out to add them",
+            file=sys.stderr,
+        )
     return bool(old)
 
 
@@ -198,7 +208,9 @@ def changed_since_extraction(tok: zarr.Group, sid: str, ds: PreparedDataset, sha
         for _ in iter_dataset_samples(ds, shard):
             pass
     except ManifestMismatch as e:
-        return (f"{e}; its cached targets were computed from the old images, and the manifest still describes "
-                "those, so it is not redone: re-run `digpt prepare` on the changed shards, then extract into a "
-                "new --out")
+        return (
+            f"{e}; its cached targets were computed from the old images, and the manifest still describes "
+            "those, so it is not redone: re-run `digpt prepare` on the changed shards, then extract into a "
+            "new --out"
+        )
     return ""

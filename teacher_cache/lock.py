@@ -51,9 +51,11 @@ def _pid_alive(pid: int) -> bool:
 
 def _describe(owner: dict, now: float) -> str:
     age = now - float(owner.get("heartbeat", 0))
-    return (f"pid {owner.get('pid')} on host {owner.get('host')!r} (started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(float(owner.get('started', 0))))} UTC, "
-            f"last heartbeat {age:.0f} s ago)")
+    return (
+        f"pid {owner.get('pid')} on host {owner.get('host')!r} (started "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(float(owner.get('started', 0))))} UTC, "
+        f"last heartbeat {age:.0f} s ago)"
+    )
 
 
 def stale_reason(owner: dict, now: float | None = None) -> str:
@@ -73,8 +75,13 @@ class WriterLock:
         self.path = lock_path(cache)
         self.fs, self.p = fsspec.core.url_to_fs(self.path)
         self.local = "file" in self.fs.protocol
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                   "heartbeat": time.time(), "command": command}
+        self.me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "heartbeat": time.time(),
+            "command": command,
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -122,9 +129,13 @@ class WriterLock:
             if not why:
                 raise CacheLocked(
                     f"cache {self.path.rsplit('/', 2)[0]} is being written by another run: {_describe(owner, now)} "
-                    f"(lock {self.path}); wait for it to finish, or use another --out")
-            print(f"digpt: taking over the stale lock {self.path} of "
-                  f"{_describe(owner, now) if owner else 'an unknown run'}: {why}", file=sys.stderr)
+                    f"(lock {self.path}); wait for it to finish, or use another --out"
+                )
+            print(
+                f"digpt: taking over the stale lock {self.path} of "
+                f"{_describe(owner, now) if owner else 'an unknown run'}: {why}",
+                file=sys.stderr,
+            )
             self._write(exclusive=False)
             if self._read() == self.me:  # two runs taking over at once: the last writer wins, the other backs off
                 break

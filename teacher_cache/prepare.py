@@ -266,9 +266,7 @@ def load_dataset(root: str) -> PreparedDataset:
     for path in (info_path, manifest_path):
         fs, fs_path = fsspec.core.url_to_fs(path)
         if not fs.exists(fs_path):
-            raise FileNotFoundError(
-                f"{path} not found: {root!r} is not a prepared dataset (run `digpt prepare` first)"
-            )
+            raise FileNotFoundError(f"{path} not found: {root!r} is not a prepared dataset (run `digpt prepare` first)")
     with fsspec.open(info_path, "rt", encoding="utf-8") as f:
         info = json.load(f)
     if info.get("schema_version") != SCHEMA_VERSION:
@@ -302,9 +300,7 @@ class ManifestMismatch(ValueError):
     """A shard no longer matches the manifest it was indexed into."""
 
 
-def iter_dataset_samples(
-    ds: PreparedDataset, shard: str
-) -> Iterator[tuple[dict[str, Any], RawSample | None]]:
+def iter_dataset_samples(ds: PreparedDataset, shard: str) -> Iterator[tuple[dict[str, Any], RawSample | None]]:
     """Re-read ``shard`` and pair each manifest row with its raw sample, in index order.
 
     Rows whose sample is gone (the shard now ends early) come with ``None``. A shard whose keys or
@@ -330,9 +326,7 @@ def iter_dataset_samples(
 
 def _check_same_sample(shard: str, row: dict[str, Any], sample: RawSample) -> None:
     if printable_key(sample.key) != row["key"]:
-        raise ManifestMismatch(
-            f"{shard}: index {row['index']} has key {sample.key!r}, manifest says {row['key']!r}"
-        )
+        raise ManifestMismatch(f"{shard}: index {row['index']} has key {sample.key!r}, manifest says {row['key']!r}")
     picked = pick_image(sample)
     digest = _digest(picked[1]) if picked else ""
     if digest != row["hash"]:
@@ -367,9 +361,7 @@ class _ManifestBuilder:
         self._extra = extra_columns
         self._seen: tuple[str, set[str]] = ("", set())
 
-    def add(
-        self, shard: str, index: int, sample: RawSample, label: int, label_error: str = "", **extra: str
-    ) -> None:
+    def add(self, shard: str, index: int, sample: RawSample, label: int, label_error: str = "", **extra: str) -> None:
         """Append the row of ``sample``, the ``index``-th sample of ``shard``."""
         if self._seen[0] != shard:
             self._seen = (shard, set())
@@ -552,9 +544,7 @@ def _scan_imagefolder(root: str) -> _FolderListing:
         for rel in rel_paths:
             ext = os.path.splitext(rel)[1][1:].lower()
             if ext not in IMAGE_EXTS:
-                listing.skipped.append(
-                    {"path": f"{name}/{rel}", "reason": f"not an image extension: {ext!r}"}
-                )
+                listing.skipped.append({"path": f"{name}/{rel}", "reason": f"not an image extension: {ext!r}"})
                 continue
             key = _folder_key(label, rel, used)
             listing.files.append(_FolderFile(os.path.join(class_dir, rel), label, key, ext))
@@ -575,8 +565,9 @@ def _walk_class_dir(class_dir: str, name: str, skipped: list[dict[str, str]], tr
             if real in seen or any(t.startswith(real.rstrip(os.sep) + os.sep) for t in tree):  # also ancestors
                 dirs.remove(sub)
                 rel = os.path.relpath(os.path.join(d, sub), class_dir).replace(os.sep, "/")
-                skipped.append({"path": f"{name}/{rel}", "reason": "directory already listed (symlink loop or "
-                                                                     "second link to it)"})
+                skipped.append(
+                    {"path": f"{name}/{rel}", "reason": "directory already listed (symlink loop or second link to it)"}
+                )
             else:
                 seen.add(real)
         for f in files:
@@ -588,8 +579,15 @@ def _walk_class_dir(class_dir: str, name: str, skipped: list[dict[str, str]], tr
                 skipped.append({"path": f"{name}/{rel}", "reason": f"unreadable: {e.strerror or e}"})
                 continue
             if not stat.S_ISREG(mode):
-                kind = ("fifo" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                        else "socket" if stat.S_ISSOCK(mode) else "special file")
+                kind = (
+                    "fifo"
+                    if stat.S_ISFIFO(mode)
+                    else "device"
+                    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "socket"
+                    if stat.S_ISSOCK(mode)
+                    else "special file"
+                )
                 skipped.append({"path": f"{name}/{rel}", "reason": f"not a regular file ({kind})"})
                 continue
             rel_paths.append(rel)
@@ -625,13 +623,9 @@ def prepare_imagefolder(cfg: ImageFolderConfig) -> PreparedDataset:
     _begin_output(cfg.out)
     builder = _ManifestBuilder()
     with _progress(len(listing.files), "imagefolder") as bar:
-        shards = _write_indexed(
-            _read_folder_samples(listing, cfg.root), cfg.out, cfg.shard_size, builder, bar
-        )
+        shards = _write_indexed(_read_folder_samples(listing, cfg.root), cfg.out, cfg.shard_size, builder, bar)
     _remove_stale_shards(cfg.out, shards)
-    return _finish(
-        cfg.out, "imagefolder", cfg, builder, shards, listing.classes, skipped_files=listing.skipped
-    )
+    return _finish(cfg.out, "imagefolder", cfg, builder, shards, listing.classes, skipped_files=listing.skipped)
 
 
 # ---------------------------------------------------------------------------------------- wds
@@ -718,9 +712,7 @@ def _wds_label(files: dict[str, bytes], meta: dict[str, Any]) -> tuple[int, str]
     return (label, "") if label >= -1 else (-1, f"{ERR_UNKNOWN_LABEL}: {label}")
 
 
-def _index_wds_shard(
-    shard: str, builder: _ManifestBuilder, bar: tqdm, shard_errors: list[ShardError]
-) -> None:
+def _index_wds_shard(shard: str, builder: _ManifestBuilder, bar: tqdm, shard_errors: list[ShardError]) -> None:
     sidecar, problem = _read_sidecar(shard)
     if problem:
         shard_errors.append(ShardError(shard, None, problem))
@@ -801,8 +793,9 @@ def _parquet_rows(path: str, cfg: ParquetConfig) -> Iterator[tuple[RawSample, in
         pf = pq.ParquetFile(fh)
         names = pf.schema_arrow.names
         if cfg.image_column not in names:
-            raise ValueError(f"{path}: no image column {cfg.image_column!r} (columns: {names}); "
-                             "name it with --image-column")
+            raise ValueError(
+                f"{path}: no image column {cfg.image_column!r} (columns: {names}); name it with --image-column"
+            )
         columns = [cfg.image_column] + ([cfg.label_column] if cfg.label_column in names else [])
         row = 0
         for batch in pf.iter_batches(batch_size=256, columns=columns):
@@ -812,7 +805,7 @@ def _parquet_rows(path: str, cfg: ParquetConfig) -> Iterator[tuple[RawSample, in
                 data, where = (image.get("bytes"), image.get("path")) if isinstance(image, dict) else (image, None)
                 label = label if isinstance(label, int) and not isinstance(label, bool) and label >= 0 else -1
                 files = {"cls": str(label).encode()}  # always one member, so a row without an image still
-                if data:                              # has its place in the tar and the manifest
+                if data:  # has its place in the tar and the manifest
                     files[_sniff_ext(data, where)] = bytes(data)
                 yield RawSample(f"{stem}_{row:06d}", files), label
                 row += 1

@@ -50,8 +50,17 @@ class _Lines:
         self.out.flush()
 
 
-def progress_bar(iterable: Any = None, *, total: float | None = None, desc: str | None = None, unit: str = "it",
-             disable: bool = False, leave: bool = True, file: TextIO | None = None, **kwargs: Any) -> tqdm:
+def progress_bar(
+    iterable: Any = None,
+    *,
+    total: float | None = None,
+    desc: str | None = None,
+    unit: str = "it",
+    disable: bool = False,
+    leave: bool = True,
+    file: TextIO | None = None,
+    **kwargs: Any,
+) -> tqdm:
     """A tqdm bar. On a terminal, the usual redrawn bar. Anywhere else (stderr redirected to a log, CI)
     no ``\\r`` frames: one plain line at most every :data:`PROGRESS_INTERVAL_S` seconds, and a last one
     when the bar closes, so a log shows progress without thousands of overwritten frames.
@@ -60,8 +69,13 @@ def progress_bar(iterable: Any = None, *, total: float | None = None, desc: str 
     if disable:
         kwargs["disable"] = True
     if not (hasattr(out, "isatty") and out.isatty()):
-        kwargs = {"mininterval": PROGRESS_INTERVAL_S, "maxinterval": PROGRESS_INTERVAL_S * 10,
-                  "bar_format": "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
-                  "dynamic_ncols": False, "ncols": None, **kwargs}
+        kwargs = {
+            "mininterval": PROGRESS_INTERVAL_S,
+            "maxinterval": PROGRESS_INTERVAL_S * 10,
+            "bar_format": "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+            "dynamic_ncols": False,
+            "ncols": None,
+            **kwargs,
+        }
         out = _Lines(out)
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=out, **kwargs)

@@ -166,8 +166,15 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
 
     def arr(name: str, shape: tuple[int, ...], dtype: str, fill: Any = 0, target: bool = False) -> None:
         chunks = (c, *shape[1:]) if shape else shape
-        g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, config=chunk_config(),
-                       compressors=with_checksum(target_comp if target else comp))
+        g.create_array(
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=fill,
+            config=chunk_config(),
+            compressors=with_checksum(target_comp if target else comp),
+        )
 
     if lay.codes:
         arr("tokens", (n, k, t), "int16" if lay.num_codes <= 32767 else "int32", target=True)
@@ -179,8 +186,14 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
         arr("cls", (n, k, d), zarr_dtype(lay.dtype), target=True)
         if lay.dtype == "int8":
             arr("cls_scale", (n, k), "float32")
-    g.create_array("keys", shape=(n,), chunks=(max(1, n),), dtype=str, config=chunk_config(),
-                   compressors=with_checksum(ZstdCodec()))
+    g.create_array(
+        "keys",
+        shape=(n,),
+        chunks=(max(1, n),),
+        dtype=str,
+        config=chunk_config(),
+        compressors=with_checksum(ZstdCodec()),
+    )
     arr("valid", (n,), "bool", False)
     arr("seeds", (n, k), "uint64")
     arr("boxes", (n, k, 4), "int32", -1)

@@ -99,31 +99,56 @@ def run_verify(cfg: VerifyConfig, progress: bool = True) -> VerifyReport:
     meta = root.attrs.get("digpt_cache")
     if not report.add("cache", "is a digpt cache", meta is not None, "" if meta else "no digpt_cache attribute"):
         return report
-    report.add("cache", "schema version", meta["schema_version"] == SCHEMA_VERSION,
-               f"cache {meta['schema_version']}, this version reads {SCHEMA_VERSION}")
+    report.add(
+        "cache",
+        "schema version",
+        meta["schema_version"] == SCHEMA_VERSION,
+        f"cache {meta['schema_version']}, this version reads {SCHEMA_VERSION}",
+    )
     have_fp = meta["dataset"]["manifest_fingerprint"]
-    if not report.add("cache", "same shards", have_fp == ds.fingerprint,
-                      f"manifest {have_fp[:12]} vs shards {ds.fingerprint[:12]}"):
+    if not report.add(
+        "cache", "same shards", have_fp == ds.fingerprint, f"manifest {have_fp[:12]} vs shards {ds.fingerprint[:12]}"
+    ):
         return report
     aug = AugConfig.from_json(meta["aug"])
-    report.add("cache", "view plan fingerprint",
-               aug.fingerprint() == meta["aug_fingerprint"] and plan_fingerprint(aug, ds.fingerprint) == meta["plan_fingerprint"],
-               f"plan {meta['plan_fingerprint'][:12]}")
+    report.add(
+        "cache",
+        "view plan fingerprint",
+        aug.fingerprint() == meta["aug_fingerprint"]
+        and plan_fingerprint(aug, ds.fingerprint) == meta["plan_fingerprint"],
+        f"plan {meta['plan_fingerprint'][:12]}",
+    )
     names = list(cfg.tokenizers) or list_tokenizers(root)
-    report.add("cache", "tokenizers present", bool(names) and all(n in list_tokenizers(root) for n in names),
-               f"{names} (cache has {list_tokenizers(root)})")
+    report.add(
+        "cache",
+        "tokenizers present",
+        bool(names) and all(n in list_tokenizers(root) for n in names),
+        f"{names} (cache has {list_tokenizers(root)})",
+    )
     for name in names:
         if name in list_tokenizers(root):
             _verify_tokenizer(cfg, report, root, tokenizer_info(root, name), ds, aug, meta, progress)
     return report
 
 
-def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group, info: TokenizerInfo, ds, aug: AugConfig,
-                      meta: dict, progress: bool) -> None:
+def _verify_tokenizer(
+    cfg: VerifyConfig,
+    report: VerifyReport,
+    root: zarr.Group,
+    info: TokenizerInfo,
+    ds,
+    aug: AugConfig,
+    meta: dict,
+    progress: bool,
+) -> None:
     name, tok, a = info.name, root[info.name], info.attrs
-    report.add(name, "provenance", a["manifest_fingerprint"] == ds.fingerprint and a["plan_fingerprint"] == meta["plan_fingerprint"],
-               f"teacher {a['resolved_name']}, weights {a['fingerprint'][:12]}, {a['storage']['dtype']}, "
-               f"grid {a['spec']['grid']}x{a['spec']['dim']}")
+    report.add(
+        name,
+        "provenance",
+        a["manifest_fingerprint"] == ds.fingerprint and a["plan_fingerprint"] == meta["plan_fingerprint"],
+        f"teacher {a['resolved_name']}, weights {a['fingerprint'][:12]}, {a['storage']['dtype']}, "
+        f"grid {a['spec']['grid']}x{a['spec']['dim']}",
+    )
     sids = shard_ids(ds.shards)
     missing, incomplete, bad_keys, bad_plan, nonfinite, valid, rows = [], [], [], [], [], 0, 0
     bad_shape: list[str] = []
@@ -153,8 +178,11 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
                 continue
             plan = plan_shard(shard, mrows["key"], mrows["width"], mrows["height"], aug)
             stored = {n: checked(g, n, lambda g=g, n=n: g[n][:]) for n in ("seeds", "boxes", "flips")}
-            if not (np.array_equal(plan.seeds, stored["seeds"]) and np.array_equal(plan.boxes, stored["boxes"])
-                    and np.array_equal(plan.flips, stored["flips"])):
+            if not (
+                np.array_equal(plan.seeds, stored["seeds"])
+                and np.array_equal(plan.boxes, stored["boxes"])
+                and np.array_equal(plan.flips, stored["flips"])
+            ):
                 bad_plan.append(shard)
             shape_problem = _shape_problem(g, info, aug.views, len(mrows["key"]))
             if shape_problem:
@@ -172,20 +200,49 @@ def _verify_tokenizer(cfg: VerifyConfig, report: VerifyReport, root: zarr.Group,
             continue
         valid += int(g["valid"][:].sum())
         rows += len(mrows["key"])
-    report.add(name, "complete", not missing and not incomplete,
-               f"{len(ds.shards) - len(missing) - len(incomplete)}/{len(ds.shards)} shards"
-               + (f"; missing {missing[:3]}" if missing else "") + (f"; incomplete {incomplete[:3]}" if incomplete else ""))
-    report.add(name, "keys match manifest", not bad_keys, f"mismatched shards {bad_keys[:3]}" if bad_keys else f"{rows} rows, {valid} valid")
-    report.add(name, "views re-derive", not bad_plan, f"differ in {bad_plan[:3]}" if bad_plan else "seeds, boxes, flips equal")
+    report.add(
+        name,
+        "complete",
+        not missing and not incomplete,
+        f"{len(ds.shards) - len(missing) - len(incomplete)}/{len(ds.shards)} shards"
+        + (f"; missing {missing[:3]}" if missing else "")
+        + (f"; incomplete {incomplete[:3]}" if incomplete else ""),
+    )
+    report.add(
+        name,
+        "keys match manifest",
+        not bad_keys,
+        f"mismatched shards {bad_keys[:3]}" if bad_keys else f"{rows} rows, {valid} valid",
+    )
+    report.add(
+        name, "views re-derive", not bad_plan, f"differ in {bad_plan[:3]}" if bad_plan else "seeds, boxes, flips equal"
+    )
     spec = info.spec
-    report.add(name, "shapes match spec", not bad_shape, "; ".join(bad_shape[:3]) if bad_shape else
-               f"{aug.views} views x {spec['grid'][0]}x{spec['grid'][1]} tokens x {spec['dim']}")
+    report.add(
+        name,
+        "shapes match spec",
+        not bad_shape,
+        "; ".join(bad_shape[:3])
+        if bad_shape
+        else f"{aug.views} views x {spec['grid'][0]}x{spec['grid'][1]} tokens x {spec['dim']}",
+    )
     if unchecked:
         warn_unchecked(cfg.cache, unchecked)
-    intact = ("every chunk present; " + (f"{chunks_read} chunks decoded, every checksum matches" if cfg.full else
-              "target chunks decoded with their checksums (--full: every chunk)"))
-    report.add(name, "chunks intact", not damaged, "; ".join(damaged[:3]) if damaged else
-               f"{len(unchecked)} shard(s) written without checksums: not checkable" if unchecked else intact)
+    intact = "every chunk present; " + (
+        f"{chunks_read} chunks decoded, every checksum matches"
+        if cfg.full
+        else "target chunks decoded with their checksums (--full: every chunk)"
+    )
+    report.add(
+        name,
+        "chunks intact",
+        not damaged,
+        "; ".join(damaged[:3])
+        if damaged
+        else f"{len(unchecked)} shard(s) written without checksums: not checkable"
+        if unchecked
+        else intact,
+    )
     report.add(name, "finite", not nonfinite, f"NaN/Inf in {nonfinite[:3]}" if nonfinite else "no NaN/Inf")
     if cfg.spot_checks and not (missing or incomplete or bad_keys or bad_shape or damaged):
         _spot_check(cfg, report, tok, info, ds, sids, aug)
@@ -227,8 +284,11 @@ def _finite(g: zarr.Group, dtype: str) -> bool:
         arr = g[name]
         step = arr.chunks[0]
         for lo in range(0, arr.shape[0], step):
-            x = decode_block(checked(g, name, lambda a=arr, lo=lo, step=step: a[lo : lo + step]), dtype, np.ones(arr.shape[:-1], np.float32)[lo : lo + step]
-                             if dtype == "int8" else None)
+            x = decode_block(
+                checked(g, name, lambda a=arr, lo=lo, step=step: a[lo : lo + step]),
+                dtype,
+                np.ones(arr.shape[:-1], np.float32)[lo : lo + step] if dtype == "int8" else None,
+            )
             if not torch.isfinite(x).all():
                 return False
         scale = f"{'token' if name == 'tokens' else 'cls'}_scale"
@@ -237,7 +297,9 @@ def _finite(g: zarr.Group, dtype: str) -> bool:
     return True
 
 
-def _spot_check(cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: TokenizerInfo, ds, sids, aug: AugConfig) -> None:
+def _spot_check(
+    cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: TokenizerInfo, ds, sids, aug: AugConfig
+) -> None:
     name, a = info.name, info.attrs
     tc_fields = dict(a["teacher_config"])
     try:
@@ -246,13 +308,18 @@ def _spot_check(cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: 
         report.add(name, "teacher rebuilds", False, f"{type(e).__name__}: {e}")
         return
     fp = teacher.fingerprint()
-    if not report.add(name, "teacher fingerprint", fp == a["fingerprint"],
-                      f"recorded {a['fingerprint'][:12]}, rebuilt {fp[:12]}"):
+    if not report.add(
+        name, "teacher fingerprint", fp == a["fingerprint"], f"recorded {a['fingerprint'][:12]}, rebuilt {fp[:12]}"
+    ):
         return
     rebuilt = json.loads(json.dumps(teacher.spec.to_json()))
     diff = {k: (a["spec"].get(k), v) for k, v in rebuilt.items() if a["spec"].get(k) != v}
-    if not report.add(name, "teacher spec", not diff, f"differs (recorded, rebuilt): {diff}" if diff else
-                      "recorded spec equals the rebuilt teacher's"):
+    if not report.add(
+        name,
+        "teacher spec",
+        not diff,
+        f"differs (recorded, rebuilt): {diff}" if diff else "recorded spec equals the rebuilt teacher's",
+    ):
         return
     device = resolve_device(cfg.device)
     teacher = teacher.to(device)
@@ -261,7 +328,9 @@ def _spot_check(cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: 
     if not candidates:
         report.add(name, "alignment", False, "no valid samples to check")
         return
-    picks = [candidates[j] for j in rng.choice(len(candidates), size=min(cfg.spot_checks, len(candidates)), replace=False)]
+    picks = [
+        candidates[j] for j in rng.choice(len(candidates), size=min(cfg.spot_checks, len(candidates)), replace=False)
+    ]
     scores = []
     for shard, i in picks:
         g = tok[sids[shard]]
@@ -278,5 +347,9 @@ def _spot_check(cfg: VerifyConfig, report: VerifyReport, tok: zarr.Group, info: 
             scores.append(token_agreement(fresh.float(), cached))
     floor = CODE_AGREEMENT_FLOOR if info.codes else COSINE_FLOOR[info.dtype]
     what = "code agreement" if info.codes else "mean token cosine"
-    report.add(name, "alignment", min(scores) >= floor,
-               f"{len(scores)} views recomputed; worst {what} {min(scores):.5f} (floor {floor})")
+    report.add(
+        name,
+        "alignment",
+        min(scores) >= floor,
+        f"{len(scores)} views recomputed; worst {what} {min(scores):.5f} (floor {floor})",
+    )

@@ -64,8 +64,10 @@ class AugConfig:
         """The inverse of :meth:`to_json`: the config a cache's ``aug`` attribute records."""
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"the cache's augmentation record has fields this version does not know: {unknown}; "
-                             "read it with the digpt version that wrote it")
+            raise ValueError(
+                f"the cache's augmentation record has fields this version does not know: {unknown}; "
+                "read it with the digpt version that wrote it"
+            )
         return cls(**{**d, "scale": tuple(d["scale"]), "ratio": tuple(d["ratio"])})
 
     def fingerprint(self) -> str:
@@ -140,7 +142,9 @@ def plan_shard(shard: str, keys: list[str], widths: list[int], heights: list[int
     return ShardPlan(seeds, boxes, flips)
 
 
-def replay_view(image: torch.Tensor, box: tuple[int, int, int, int] | np.ndarray, flip: bool, size: int) -> torch.Tensor:
+def replay_view(
+    image: torch.Tensor, box: tuple[int, int, int, int] | np.ndarray, flip: bool, size: int
+) -> torch.Tensor:
     """Crop ``box`` out of ``image`` (``[3, H, W]`` uint8), resize to ``size x size`` (bilinear,
     antialiased) and flip. Returns ``[3, size, size]`` float32 in ``[0, 1]``.
 

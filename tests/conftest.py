@@ -39,7 +39,9 @@ def tiny_dataset(tmp_path_factory):
     from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
 
     out = tmp_path_factory.mktemp("tiny_ds")
-    prepare_synthetic(SyntheticConfig(out=str(out), num_samples=48, num_classes=4, image_size=32, shard_size=16, seed=1))
+    prepare_synthetic(
+        SyntheticConfig(out=str(out), num_samples=48, num_classes=4, image_size=32, shard_size=16, seed=1)
+    )
     return str(out)
 
 
@@ -51,9 +53,21 @@ def tiny_cache(tiny_dataset, tmp_path_factory):
     from teacher_cache.views import AugConfig
 
     out = str(tmp_path_factory.mktemp("cache") / "c")
-    teachers = (TeacherConfig("random-vit:32/8", group="vit"), TeacherConfig("pixel:32/8", group="pixel"),
-                TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=16, fit_samples=24),
-                TeacherConfig("pca:random-vit:32/8", group="pca", pca_dim=8, fit_samples=24))
-    run_extract(ExtractConfig(shards=tiny_dataset, out=out, teachers=teachers, aug=AugConfig(views=2),
-                              storage=StorageConfig(dtype="fp32"), executor="local"), progress=False)
+    teachers = (
+        TeacherConfig("random-vit:32/8", group="vit"),
+        TeacherConfig("pixel:32/8", group="pixel"),
+        TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=16, fit_samples=24),
+        TeacherConfig("pca:random-vit:32/8", group="pca", pca_dim=8, fit_samples=24),
+    )
+    run_extract(
+        ExtractConfig(
+            shards=tiny_dataset,
+            out=out,
+            teachers=teachers,
+            aug=AugConfig(views=2),
+            storage=StorageConfig(dtype="fp32"),
+            executor="local",
+        ),
+        progress=False,
+    )
     return out

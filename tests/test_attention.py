@@ -157,8 +157,10 @@ def _flex_forward_or_skip(q, k, v, mask):
         pytest.skip(f"FlexAttention forward unsupported on this CPU build: {type(e).__name__}: {e}")
 
 
-@pytest.mark.parametrize("mask", [None, AttnMask.causal(), AttnMask(3, 1, "own"), AttnMask(3, 1, "last"),
-                                  AttnMask(4, 1, "last", n_query_prefix=0)])
+@pytest.mark.parametrize(
+    "mask",
+    [None, AttnMask.causal(), AttnMask(3, 1, "own"), AttnMask(3, 1, "last"), AttnMask(4, 1, "last", n_query_prefix=0)],
+)
 def test_flex_forward_matches_eager_on_cpu(mask):
     gen = torch.Generator().manual_seed(1)
     q_pref = 0 if mask is None else mask.q_prefix

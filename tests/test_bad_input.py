@@ -115,14 +115,17 @@ REFUSED = {  # name -> (bytes, reason kind recorded)
 # the decoder's conversion policy
 
 
-@pytest.mark.parametrize("name,left,right", [
-    ("cmyk.jpg", (255, 255, 255), (255, 255, 255)),
-    ("gray.png", (128, 128, 128), (128, 128, 128)),
-    ("rgba.png", (255, 255, 255), (255, 0, 0)),  # transparent half composited onto white
-    ("la.png", (255, 255, 255), (255, 255, 255)),  # alpha 0 everywhere
-    ("palette.png", (255, 255, 255), (255, 255, 255)),  # index 0 transparent; index 1 yellow... left
-    ("gray16.png", (0, 0, 0), (255, 255, 255)),  # 16-bit full scale -> 8-bit full scale
-])
+@pytest.mark.parametrize(
+    "name,left,right",
+    [
+        ("cmyk.jpg", (255, 255, 255), (255, 255, 255)),
+        ("gray.png", (128, 128, 128), (128, 128, 128)),
+        ("rgba.png", (255, 255, 255), (255, 0, 0)),  # transparent half composited onto white
+        ("la.png", (255, 255, 255), (255, 255, 255)),  # alpha 0 everywhere
+        ("palette.png", (255, 255, 255), (255, 255, 255)),  # index 0 transparent; index 1 yellow... left
+        ("gray16.png", (0, 0, 0), (255, 255, 255)),  # 16-bit full scale -> 8-bit full scale
+    ],
+)
 def test_modes_are_converted_to_rgb(name, left, right):
     img = decode_image(CONVERTED[name]())
     arr = np.asarray(img)
@@ -168,8 +171,22 @@ def _summary(cache: Path) -> dict:
 
 
 def _extract_and_verify(capsys, ds: Path, cache: Path) -> str:
-    rc, out = _run(capsys, "extract", "--shards", str(ds), "--out", str(cache), "--teacher", "pixel:32/8",
-                   "--teacher", "random-vit:32/8", "--executor", "local", "--chunk-rows", "4")
+    rc, out = _run(
+        capsys,
+        "extract",
+        "--shards",
+        str(ds),
+        "--out",
+        str(cache),
+        "--teacher",
+        "pixel:32/8",
+        "--teacher",
+        "random-vit:32/8",
+        "--executor",
+        "local",
+        "--chunk-rows",
+        "4",
+    )
     assert rc == 0, out
     rc, vout = _run(capsys, "verify", "--shards", str(ds), "--cache", str(cache), "--spot-checks", "6")
     assert rc == 0, vout
@@ -254,8 +271,9 @@ def test_wds_bad_samples_and_damaged_shards(tmp_path, capsys):
     extra += b"\0" * (-len(extra) % 512)
     (raw / "s0.tar").write_bytes(body + extra + b"\0" * 10240)
     # Shard 1: truncated in the middle of its second sample's image (t1.jpg; t0 stays whole).
-    full = _tar_bytes([RawSample(f"t{i}", {"jpg": _rgb_jpeg((9, 9, 20 * i), (64, 48)), "cls": b"1"})
-                       for i in range(4)], tmp_path, "c")
+    full = _tar_bytes(
+        [RawSample(f"t{i}", {"jpg": _rgb_jpeg((9, 9, 20 * i), (64, 48)), "cls": b"1"}) for i in range(4)], tmp_path, "c"
+    )
     with tarfile.open(fileobj=io.BytesIO(full)) as tf:
         t1 = tf.getmember("t1.jpg")
     (raw / "s1.tar").write_bytes(full[: t1.offset_data + t1.size // 2])
@@ -273,8 +291,16 @@ def test_wds_bad_samples_and_damaged_shards(tmp_path, capsys):
     assert "shard error: " in out and "truncated" in out
 
     table = _extract_and_verify(capsys, ds, cache)
-    want = {"zero": "empty file", "garbage": "undecodable", "bomb": "too large", "noimage": "no image member",
-            "badcls": "unknown label", "badjson": "unknown label", "neglabel": "unknown label", "dup": "duplicate key"}
+    want = {
+        "zero": "empty file",
+        "garbage": "undecodable",
+        "bomb": "too large",
+        "noimage": "no image member",
+        "badcls": "unknown label",
+        "badjson": "unknown label",
+        "neglabel": "unknown label",
+        "dup": "duplicate key",
+    }
     for group in ("pixel_32_8", "random-vit_32_8"):
         skipped = _skipped(cache, group)
         assert {s["key"]: s["reason"].split(":")[0] for s in skipped} == want

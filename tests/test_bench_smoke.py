@@ -37,8 +37,11 @@ def test_results_go_to_the_given_file_only(tmp_path, monkeypatch):
     import bench._common as C
 
     before = os.path.getmtime(C.DEFAULT_RESULTS) if os.path.exists(C.DEFAULT_RESULTS) else None
-    out, text = _run("attention", ["--batch", "1", "--heads", "2", "--head-dim", "8", "--shape", "clusters",
-                                   "--repeats", "1", "--warmup", "0"], tmp_path)
+    out, text = _run(
+        "attention",
+        ["--batch", "1", "--heads", "2", "--head-dim", "8", "--shape", "clusters", "--repeats", "1", "--warmup", "0"],
+        tmp_path,
+    )
     assert text.startswith("# Benchmarks")
     row = out["clusters (148 = 3x49 + cls)"]
     assert {"eager", "sdpa_dense", "sdpa"} <= set(row)
@@ -62,8 +65,26 @@ def test_common_helpers():
 
 
 def test_storage_smoke(tmp_path):
-    out, _ = _run("storage", ["--teacher", "random-vit:32/8", "--num-samples", "8", "--views", "1", "--pca-dims", "8",
-                              "--codebook-size", "4", "--repeats", "1", "--warmup", "0"], tmp_path)
+    out, _ = _run(
+        "storage",
+        [
+            "--teacher",
+            "random-vit:32/8",
+            "--num-samples",
+            "8",
+            "--views",
+            "1",
+            "--pca-dims",
+            "8",
+            "--codebook-size",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        tmp_path,
+    )
     forms = out["forms"]
     assert {"fp32", "fp16", "bf16", "int8", "pca-8", "codes-4"} <= set(forms)
     assert forms["fp16"]["raw_bytes_per_view"] == pytest.approx(forms["fp32"]["raw_bytes_per_view"] / 2)
@@ -71,22 +92,78 @@ def test_storage_smoke(tmp_path):
 
 
 def test_loader_smoke(tmp_path):
-    out, _ = _run("loader", ["--teachers", "pixel:32/8", "--num-samples", "16", "--image-size", "32", "--img-size", "32",
-                             "--shard-size", "16", "--batch-size", "8", "--views", "1", "--repeats", "1",
-                             "--warmup", "0"], tmp_path)
+    out, _ = _run(
+        "loader",
+        [
+            "--teachers",
+            "pixel:32/8",
+            "--num-samples",
+            "16",
+            "--image-size",
+            "32",
+            "--img-size",
+            "32",
+            "--shard-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--views",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        tmp_path,
+    )
     assert out["plain_samples_per_s"] > 0 and "pixel:32/8" in out["tokenizers"]
 
 
 def test_train_smoke(tmp_path):
-    out, _ = _run("train", ["--student", "tiny-test", "--teacher", "random-vit:32/8", "--batch-size", "4",
-                            "--repeats", "1", "--warmup", "1", "--loop-steps", "1"], tmp_path)
+    out, _ = _run(
+        "train",
+        [
+            "--student",
+            "tiny-test",
+            "--teacher",
+            "random-vit:32/8",
+            "--batch-size",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--loop-steps",
+            "1",
+        ],
+        tmp_path,
+    )
     assert out["step"]["online_over_cached"] > 0 and "loop" in out
 
 
 def test_extract_smoke_local(tmp_path):
-    out, text = _run("extract", ["--teachers", "random-vit:32/8", "--num-samples", "8", "--shard-size", "4",
-                                 "--views", "1", "--batch-size", "8", "--repeats", "1", "--warmup", "0",
-                                 "--ray-workers", ""], tmp_path)
+    out, text = _run(
+        "extract",
+        [
+            "--teachers",
+            "random-vit:32/8",
+            "--num-samples",
+            "8",
+            "--shard-size",
+            "4",
+            "--views",
+            "1",
+            "--batch-size",
+            "8",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--ray-workers",
+            "",
+        ],
+        tmp_path,
+    )
     r = out["teachers"]["random-vit:32/8"]
     assert r["efficiency"] > 0 and r["stages"]["teacher forward"] > 0 and r["stages"]["zarr write"] > 0
     assert "Ray scaling" not in text
@@ -94,13 +171,34 @@ def test_extract_smoke_local(tmp_path):
 
 @pytest.mark.slow
 def test_extract_smoke_ray(tmp_path, ray_session):
-    out, text = _run("extract", ["--teachers", "pixel:32/8", "--num-samples", "8", "--shard-size", "4",
-                                 "--views", "1", "--repeats", "1", "--warmup", "0", "--ray-workers", "1"], tmp_path)
+    out, text = _run(
+        "extract",
+        [
+            "--teachers",
+            "pixel:32/8",
+            "--num-samples",
+            "8",
+            "--shard-size",
+            "4",
+            "--views",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--ray-workers",
+            "1",
+        ],
+        tmp_path,
+    )
     assert out["ray"]["pixel:32/8"][1]["images_per_s"] > 0 and "Ray scaling" in text
 
 
 @pytest.mark.slow
 def test_e2e_smoke(tmp_path):
-    out, _ = _run("e2e", ["--num-samples", "8", "--num-classes", "2", "--steps", "1", "--batch-size", "4",
-                          "--executor", "local"], tmp_path)
+    out, _ = _run(
+        "e2e",
+        ["--num-samples", "8", "--num-classes", "2", "--steps", "1", "--batch-size", "4", "--executor", "local"],
+        tmp_path,
+    )
     assert out["verified"] and all(out["stages"][s] > 0 for s in ("prepare", "extract", "train", "probe", "verify"))

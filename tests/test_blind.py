@@ -50,6 +50,7 @@ def _blind_model(objective, stats: BlindStats):
     by replacing only its prediction heads: the index bookkeeping stays the objective's own."""
     name = objective.registry_name
     if name in ("fd", "masked"):
+
         def tokens(feats):
             return stats.token_unit_mean.expand(feats.shape[0], -1, -1)
 
@@ -97,9 +98,10 @@ def test_blind_predictor_is_the_best_image_free_constant(tiny_dataset, tiny_cach
     best = sum(float(obj.blind_loss(b, stats)) for b in batches)
     g = torch.Generator().manual_seed(0)
     for scale in (0.05, 0.3):
-        other = BlindStats(token_unit_mean=stats.token_unit_mean
-                           + scale * torch.randn(stats.token_unit_mean.shape, generator=g),
-                           cls_unit_mean=stats.cls_unit_mean + scale * torch.randn(stats.cls_unit_mean.shape, generator=g))
+        other = BlindStats(
+            token_unit_mean=stats.token_unit_mean + scale * torch.randn(stats.token_unit_mean.shape, generator=g),
+            cls_unit_mean=stats.cls_unit_mean + scale * torch.randn(stats.cls_unit_mean.shape, generator=g),
+        )
         assert sum(float(obj.blind_loss(b, other)) for b in batches) > best
 
 
@@ -117,8 +119,13 @@ def test_codes_blind_loss_is_the_position_entropy(tiny_dataset, tiny_cache):
 
 def test_every_run_logs_its_blind_baseline_and_resume_reads_it_back(tiny_dataset, tiny_cache, tmp_path):
     data = DataConfig(tiny_dataset, tiny_cache, "vit", 32, 8, shuffle_buffer=16)
-    kw = dict(data=data, student=StudentConfig("tiny-test"), optim=OptimConfig(base_lr=3e-3, warmup=0.1),
-              log_every=1, blind_batches=4)
+    kw = dict(
+        data=data,
+        student=StudentConfig("tiny-test"),
+        optim=OptimConfig(base_lr=3e-3, warmup=0.1),
+        log_every=1,
+        blind_batches=4,
+    )
     run = tmp_path / "run"
     train(TrainConfig(out=str(run), steps=6, **kw), progress=False)
     with open(run / "metrics.csv", newline="") as f:

@@ -67,11 +67,13 @@ def test_resolve_device():
 
 def _bar_in_subprocess(stderr_to: str) -> bytes:
     """A real process whose stderr is a file (as under nohup, CI or a job scheduler) runs a bar."""
-    code = ("from teacher_cache.runtime import progress_bar\n"
-            "bar = progress_bar(total=500, desc='extract', unit='img')\n"
-            "for _ in range(500): bar.update(1)\n"
-            "bar.set_postfix(shards='3/3')\n"
-            "bar.close()\n")
+    code = (
+        "from teacher_cache.runtime import progress_bar\n"
+        "bar = progress_bar(total=500, desc='extract', unit='img')\n"
+        "for _ in range(500): bar.update(1)\n"
+        "bar.set_postfix(shards='3/3')\n"
+        "bar.close()\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     env["PYTHONPATH"] = str(REPO)
     with open(stderr_to, "wb") as err:

@@ -66,8 +66,16 @@ EXTRACT_CASES = [
     (EXTRACT + " --teacher pixel:30/8", ["pixel:30/8"], ["multiple of patch size"]),
     (EXTRACT + " --teacher pixel:abc", ["pixel:abc"], ["SIZE/PATCH"]),
     (EXTRACT + " --teacher kmeans:nope", ["kmeans:nope"], ["unknown teacher"]),
-    (EXTRACT + " --teacher kmeans:random-vit:32/8 --codebook {tmp}/no-codebook.safetensors", ["codebook"], ["not found"]),
-    (EXTRACT + " --teacher kmeans:random-vit:32/8 --codebook-size 600 --fit-samples 2", ["codebook_size"], ["fit_samples"]),
+    (
+        EXTRACT + " --teacher kmeans:random-vit:32/8 --codebook {tmp}/no-codebook.safetensors",
+        ["codebook"],
+        ["not found"],
+    ),
+    (
+        EXTRACT + " --teacher kmeans:random-vit:32/8 --codebook-size 600 --fit-samples 2",
+        ["codebook_size"],
+        ["fit_samples"],
+    ),
     (EXTRACT + " --teacher random-vit:32/8 --weights a.pt --weights b.pt", ["--weights"], ["one per teacher"]),
     (EXTRACT + " --teacher timm:vit_tiny_test --weights {tmp}/no-weights.safetensors", ["weights"], ["not found"]),
     (EXTRACT + " --teacher efficientnet_lite0 --weights {tmp}/no-weights.pth", ["weights"], ["not found"]),
@@ -97,8 +105,12 @@ EXTRACT_CASES = [
     ("--shards {ds} --out {out} --teacher pixel:32/8 --workers 0", ["workers"], []),
     ("--shards {ds} --out {out} --teacher pixel:32/8 --threads 0", ["threads"], []),
     (EXTRACT + " --teacher pixel:32/8 --device tpu", ["device"], ["'auto'", "'cpu'", "'cuda'"]),
-    pytest.param(EXTRACT + " --teacher pixel:32/8 --device cuda", ["device"], ["cpu"],
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
+    pytest.param(
+        EXTRACT + " --teacher pixel:32/8 --device cuda",
+        ["device"],
+        ["cpu"],
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here"),
+    ),
     ("--shards {ds} --out {out}", ["--teacher"], ["required"]),
     # An existing directory that is not a cache is never written into (zarr would have emptied it).
     ("--shards {ds} --out {root} --teacher pixel:32/8 --executor local", ["out"], ["not a digpt cache"]),
@@ -162,8 +174,12 @@ TRAIN_CASES = [
     (TRAIN + " --steps 1 --ckpt-every -1", ["ckpt_every"], [">= 0"]),
     (TRAIN + " --steps 1 --amp fp8", ["amp"], ["auto", "bf16", "off"]),
     (TRAIN + " --steps 1 --device tpu", ["device"], ["auto", "cpu", "cuda"]),
-    pytest.param(TRAIN + " --steps 1 --device cuda", ["device"], ["cpu"],
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
+    pytest.param(
+        TRAIN + " --steps 1 --device cuda",
+        ["device"],
+        ["cpu"],
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here"),
+    ),
     (TRAIN + " --steps 1 --target-norm zscore", ["--target-norm"], ["channel", "none"]),
     (TRAIN + " --steps 1 --on-mismatch ignore", ["on_mismatch"], ["error", "skip"]),
     ("--shards {ds} --cache {cache} --out EMPTY --steps 1", ["out"], []),
@@ -211,8 +227,12 @@ PROBE_CASES = [
     (RANDOM + " --layer-decay 1.5", ["layer_decay"], ["(0, 1]"]),
     (RANDOM + " --seed -1", ["seed"], [">= 0"]),
     (PROBE + " --device tpu", ["device"], ["auto", "cpu", "cuda"]),
-    pytest.param(PROBE + " --device cuda", ["device"], ["cpu"],
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
+    pytest.param(
+        PROBE + " --device cuda",
+        ["device"],
+        ["cpu"],
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here"),
+    ),
 ]
 
 ABLATE = "demo --out {out} --executor local"
@@ -235,8 +255,11 @@ ABLATE_CASES = [
     (ABLATE + " --seeds 0", ["seeds"], [">= 1"]),
     ("demo --out {out} --executor dask", ["executor"], ["ray", "local"]),
     (ABLATE + " --weights nofile", ["--weights"], ["TEACHER=FILE"]),
-    ("tokenizers --out {out} --executor local --weights efficientnet_lite0={tmp}/no-weights.pth",
-     ["weights"], ["not found"]),
+    (
+        "tokenizers --out {out} --executor local --weights efficientnet_lite0={tmp}/no-weights.pth",
+        ["weights"],
+        ["not found"],
+    ),
     ("tokenizers --out {out} --executor local --weights nope={tmp}/w.pt", ["unknown teacher"], []),
     (ABLATE + " --weights efficientnet_lite0={tmp}/w.pt", ["weights"], ["tokenizers"]),
 ]
@@ -288,15 +311,45 @@ def places(tmp_path_factory, tiny_dataset):
     (tmp / "w.pt").write_bytes(b"\0")
     (tmp / "dir.safetensors").mkdir()
     cache = tmp / "cache"
-    assert cli.main(["extract", "--shards", tiny_dataset, "--out", str(cache), "--teacher", "pixel:32/8",
-                     "--executor", "local"]) == 0
+    assert (
+        cli.main(
+            ["extract", "--shards", tiny_dataset, "--out", str(cache), "--teacher", "pixel:32/8", "--executor", "local"]
+        )
+        == 0
+    )
     run = tmp / "run"
-    assert cli.main(["train", "--shards", tiny_dataset, "--cache", str(cache), "--out", str(run), "--student",
-                     "tiny-test", "--steps", "1", "--batch-size", "8", "--workers", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--shards",
+                tiny_dataset,
+                "--cache",
+                str(cache),
+                "--out",
+                str(run),
+                "--student",
+                "tiny-test",
+                "--steps",
+                "1",
+                "--batch-size",
+                "8",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     (tmp / "norun").mkdir()
     shutil.copy(run / "config.json", tmp / "norun" / "config.json")
-    return {"tmp": str(tmp), "root": str(tmp / "root"), "ds": tiny_dataset, "cache": str(cache), "run": str(run),
-            "norun": str(tmp / "norun")}
+    return {
+        "tmp": str(tmp),
+        "root": str(tmp / "root"),
+        "ds": tiny_dataset,
+        "cache": str(cache),
+        "run": str(run),
+        "norun": str(tmp / "norun"),
+    }
 
 
 def _snapshot(path: str) -> dict[str, tuple[int, int]]:
@@ -340,8 +393,16 @@ def _check(rc: int, err: str, argv: str, any_of: list[str], all_of: list[str]) -
     assert all(s in line for s in all_of), f"{argv}: {line!r} lacks one of {all_of}"
 
 
-CASES_BY_COMMAND = {"prepare": PREPARE_CASES, "extract": EXTRACT_CASES, "verify": VERIFY_CASES, "train": TRAIN_CASES,
-                    "probe": PROBE_CASES, "ablate": ABLATE_CASES, "demo": DEMO_CASES, "export": EXPORT_CASES}
+CASES_BY_COMMAND = {
+    "prepare": PREPARE_CASES,
+    "extract": EXTRACT_CASES,
+    "verify": VERIFY_CASES,
+    "train": TRAIN_CASES,
+    "probe": PROBE_CASES,
+    "ablate": ABLATE_CASES,
+    "demo": DEMO_CASES,
+    "export": EXPORT_CASES,
+}
 
 
 def _with_command(command: str, case):
@@ -351,14 +412,23 @@ def _with_command(command: str, case):
     return pytest.param(command, *case, id=f"{command}-{case[0]}")
 
 
-@pytest.mark.parametrize("command,args,any_of,all_of",
-                         [_with_command(c, case) for c, cases in CASES_BY_COMMAND.items() for case in cases])
+@pytest.mark.parametrize(
+    "command,args,any_of,all_of", [_with_command(c, case) for c, cases in CASES_BY_COMMAND.items() for case in cases]
+)
 def test_bad_value_is_refused(command, args, any_of, all_of, places, tmp_path, capsys):
     _check(*_run(command, args, places, tmp_path, capsys), any_of, all_of)
 
 
-CASES = {"prepare": PREPARE_CASES, "extract": EXTRACT_CASES, "verify": VERIFY_CASES, "train": TRAIN_CASES,
-         "probe": PROBE_CASES, "ablate": ABLATE_CASES, "demo": DEMO_CASES, "export": EXPORT_CASES}
+CASES = {
+    "prepare": PREPARE_CASES,
+    "extract": EXTRACT_CASES,
+    "verify": VERIFY_CASES,
+    "train": TRAIN_CASES,
+    "probe": PROBE_CASES,
+    "ablate": ABLATE_CASES,
+    "demo": DEMO_CASES,
+    "export": EXPORT_CASES,
+}
 
 
 def test_every_option_has_a_bad_value_case():
@@ -372,8 +442,11 @@ def test_every_option_has_a_bad_value_case():
     for command, cases in CASES.items():
         # Whole words, so that a case for --kind does not count as one for --k.
         words = {w for c in cases for w in str(c.values[0] if hasattr(c, "values") else c[0]).split()}
-        parsers = (next(a for a in sub[command]._actions if a.dest == "kind").choices.items()
-                   if command == "prepare" else [(None, sub[command])])
+        parsers = (
+            next(a for a in sub[command]._actions if a.dest == "kind").choices.items()
+            if command == "prepare"
+            else [(None, sub[command])]
+        )
         for kind, p in parsers:
             for action in p._actions:
                 for opt in action.option_strings:

@@ -22,9 +22,7 @@ HEAVY = ("torch", "timm", "zarr", "ray", "open_clip", "webdataset", "pyarrow", "
 
 def test_help_imports_nothing_heavy():
     """Building every command's options (what any `--help` needs) imports none of the heavy packages."""
-    code = ("import sys, cli\n"
-            "cli.build_parser()\n"
-            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    code = f"import sys, cli\ncli.build_parser()\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=60)
@@ -64,19 +62,34 @@ def test_names_read_from_source_equal_the_registries():
     assert cli_docs.registered("pipelines.ablate", "recipe") == sorted(RECIPES)
     assert cli_docs.module_value("student.sizes", "VIT_SIZES") == list_vit_sizes()
     assert "demo-cpu" in cli_docs.module_value("student.sizes", "VIT_SIZES")
-    for module, name, value in [("student.attention", "ATTN_IMPLS", ATTN_IMPLS), ("student.targets", "NORMS", NORMS),
-                                ("teacher_cache.store", "DTYPES", DTYPES), ("teacher_cache.store", "CODECS", CODECS),
-                                ("pipelines.probe", "KINDS", KINDS), ("pipelines.probe", "POOLS", POOLS)]:
+    for module, name, value in [
+        ("student.attention", "ATTN_IMPLS", ATTN_IMPLS),
+        ("student.targets", "NORMS", NORMS),
+        ("teacher_cache.store", "DTYPES", DTYPES),
+        ("teacher_cache.store", "CODECS", CODECS),
+        ("pipelines.probe", "KINDS", KINDS),
+        ("pipelines.probe", "POOLS", POOLS),
+    ]:
         assert cli_docs.module_value(module, name) == value, f"{module}.{name}"
 
 
-CONFIGS = [("teacher_cache.prepare", "SyntheticConfig"), ("teacher_cache.prepare", "ImageFolderConfig"),
-           ("teacher_cache.prepare", "WdsConfig"), ("teacher_cache.config", "ExtractConfig"),
-           ("teacher_cache.config", "TeacherConfig"), ("teacher_cache.config", "StorageConfig"),
-           ("teacher_cache.views", "AugConfig"), ("teacher_cache.verify", "VerifyConfig"),
-           ("student.train", "TrainConfig"), ("student.train", "OptimConfig"), ("student.data", "DataConfig"),
-           ("student.objectives.base", "StudentConfig"), ("pipelines.demo", "DemoConfig"),
-           ("pipelines.ablate", "AblateConfig"), ("pipelines.probe", "ProbeConfig")]
+CONFIGS = [
+    ("teacher_cache.prepare", "SyntheticConfig"),
+    ("teacher_cache.prepare", "ImageFolderConfig"),
+    ("teacher_cache.prepare", "WdsConfig"),
+    ("teacher_cache.config", "ExtractConfig"),
+    ("teacher_cache.config", "TeacherConfig"),
+    ("teacher_cache.config", "StorageConfig"),
+    ("teacher_cache.views", "AugConfig"),
+    ("teacher_cache.verify", "VerifyConfig"),
+    ("student.train", "TrainConfig"),
+    ("student.train", "OptimConfig"),
+    ("student.data", "DataConfig"),
+    ("student.objectives.base", "StudentConfig"),
+    ("pipelines.demo", "DemoConfig"),
+    ("pipelines.ablate", "AblateConfig"),
+    ("pipelines.probe", "ProbeConfig"),
+]
 
 
 @pytest.mark.parametrize("module,cls", CONFIGS, ids=[c for _, c in CONFIGS])
@@ -90,17 +103,25 @@ def test_fields_read_from_source_equal_the_dataclass(module, cls):
         assert read[name].doc, f"{cls}.{name} has no docstring: the CLI's help for it would be empty"
         no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         assert read[name].required == no_default, f"{cls}.{name}"
-        if read[name].default is not cli_docs.NO_DEFAULT:  # else an expression or a factory: not offered as a flag default
+        if (
+            read[name].default is not cli_docs.NO_DEFAULT
+        ):  # else an expression or a factory: not offered as a flag default
             assert read[name].default == f.default, f"{cls}.{name}"
 
 
 def test_every_option_has_help():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
-    parsers = [(f"prepare {k}", p) for k, p in next(a for a in sub["prepare"]._actions if a.dest == "kind").choices.items()]
+    parsers = [
+        (f"prepare {k}", p) for k, p in next(a for a in sub["prepare"]._actions if a.dest == "kind").choices.items()
+    ]
     parsers += [(name, p) for name, p in sub.items() if name != "prepare"]
-    missing = [f"{name} {a.option_strings or a.dest}" for name, p in parsers for a in p._actions
-               if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    missing = [
+        f"{name} {a.option_strings or a.dest}"
+        for name, p in parsers
+        for a in p._actions
+        if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()
+    ]
     assert not missing, f"options without help: {missing}"
 
 
@@ -110,9 +131,15 @@ def test_train_defaults_are_the_configs(tmp_path):
     from student.objectives import StudentConfig
     from student.train import TrainConfig
 
-    args = cli.build_parser("train").parse_args(["train", "--shards", "s", "--cache", "c", "--out", "o", "--steps", "1"])
+    args = cli.build_parser("train").parse_args(
+        ["train", "--shards", "s", "--cache", "c", "--out", "o", "--steps", "1"]
+    )
     got = cli.train_config(args)
     student = StudentConfig()
-    want = TrainConfig(data=DataConfig("s", "c", img_size=student.encoder_config().img_size, num_workers=2),
-                       out="o", student=student, steps=1)
+    want = TrainConfig(
+        data=DataConfig("s", "c", img_size=student.encoder_config().img_size, num_workers=2),
+        out="o",
+        student=student,
+        steps=1,
+    )
     assert got == want

@@ -41,8 +41,22 @@ REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 GROUP = "random-vit_32_8"
 # No --workers: joining a cluster, extract starts one worker per `--threads` CPUs of the whole cluster (2 here).
-EXTRACT = ["--teacher", "random-vit:32/8", "--views", "2", "--dtype", "fp16", "--chunk-rows", "8",
-           "--batch-size", "8", "--device", "cpu", "--threads", "1"]
+EXTRACT = [
+    "--teacher",
+    "random-vit:32/8",
+    "--views",
+    "2",
+    "--dtype",
+    "fp16",
+    "--chunk-rows",
+    "8",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 
 
 def _free_port() -> int:
@@ -57,7 +71,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    f = text[text.rindex(")") + 2:].split()
+    f = text[text.rindex(")") + 2 :].split()
     return f[0], int(f[1]), int(f[3])
 
 
@@ -91,9 +105,14 @@ class Node:
         temp.mkdir(parents=True)
         log = temp.parent / f"{name}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen([RAY, "start", *args, "--num-cpus", "1", "--temp-dir", str(temp),
-                                     "--disable-usage-stats"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=temp)
+            proc = subprocess.Popen(
+                [RAY, "start", *args, "--num-cpus", "1", "--temp-dir", str(temp), "--disable-usage-stats"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=temp,
+            )
         self.sid = proc.pid  # the session the node's daemons stay in after `ray start` itself exits
         rc = proc.wait(timeout=180)
         assert rc == 0, f"ray start ({name}) failed:\n{log.read_text()[-3000:]}"
@@ -112,10 +131,16 @@ def cluster(tmp_path):
     base = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
     pause = tmp_path / "pause"
     pause.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "1",
-           FAULT_PAUSE_ENV: str(pause),  # the nodes' workers inherit it (inert until a test pauses a shard)
-           # notice a lost node in seconds, not the default ~30 s
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "RAY_DEDUP_LOGS": "1",
+        FAULT_PAUSE_ENV: str(pause),  # the nodes' workers inherit it (inert until a test pauses a shard)
+        # notice a lost node in seconds, not the default ~30 s
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+    }
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.pop("RAY_ADDRESS", None)
     port = _free_port()
@@ -138,9 +163,25 @@ def _extract(ds: str, out: Path, address: str, log: Path) -> subprocess.Popen:
     env.pop("RAY_ADDRESS", None)
     env.setdefault("RAY_AUTH_MODE", "disabled")
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, str(REPO / "cli.py"), "extract", "--shards", ds, "--out", str(out),
-                                 *EXTRACT, "--ray-address", address], cwd=REPO, env=env, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "cli.py"),
+                "extract",
+                "--shards",
+                ds,
+                "--out",
+                str(out),
+                *EXTRACT,
+                "--ray-address",
+                address,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
@@ -225,7 +266,7 @@ def test_two_node_cluster_both_work_and_node_loss_is_survived(cluster, tiny_data
         on_worker = {j: p for j, p in paused.items() if p in worker.pids()}
         on_head = {j: p for j, p in paused.items() if p in head.pids()}
         assert len(on_worker) == 1 and len(on_head) == 1, (paused, worker.pids(), head.pids())
-        (lost_job, lost_pid), = on_worker.items()
+        ((lost_job, lost_pid),) = on_worker.items()
         killed = worker.stop()  # raylet, workers, agents: the whole node, SIGKILL by pid
         assert lost_pid in killed and not worker.pids()
         for j in jobs:

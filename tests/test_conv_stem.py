@@ -35,8 +35,17 @@ def test_conv_stem_refuses_what_it_cannot_build(bad):
 def test_conv_stem_student_trains_and_exports_to_timm(tiny_dataset, tiny_cache, tmp_path):
     run = tmp_path / "run"
     data = DataConfig(tiny_dataset, tiny_cache, "vit", 32, 8, shuffle_buffer=16)
-    result = train(TrainConfig(data=data, out=str(run), student=StudentConfig("tiny-test", stem="conv"), steps=4,
-                               optim=OptimConfig(base_lr=3e-3), log_every=1), progress=False)
+    result = train(
+        TrainConfig(
+            data=data,
+            out=str(run),
+            student=StudentConfig("tiny-test", stem="conv"),
+            steps=4,
+            optim=OptimConfig(base_lr=3e-3),
+            log_every=1,
+        ),
+        progress=False,
+    )
     assert result.steps == 4
     enc = load_encoder(str(run))
     assert enc.cfg.stem == "conv"

@@ -61,15 +61,55 @@ def test_member_named_dot_jpg_is_a_named_skip_and_training_ends(tmp_path, capsys
     prepare_wds(WdsConfig(pattern=str(tmp_path / "a.tar"), out=str(ds)))
     rows = load_dataset(str(ds)).manifest.to_pydict()
     assert rows["key"][3] == "" and rows["error"][3].startswith("bad key: empty")
-    code, _out, err = _run(capsys, "extract", "--shards", str(ds), "--out", str(cache), "--teacher", "random-vit:32/8",
-                          "--executor", "local", "--device", "cpu", "--batch-size", "4")
+    code, _out, err = _run(
+        capsys,
+        "extract",
+        "--shards",
+        str(ds),
+        "--out",
+        str(cache),
+        "--teacher",
+        "random-vit:32/8",
+        "--executor",
+        "local",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+    )
     assert code == 0, err
     skipped = [json.loads(x) for x in (cache / "reports" / "skipped-random-vit_32_8.jsonl").read_text().splitlines()]
     assert [s["reason"] for s in skipped] == ["bad key: empty (a member named like '.jpg')"]
-    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", "--shards", str(ds), "--cache", str(cache),
-                           "--out", str(run), "--student", "tiny-test", "--batch-size", "1", "--epochs", "3",
-                           "--workers", "0", "--shuffle-buffer", "0", "--device", "cpu"],
-                          capture_output=True, text=True, check=False, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "cli.py"),
+            "train",
+            "--shards",
+            str(ds),
+            "--cache",
+            str(cache),
+            "--out",
+            str(run),
+            "--student",
+            "tiny-test",
+            "--batch-size",
+            "1",
+            "--epochs",
+            "3",
+            "--workers",
+            "0",
+            "--shuffle-buffer",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trained 18 steps" in proc.stdout  # 6 good samples x 3 epochs
 
@@ -102,10 +142,24 @@ def test_imagefolder_symlink_loop_fifo_and_dev_zero_are_skipped_by_name(tmp_path
     os.symlink("..", root / "cat" / "loop")  # cat/loop -> imgs: every class again, recursively
     os.mkfifo(root / "dog" / "x.jpg")
     os.symlink("/dev/zero", root / "dog" / "zero.jpg")
-    proc = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main(sys.argv[1:]))", "prepare",
-                           "imagefolder", str(root), "--out", str(tmp_path / "ds")],
-                          capture_output=True, text=True, check=False, timeout=120, cwd=str(REPO),
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, cli; sys.exit(cli.main(sys.argv[1:]))",
+            "prepare",
+            "imagefolder",
+            str(root),
+            "--out",
+            str(tmp_path / "ds"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     ds = load_dataset(str(tmp_path / "ds"))
     assert ds.num_samples == 6
@@ -138,8 +192,14 @@ peak = hwm()
 arr = to_uint8_chw(img)
 print(peak - base, arr.shape, int(arr[0, 0, 0]), int(arr[0, -1, -1]))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr
     added, *rest = proc.stdout.split(maxsplit=1)
     assert int(added) < 12 * side * side, f"decoding added {int(added) / 2**20:.0f} MiB"
@@ -166,8 +226,9 @@ def tmpfs(tmp_path):
         point = tmp_path / f"mnt-{uuid.uuid4().hex[:6]}"
         point.mkdir()
         opts = f"size={size}" + (",ro" if ro else "")
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True, text=True,
-                           check=False)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True, text=True, check=False
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]}); needs root")
         mounted.append(point)
@@ -179,8 +240,25 @@ def tmpfs(tmp_path):
 
 
 def _extract_args(ds: str, out: Path) -> list[str]:
-    return ["extract", "--shards", ds, "--out", str(out), "--teacher", "random-vit:32/8", "--executor", "local",
-            "--device", "cpu", "--batch-size", "8", "--dtype", "fp32", "--chunk-rows", "4"]
+    return [
+        "extract",
+        "--shards",
+        ds,
+        "--out",
+        str(out),
+        "--teacher",
+        "random-vit:32/8",
+        "--executor",
+        "local",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        "--dtype",
+        "fp32",
+        "--chunk-rows",
+        "4",
+    ]
 
 
 def test_read_only_out_is_one_line_naming_the_path(tiny_dataset, tmpfs, capsys):

@@ -19,9 +19,17 @@ SEED, BATCH = 3, 8
 @pytest.fixture(scope="module")
 def pixel_cache(tiny_dataset, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("split") / "cache")
-    run_extract(ExtractConfig(shards=tiny_dataset, out=out, teachers=(TeacherConfig("pixel:32/8"),),
-                              aug=AugConfig(views=2), storage=StorageConfig(dtype="fp16"), executor="local"),
-                progress=False)
+    run_extract(
+        ExtractConfig(
+            shards=tiny_dataset,
+            out=out,
+            teachers=(TeacherConfig("pixel:32/8"),),
+            aug=AugConfig(views=2),
+            storage=StorageConfig(dtype="fp16"),
+            executor="local",
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -42,8 +50,9 @@ def _identities(dataset: str, epoch: int) -> dict[int, tuple[str, str]]:
 # (ranks, loader workers per rank): the 3 shards of 16 split evenly (1 or 3 slots) and unevenly (2 slots).
 @pytest.mark.parametrize("world,workers", [(1, 1), (1, 3), (3, 1), (1, 2), (2, 1)])
 def test_each_sample_is_read_once_per_epoch(world, workers, tiny_dataset, pixel_cache):
-    cfg = DataConfig(tiny_dataset, pixel_cache, img_size=32, batch_size=BATCH, num_workers=workers, seed=SEED,
-                     shuffle_buffer=BATCH)
+    cfg = DataConfig(
+        tiny_dataset, pixel_cache, img_size=32, batch_size=BATCH, num_workers=workers, seed=SEED, shuffle_buffer=BATCH
+    )
     join = CacheJoin(cfg)
     orders = []
     for epoch in (0, 1):
@@ -58,7 +67,9 @@ def test_each_sample_is_read_once_per_epoch(world, workers, tiny_dataset, pixel_
                 read.update(ident[s] for s in batch["order_seed"].tolist())  # KeyError: not a sample of the set
         twice = [k for k, n in read.items() if n > 1]
         assert not twice, f"epoch {epoch}: read twice: {twice[:4]}"
-        assert set(read) == set(ident.values()), f"epoch {epoch}: never read: {sorted(set(ident.values()) - set(read))[:4]}"
+        assert set(read) == set(ident.values()), (
+            f"epoch {epoch}: never read: {sorted(set(ident.values()) - set(read))[:4]}"
+        )
         orders.append(list(read))
         # What the trainer consumes: the same number of steps on every rank.
         assert len(set(steps)) == 1

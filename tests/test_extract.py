@@ -53,8 +53,7 @@ def _chunk_bytes(cache: str, group: str) -> dict[str, bytes]:
 def test_ray_extract_then_verify(tiny_dataset, tmp_path, ray_session, monkeypatch):
     teachers = (*TINY, TeacherConfig("kmeans:random-vit:32/8", codebook_size=8, fit_samples=16))
     monkeypatch.chdir(tmp_path)  # a relative --out: Ray workers run in another directory
-    summary = run_extract(_cfg(tiny_dataset, "c", teachers, executor="ray", workers=2, threads=1),
-                          progress=False)
+    summary = run_extract(_cfg(tiny_dataset, "c", teachers, executor="ray", workers=2, threads=1), progress=False)
     assert summary.ok
     by = {t.group: t for t in summary.tokenizers}
     assert by["random-vit_32_8"].samples == 48 and by["random-vit_32_8"].views == 96
@@ -126,13 +125,23 @@ def test_existing_cache_must_match(tiny_dataset, tmp_path):
     cache = str(tmp_path / "c")
     run_extract(_cfg(tiny_dataset, cache, (TeacherConfig("pixel:32/8"),)), progress=False)
     with pytest.raises(ValueError, match="view plan.*seed"):
-        run_extract(ExtractConfig(shards=tiny_dataset, out=cache, teachers=(TeacherConfig("pixel:32/8"),),
-                                  aug=AugConfig(views=2, seed=5), executor="local"), progress=False)
+        run_extract(
+            ExtractConfig(
+                shards=tiny_dataset,
+                out=cache,
+                teachers=(TeacherConfig("pixel:32/8"),),
+                aug=AugConfig(views=2, seed=5),
+                executor="local",
+            ),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="different fingerprint"):
         run_extract(_cfg(tiny_dataset, cache, (TeacherConfig("random-vit:32/8", group="pixel_32_8"),)), progress=False)
     with pytest.raises(ValueError, match="different storage"):
-        run_extract(_cfg(tiny_dataset, cache, (TeacherConfig("pixel:32/8"),), storage=StorageConfig(dtype="int8")),
-                    progress=False)
+        run_extract(
+            _cfg(tiny_dataset, cache, (TeacherConfig("pixel:32/8"),), storage=StorageConfig(dtype="int8")),
+            progress=False,
+        )
 
 
 def test_verify_catches_nan_and_swapped_teacher(tiny_dataset, tmp_path):
@@ -158,8 +167,10 @@ def test_verify_catches_nan_and_swapped_teacher(tiny_dataset, tmp_path):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_storage_forms_verify(tiny_dataset, tmp_path, dtype):
     cache = str(tmp_path / dtype)
-    summary = run_extract(_cfg(tiny_dataset, cache, (TeacherConfig("random-vit:32/8"),),
-                               storage=StorageConfig(dtype=dtype)), progress=False)
+    summary = run_extract(
+        _cfg(tiny_dataset, cache, (TeacherConfig("random-vit:32/8"),), storage=StorageConfig(dtype=dtype)),
+        progress=False,
+    )
     assert summary.tokenizers[0].bytes_per_view > 0
     assert run_verify(VerifyConfig(shards=tiny_dataset, cache=cache, spot_checks=3), progress=False).ok
 
@@ -167,8 +178,9 @@ def test_storage_forms_verify(tiny_dataset, tmp_path, dtype):
 @pytest.mark.slow
 def test_efficientnet_extract_verify(tiny_dataset, tmp_path):
     cache = str(tmp_path / "eff")
-    summary = run_extract(_cfg(tiny_dataset, cache, (TeacherConfig("efficientnet_lite0"),), batch_size=32),
-                          progress=False)
+    summary = run_extract(
+        _cfg(tiny_dataset, cache, (TeacherConfig("efficientnet_lite0"),), batch_size=32), progress=False
+    )
     assert summary.tokenizers[0].valid == 48
     root = zarr.open_group(cache, mode="r")
     g = next(iter(root["efficientnet_lite0"].groups()))[1]
@@ -231,6 +243,7 @@ def test_pca_extract_verifies_reuses_its_basis_and_projects_the_base(tiny_datase
 
     def no_refit(*a, **k):
         raise AssertionError("the stored basis should have been reused")
+
     old = ex._FITS["pca"]
     ex._FITS["pca"] = no_refit
     try:
@@ -245,8 +258,9 @@ def test_pca_extract_verifies_reuses_its_basis_and_projects_the_base(tiny_datase
 
 def test_pca_dim_wider_than_the_base_is_refused(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="pca_dim 33 exceeds the token dim 32"):
-        run_extract(_cfg(tiny_dataset, tmp_path / "c", (TeacherConfig("pca:random-vit:32/8", pca_dim=33),)),
-                    progress=False)
+        run_extract(
+            _cfg(tiny_dataset, tmp_path / "c", (TeacherConfig("pca:random-vit:32/8", pca_dim=33),)), progress=False
+        )
     assert not os.path.exists(tmp_path / "c")  # refused before any work
     with pytest.raises(ValueError, match="pca_dim"):
         TeacherConfig("pca:random-vit:32/8", pca_dim=0)

@@ -48,8 +48,22 @@ REPO = Path(__file__).resolve().parent.parent
 VIT, PIX = "random-vit_32_8", "pixel_32_8"
 GROUPS = (VIT, PIX)
 CHUNK = 8  # rows per chunk: a 16-row shard is written in two, so "mid-shard" is well defined
-EXTRACT = ["--teacher", "random-vit:32/8", "--teacher", "pixel:32/8", "--views", "2", "--dtype", "fp16",
-           "--chunk-rows", str(CHUNK), "--batch-size", "8", "--device", "cpu"]
+EXTRACT = [
+    "--teacher",
+    "random-vit:32/8",
+    "--teacher",
+    "pixel:32/8",
+    "--views",
+    "2",
+    "--dtype",
+    "fp16",
+    "--chunk-rows",
+    str(CHUNK),
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +78,14 @@ def _cli(args: list[str], log: Path, pause: Path | None = None) -> subprocess.Po
     if pause is not None:
         env[FAULT_PAUSE_ENV] = str(pause)
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "cli.py"), *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
@@ -74,7 +94,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
         text = open(f"/proc/{pid}/stat").read()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return fields[0], int(fields[3])  # state, ppid, pgrp, session
 
 
@@ -125,6 +145,7 @@ def _wait(cond, proc: subprocess.Popen, log: Path, what: str, timeout: float = 2
 
 def _paused_pid(pause: Path, job: str, proc: subprocess.Popen, log: Path) -> int:
     """Wait until the process writing ``job`` (``<group>.<sid>``) stops mid-shard; its pid."""
+
     def read():
         try:
             text = (pause / f"{job}.pid").read_text()
@@ -230,9 +251,16 @@ def jobs(tiny_dataset) -> list[str]:
 
 def _extract_cfg(tiny_dataset: str, out: Path) -> ExtractConfig:
     """The same extraction as ``EXTRACT`` on the command line."""
-    return ExtractConfig(shards=tiny_dataset, out=str(out), executor="local", batch_size=8, device="cpu",
-                         teachers=(TeacherConfig("random-vit:32/8"), TeacherConfig("pixel:32/8")),
-                         aug=AugConfig(views=2, seed=0), storage=StorageConfig(dtype="fp16", chunk_rows=CHUNK))
+    return ExtractConfig(
+        shards=tiny_dataset,
+        out=str(out),
+        executor="local",
+        batch_size=8,
+        device="cpu",
+        teachers=(TeacherConfig("random-vit:32/8"), TeacherConfig("pixel:32/8")),
+        aug=AugConfig(views=2, seed=0),
+        storage=StorageConfig(dtype="fp16", chunk_rows=CHUNK),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +283,24 @@ def test_ray_worker_sigkill_mid_shard_is_retried(tiny_dataset, clean_cache, jobs
     pause.mkdir()
     target = jobs[1]
     _release(pause, [j for j in jobs if j != target])
-    proc = _cli(["extract", "--shards", tiny_dataset, "--out", str(out), *EXTRACT,
-                 "--executor", "ray", "--workers", "1", "--threads", "1"], log, pause)
+    proc = _cli(
+        [
+            "extract",
+            "--shards",
+            tiny_dataset,
+            "--out",
+            str(out),
+            *EXTRACT,
+            "--executor",
+            "ray",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+        ],
+        log,
+        pause,
+    )
     try:
         pid = _paused_pid(pause, target, proc, log)
         assert pid != proc.pid and _stat(pid)[1] == proc.pid  # a worker of this job, not the driver
@@ -292,7 +336,7 @@ def test_driver_sigkill_local_resumes_only_incomplete_shards(tiny_dataset, clean
         finally:
             _reap(proc)
         assert _complete(out) == set(jobs[:done])
-        now = _file_stamps(out, jobs[:done - 1] if run > 1 else [])
+        now = _file_stamps(out, jobs[: done - 1] if run > 1 else [])
         assert all(stamps[k] == v for k, v in now.items())  # run 2 did not touch run 1's shard
         stamps = _file_stamps(out, jobs[:done])
     summary = run_extract(_extract_cfg(tiny_dataset, out), progress=False)
@@ -311,8 +355,24 @@ def test_ray_driver_sigkill_resumes(tiny_dataset, clean_cache, jobs, tmp_path):
     pause.mkdir()
     target = jobs[-1]  # one worker runs the jobs in order: the others are complete when it pauses
     _release(pause, [j for j in jobs if j != target])
-    proc = _cli(["extract", "--shards", tiny_dataset, "--out", str(out), *EXTRACT,
-                 "--executor", "ray", "--workers", "1", "--threads", "1"], log, pause)
+    proc = _cli(
+        [
+            "extract",
+            "--shards",
+            tiny_dataset,
+            "--out",
+            str(out),
+            *EXTRACT,
+            "--executor",
+            "ray",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+        ],
+        log,
+        pause,
+    )
     try:
         pid = _paused_pid(pause, target, proc, log)
         assert pid != proc.pid and _stat(pid)[1] == proc.pid
@@ -346,8 +406,9 @@ def test_existing_cache_refuses_other_layer_grid_and_shards(tiny_dataset, clean_
     shutil.copytree(clean_cache, cache)
     before = _snapshot(cache)
     other = tmp_path / "other"
-    prepare_synthetic(SyntheticConfig(out=str(other), num_samples=16, num_classes=2, image_size=32, shard_size=8,
-                                      seed=9))
+    prepare_synthetic(
+        SyntheticConfig(out=str(other), num_samples=16, num_classes=2, image_size=32, shard_size=8, seed=9)
+    )
 
     def into(teacher: TeacherConfig) -> ExtractConfig:
         return dataclasses.replace(_extract_cfg(tiny_dataset, cache), teachers=(teacher,))
@@ -362,8 +423,10 @@ def test_existing_cache_refuses_other_layer_grid_and_shards(tiny_dataset, clean_
             run_extract(cfg, progress=False)
     after = _snapshot(cache)
     assert after.keys() == before.keys()
-    assert all(np.array_equal(after[k], before[k]) if isinstance(before[k], np.ndarray) else after[k] == before[k]
-               for k in before)  # refused before writing anything
+    assert all(
+        np.array_equal(after[k], before[k]) if isinstance(before[k], np.ndarray) else after[k] == before[k]
+        for k in before
+    )  # refused before writing anything
 
 
 def test_missing_shard_and_inf_targets_are_caught(tiny_dataset, clean_cache, tmp_path):
@@ -388,8 +451,14 @@ def test_missing_shard_and_inf_targets_are_caught(tiny_dataset, clean_cache, tmp
     shutil.copytree(clean_cache, inf)
     zarr.open_group(str(inf), mode="r+")[PIX][sid]["tokens"][:] = np.inf  # a whole shard of +Inf targets
     assert failed(inf) == {(PIX, "finite")}
-    cfg = TrainConfig(data=DataConfig(tiny_dataset, str(inf), PIX, 32, 8, shuffle_buffer=16), out=str(tmp_path / "run"),
-                      student=StudentConfig("tiny-test"), objective="igpt", steps=6, optim=OptimConfig(base_lr=3e-3))
+    cfg = TrainConfig(
+        data=DataConfig(tiny_dataset, str(inf), PIX, 32, 8, shuffle_buffer=16),
+        out=str(tmp_path / "run"),
+        student=StudentConfig("tiny-test"),
+        objective="igpt",
+        steps=6,
+        optim=OptimConfig(base_lr=3e-3),
+    )
     with pytest.raises(ValueError, match="non-finite tokens.*digpt verify"):  # refused before any step or write
         train(cfg, progress=False)
     assert not (tmp_path / "run").exists()
@@ -428,10 +497,33 @@ def test_train_sigkill_then_resume_replays_the_same_losses(tiny_dataset, clean_c
     """Kill ``train`` between checkpoints, leave a half-written checkpoint, pointer and metrics line
     beside the good ones, ``--resume``: every step is logged once, with the uninterrupted run's loss,
     gradient norm and lr, and the final weights are identical."""
-    args = ["train", "--shards", tiny_dataset, "--cache", str(clean_cache), "--tokenizer", VIT,
-            "--steps", str(STEPS), "--batch-size", "8", "--workers", "2", "--shuffle-buffer", "16",
-            "--base-lr", "3e-3", "--warmup", "0.1", "--log-every", "1", "--ckpt-every", str(CKPT_EVERY),
-            "--device", "cpu"]
+    args = [
+        "train",
+        "--shards",
+        tiny_dataset,
+        "--cache",
+        str(clean_cache),
+        "--tokenizer",
+        VIT,
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        "8",
+        "--workers",
+        "2",
+        "--shuffle-buffer",
+        "16",
+        "--base-lr",
+        "3e-3",
+        "--warmup",
+        "0.1",
+        "--log-every",
+        "1",
+        "--ckpt-every",
+        str(CKPT_EVERY),
+        "--device",
+        "cpu",
+    ]
     clean, run = tmp_path / "clean", tmp_path / "run"
     ref = _cli([*args, "--out", str(clean)], tmp_path / "clean.log")  # runs alongside the killed one
     proc = _cli([*args, "--out", str(run)], tmp_path / "run.log")

@@ -27,18 +27,36 @@ from teacher_cache.views import AugConfig
 @pytest.fixture(scope="module")
 def fid_cache(tiny_dataset, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fid_cache") / "c")
-    teachers = (TeacherConfig("random-vit:32/8", group="vit"),
-                TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=16, fit_samples=24))
-    run_extract(ExtractConfig(shards=tiny_dataset, out=out, teachers=teachers, aug=AugConfig(views=2),
-                              storage=StorageConfig(dtype="fp32"), executor="local"), progress=False)
+    teachers = (
+        TeacherConfig("random-vit:32/8", group="vit"),
+        TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=16, fit_samples=24),
+    )
+    run_extract(
+        ExtractConfig(
+            shards=tiny_dataset,
+            out=out,
+            teachers=teachers,
+            aug=AugConfig(views=2),
+            storage=StorageConfig(dtype="fp32"),
+            executor="local",
+        ),
+        progress=False,
+    )
     return out
 
 
 def _cfg(tiny_dataset, cache, out, tokenizer, **kw) -> TrainConfig:
-    data = DataConfig(shards=tiny_dataset, cache=cache, tokenizer=tokenizer, img_size=32, batch_size=8,
-                      shuffle_buffer=16)
-    return TrainConfig(data=data, out=str(out), student=StudentConfig("tiny-test"), log_every=1,
-                       optim=OptimConfig(base_lr=3e-3, warmup=0.1), **kw)
+    data = DataConfig(
+        shards=tiny_dataset, cache=cache, tokenizer=tokenizer, img_size=32, batch_size=8, shuffle_buffer=16
+    )
+    return TrainConfig(
+        data=data,
+        out=str(out),
+        student=StudentConfig("tiny-test"),
+        log_every=1,
+        optim=OptimConfig(base_lr=3e-3, warmup=0.1),
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------------ SemAIM's order
@@ -46,9 +64,12 @@ def _cfg(tiny_dataset, cache, out, tokenizer, **kw) -> TrainConfig:
 
 def _semantic_batch(seed: int = 0, b: int = 8) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"images": torch.rand(b, 3, 32, 32, generator=g), "order_seed": torch.arange(b),
-            "tokens": torch.randn(b, 16, 32, generator=g) + 3.0 * torch.randn(32, generator=g),
-            "cls": torch.randn(b, 32, generator=g)}
+    return {
+        "images": torch.rand(b, 3, 32, 32, generator=g),
+        "order_seed": torch.arange(b),
+        "tokens": torch.randn(b, 16, 32, generator=g) + 3.0 * torch.randn(32, generator=g),
+        "cls": torch.randn(b, 32, generator=g),
+    }
 
 
 def _norm(seed: int) -> TargetNorm:
@@ -85,8 +106,13 @@ def test_semantic_order_uses_a_global_token_in_the_tokens_space():
     base = {"name": "t", "dim": 32, "grid": [4, 4], "has_cls": True}
     effnet = {**base, "name": "efficientnet_lite0:128", "layer": None, "extra": {"arch": "efficientnet-lite0"}}
     assert not TargetSpec.from_spec(effnet).cls_in_token_space
-    assert not TargetSpec.from_spec({**effnet, "name": "pca:efficientnet_lite0", "extra": {
-        "arch": "efficientnet-lite0", "base": "efficientnet_lite0"}}).cls_in_token_space
+    assert not TargetSpec.from_spec(
+        {
+            **effnet,
+            "name": "pca:efficientnet_lite0",
+            "extra": {"arch": "efficientnet-lite0", "base": "efficientnet_lite0"},
+        }
+    ).cls_in_token_space
     assert TargetSpec.from_spec({**effnet, "layer": 4}).cls_in_token_space  # a stage's pool is its tokens' mean
     assert TargetSpec.from_spec({**base, "extra": {"depth": 2}}).cls_in_token_space  # ViT: same layer, same proj
     batch = _semantic_batch(3)
@@ -164,8 +190,10 @@ def test_digit_reads_codes_and_beats_unigram_entropy():
 
 def test_digit_run_is_probed_on_the_codes_of_its_tokenizer(tiny_dataset, fid_cache, tmp_path):
     run = tmp_path / "digit"
-    losses = [r["loss"] for r in train(_cfg(tiny_dataset, fid_cache, run, "codes", objective="digit", steps=4),
-                                       progress=False).history]
+    losses = [
+        r["loss"]
+        for r in train(_cfg(tiny_dataset, fid_cache, run, "codes", objective="digit", steps=4), progress=False).history
+    ]
     assert len(losses) == 4 and np.isfinite(losses).all()
     enc = load_code_probe_encoder(str(run))
     # The probe's tokenizer is the cache's: replayed training views give exactly the stored codes.
@@ -177,8 +205,16 @@ def test_digit_run_is_probed_on_the_codes_of_its_tokenizer(tiny_dataset, fid_cac
         layers = enc.forward_intermediates(batch["teacher_images"])
     assert len(layers) == 4 and layers[0].shape == (8, 16, 32)
     for random_init in (False, True):
-        res = run_probe(ProbeConfig(shards=tiny_dataset, run=str(run), random_init=random_init, epochs=20,
-                                    out=str(tmp_path / f"p{random_init}.json")), progress=False)
+        res = run_probe(
+            ProbeConfig(
+                shards=tiny_dataset,
+                run=str(run),
+                random_init=random_init,
+                epochs=20,
+                out=str(tmp_path / f"p{random_init}.json"),
+            ),
+            progress=False,
+        )
         assert res.encoder["config"]["input"].startswith("codes of tokenizer kmeans:")
         assert [r.layer for r in res.rows] == ["block1", "block2", "block3", "block4", "norm"]
         assert 0.0 <= res.top1 <= 1.0
@@ -201,8 +237,14 @@ def test_export_tells_timm_how_the_student_is_fed(tiny_dataset, fid_cache, tmp_p
     line = export_encoder(str(run), path)
     model = eval(line, {"timm": timm}).eval()  # the printed line, as a user pastes it
     data = resolve_data_config({}, model=model)
-    assert data == {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.0, 0.0, 0.0),
-                    "std": (1.0, 1.0, 1.0), "crop_pct": 1.0, "crop_mode": "center"}
+    assert data == {
+        "input_size": (3, 32, 32),
+        "interpolation": "bilinear",
+        "mean": (0.0, 0.0, 0.0),
+        "std": (1.0, 1.0, 1.0),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
     assert resolve_data_config({}, model=create_timm_from_export(path)) == data
     # Teeth: the base model's own config is what timm answered before (224 px, mean/std 0.5).
     base = timm.create_model("vit_tiny_patch16_224", pretrained=False)

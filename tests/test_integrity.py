@@ -42,9 +42,16 @@ CHUNK = 4  # 16 rows per shard: 4 chunks, so one damaged chunk is one of several
 
 
 def _extract_cfg(ds: str, out: Path) -> ExtractConfig:
-    return ExtractConfig(shards=ds, out=str(out), executor="local", batch_size=8, device="cpu",
-                         teachers=(TeacherConfig("random-vit:32/8", group=GROUP),), aug=AugConfig(views=2, seed=0),
-                         storage=StorageConfig(dtype="fp16", chunk_rows=CHUNK))
+    return ExtractConfig(
+        shards=ds,
+        out=str(out),
+        executor="local",
+        batch_size=8,
+        device="cpu",
+        teachers=(TeacherConfig("random-vit:32/8", group=GROUP),),
+        aug=AugConfig(views=2, seed=0),
+        storage=StorageConfig(dtype="fp16", chunk_rows=CHUNK),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +87,7 @@ def _chunk(cache: Path, ds: str, array: str, key: str = "c/1/0/0/0", shard: int 
 
 
 def _verify(ds: str, cache: Path, full: bool = False):
-    return run_verify(VerifyConfig(shards=ds, cache=str(cache), spot_checks=0, device="cpu", full=full),
-                      progress=False)
+    return run_verify(VerifyConfig(shards=ds, cache=str(cache), spot_checks=0, device="cpu", full=full), progress=False)
 
 
 def _failed(report) -> dict[str, str]:
@@ -89,12 +95,21 @@ def _failed(report) -> dict[str, str]:
 
 
 def _train_cfg(ds: str, cache: Path, out: Path, **kw) -> TrainConfig:
-    data = {"shards": ds, "cache": str(cache), "tokenizer": GROUP, "img_size": 32, "batch_size": 8,
-            "shuffle_buffer": 0, "num_workers": 0, **kw.pop("data", {})}
+    data = {
+        "shards": ds,
+        "cache": str(cache),
+        "tokenizer": GROUP,
+        "img_size": 32,
+        "batch_size": 8,
+        "shuffle_buffer": 0,
+        "num_workers": 0,
+        **kw.pop("data", {}),
+    }
     kw.setdefault("steps", 2)
     kw.setdefault("optim", OptimConfig(base_lr=1e-3, warmup=0.1))
-    return TrainConfig(data=DataConfig(**data), out=str(out), student=StudentConfig("tiny-test"), log_every=1,
-                       device="cpu", **kw)
+    return TrainConfig(
+        data=DataConfig(**data), out=str(out), student=StudentConfig("tiny-test"), log_every=1, device="cpu", **kw
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +174,11 @@ def test_old_cache_without_checksums_reads_with_one_warning_and_valid_count_stil
     assert err.count("written without chunk checksums") == 1 and len(err.strip().splitlines()) == 1
     assert meta["attributes"]["complete"]["valid"] == 16
     (cache / GROUP / sid / "valid" / "c" / "0").unlink()  # rows 0..3 of `valid` now read as False
-    with pytest.raises(CacheIntegrityError, match=r"shard-000002.tar: valid count 12 differs from the completion "
-                                                  r"record's 16"):
+    with pytest.raises(
+        CacheIntegrityError,
+        match=r"shard-000002.tar: valid count 12 differs from the completion "
+        r"record's 16",
+    ):
         CacheJoin(cfg.data)
     assert "chunks intact" in _failed(_verify(dataset, cache))
 
@@ -186,8 +204,11 @@ def test_swapped_shard_groups_are_refused_by_train(dataset, cache, tmp_path):
     a.rename(tmp_path / "x")
     b.rename(a)
     (tmp_path / "x").rename(b)
-    with pytest.raises(CacheIntegrityError, match=r"shard-000000.tar: group .* was written for shard "
-                                                  r"'shard-000001.tar'.*swapped"):
+    with pytest.raises(
+        CacheIntegrityError,
+        match=r"shard-000000.tar: group .* was written for shard "
+        r"'shard-000001.tar'.*swapped",
+    ):
         CacheJoin(_train_cfg(dataset, cache, tmp_path / "run").data)
 
 
@@ -258,8 +279,16 @@ def test_retried_task_never_rewrites_a_complete_shard(dataset, cache):
     chunk = _chunk(cache, dataset, "tokens")
     before = (chunk.stat().st_ino, chunk.stat().st_mtime_ns)
     d = load_dataset(dataset)
-    job = ShardJob(os.path.abspath(dataset), d.shards[0], sid, str(cache), GROUP, AugConfig(views=2, seed=0),
-                   StorageConfig(dtype="fp16", chunk_rows=CHUNK), 8)
+    job = ShardJob(
+        os.path.abspath(dataset),
+        d.shards[0],
+        sid,
+        str(cache),
+        GROUP,
+        AugConfig(views=2, seed=0),
+        StorageConfig(dtype="fp16", chunk_rows=CHUNK),
+        8,
+    )
     from teacher_cache.extract import build_teacher
 
     result = extract_shard(job, build_teacher(TeacherConfig("random-vit:32/8", group=GROUP)), torch.device("cpu"), d)
@@ -280,8 +309,18 @@ def _dead_pid() -> int:
 def _write_lock(cache: Path, **owner) -> None:
     path = Path(lock_path(str(cache)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"host": "node-7", "pid": 4242, "started": time.time() - 100,
-                                "heartbeat": time.time(), "command": "extract", **owner}))
+    path.write_text(
+        json.dumps(
+            {
+                "host": "node-7",
+                "pid": 4242,
+                "started": time.time() - 100,
+                "heartbeat": time.time(),
+                "command": "extract",
+                **owner,
+            }
+        )
+    )
 
 
 def test_live_lock_refuses_a_second_writer_and_stale_locks_are_named_and_taken_over(dataset, cache, capsys):
@@ -312,9 +351,14 @@ def test_new_cache_never_empties_a_folder(dataset, tmp_path):
 
 
 def _cli(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, cwd=str(REPO),
-                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), *args],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        start_new_session=True,
+    )
 
 
 @pytest.mark.slow
@@ -324,8 +368,25 @@ def test_two_extract_runs_on_one_out_never_race(dataset, tmp_path):
     (Before: the two raced - `KeyError: 'boxes'`, `Directory not empty` - or one deleted the other's shard.)"""
     out, pause = tmp_path / "cache", tmp_path / "pause"
     pause.mkdir()
-    args = ["extract", "--shards", dataset, "--out", str(out), "--teacher", "random-vit:32/8", "--group", GROUP,
-            "--executor", "local", "--chunk-rows", str(CHUNK), "--batch-size", "8", "--device", "cpu"]
+    args = [
+        "extract",
+        "--shards",
+        dataset,
+        "--out",
+        str(out),
+        "--teacher",
+        "random-vit:32/8",
+        "--group",
+        GROUP,
+        "--executor",
+        "local",
+        "--chunk-rows",
+        str(CHUNK),
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+    ]
     first = _cli(args, tmp_path / "first.log", {"DIGPT_FAULT_PAUSE": str(pause)})
     try:
         deadline = time.monotonic() + 240
@@ -333,8 +394,15 @@ def test_two_extract_runs_on_one_out_never_race(dataset, tmp_path):
             time.sleep(0.1)
         assert list(pause.glob("*.pid")), (tmp_path / "first.log").read_text()
         before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-        second = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True,
-                                cwd=str(REPO), check=False, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=240)
+        second = subprocess.run(
+            [sys.executable, str(REPO / "cli.py"), *args],
+            capture_output=True,
+            text=True,
+            cwd=str(REPO),
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=240,
+        )
         assert second.returncode == 2, second.stderr
         assert f"being written by another run: pid {first.pid}" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
@@ -377,10 +445,17 @@ def test_resume_refuses_another_configuration_naming_fields(dataset, clean, cach
     (cache / GROUP / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"cache.fingerprint: run has '.*', asked 'ffff"):
         train(_train_cfg(dataset, cache, run, steps=4, resume=True), progress=False)
-    with pytest.raises(ValueError, match=r"2 field\(s\) differ: objective: run has 'digpt', asked 'fd'; "
-                                         r"optim.base_lr"):
-        train(_train_cfg(dataset, clean, run, steps=4, resume=True, objective="fd",
-                         optim=OptimConfig(base_lr=2e-3, warmup=0.1)), progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"2 field\(s\) differ: objective: run has 'digpt', asked 'fd'; "
+        r"optim.base_lr",
+    ):
+        train(
+            _train_cfg(
+                dataset, clean, run, steps=4, resume=True, objective="fd", optim=OptimConfig(base_lr=2e-3, warmup=0.1)
+            ),
+            progress=False,
+        )
     with pytest.raises(ValueError, match=r"data.batch_size: run has 8, asked 4"):
         train(_train_cfg(dataset, clean, run, steps=4, resume=True, data={"batch_size": 4}), progress=False)
     assert (run / "config.json").read_text() == config  # refused before anything was written

@@ -37,8 +37,20 @@ pytest.importorskip("moto")
 REPO = Path(__file__).resolve().parent.parent
 GROUP = "random-vit_32_8"
 KEY, SECRET = "AKIDDIGPTTESTKEY", "digpt-test-secret-7f3a"
-EXTRACT = ["--teacher", "random-vit:32/8", "--views", "2", "--dtype", "fp16", "--chunk-rows", "8",
-           "--batch-size", "8", "--device", "cpu"]
+EXTRACT = [
+    "--teacher",
+    "random-vit:32/8",
+    "--views",
+    "2",
+    "--dtype",
+    "fp16",
+    "--chunk-rows",
+    "8",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+]
 
 
 def _free_port() -> int:
@@ -76,8 +88,12 @@ class S3Server:
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         with open(log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(self.port)],
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _SERVER, str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.log = log
         self.wait_up()
 
@@ -99,8 +115,12 @@ class S3Server:
         self.wait_up()
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def fs(self):
         import s3fs
@@ -120,8 +140,9 @@ def s3(tmp_path_factory):
     server = S3Server(base / "moto.log")
     try:
         src = base / "src"
-        prepare_synthetic(SyntheticConfig(out=str(src), num_samples=48, num_classes=4, image_size=32, shard_size=12,
-                                          seed=3))
+        prepare_synthetic(
+            SyntheticConfig(out=str(src), num_samples=48, num_classes=4, image_size=32, shard_size=12, seed=3)
+        )
         fs = server.fs()
         fs.mkdir("bucket")
         for i, shard in enumerate(load_dataset(str(src)).shards):
@@ -134,17 +155,36 @@ def s3(tmp_path_factory):
         server.stop()
 
 
-def _cli(args: list[str], server: S3Server, log: Path, extra: dict[str, str] | None = None,
-         wait: bool = True, timeout: float = 600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "RAY_DEDUP_LOGS": "1", **server.env(),
-           **(extra or {})}
+def _cli(
+    args: list[str],
+    server: S3Server,
+    log: Path,
+    extra: dict[str, str] | None = None,
+    wait: bool = True,
+    timeout: float = 600,
+):
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "RAY_DEDUP_LOGS": "1",
+        **server.env(),
+        **(extra or {}),
+    }
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.pop("RAY_ADDRESS", None)
     if FAULT_PAUSE_ENV not in (extra or {}):
         env.pop(FAULT_PAUSE_ENV, None)
     f = open(log, "w")  # noqa: SIM115 - handed to the child; closed below or by the caller's wait
-    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, env=env, stdout=f,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     if not wait:
         return proc
     try:
@@ -188,8 +228,9 @@ def local_cache(s3) -> Path:
     """The same extraction, reading the same s3 shards, written to local disk (in-process executor)."""
     server, ds, base = s3
     out = base / "local-cache"
-    r = _cli(["extract", "--shards", ds, "--out", str(out), *EXTRACT, "--executor", "local"], server,
-             base / "local.log")
+    r = _cli(
+        ["extract", "--shards", ds, "--out", str(out), *EXTRACT, "--executor", "local"], server, base / "local.log"
+    )
     assert r.returncode == 0, r.stdout[-3000:]
     return out
 
@@ -201,26 +242,66 @@ def test_s3_prepare_extract_verify_train_probe(s3, local_cache, tmp_path):
     info = json.loads(Path(ds, "dataset.json").read_text())
     assert info["shards"] == [f"s3://bucket/shards/{i:03d}.tar" for i in range(4)]
 
-    r = _cli(["extract", "--shards", ds, "--out", "s3://bucket/cache", *EXTRACT, "--executor", "ray",
-              "--workers", "2", "--threads", "1"], server, tmp_path / "extract.log")
+    r = _cli(
+        [
+            "extract",
+            "--shards",
+            ds,
+            "--out",
+            "s3://bucket/cache",
+            *EXTRACT,
+            "--executor",
+            "ray",
+            "--workers",
+            "2",
+            "--threads",
+            "1",
+        ],
+        server,
+        tmp_path / "extract.log",
+    )
     assert r.returncode == 0, r.stdout[-3000:]
     assert "shards per node:" in r.stdout
     _assert_same_as_local(server, "s3://bucket/cache", local_cache)
 
-    r = _cli(["verify", "--shards", ds, "--cache", "s3://bucket/cache", "--device", "cpu"], server,
-             tmp_path / "verify.log")
+    r = _cli(
+        ["verify", "--shards", ds, "--cache", "s3://bucket/cache", "--device", "cpu"], server, tmp_path / "verify.log"
+    )
     assert r.returncode == 0 and "cache OK: s3://bucket/cache" in r.stdout, r.stdout[-3000:]
 
     run = tmp_path / "run"
     # Two loader workers: forked processes that read the s3 cache and the s3 shards.
-    r = _cli(["train", "--shards", ds, "--cache", "s3://bucket/cache", "--out", str(run), "--student", "tiny-test",
-              "--steps", "3", "--batch-size", "8", "--workers", "2", "--device", "cpu", "--log-every", "1"], server,
-             tmp_path / "train.log")
+    r = _cli(
+        [
+            "train",
+            "--shards",
+            ds,
+            "--cache",
+            "s3://bucket/cache",
+            "--out",
+            str(run),
+            "--student",
+            "tiny-test",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+            "--log-every",
+            "1",
+        ],
+        server,
+        tmp_path / "train.log",
+    )
     assert r.returncode == 0 and "trained 3 steps" in r.stdout, r.stdout[-3000:]
     assert "attached to a different loop" not in r.stdout and "Unclosed client session" not in r.stdout
 
-    r = _cli(["probe", "--run", str(run), "--shards", ds, "--device", "cpu", "--epochs", "5"], server,
-             tmp_path / "probe.log")
+    r = _cli(
+        ["probe", "--run", str(run), "--shards", ds, "--device", "cpu", "--epochs", "5"], server, tmp_path / "probe.log"
+    )
     assert r.returncode == 0 and (run / "probe_linear.json").exists(), r.stdout[-3000:]
 
     # Parquet shards (Hugging Face layout) read from s3:// by `prepare parquet`
@@ -230,8 +311,11 @@ def test_s3_prepare_extract_verify_train_probe(s3, local_cache, tmp_path):
     fs = server.fs()
     for p in sorted((tmp_path / "pq").iterdir()):
         fs.put(str(p), f"bucket/pq/{p.name}")
-    r = _cli(["prepare", "parquet", "s3://bucket/pq/train-{00000..00001}-of-00002.parquet", "--out",
-              str(tmp_path / "pqds")], server, tmp_path / "parquet.log")
+    r = _cli(
+        ["prepare", "parquet", "s3://bucket/pq/train-{00000..00001}-of-00002.parquet", "--out", str(tmp_path / "pqds")],
+        server,
+        tmp_path / "parquet.log",
+    )
     assert r.returncode == 0 and "20 samples" in r.stdout, r.stdout[-3000:]
 
     # Neither the endpoint nor a credential is written into the cache or the dataset directory.
@@ -256,8 +340,7 @@ def test_s3_server_stopped_mid_extract_fails_named_shards_and_rerun_completes(s3
     # connection fails in seconds.
     quick = {"FSSPEC_S3": json.dumps({"config_kwargs": {"connect_timeout": 2, "retries": {"max_attempts": 1}}})}
     url = "s3://bucket/outage"
-    args = ["extract", "--shards", ds, "--out", url, *EXTRACT, "--executor", "ray", "--workers", "2",
-            "--threads", "1"]
+    args = ["extract", "--shards", ds, "--out", url, *EXTRACT, "--executor", "ray", "--workers", "2", "--threads", "1"]
     log = tmp_path / "outage.log"
     proc = _cli(args, server, log, {**quick, FAULT_PAUSE_ENV: str(pause)}, wait=False)
     sids = shard_ids(load_dataset(ds).shards)

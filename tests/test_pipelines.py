@@ -19,9 +19,20 @@ def shared_cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_writes_a_report(recipe, tiny_dataset, shared_cache, tmp_path):
-    cfg = AblateConfig(recipe=recipe, out=str(tmp_path), shards=tiny_dataset, image_size=32, num_classes=4,
-                       student="tiny-test", steps=3, batch_size=8, executor="local", workers=0,
-                       semantic_teacher="random-vit:32/8", cache=shared_cache)
+    cfg = AblateConfig(
+        recipe=recipe,
+        out=str(tmp_path),
+        shards=tiny_dataset,
+        image_size=32,
+        num_classes=4,
+        student="tiny-test",
+        steps=3,
+        batch_size=8,
+        executor="local",
+        workers=0,
+        semantic_teacher="random-vit:32/8",
+        cache=shared_cache,
+    )
     results = run_ablation(cfg)
     variants = RECIPES[recipe](cfg)
     rows = results["rows"]
@@ -61,9 +72,20 @@ def test_findings_state_the_comparison_honestly():
 
 
 def test_table_has_one_line_per_row():
-    row = {"variant": "v", "teacher": "t", "objective": "digpt", "order": "random", "storage": "fp16",
-           "bytes_per_view": 10.0, "train_seconds": 1.0, "linear_top1": 0.5, "linear_top1_std": 0.1, "knn_top1": 0.4,
-           "knn_top1_std": 0.0, "seeds": 2}
+    row = {
+        "variant": "v",
+        "teacher": "t",
+        "objective": "digpt",
+        "order": "random",
+        "storage": "fp16",
+        "bytes_per_view": 10.0,
+        "train_seconds": 1.0,
+        "linear_top1": 0.5,
+        "linear_top1_std": 0.1,
+        "knn_top1": 0.4,
+        "knn_top1_std": 0.0,
+        "seeds": 2,
+    }
     table = format_table({"rows": [row, row]})
     assert table.count("\n") == 3 and "0.500 ± 0.100" in table
 
@@ -77,9 +99,11 @@ def test_findings_do_not_call_noise_a_win():
     """On 128 report samples, 0.141 vs 0.078 is within two standard errors: no verdict is drawn."""
     from pipelines.ablate import noise_margin
 
-    rows = [{"variant": "digpt/pixel", "teacher": "pixel:64/8", "linear_top1": 0.078},
-            {"variant": "digpt/semantic", "teacher": "efficientnet_lite0:256", "linear_top1": 0.141},
-            {"variant": "random-init (floor)", "teacher": "-", "linear_top1": 0.125}]
+    rows = [
+        {"variant": "digpt/pixel", "teacher": "pixel:64/8", "linear_top1": 0.078},
+        {"variant": "digpt/semantic", "teacher": "efficientnet_lite0:256", "linear_top1": 0.141},
+        {"variant": "random-init (floor)", "teacher": "-", "linear_top1": 0.125},
+    ]
     text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": 128}))
     assert "within noise" in text and "does not separate them" in text and " beat" not in text
     assert "Above the floor only within noise: digpt/semantic" in text

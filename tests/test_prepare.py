@@ -59,9 +59,7 @@ def _jpeg(seed: int = 0, w: int = 20, h: int = 12) -> bytes:
 
 
 def test_synthetic_is_deterministic_and_balanced(tmp_path: Path) -> None:
-    cfg = SyntheticConfig(
-        out=str(tmp_path / "a"), num_samples=24, num_classes=4, image_size=32, shard_size=10
-    )
+    cfg = SyntheticConfig(out=str(tmp_path / "a"), num_samples=24, num_classes=4, image_size=32, shard_size=10)
     a = prepare_synthetic(cfg)
     b = prepare_synthetic(SyntheticConfig(**{**cfg.__dict__, "out": str(tmp_path / "b")}))
     assert a.manifest.column("hash").to_pylist() == b.manifest.column("hash").to_pylist()
@@ -122,12 +120,8 @@ def test_synthetic_classes_differ_in_form(num_classes: int) -> None:
 
 def test_rerun_replaces_stale_shards_and_loads(tmp_path: Path) -> None:
     out = tmp_path / "ds"
-    prepare_synthetic(
-        SyntheticConfig(out=str(out), num_samples=6, num_classes=2, image_size=16, shard_size=2)
-    )
-    ds = prepare_synthetic(
-        SyntheticConfig(out=str(out), num_samples=6, num_classes=2, image_size=16, shard_size=4)
-    )
+    prepare_synthetic(SyntheticConfig(out=str(out), num_samples=6, num_classes=2, image_size=16, shard_size=2))
+    ds = prepare_synthetic(SyntheticConfig(out=str(out), num_samples=6, num_classes=2, image_size=16, shard_size=4))
     assert (
         sorted(p for p in os.listdir(out) if p.endswith(".tar"))
         == ds.shards
@@ -139,9 +133,7 @@ def test_rerun_replaces_stale_shards_and_loads(tmp_path: Path) -> None:
     assert loaded.rows("shard-000001.tar")["key"] == ["00000004", "00000005"]
     assert loaded.rows("nope.tar")["key"] == []
     assert loaded.shard_url("shard-000000.tar") == os.path.join(str(out), "shard-000000.tar")
-    assert (
-        loaded.shard_url("/abs/x.tar") == "/abs/x.tar" and loaded.shard_url("s3://b/x.tar") == "s3://b/x.tar"
-    )
+    assert loaded.shard_url("/abs/x.tar") == "/abs/x.tar" and loaded.shard_url("s3://b/x.tar") == "s3://b/x.tar"
     assert "6 samples in 2 shards, 2 classes" in loaded.summary()
 
 
@@ -249,9 +241,7 @@ def _wds_shards(tmp_path: Path) -> Path:
         RawSample("000000000", {"jpg": _jpeg(12)}),  # the same key again later in the shard
     ]
     second = [
-        RawSample(
-            "000010000", {"jpg": _jpeg(13), "txt": "a café".encode(), "json": b'{"url": "http://x/1"}'}
-        ),
+        RawSample("000010000", {"jpg": _jpeg(13), "txt": "a café".encode(), "json": b'{"url": "http://x/1"}'}),
         RawSample("000010001", {"jpg": _jpeg(14), "cls": b"dog"}),
         RawSample("000010002", {"jpg": _jpeg(15), "json": b"{not json"}),
     ]
@@ -356,9 +346,7 @@ def test_load_dataset_names_missing_and_tampered_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="digpt prepare"):
         load_dataset(str(tmp_path / "nothing"))
     out = tmp_path / "ds"
-    ds = prepare_synthetic(
-        SyntheticConfig(out=str(out), num_samples=4, num_classes=2, image_size=16, shard_size=4)
-    )
+    ds = prepare_synthetic(SyntheticConfig(out=str(out), num_samples=4, num_classes=2, image_size=16, shard_size=4))
     pq.write_table(ds.manifest.slice(0, 3), out / "manifest.parquet")
     with pytest.raises(ValueError, match="fingerprint"):
         load_dataset(str(out))

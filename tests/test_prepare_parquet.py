@@ -49,19 +49,31 @@ def write_hf_parquet(folder: Path, files: int = 2, rows: int = 10) -> list[list[
                 data = None
             elif f == 0 and r == 5:
                 data = b"not an image"
-            table_rows.append({"image": {"bytes": data, "path": f"img{i}.{fmt.lower()}" if i % 4 else None},
-                               "label": i % 3})
-        pq.write_table(pa.table({"image": pa.array([t["image"] for t in table_rows], type=image_t),
-                                 "label": pa.array([t["label"] for t in table_rows], type=pa.int64())}),
-                       folder / f"train-{f:05d}-of-{files:05d}.parquet")
+            table_rows.append(
+                {"image": {"bytes": data, "path": f"img{i}.{fmt.lower()}" if i % 4 else None}, "label": i % 3}
+            )
+        pq.write_table(
+            pa.table(
+                {
+                    "image": pa.array([t["image"] for t in table_rows], type=image_t),
+                    "label": pa.array([t["label"] for t in table_rows], type=pa.int64()),
+                }
+            ),
+            folder / f"train-{f:05d}-of-{files:05d}.parquet",
+        )
         out.append(table_rows)
     return out
 
 
 def test_prepare_parquet_keeps_bytes_labels_and_names_bad_rows(tmp_path):
     rows = write_hf_parquet(tmp_path / "pq")
-    ds = prepare_parquet(ParquetConfig(pattern=str(tmp_path / "pq" / "train-{00000..00001}-of-00002.parquet"),
-                                       out=str(tmp_path / "ds"), shard_size=8))
+    ds = prepare_parquet(
+        ParquetConfig(
+            pattern=str(tmp_path / "pq" / "train-{00000..00001}-of-00002.parquet"),
+            out=str(tmp_path / "ds"),
+            shard_size=8,
+        )
+    )
     assert ds.info["kind"] == "parquet" and ds.num_samples == 20 and len(ds.shards) == 3
     m = ds.manifest.to_pydict()
     flat = [r for f in rows for r in f]
@@ -89,8 +101,21 @@ def test_prepare_parquet_keeps_bytes_labels_and_names_bad_rows(tmp_path):
 def test_prepare_parquet_refuses_a_missing_image_column_naming_the_file(tmp_path):
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table({"img": [b"x"], "label": [0]}), tmp_path / "pq" / "a.parquet")
-    r = subprocess.run([sys.executable, str(REPO / "cli.py"), "prepare", "parquet", str(tmp_path / "pq" / "*.parquet"),
-                        "--out", str(tmp_path / "ds")], check=False, cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "cli.py"),
+            "prepare",
+            "parquet",
+            str(tmp_path / "pq" / "*.parquet"),
+            "--out",
+            str(tmp_path / "ds"),
+        ],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert "a.parquet: no image column 'image'" in r.stderr and "--image-column" in r.stderr
     with pytest.raises(ValueError, match="globs are only supported for local paths"):
@@ -99,12 +124,23 @@ def test_prepare_parquet_refuses_a_missing_image_column_naming_the_file(tmp_path
 
 def test_extract_and_loader_read_parquet_shards(tmp_path):
     write_hf_parquet(tmp_path / "pq")
-    ds = prepare_parquet(ParquetConfig(pattern=str(tmp_path / "pq" / "*.parquet"), out=str(tmp_path / "ds"),
-                                       shard_size=10))
+    ds = prepare_parquet(
+        ParquetConfig(pattern=str(tmp_path / "pq" / "*.parquet"), out=str(tmp_path / "ds"), shard_size=10)
+    )
     cache = tmp_path / "cache"
-    summary = run_extract(ExtractConfig(shards=ds.root, out=str(cache), executor="local", device="cpu",
-                                        teachers=(TeacherConfig("random-vit:32/8"),), aug=AugConfig(views=2),
-                                        storage=StorageConfig(chunk_rows=8), batch_size=8), progress=False)
+    summary = run_extract(
+        ExtractConfig(
+            shards=ds.root,
+            out=str(cache),
+            executor="local",
+            device="cpu",
+            teachers=(TeacherConfig("random-vit:32/8"),),
+            aug=AugConfig(views=2),
+            storage=StorageConfig(chunk_rows=8),
+            batch_size=8,
+        ),
+        progress=False,
+    )
     assert summary.ok and summary.tokenizers[0].valid == 18  # the two bad rows are skipped, and named
     assert summary.tokenizers[0].skipped_by_reason
     views = CachedViews(DataConfig(shards=ds.root, cache=str(cache), img_size=32, batch_size=6, shuffle_buffer=0))
@@ -112,4 +148,5 @@ def test_extract_and_loader_read_parquet_shards(tmp_path):
     assert len(batches) == 3 and batches[0]["images"].shape == (6, 3, 32, 32)
     assert batches[0]["tokens"].shape[:2] == (6, 16)
     assert sorted(int(x) for b in batches for x in b["labels"]) == sorted(
-        ds.manifest.column("label").to_pylist()[i] for i in range(20) if i not in (3, 5))
+        ds.manifest.column("label").to_pylist()[i] for i in range(20) if i not in (3, 5)
+    )

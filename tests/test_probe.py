@@ -55,12 +55,29 @@ def trained_run(tiny_dataset, tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("probe_run")
     cache = str(root / "cache")
-    run_extract(ExtractConfig(shards=tiny_dataset, out=cache, teachers=(TeacherConfig("random-vit:32/8"),),
-                              aug=AugConfig(views=1), storage=StorageConfig(dtype="fp16"), executor="local"),
-                progress=False)
+    run_extract(
+        ExtractConfig(
+            shards=tiny_dataset,
+            out=cache,
+            teachers=(TeacherConfig("random-vit:32/8"),),
+            aug=AugConfig(views=1),
+            storage=StorageConfig(dtype="fp16"),
+            executor="local",
+        ),
+        progress=False,
+    )
     data = DataConfig(shards=tiny_dataset, cache=cache, img_size=32, batch_size=8, shuffle_buffer=8)
-    train(TrainConfig(data=data, out=str(root / "run"), student=StudentConfig("tiny-test"), steps=4,
-                      optim=OptimConfig(base_lr=3e-3, warmup=0.25), log_every=4), progress=False)
+    train(
+        TrainConfig(
+            data=data,
+            out=str(root / "run"),
+            student=StudentConfig("tiny-test"),
+            steps=4,
+            optim=OptimConfig(base_lr=3e-3, warmup=0.25),
+            log_every=4,
+        ),
+        progress=False,
+    )
     torch.set_num_threads(before)
     return str(root / "run")
 
@@ -92,8 +109,10 @@ def test_probe_a_trained_run(kind, trained_run, tiny_dataset):
 
 def test_finetune_one_epoch(trained_run, tiny_dataset, tmp_path):
     out = str(tmp_path / "ft.json")
-    result = run_probe(ProbeConfig(shards=tiny_dataset, kind="finetune", run=trained_run, finetune_epochs=1,
-                                   batch_size=16, out=out), progress=False)
+    result = run_probe(
+        ProbeConfig(shards=tiny_dataset, kind="finetune", run=trained_run, finetune_epochs=1, batch_size=16, out=out),
+        progress=False,
+    )
     saved = _check_result(out, "finetune", depth=4)
     assert result.rows[0].select_top1 is None and result.rows[0].lr == 1e-3  # no choice made: the given lr
     # A stratified quarter of 4 classes x 12 is held out, and top-1 is a count over it.
@@ -114,8 +133,16 @@ def test_finetune_learns_what_a_frozen_head_cannot_miss():
     views = (colours[labels][:, :, None, None].int() + noise).clamp(0, 255).to(torch.uint8)
     train, test = slice(0, 48), slice(48, 64)
     enc = VisionTransformer(vit_config("tiny-test"))
-    cfg = ProbeConfig(shards="-", run="-", kind="finetune", finetune_epochs=6, finetune_lr=3e-3, batch_size=16,
-                      warmup=0.0, device="cpu")
+    cfg = ProbeConfig(
+        shards="-",
+        run="-",
+        kind="finetune",
+        finetune_epochs=6,
+        finetune_lr=3e-3,
+        batch_size=16,
+        warmup=0.0,
+        device="cpu",
+    )
     accs = {}
     for shift in (0, 1):
         scores = finetune_scores(cfg, enc, views[train], (labels[train] + shift) % 4, views[test], 4, progress=False)
@@ -240,8 +267,10 @@ def _folder_with_a_bad_image(root) -> str:
 def test_random_floor_skips_bad_rows_and_center_crops(kind, tmp_path):
     ds = _folder_with_a_bad_image(tmp_path)
     out = str(tmp_path / "probe.json")
-    result = run_probe(ProbeConfig(shards=ds, kind=kind, random_init=True, student="tiny-test", out=out, k=3,
-                                   epochs=50), progress=False)
+    result = run_probe(
+        ProbeConfig(shards=ds, kind=kind, random_init=True, student="tiny-test", out=out, k=3, epochs=50),
+        progress=False,
+    )
     assert result.n_skipped == 1 and result.skipped == {"manifest error": 1}
     assert result.n_train + result.n_report == 12 and result.encoder["source"] == "random-init"
     assert _load(out)["encoder"]["student"] == "tiny-test"
@@ -261,8 +290,13 @@ def test_cli(trained_run, tiny_dataset, tmp_path, capsys):
     assert cli.main(["probe", "--run", trained_run, "--shards", tiny_dataset, "--kind", "knn", "--random-init"]) == 0
     out = _load(os.path.join(trained_run, "probe_knn_random.json"))
     assert out["encoder"]["source"] == "random-init" and out["encoder"]["run"] == trained_run
-    for bad, field in ((["--kind", "svm"], "kind"), (["--k", "0"], ".k "), (["--pool", "max"], "pool"),
-                       (["--lrs", "fast"], "--lrs"), (["--random-init", "--student", "tiny-test"], "student")):
+    for bad, field in (
+        (["--kind", "svm"], "kind"),
+        (["--k", "0"], ".k "),
+        (["--pool", "max"], "pool"),
+        (["--lrs", "fast"], "--lrs"),
+        (["--random-init", "--student", "tiny-test"], "student"),
+    ):
         assert cli.main(["probe", "--run", trained_run, "--shards", tiny_dataset, *bad]) == 2
         assert field in capsys.readouterr().err, bad
     assert cli.main(["probe", "--shards", tiny_dataset, "--random-init", "--student", "tiny-test"]) == 2

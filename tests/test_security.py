@@ -72,8 +72,12 @@ def test_hostile_member_names_never_leave_the_output(tmp_path, monkeypatch, caps
 
     ds, cache = tmp_path / "ds", tmp_path / "cache"
     assert cli.main(["prepare", "wds", str(raw / "hostile.tar"), "--out", str(ds)]) == 0
-    assert cli.main(["extract", "--shards", str(ds), "--out", str(cache), "--teacher", "pixel:32/8",
-                     "--executor", "local"]) == 0
+    assert (
+        cli.main(
+            ["extract", "--shards", str(ds), "--out", str(cache), "--teacher", "pixel:32/8", "--executor", "local"]
+        )
+        == 0
+    )
     assert cli.main(["verify", "--shards", str(ds), "--cache", str(cache), "--spot-checks", "2"]) == 0
 
     new = _files_under(base) - before
@@ -89,7 +93,7 @@ def test_hostile_member_names_never_leave_the_output(tmp_path, monkeypatch, caps
     import zarr
 
     tok = zarr.open_group(str(cache), mode="r")["pixel_32_8"]
-    (_, g), = tok.groups()
+    ((_, g),) = tok.groups()
     assert [str(k) for k in g["keys"][:]] == names and g["valid"][:].all()
 
 
@@ -97,11 +101,25 @@ def test_hostile_member_names_never_leave_the_output(tmp_path, monkeypatch, caps
 # no unsafe deserialisation anywhere in the project's code
 
 _FORBIDDEN_CALLS = {
-    ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("cPickle", "load"), ("cPickle", "loads"),
-    ("dill", "load"), ("dill", "loads"), ("cloudpickle", "load"), ("cloudpickle", "loads"),
-    ("marshal", "load"), ("marshal", "loads"), ("shelve", "open"), ("joblib", "load"),
-    ("yaml", "unsafe_load"), ("yaml", "full_load"), ("yaml", "unsafe_load_all"),
-    ("pd", "read_pickle"), ("pandas", "read_pickle"), ("jit", "load"),
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("pickle", "Unpickler"),
+    ("cPickle", "load"),
+    ("cPickle", "loads"),
+    ("dill", "load"),
+    ("dill", "loads"),
+    ("cloudpickle", "load"),
+    ("cloudpickle", "loads"),
+    ("marshal", "load"),
+    ("marshal", "loads"),
+    ("shelve", "open"),
+    ("joblib", "load"),
+    ("yaml", "unsafe_load"),
+    ("yaml", "full_load"),
+    ("yaml", "unsafe_load_all"),
+    ("pd", "read_pickle"),
+    ("pandas", "read_pickle"),
+    ("jit", "load"),
 }
 _FORBIDDEN_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
 
@@ -224,16 +242,30 @@ def test_payload_is_live(tmp_path):
         assert marker.is_dir()
 
 
-@pytest.mark.parametrize("teacher", ["timm:vit_tiny_test", "openclip:tiny", "efficientnet_lite0",
-                                     "kmeans:timm:vit_tiny_test"])
+@pytest.mark.parametrize(
+    "teacher", ["timm:vit_tiny_test", "openclip:tiny", "efficientnet_lite0", "kmeans:timm:vit_tiny_test"]
+)
 @pytest.mark.parametrize("fmt,suffix", [("zip", ".pth"), ("legacy", ".bin"), ("raw", ".pt"), ("raw", ".safetensors")])
 def test_malicious_weights_are_refused_not_run(teacher, fmt, suffix, tiny_dataset, tmp_path, capsys):
     marker = tmp_path / "PWNED"
     weights = _malicious(tmp_path / f"evil{suffix}", marker, fmt)
     out = tmp_path / "cache"
     capsys.readouterr()
-    rc = cli.main(["extract", "--shards", tiny_dataset, "--out", str(out), "--teacher", teacher,
-                   "--weights", weights, "--executor", "local"])
+    rc = cli.main(
+        [
+            "extract",
+            "--shards",
+            tiny_dataset,
+            "--out",
+            str(out),
+            "--teacher",
+            teacher,
+            "--weights",
+            weights,
+            "--executor",
+            "local",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert not marker.exists(), "the malicious pickle was executed"
     assert rc == 2, err
@@ -250,13 +282,30 @@ def test_verify_refuses_swapped_in_malicious_weights(tiny_dataset, tmp_path, cap
     weights = tmp_path / "vit.pth"
     torch.save(create_teacher("timm:vit_tiny_test").model.state_dict(), weights)
     cache = tmp_path / "cache"
-    assert cli.main(["extract", "--shards", tiny_dataset, "--out", str(cache), "--teacher", "timm:vit_tiny_test",
-                     "--weights", str(weights), "--executor", "local"]) == 0
+    assert (
+        cli.main(
+            [
+                "extract",
+                "--shards",
+                tiny_dataset,
+                "--out",
+                str(cache),
+                "--teacher",
+                "timm:vit_tiny_test",
+                "--weights",
+                str(weights),
+                "--executor",
+                "local",
+            ]
+        )
+        == 0
+    )
     marker = tmp_path / "PWNED"
     _malicious(weights, marker, "zip")
     capsys.readouterr()
     assert cli.main(["verify", "--shards", tiny_dataset, "--cache", str(cache), "--spot-checks", "2"]) == 1
     out = capsys.readouterr().out
     assert not marker.exists(), "the malicious pickle was executed"
-    assert any(line.startswith("FAIL") and "teacher rebuilds" in line and str(weights) in line
-               for line in out.splitlines()), out
+    assert any(
+        line.startswith("FAIL") and "teacher rebuilds" in line and str(weights) in line for line in out.splitlines()
+    ), out

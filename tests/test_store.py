@@ -47,8 +47,19 @@ def test_feature_targets_use_lz4_and_codes_zstd(tmp_path):
 
     root = zarr.open_group(str(tmp_path / "c"), mode="w")
     for codes in (False, True):
-        lay = ShardLayout(rows=4, views=2, tokens=4, dim=8, has_cls=not codes, codes=codes, dtype="fp16",
-                          chunk_rows=2, clevel=3, num_codes=16 if codes else 0, codec="auto")
+        lay = ShardLayout(
+            rows=4,
+            views=2,
+            tokens=4,
+            dim=8,
+            has_cls=not codes,
+            codes=codes,
+            dtype="fp16",
+            chunk_rows=2,
+            clevel=3,
+            num_codes=16 if codes else 0,
+            codec="auto",
+        )
         g = create_shard_group(root.require_group(f"t{int(codes)}"), "s", "s.tar", lay)
         want = "zstd" if codes else "lz4"
         assert g["tokens"].compressors[0].cname.value == want

@@ -18,8 +18,15 @@ TINY = vit_config("tiny-test")  # 32 px, patch 8 -> 4x4 grid
 
 def _digpt(cluster_size=2, target_grid=(6, 6), attn_impl="sdpa", **kw) -> DiGPT:
     torch.manual_seed(0)
-    cfg = DiGPTConfig(encoder=TINY, cluster_size=cluster_size, decoder_dim=32, decoder_heads=2,
-                      target_dim=16, target_grid=target_grid, **kw)
+    cfg = DiGPTConfig(
+        encoder=TINY,
+        cluster_size=cluster_size,
+        decoder_dim=32,
+        decoder_heads=2,
+        target_dim=16,
+        target_grid=target_grid,
+        **kw,
+    )
     return DiGPT(cfg, attn_impl).eval()
 
 
@@ -85,7 +92,7 @@ def _perturb_cluster(x: torch.Tensor, order: torch.Tensor, slot: int, model: DiG
     x = x.clone()
     for b, cluster in enumerate(order[:, slot].tolist()):
         r, c = divmod(cluster, model.cfg.clusters_per_side)
-        x[b, :, r * side:(r + 1) * side, c * side:(c + 1) * side] += torch.randn(3, side, side)
+        x[b, :, r * side : (r + 1) * side, c * side : (c + 1) * side] += torch.randn(3, side, side)
     return x
 
 
@@ -94,8 +101,9 @@ def _perturb_cluster(x: torch.Tensor, order: torch.Tensor, slot: int, model: DiG
 def test_no_leak_from_later_clusters(cluster_size, target_grid, slot, attn_impl):
     model = _digpt(cluster_size, target_grid, attn_impl)
     x = _images()
-    order = torch.stack([torch.randperm(model.cfg.n_clusters, generator=torch.Generator().manual_seed(s))
-                         for s in range(2)])
+    order = torch.stack(
+        [torch.randperm(model.cfg.n_clusters, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    )
     x2 = _perturb_cluster(x, order, slot, model)
     with torch.no_grad():
         seen = model.cluster_patches[order][:, :-1].flatten(1)
@@ -129,12 +137,12 @@ def test_order_matters_and_index_maps_align():
         out = model(x, order)
     share = model.cfg.target_share[0] * model.cfg.target_share[1]
     # Same visible prefix (clusters 0, 1): same discriminative predictions for them, at the same targets.
-    assert torch.equal(out["dis_index"][0, :2 * share], out["dis_index"][1, :2 * share])
-    torch.testing.assert_close(out["dis"][1, :2 * share], out["dis"][0, :2 * share], atol=1e-6, rtol=0)
+    assert torch.equal(out["dis_index"][0, : 2 * share], out["dis_index"][1, : 2 * share])
+    torch.testing.assert_close(out["dis"][1, : 2 * share], out["dis"][0, : 2 * share], atol=1e-6, rtol=0)
     # Different position in the order: cluster 0 seen alone vs after cluster 1.
     first = out["dis"][0, :share]
-    other = out["dis"][2, share:2 * share]
-    assert torch.equal(out["dis_index"][0, :share], out["dis_index"][2, share:2 * share])
+    other = out["dis"][2, share : 2 * share]
+    assert torch.equal(out["dis_index"][0, :share], out["dis_index"][2, share : 2 * share])
     assert not torch.allclose(first, other, atol=1e-4)
     # Per-sample orders in one batch equal running each sample alone.
     with torch.no_grad():

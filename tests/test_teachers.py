@@ -117,8 +117,14 @@ def test_pca_projects_on_a_deterministic_orthonormal_basis():
     assert create_teacher("pca:random-vit:32/8", basis=basis.clone()).fingerprint() == t.fingerprint()
 
 
-@pytest.mark.parametrize("kw,match", [({}, "fitted basis"), ({"basis": torch.zeros(9, 16)}, "does not fit"),
-                                      ({"basis": torch.zeros(9, 32), "pca_dim": 4}, "pca_dim")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({}, "fitted basis"),
+        ({"basis": torch.zeros(9, 16)}, "does not fit"),
+        ({"basis": torch.zeros(9, 32), "pca_dim": 4}, "pca_dim"),
+    ],
+)
 def test_pca_refuses_a_missing_or_mismatched_basis(kw, match):
     with pytest.raises(ValueError, match=match):
         create_teacher("pca:random-vit:32/8", **kw)
@@ -126,8 +132,10 @@ def test_pca_refuses_a_missing_or_mismatched_basis(kw, match):
         fit_pca(torch.randn(10, 4), 5)
 
 
-@pytest.mark.parametrize("name,match", [("nope", "unknown teacher"), ("pixel:30/8", "multiple"),
-                                        ("kmeans", "base teacher"), ("pca", "base teacher")])
+@pytest.mark.parametrize(
+    "name,match",
+    [("nope", "unknown teacher"), ("pixel:30/8", "multiple"), ("kmeans", "base teacher"), ("pca", "base teacher")],
+)
 def test_bad_names_are_named(name, match):
     with pytest.raises(ValueError, match=match):
         create_teacher(name)

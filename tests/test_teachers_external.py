@@ -110,7 +110,9 @@ def test_layer_selection(name):
             create_teacher(name, layer=bad)
 
 
-@pytest.mark.parametrize("name", ["openclip:ViT-B-16@openai", "timm:vit_small_patch14_dinov2.lvd142m", "dinov2-b14-reg"])
+@pytest.mark.parametrize(
+    "name", ["openclip:ViT-B-16@openai", "timm:vit_small_patch14_dinov2.lvd142m", "dinov2-b14-reg"]
+)
 def test_real_teacher_without_weights_refuses(name, no_network):
     with pytest.raises(ValueError, match="--weights"):
         create_teacher(name)
@@ -134,8 +136,9 @@ def test_openclip_matches_open_clip(tmp_path, no_network):
         inter = v.forward_intermediates(xn, indices=[1], normalize_intermediates=True, output_fmt="NLC")
         torch.testing.assert_close(out.tokens, inter["image_intermediates"][0] @ v.proj, rtol=0, atol=1e-5)
         mid = create_teacher(OPENCLIP_TINY, weights=path, layer=1)(x)
-        inter1 = v.forward_intermediates(xn, indices=[0], normalize_intermediates=True, output_fmt="NLC",
-                                         output_extra_tokens=True)
+        inter1 = v.forward_intermediates(
+            xn, indices=[0], normalize_intermediates=True, output_fmt="NLC", output_extra_tokens=True
+        )
         torch.testing.assert_close(mid.tokens, inter1["image_intermediates"][0] @ v.proj, rtol=0, atol=1e-5)
         torch.testing.assert_close(mid.cls, inter1["image_intermediates_prefix"][0][:, 0] @ v.proj, rtol=0, atol=1e-5)
     assert teacher.spec.mean == tuple(open_clip.OPENAI_DATASET_MEAN) and teacher.spec.has_cls
@@ -151,7 +154,9 @@ def test_openclip_tag_sets_activation_and_normalisation(tmp_path, monkeypatch, n
 
     real = open_clip.get_pretrained_cfg
     fake = {"quick_gelu": True, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda a, t: fake if (a, t) == (TINY_ARCH, "fake") else real(a, t))
+    monkeypatch.setattr(
+        open_clip, "get_pretrained_cfg", lambda a, t: fake if (a, t) == (TINY_ARCH, "fake") else real(a, t)
+    )
     path = _save(_state_dict(OPENCLIP_TINY, None), tmp_path / "w.safetensors")
     t = create_teacher("openclip:tiny@fake", weights=path)
     assert isinstance(t.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
@@ -201,12 +206,14 @@ def _sample_images():
         return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
 
     hopper, pack, logo = load("grace_hopper.jpg"), load("Minduka_Present_Blue_Pack.png"), load("logo2.png")
-    return torch.stack([
-        view(hopper, (0, 0, 512, 512)),
-        view(hopper, (40, 60, 472, 492), flip=True),
-        view(pack, (0, 0, 128, 128)),
-        view(logo, (0, 0, 130, 130)),
-    ])
+    return torch.stack(
+        [
+            view(hopper, (0, 0, 512, 512)),
+            view(hopper, (40, 60, 472, 492), flip=True),
+            view(pack, (0, 0, 128, 128)),
+            view(logo, (0, 0, 130, 130)),
+        ]
+    )
 
 
 def test_efficientnet_shapes_and_layers(lite0):

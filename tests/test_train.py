@@ -36,8 +36,14 @@ TOKENIZER_FOR = {"digit": "codes", "igpt": "pixel"}
 
 @pytest.mark.parametrize("objective", list_objectives())
 def test_each_objective_learns(objective, tiny_dataset, tiny_cache, tmp_path):
-    cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / objective, TOKENIZER_FOR.get(objective, "vit"),
-               objective=objective, steps=36)
+    cfg = _cfg(
+        tiny_dataset,
+        tiny_cache,
+        tmp_path / objective,
+        TOKENIZER_FOR.get(objective, "vit"),
+        objective=objective,
+        steps=36,
+    )
     losses = [row["loss"] for row in train(cfg, progress=False).history]
     assert len(losses) == 36 and all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
@@ -74,8 +80,12 @@ def test_every_combination_trains_or_is_refused(objective, order, kind):
         assert f"objective {objective!r}" in str(e.value) and all(w in str(e.value) for w in refusal), str(e.value)
         return
     obj = create_objective(objective, StudentConfig("tiny-test"), target, order)
-    batch = {"images": torch.rand(2, 3, 32, 32), "tokens": torch.randn(2, 16, 32), "order_seed": torch.tensor([1, 2]),
-             "codes": torch.randint(0, 16, (2, 16))}
+    batch = {
+        "images": torch.rand(2, 3, 32, 32),
+        "tokens": torch.randn(2, 16, 32),
+        "order_seed": torch.tensor([1, 2]),
+        "codes": torch.randint(0, 16, (2, 16)),
+    }
     if target.has_cls:
         batch["cls"] = torch.randn(2, 32)
     loss, _ = obj(batch)
@@ -137,8 +147,12 @@ def test_pca_tokenizer_trains_and_equals_online_teacher(tiny_dataset, tiny_cache
     cached_loss = objective(batch)[0]
     torch.manual_seed(0)
     assert torch.allclose(cached_loss, objective(online)[0], atol=1e-6)
-    losses = [row["loss"] for row in train(_cfg(tiny_dataset, tiny_cache, tmp_path / "run", "pca", objective="digpt"),
-                                           progress=False).history]
+    losses = [
+        row["loss"]
+        for row in train(
+            _cfg(tiny_dataset, tiny_cache, tmp_path / "run", "pca", objective="digpt"), progress=False
+        ).history
+    ]
     assert len(losses) == 12 and all(np.isfinite(losses))
 
 
@@ -146,7 +160,9 @@ def test_refuses_mismatched_cache(tiny_dataset, tiny_cache, tmp_path):
     from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
 
     other = tmp_path / "other"
-    prepare_synthetic(SyntheticConfig(out=str(other), num_samples=16, num_classes=2, image_size=32, shard_size=8, seed=9))
+    prepare_synthetic(
+        SyntheticConfig(out=str(other), num_samples=16, num_classes=2, image_size=32, shard_size=8, seed=9)
+    )
     with pytest.raises(ValueError, match="other shards"):
         build_run(_cfg(str(other), tiny_cache, tmp_path / "r"))
     with pytest.raises(ValueError, match="several tokenizers"):
@@ -170,9 +186,33 @@ def test_export_loads_in_timm(tiny_dataset, tiny_cache, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tiny_dataset, tiny_cache, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           os.path.join(REPO, "cli.py"), "train", "--shards", tiny_dataset, "--cache", tiny_cache, "--tokenizer", "vit",
-           "--out", str(run), "--steps", "4", "--batch-size", "4", "--workers", "0", "--log-every", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        os.path.join(REPO, "cli.py"),
+        "train",
+        "--shards",
+        tiny_dataset,
+        "--cache",
+        tiny_cache,
+        "--tokenizer",
+        "vit",
+        "--out",
+        str(run),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

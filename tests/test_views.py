@@ -76,7 +76,9 @@ def test_replay_is_exact_crop_resize_flip():
         replay_view(img, (30, 0, 20, 20), False, 16)
 
 
-@pytest.mark.parametrize("field,value", [("views", 0), ("scale", (0.5, 0.2)), ("ratio", (0.0, 1.0)), ("hflip", 1.5), ("seed", -1)])
+@pytest.mark.parametrize(
+    "field,value", [("views", 0), ("scale", (0.5, 0.2)), ("ratio", (0.0, 1.0)), ("hflip", 1.5), ("seed", -1)]
+)
 def test_aug_config_names_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         AugConfig(**{field: value})

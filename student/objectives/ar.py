@@ -34,12 +34,22 @@ class IGPT(Objective):
         name = self.registry_name
         grid = student.encoder_config().grid_size
         if target.kind == "codes" and tuple(target.grid) != (grid, grid):
-            raise ValueError(f"objective {name!r}: code targets need the teacher grid {target.grid} to equal the "
-                             f"student grid ({grid}, {grid}) — logits cannot be resampled")
+            raise ValueError(
+                f"objective {name!r}: code targets need the teacher grid {target.grid} to equal the "
+                f"student grid ({grid}, {grid}) — logits cannot be resampled"
+            )
         self.target, self.codes = target, target.kind == "codes"
         self.num_codes = target.num_codes if self.codes else 0
-        self.model = build_digpt(student, target, ("gen",), name, cluster_size=1, predict_cls=False,
-                                 target_dim=target.num_codes if self.codes else None, memory_layers=(1.0,))
+        self.model = build_digpt(
+            student,
+            target,
+            ("gen",),
+            name,
+            cluster_size=1,
+            predict_cls=False,
+            target_dim=target.num_codes if self.codes else None,
+            memory_layers=(1.0,),
+        )
         self.order_name, self.order = order, get_order(order or self.default_order)
 
     def forward(self, batch):
@@ -80,11 +90,15 @@ class DiGIT(Objective):
     def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None):
         super().__init__()
         if target.kind != "codes":
-            raise ValueError(f"objective 'digit' models a sequence of discrete tokens; teacher {target.name} stores "
-                             "features (extract a kmeans:<teacher> cache)")
+            raise ValueError(
+                f"objective 'digit' models a sequence of discrete tokens; teacher {target.name} stores "
+                "features (extract a kmeans:<teacher> cache)"
+            )
         if order not in (None, "raster"):
-            raise ValueError(f"objective 'digit' reads its code sequence in raster order, as DiGIT's GPT does; drop "
-                             f"--order {order} (objective igpt on a kmeans: cache takes other orders)")
+            raise ValueError(
+                f"objective 'digit' reads its code sequence in raster order, as DiGIT's GPT does; drop "
+                f"--order {order} (objective igpt on a kmeans: cache takes other orders)"
+            )
         self.target, self.order_name, self.num_codes = target, order, target.num_codes
         h, w = target.grid
         self.encoder = CodeGPT(student.encoder_config(), target.num_codes, h * w, student.attn_impl)
@@ -102,4 +116,3 @@ class DiGIT(Objective):
         codes = batch["codes"]
         logp = stats.code_logp.expand(codes.shape[0], -1, -1)
         return F.cross_entropy(logp.flatten(0, 1), codes.flatten())
-

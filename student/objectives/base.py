@@ -32,9 +32,15 @@ class TargetSpec:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> TargetSpec:
-        return cls(name=spec["name"], dim=int(spec["dim"]), grid=tuple(spec["grid"]), has_cls=bool(spec["has_cls"]),
-                   kind=spec.get("kind", "continuous"), num_codes=int(spec.get("num_codes", 0)),
-                   cls_in_token_space=cls_in_token_space(spec))
+        return cls(
+            name=spec["name"],
+            dim=int(spec["dim"]),
+            grid=tuple(spec["grid"]),
+            has_cls=bool(spec["has_cls"]),
+            kind=spec.get("kind", "continuous"),
+            num_codes=int(spec.get("num_codes", 0)),
+            cls_in_token_space=cls_in_token_space(spec),
+        )
 
 
 def cls_in_token_space(spec: dict[str, Any]) -> bool:
@@ -140,6 +146,7 @@ def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]
         cls.registry_name = name
         _OBJECTIVES[name] = cls
         return cls
+
     return deco
 
 
@@ -157,6 +164,7 @@ def create_objective(name: str, student: StudentConfig, target: TargetSpec, orde
         raise ValueError(f"unknown objective {name!r}; choose from {names}")
     cls = _OBJECTIVES[name]
     if order is not None and cls.default_order is None:
-        raise ValueError(f"objective {name!r} predicts every token at once from one input; it has no order "
-                         f"(drop --order {order})")
+        raise ValueError(
+            f"objective {name!r} predicts every token at once from one input; it has no order (drop --order {order})"
+        )
     return cls(student, target, order or cls.default_order)

@@ -11,21 +11,39 @@ from student.orders import get_order
 from .base import Objective, StudentConfig, TargetSpec, register_objective
 
 
-def build_digpt(student: StudentConfig, target: TargetSpec, decoders: tuple[str, ...], objective: str,
-                cluster_size: int | None = None, predict_cls: bool | None = None, target_dim: int | None = None,
-                memory_layers: tuple[float, ...] | None = None) -> DiGPT:
+def build_digpt(
+    student: StudentConfig,
+    target: TargetSpec,
+    decoders: tuple[str, ...],
+    objective: str,
+    cluster_size: int | None = None,
+    predict_cls: bool | None = None,
+    target_dim: int | None = None,
+    memory_layers: tuple[float, ...] | None = None,
+) -> DiGPT:
     enc = student.encoder_config()
     cs = cluster_size or student.cluster_size or max(1, enc.grid_size // 2)
     dim, heads = student.decoder_width()
     kw = {"memory_layers": memory_layers} if memory_layers else {}
     try:
-        cfg = DiGPTConfig(encoder=enc, cluster_size=cs, decoder_depth=student.decoder_depth, decoder_dim=dim,
-                          decoder_heads=heads, target_dim=target_dim or target.dim, target_grid=target.grid,
-                          predict_cls=target.has_cls if predict_cls is None else predict_cls, decoders=decoders, **kw)
+        cfg = DiGPTConfig(
+            encoder=enc,
+            cluster_size=cs,
+            decoder_depth=student.decoder_depth,
+            decoder_dim=dim,
+            decoder_heads=heads,
+            target_dim=target_dim or target.dim,
+            target_grid=target.grid,
+            predict_cls=target.has_cls if predict_cls is None else predict_cls,
+            decoders=decoders,
+            **kw,
+        )
     except ValueError as e:
-        raise ValueError(f"objective {objective!r} with teacher {target.name} (grid {target.grid[0]}x{target.grid[1]}) "
-                         f"and student {student.size} (grid {enc.grid_size}x{enc.grid_size}, clusters of "
-                         f"{cs}x{cs} patches): {e}") from None
+        raise ValueError(
+            f"objective {objective!r} with teacher {target.name} (grid {target.grid[0]}x{target.grid[1]}) "
+            f"and student {student.size} (grid {enc.grid_size}x{enc.grid_size}, clusters of "
+            f"{cs}x{cs} patches): {e}"
+        ) from None
     return DiGPT(cfg, student.attn_impl)
 
 

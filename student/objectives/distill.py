@@ -42,8 +42,13 @@ class _DenseObjective(Objective):
         cls = self.cls_head(feats[:, 0]) if self.cls_head is not None else None
         return self._score(pred, cls, batch, weight)
 
-    def _score(self, pred: torch.Tensor, cls_pred: torch.Tensor | None, batch: dict[str, torch.Tensor],
-               weight: torch.Tensor | None):
+    def _score(
+        self,
+        pred: torch.Tensor,
+        cls_pred: torch.Tensor | None,
+        batch: dict[str, torch.Tensor],
+        weight: torch.Tensor | None,
+    ):
         """``pred [B, T, D]`` on the teacher grid (and the class prediction) -> (loss, metrics)."""
         per_token = loss_cos(pred, batch["tokens"])
         tok = per_token.mean() if weight is None else (per_token * weight).sum() / weight.sum().clamp_min(1)
@@ -56,11 +61,12 @@ class _DenseObjective(Objective):
         metrics["loss"] = loss.detach()
         return loss, metrics
 
-
     def _blind(self, batch: dict[str, torch.Tensor], stats: BlindStats, weight: torch.Tensor | None) -> torch.Tensor:
         b = batch["tokens"].shape[0]
         pred = stats.token_unit_mean.expand(b, -1, -1)
-        cls = stats.cls_unit_mean.expand(b, -1) if self.cls_head is not None and stats.cls_unit_mean is not None else None
+        cls = (
+            stats.cls_unit_mean.expand(b, -1) if self.cls_head is not None and stats.cls_unit_mean is not None else None
+        )
         return self._score(pred, cls, batch, weight)[0]
 
     def blind_loss(self, batch: dict[str, torch.Tensor], stats: BlindStats) -> torch.Tensor:

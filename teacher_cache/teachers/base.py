@@ -87,15 +87,11 @@ class Teacher(nn.Module):
         """``pixels``: ``[B, 3, S, S]`` in ``[0, 1]``. Returns tokens in raster order of ``spec.grid``."""
         s = self.spec.input_size
         if pixels.shape[-2:] != (s, s):
-            raise ValueError(
-                f"teacher {self.spec.name!r} expects {s}x{s} inputs, got {tuple(pixels.shape[-2:])}"
-            )
+            raise ValueError(f"teacher {self.spec.name!r} expects {s}x{s} inputs, got {tuple(pixels.shape[-2:])}")
         out = self.encode(self.normalize(pixels.float()))
         h, w = self.spec.grid
         if out.tokens.shape[1] != h * w:
-            raise RuntimeError(
-                f"teacher {self.spec.name!r} produced {out.tokens.shape[1]} tokens, spec says {h}x{w}"
-            )
+            raise RuntimeError(f"teacher {self.spec.name!r} produced {out.tokens.shape[1]} tokens, spec says {h}x{w}")
         return out
 
     def fingerprint(self) -> str:
@@ -125,8 +121,11 @@ def load_error_reason(e: BaseException) -> str:
     paragraphs (and suggest ``weights_only=False``, which we never do): keep the line that names the
     blocked global when there is one, else the first line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    blocked = [line for line in lines if "global" in line.lower() and ("unsupported" in line.lower() or "blocked" in line.lower())]
+    blocked = [
+        line
+        for line in lines
+        if "global" in line.lower() and ("unsupported" in line.lower() or "blocked" in line.lower())
+    ]
     line = (blocked or lines or [""])[0]
     line = ". ".join(s for s in line.split(". ") if "weights_only=False" not in s and "trusted" not in s)
     return f"{type(e).__name__}: {line}"
-

@@ -69,7 +69,9 @@ class EfficientNetLite0Teacher(Teacher):
     MBConv stage ``k`` (its own grid and width) and its average pool.
     """
 
-    def __init__(self, net: nn.Module, layer: int | None, weights_path: str | None, input_size: int = INPUT_SIZE) -> None:
+    def __init__(
+        self, net: nn.Module, layer: int | None, weights_path: str | None, input_size: int = INPUT_SIZE
+    ) -> None:
         super().__init__()
         self.net = net
         self.weights_path = weights_path
@@ -93,7 +95,9 @@ class EfficientNetLite0Teacher(Teacher):
             layer=layer,
             extra={
                 "arch": "efficientnet-lite0",
-                "tokens": "head conv+BN map before ReLU6, raster order" if layer is None else f"MBConv stage {layer} output",
+                "tokens": "head conv+BN map before ReLU6, raster order"
+                if layer is None
+                else f"MBConv stage {layer} output",
                 "cls": "global average pool",
             },
         )
@@ -156,7 +160,9 @@ def create_efficientnet_lite0_teacher(
     try:
         net.load_state_dict(load_state_dict_file(path), strict=True)
     except RuntimeError as e:  # missing/unexpected keys or shapes: another model's checkpoint
-        raise ValueError(f"efficientnet_lite0: weights {path} do not fit the architecture: {load_error_reason(e)}") from e
+        raise ValueError(
+            f"efficientnet_lite0: weights {path} do not fit the architecture: {load_error_reason(e)}"
+        ) from e
     net.eval()
     teacher = EfficientNetLite0Teacher(net, layer, weights_path=weights, input_size=size)
     teacher.eval()

@@ -54,8 +54,11 @@ def fit_kmeans(x: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0) -> to
 def save_codebook(path: str, codebook: torch.Tensor, base_name: str, base_fingerprint: str) -> None:
     from safetensors.torch import save_file
 
-    save_file({"codebook": codebook.contiguous().float()}, path,
-              metadata={"base": base_name, "base_fingerprint": base_fingerprint})
+    save_file(
+        {"codebook": codebook.contiguous().float()},
+        path,
+        metadata={"base": base_name, "base_fingerprint": base_fingerprint},
+    )
 
 
 def load_codebook(path: str) -> tuple[torch.Tensor, dict[str, str]]:
@@ -71,8 +74,12 @@ class KMeansTeacher(Teacher):
         self.base = base
         self.register_buffer("codebook", F.normalize(codebook.float(), dim=-1))
         self.spec = replace(
-            base.spec, name=f"kmeans:{base.spec.name}", kind="codes", num_codes=codebook.shape[0],
-            has_cls=False, extra={**base.spec.extra, "base": base.spec.name},
+            base.spec,
+            name=f"kmeans:{base.spec.name}",
+            kind="codes",
+            num_codes=codebook.shape[0],
+            has_cls=False,
+            extra={**base.spec.extra, "base": base.spec.name},
         )
 
     def assign(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -84,8 +91,14 @@ class KMeansTeacher(Teacher):
 
 
 @register_teacher("kmeans", tiny="kmeans:random-vit:32/8")
-def kmeans(arg: str | None, *, weights: str | None = None, layer: int | None = None,
-           codebook: str | torch.Tensor | None = None, **options) -> Teacher:
+def kmeans(
+    arg: str | None,
+    *,
+    weights: str | None = None,
+    layer: int | None = None,
+    codebook: str | torch.Tensor | None = None,
+    **options,
+) -> Teacher:
     """k-means codes of another teacher (DiGIT): ``kmeans:<teacher>``; ``weights`` are the base's."""
     if not arg:
         raise ValueError("name the base teacher: kmeans:<teacher>, e.g. kmeans:efficientnet_lite0")

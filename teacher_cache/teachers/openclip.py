@@ -64,7 +64,9 @@ def build_tiny_clip(**create_kwargs: Any) -> nn.Module:
 
 def _parse_arg(arg: str | None) -> tuple[str, str | None]:
     if not arg:
-        raise ValueError("openclip teacher needs an architecture: 'openclip:<arch>@<pretrained>', e.g. openclip:ViT-B-16@openai")
+        raise ValueError(
+            "openclip teacher needs an architecture: 'openclip:<arch>@<pretrained>', e.g. openclip:ViT-B-16@openai"
+        )
     arch, _, tag = arg.partition("@")
     return arch, (tag or None)
 
@@ -188,7 +190,9 @@ def create_openclip_teacher(
         # A path as `pretrained` is loaded by open_clip's load_checkpoint (safetensors or
         # torch.load(weights_only=True)), strict; no tag lookup -> no download.
         try:
-            model = open_clip.create_model(arch, pretrained=weights, require_pretrained=True, weights_only=True, **kwargs)
+            model = open_clip.create_model(
+                arch, pretrained=weights, require_pretrained=True, weights_only=True, **kwargs
+            )
         except Exception as e:  # e.g. an OpenAI TorchScript archive, which weights_only refuses
             raise ValueError(
                 f"openclip:{arg}: could not load {weights} as an open_clip state_dict "

@@ -58,7 +58,11 @@ class PCATeacher(Teacher):
         self.register_buffer("pca_components", basis[1:].clone())
         k = basis.shape[0] - 1
         self.spec = replace(
-            base.spec, name=f"pca:{base.spec.name}", dim=k, kind="continuous", num_codes=0,
+            base.spec,
+            name=f"pca:{base.spec.name}",
+            dim=k,
+            kind="continuous",
+            num_codes=0,
             extra={**base.spec.extra, "base": base.spec.name, "base_dim": base.spec.dim, "pca_dim": k},
         )
 
@@ -73,13 +77,21 @@ class PCATeacher(Teacher):
 
     def encode(self, x: torch.Tensor) -> TeacherOutput:
         out = self.base.encode(x)
-        return TeacherOutput(tokens=self.project(out.tokens),
-                             cls=self.project(out.cls) if out.cls is not None else None)
+        return TeacherOutput(
+            tokens=self.project(out.tokens), cls=self.project(out.cls) if out.cls is not None else None
+        )
 
 
 @register_teacher("pca", tiny="pca:random-vit:32/8")
-def pca(arg: str | None, *, weights: str | None = None, layer: int | None = None,
-        basis: torch.Tensor | None = None, pca_dim: int | None = None, **options) -> Teacher:
+def pca(
+    arg: str | None,
+    *,
+    weights: str | None = None,
+    layer: int | None = None,
+    basis: torch.Tensor | None = None,
+    pca_dim: int | None = None,
+    **options,
+) -> Teacher:
     """PCA-reduced tokens of another teacher: ``pca:<teacher>``; ``weights`` are the base's."""
     if not arg:
         raise ValueError("name the base teacher: pca:<teacher>, e.g. pca:efficientnet_lite0")
@@ -88,9 +100,12 @@ def pca(arg: str | None, *, weights: str | None = None, layer: int | None = None
         raise ValueError(f"pca:{arg} needs a fitted basis; `digpt extract` fits one (--pca-dim) and stores it")
     basis = torch.as_tensor(basis)
     if basis.ndim != 2 or basis.shape[0] < 2 or basis.shape[1] != base.spec.dim:
-        raise ValueError(f"pca basis of shape {tuple(basis.shape)} does not fit {arg} tokens "
-                         f"(want [pca_dim + 1, {base.spec.dim}])")
+        raise ValueError(
+            f"pca basis of shape {tuple(basis.shape)} does not fit {arg} tokens (want [pca_dim + 1, {base.spec.dim}])"
+        )
     if pca_dim is not None and basis.shape[0] - 1 != pca_dim:
-        raise ValueError(f"pca_dim {pca_dim} != the {basis.shape[0] - 1} directions of the stored basis; "
-                         "extract into another group (--group NAME) to fit a new one")
+        raise ValueError(
+            f"pca_dim {pca_dim} != the {basis.shape[0] - 1} directions of the stored basis; "
+            "extract into another group (--group NAME) to fit a new one"
+        )
     return PCATeacher(base, basis)

@@ -27,8 +27,13 @@ class PixelTeacher(Teacher):
         self.patch, self.norm = patch, norm
         g = size // patch
         self.spec = TeacherSpec(
-            name=f"pixel:{size}/{patch}", input_size=size, grid=(g, g), dim=3 * patch * patch,
-            mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), extra={"norm_pix": norm},
+            name=f"pixel:{size}/{patch}",
+            input_size=size,
+            grid=(g, g),
+            dim=3 * patch * patch,
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+            extra={"norm_pix": norm},
         )
 
     def encode(self, x: torch.Tensor) -> TeacherOutput:

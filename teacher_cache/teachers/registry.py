@@ -85,9 +85,7 @@ def create_teacher(name: str, *, weights: str | None = None, layer: int | None =
     _ensure_loaded()
     family, arg = split_name(name)
     if family not in _FAMILIES:
-        raise ValueError(
-            f"unknown teacher {name!r}: families are {sorted(_FAMILIES)}, presets are {sorted(PRESETS)}"
-        )
+        raise ValueError(f"unknown teacher {name!r}: families are {sorted(_FAMILIES)}, presets are {sorted(PRESETS)}")
     try:
         teacher = _FAMILIES[family](arg, weights=weights, layer=layer, **options)
     except ValueError as e:  # name the teacher in configuration errors that do not already

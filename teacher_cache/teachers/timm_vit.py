@@ -29,7 +29,15 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_tiny_test": (
         "vit_small_patch14_reg4_dinov2",
         # init_values 0.5 (not DINOv2's 1e-5) so the two random blocks visibly change the tokens.
-        {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "reg_tokens": 2, "init_values": 0.5},
+        {
+            "img_size": 32,
+            "patch_size": 8,
+            "depth": 2,
+            "embed_dim": 32,
+            "num_heads": 2,
+            "reg_tokens": 2,
+            "init_values": 0.5,
+        },
     ),
 }
 
@@ -52,7 +60,7 @@ class TimmViTTeacher(Teacher):
             prefix, tokens = feats[:, :npt], feats[:, npt:]
         else:
             # forward_intermediates(norm=True) applies the same final norm to the chosen block.
-            (tokens, prefix), = m.forward_intermediates(
+            ((tokens, prefix),) = m.forward_intermediates(
                 x,
                 indices=[self.spec.layer - 1],
                 norm=True,

@@ -14,8 +14,16 @@ from .registry import register_teacher
 
 
 class RandomViTTeacher(Teacher):
-    def __init__(self, size: int, patch: int, dim: int = 32, depth: int = 2, heads: int = 2, seed: int = 0,
-                 layer: int | None = None):
+    def __init__(
+        self,
+        size: int,
+        patch: int,
+        dim: int = 32,
+        depth: int = 2,
+        heads: int = 2,
+        seed: int = 0,
+        layer: int | None = None,
+    ):
         super().__init__()
         import timm
 
@@ -24,14 +32,25 @@ class RandomViTTeacher(Teacher):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.vit = timm.create_model(
-                "vit_tiny_patch16_224", pretrained=False, img_size=size, patch_size=patch,
-                embed_dim=dim, depth=depth, num_heads=heads, num_classes=0,
+                "vit_tiny_patch16_224",
+                pretrained=False,
+                img_size=size,
+                patch_size=patch,
+                embed_dim=dim,
+                depth=depth,
+                num_heads=heads,
+                num_classes=0,
             )
         self.layer = layer or depth
         g = size // patch
         self.spec = TeacherSpec(
-            name=f"random-vit:{size}/{patch}", input_size=size, grid=(g, g), dim=dim, has_cls=True,
-            layer=layer, extra={"seed": seed, "depth": depth, "heads": heads},
+            name=f"random-vit:{size}/{patch}",
+            input_size=size,
+            grid=(g, g),
+            dim=dim,
+            has_cls=True,
+            layer=layer,
+            extra={"seed": seed, "depth": depth, "heads": heads},
         )
 
     def encode(self, x: torch.Tensor) -> TeacherOutput:
@@ -44,8 +63,9 @@ class RandomViTTeacher(Teacher):
 
 
 @register_teacher("random-vit", tiny="random-vit:32/8")
-def random_vit(arg: str | None, *, weights: str | None = None, layer: int | None = None, seed: int = 0,
-               dim: int = 32, **_) -> Teacher:
+def random_vit(
+    arg: str | None, *, weights: str | None = None, layer: int | None = None, seed: int = 0, dim: int = 32, **_
+) -> Teacher:
     """Seeded random-init ViT: ``random-vit:SIZE/PATCH`` (default 32/8, width 32, 2 blocks)."""
     if weights is not None:
         raise ValueError("random-vit is defined by its seed; it takes no weights file")
