@@ -436,7 +436,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             }
             if blind is not None:
                 last["blind_loss"] = blind
-            if log is not None and (state.step % cfg.log_every == 0 or state.step == total):
+            if log is not None and (state.step % cfg.log_every == 0 or state.step in (1, total)):
                 last["samples_per_s"] = (state.step - start_step) * global_batch / (time.perf_counter() - t0)
                 log.write(last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
@@ -488,8 +488,9 @@ BLIND_NEAR = 0.03
 
 
 def blind_summary(run: str, final: float, blind: float | None) -> dict:
-    """The run's loss against its input-blind baseline: the first logged loss (from metrics.csv, so a
-    resumed run counts from its true start), the share of the drop that needed the image, a verdict."""
+    """The run's loss against its input-blind baseline: the loss of step 1 (always logged; read from
+    metrics.csv, so a resumed run counts from its true start), the share of the drop that needed the
+    image, a verdict."""
     if blind is None or not math.isfinite(final):
         return {}
     first = None
