@@ -34,8 +34,9 @@ class DemoConfig:
     """Shape classes in the synthetic set."""
     student: str = "demo-cpu"
     """Student encoder preset (64 px, patch 8, convolutional stem: an 8x8 grid split into 2x2 clusters)."""
-    steps: int = 600
-    """Optimizer steps per student."""
+    steps: int = 1200
+    """Optimizer steps per student (the study: D-iGPT on the semantic teacher probes 0.17-0.20 after 600
+    steps, 0.29 after 1200)."""
     batch_size: int = 64
     """Samples per step."""
     base_lr: float = 8e-3
