@@ -610,7 +610,8 @@ def findings(results: dict) -> list[str]:
             )
         else:
             verdict = "beat" if s > p else "did NOT beat"
-            out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}).")
+            beyond = f"; beyond noise, two standard errors ±{margin:.3f}" if margin is not None else ""
+            out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}{beyond}).")
     ceil = results.get("ceilings", {})
     if ceil:
         best_t = max(ceil.values(), key=lambda c: c["linear_top1"])
@@ -636,6 +637,13 @@ def findings(results: dict) -> list[str]:
     ]
     if near:
         out.append(f"Above the floor only within noise: {', '.join(near)}.")
+    clear = [
+        f"{r['variant']} (+{r['linear_top1'] - floor:.3f}, ±{m:.3f})"
+        for r in trained
+        if (m := noise_margin(r["linear_top1"], floor, n)) is not None and r["linear_top1"] - floor > m
+    ]
+    if clear:
+        out.append(f"Above the floor beyond noise (gap, two standard errors): {', '.join(clear)}.")
     below = [r["variant"] for r in trained if r["linear_top1"] <= floor]
     if below:
         out.append(

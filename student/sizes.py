@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from student.vit import ViTConfig
+from student.vit import ViTConfig, timm_conv_stem_embed
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ def _nonstandard(cfg: ViTConfig, timm_name: str) -> ViTPreset:
         "num_heads": cfg.num_heads,
         "mlp_ratio": cfg.mlp_ratio,
     }
+    if cfg.stem == "conv":  # timm has no conv-stem ViT: the stem goes in as its patch-embedding layer
+        kwargs["embed_layer"] = timm_conv_stem_embed()
     return ViTPreset(cfg, timm_name, kwargs)
 
 
@@ -62,7 +64,8 @@ def vit_preset(name: str) -> ViTPreset:
 
 def timm_kwargs_for(cfg: ViTConfig, num_classes: int = 0) -> dict[str, Any]:
     """Full architecture kwargs for ``timm.create_model`` of any ViT family name, for any ``cfg``
-    (robust to overrides that a preset's own ``timm_kwargs`` would not know about)."""
+    (robust to overrides that a preset's own ``timm_kwargs`` would not know about). JSON-serialisable:
+    a ``stem='conv'`` config also needs ``embed_layer=timm_conv_stem_embed()``, which the caller adds."""
     return {
         "img_size": cfg.img_size,
         "patch_size": cfg.patch_size,

@@ -146,22 +146,26 @@ class WriterLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            if self._read() != self.me:  # taken over (we looked dead): stop touching it
-                return
-            self.me["heartbeat"] = time.time()
-            # A full disk: the next beat tries again; staleness is judged by readers.
-            with contextlib.suppress(OSError):
+            # A full disk or an object store that is briefly unreachable (botocore's connection errors are
+            # not OSErrors): skip this beat, the next one tries again; staleness is judged by readers. A
+            # heartbeat thread that died with a traceback would add noise to a run that reports the
+            # affected shards itself.
+            try:
+                if self._read() != self.me:  # taken over (we looked dead): stop touching it
+                    return
+                self.me["heartbeat"] = time.time()
                 self._write(exclusive=False)
+            except Exception:  # noqa: BLE001 - see above
+                continue
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=HEARTBEAT_S + 1)
-        try:
+        # Unreachable store at exit: the lock goes stale and the next run takes it over, naming it.
+        with contextlib.suppress(Exception):
             if self._read() == self.me:
                 self.fs.rm(self.p)
-        except OSError:
-            pass
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import torch
 from student.attention import set_attn_impl
 from student.digpt_model import DiGPT, DiGPTConfig, digpt_loss, random_cluster_order
 from student.sizes import VIT_SIZES, timm_kwargs_for, vit_config
-from student.vit import VisionTransformer
+from student.vit import VisionTransformer, timm_conv_stem_embed
 
 TINY = vit_config("tiny-test")  # 32 px, patch 8 -> 4x4 grid
 
@@ -55,7 +55,8 @@ def test_state_dict_keys_match_timm(name):
     preset = VIT_SIZES[name]
     with torch.device("meta"):  # shapes only: no memory, no init cost, even for ViT-L
         ref = timm.create_model(preset.timm_name, pretrained=False, num_classes=0, **preset.timm_kwargs)
-        ref2 = timm.create_model(preset.timm_name, pretrained=False, **timm_kwargs_for(preset.config))
+        extra = {"embed_layer": timm_conv_stem_embed()} if preset.config.stem == "conv" else {}
+        ref2 = timm.create_model(preset.timm_name, pretrained=False, **timm_kwargs_for(preset.config), **extra)
         ours = VisionTransformer(preset.config)
     shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert shapes == {k: v.shape for k, v in ref.state_dict().items()}
