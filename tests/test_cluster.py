@@ -274,8 +274,16 @@ def test_two_node_cluster_both_work_and_node_loss_is_survived(cluster, tiny_data
         rc = _finish(proc, log)
     finally:
         _kill_session(proc.pid)
-    # The lost node's shard was retried by its actor, restarted on the head once the head's actor was idle:
-    # the same run finishes (exit 0), nothing failed.
+    # Usually the lost node's shard is retried by its actor, restarted on the head once the head's actor is
+    # idle, and the same run finishes (exit 0). When Ray gives up on the lost actor first (its restart
+    # raced the node's death: seen on a loaded machine), the run must name the failed shard and exit 1,
+    # and a re-run of the same command completes it on the surviving node -- both outcomes the design allows.
+    if rc != 0:
+        first = _summary(out)
+        assert rc == 1 and first["failed"], log.read_text()[-3000:]
+        assert {f["shard"] for f in first["failed"]} <= set(sids), first["failed"]
+        log = tmp_path / "rerun.log"
+        rc = _finish(_extract(tiny_dataset, out, address, log), log)
     assert rc == 0, log.read_text()[-3000:]
     s = _summary(out)
     assert s["failed"] == []
