@@ -19,30 +19,6 @@ from student.objectives import StudentConfig, TargetSpec, create_objective
 from student.orders import get_order
 from student.targets import TargetNorm
 from student.train import OptimConfig, TrainConfig, build_run, train
-from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
-from teacher_cache.extract import run_extract
-from teacher_cache.views import AugConfig
-
-
-@pytest.fixture(scope="module")
-def fid_cache(tiny_dataset, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("fid_cache") / "c")
-    teachers = (
-        TeacherConfig("random-vit:32/8", group="vit"),
-        TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=16, fit_samples=24),
-    )
-    run_extract(
-        ExtractConfig(
-            shards=tiny_dataset,
-            out=out,
-            teachers=teachers,
-            aug=AugConfig(views=2),
-            storage=StorageConfig(dtype="fp32"),
-            executor="local",
-        ),
-        progress=False,
-    )
-    return out
 
 
 def _cfg(tiny_dataset, cache, out, tokenizer, **kw) -> TrainConfig:
@@ -188,16 +164,16 @@ def test_digit_reads_codes_and_beats_unigram_entropy():
     assert loss.item() < 0.5 * unigram, (loss.item(), unigram)  # the chain's own entropy is ~0.7 nats
 
 
-def test_digit_run_is_probed_on_the_codes_of_its_tokenizer(tiny_dataset, fid_cache, tmp_path):
+def test_digit_run_is_probed_on_the_codes_of_its_tokenizer(tiny_dataset, tiny_cache, tmp_path):
     run = tmp_path / "digit"
     losses = [
         r["loss"]
-        for r in train(_cfg(tiny_dataset, fid_cache, run, "codes", objective="digit", steps=4), progress=False).history
+        for r in train(_cfg(tiny_dataset, tiny_cache, run, "codes", objective="digit", steps=4), progress=False).history
     ]
     assert len(losses) == 4 and np.isfinite(losses).all()
     enc = load_code_probe_encoder(str(run))
     # The probe's tokenizer is the cache's: replayed training views give exactly the stored codes.
-    cfg = _cfg(tiny_dataset, fid_cache, tmp_path / "online", "codes", objective="digit", steps=1, online_teacher=True)
+    cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / "online", "codes", objective="digit", steps=1, online_teacher=True)
     _, ds, _, _ = build_run(cfg)
     batch = next(iter(make_loader(ds)))
     assert torch.equal(enc.codes(batch["teacher_images"]), batch["codes"])
@@ -227,12 +203,12 @@ def test_digit_run_is_probed_on_the_codes_of_its_tokenizer(tiny_dataset, fid_cac
 # ------------------------------------------------------------------------------------------- export
 
 
-def test_export_tells_timm_how_the_student_is_fed(tiny_dataset, fid_cache, tmp_path):
+def test_export_tells_timm_how_the_student_is_fed(tiny_dataset, tiny_cache, tmp_path):
     import timm
     from timm.data import create_transform, resolve_data_config
 
     run = tmp_path / "run"
-    train(_cfg(tiny_dataset, fid_cache, run, "vit", steps=2), progress=False)
+    train(_cfg(tiny_dataset, tiny_cache, run, "vit", steps=2), progress=False)
     path = str(tmp_path / "enc.safetensors")
     line = export_encoder(str(run), path)
     model = eval(line, {"timm": timm}).eval()  # the printed line, as a user pastes it
