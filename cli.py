@@ -256,7 +256,6 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _field(p, "--cluster-size", student["cluster_size"], type=int)
     _field(p, "--decoder-depth", student["decoder_depth"], type=int)
     _field(p, "--decoder-dim", student["decoder_dim"], type=int)
-    _field(p, "--mask-ratio", student["mask_ratio"], type=float)
     _field(p, "--drop-path", student["drop_path"], type=float)
     _field(p, "--stem", student["stem"], choices=cli_docs.module_value("student.vit", "STEMS"))
     _field(p, "--attn", student["attn_impl"], choices=cli_docs.module_value("student.attention", "ATTN_IMPLS"))
@@ -281,6 +280,62 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _field(
         p, "--target-norm", run["target_norm"], choices=cli_docs.module_value("student.targets", "NORMS"), strict=True
     )
+    _add_objective_knobs(p)
+
+
+# ``objective_knobs`` in a TrainConfig: each objective registers the config of its own knobs
+# (``@register_objective("masked", config=MaskedConfig)``); every field becomes a flag here.
+_KNOB = "knob__"
+
+
+def _knob_fields() -> dict[str, dict[str, cli_docs.FieldDoc]]:
+    """``{field: {objective: its FieldDoc}}`` over every objective's own config, read from source."""
+    out: dict[str, dict[str, cli_docs.FieldDoc]] = {}
+    for objective, (module, cls) in cli_docs.registered_configs("student.objectives", "register_objective").items():
+        for name, fd in cli_docs.config_fields(module, cls).items():
+            out.setdefault(name, {})[objective] = fd
+    return out
+
+
+def _add_objective_knobs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("objective knobs", "settings of one objective (an error with any other objective)")
+    for name, owners in _knob_fields().items():
+        text = " ".join(
+            f"[{o}] {fd.help()}" + ("" if fd.default is cli_docs.NO_DEFAULT else f" (default: {fd.default})")
+            for o, fd in owners.items()
+        )
+        kind = next(type(fd.default) for fd in owners.values())
+        kind = float if kind is int else kind  # an int default must not refuse --x 0.5
+        g.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=_KNOB + name,
+            metavar=name.upper(),
+            default=None,
+            type=kind if kind in (int, float, str) else None,
+            help=text.replace("%", "%%"),
+        )
+
+
+def objective_knobs(a: argparse.Namespace, objective: str):
+    """The knobs config of ``objective`` from the knob flags given (None when none were: its defaults).
+    A value is checked by every config that has the field (its error names the field) before a flag that
+    ``objective`` does not take is refused."""
+    import importlib
+
+    given = {k[len(_KNOB) :]: v for k, v in vars(a).items() if k.startswith(_KNOB) and v is not None}
+    if not given:
+        return None
+    configs = cli_docs.registered_configs("student.objectives", "register_objective")
+    classes = {o: getattr(importlib.import_module(m), c) for o, (m, c) in configs.items()}
+    fields = _knob_fields()
+    for name, value in given.items():
+        for owner in fields[name]:
+            classes[owner](**{name: value})
+    foreign = [n for n in given if objective not in fields[n]]
+    if foreign:
+        flags = ", ".join(f"--{n.replace('_', '-')} ({'/'.join(fields[n])})" for n in foreign)
+        raise ValueError(f"objective {objective!r} does not take {flags}; drop it or choose that objective")
+    return classes[objective](**given)
 
 
 def train_config(a: argparse.Namespace):
@@ -293,7 +348,6 @@ def train_config(a: argparse.Namespace):
         cluster_size=a.cluster_size,
         decoder_depth=a.decoder_depth,
         decoder_dim=a.decoder_dim,
-        mask_ratio=a.mask_ratio,
         drop_path=a.drop_path,
         attn_impl=a.attn,
         stem=a.stem,
@@ -323,6 +377,7 @@ def train_config(a: argparse.Namespace):
         student=student,
         objective=a.objective,
         order=a.order,
+        objective_knobs=objective_knobs(a, a.objective),
         optim=optim,
         steps=a.steps,
         epochs=a.epochs,

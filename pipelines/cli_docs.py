@@ -101,6 +101,26 @@ def registered(package: str, decorator: str) -> list[str]:
     return sorted(names)
 
 
+def registered_configs(package: str, decorator: str) -> dict[str, tuple[str, str]]:
+    """``{name: (module, config class)}`` for every ``@decorator("name", config=Cls)`` in the modules of
+    ``package`` (an objective's own knobs: ``student.objectives.base.register_objective``)."""
+    path = source_path(package)
+    files = sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
+    out = {}
+    for f in files:
+        module = f"{package}.{f.stem}" if path.name == "__init__.py" else package
+        for node in ast.walk(_tree(f)):
+            for deco in getattr(node, "decorator_list", ()):
+                func = deco.func if isinstance(deco, ast.Call) else None
+                called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                if called != decorator or not deco.args or not isinstance(deco.args[0], ast.Constant):
+                    continue
+                config = next((k.value for k in deco.keywords if k.arg == "config"), None)
+                if isinstance(config, ast.Name):
+                    out[deco.args[0].value] = (module, config.id)
+    return dict(sorted(out.items()))
+
+
 def module_value(module: str, name: str) -> Any:
     """A module-level literal (``ATTN_IMPLS = (...)``), or the keys of a module-level dict display
     (``VIT_SIZES = {"tiny-test": ..., ...}``) as a list in source order."""

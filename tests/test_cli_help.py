@@ -59,6 +59,11 @@ def test_names_read_from_source_equal_the_registries():
 
     assert cli_docs.registered("student.objectives", "register_objective") == sorted(list_objectives())
     assert cli_docs.registered("student.orders", "register_order") == sorted(list_orders())
+    from student.objectives import base
+
+    knobs = cli_docs.registered_configs("student.objectives", "register_objective")
+    assert {o: c for o, (_, c) in knobs.items()} == {o: c.__name__ for o, c in base._CONFIGS.items() if c}
+    assert "masked" in knobs
     assert cli_docs.registered("pipelines.ablate", "recipe") == sorted(RECIPES)
     assert cli_docs.module_value("student.sizes", "VIT_SIZES") == list_vit_sizes()
     assert "demo-cpu" in cli_docs.module_value("student.sizes", "VIT_SIZES")
@@ -86,6 +91,7 @@ CONFIGS = [
     ("student.train", "OptimConfig"),
     ("student.data", "DataConfig"),
     ("student.objectives.base", "StudentConfig"),
+    ("student.objectives.distill", "MaskedConfig"),
     ("pipelines.demo", "DemoConfig"),
     ("pipelines.ablate", "AblateConfig"),
     ("pipelines.probe", "ProbeConfig"),
@@ -143,3 +149,20 @@ def test_train_defaults_are_the_configs(tmp_path):
         steps=1,
     )
     assert got == want
+
+
+def test_objective_knobs_come_from_the_objective(tmp_path):
+    """``--mask-ratio`` is generated from ``MaskedConfig`` and lands in ``TrainConfig.objective_knobs``;
+    it is checked by that config, and refused for an objective that does not take it."""
+    from student.objectives.distill import MaskedConfig
+
+    base = ["train", "--shards", "s", "--cache", "c", "--out", "o", "--steps", "1"]
+    parse = cli.build_parser("train").parse_args
+    assert cli.train_config(parse(base + ["--objective", "masked", "--mask-ratio", "0.3"])).objective_knobs == (
+        MaskedConfig(mask_ratio=0.3)
+    )
+    assert cli.train_config(parse(base + ["--objective", "masked"])).objective_knobs is None  # its defaults
+    with pytest.raises(ValueError, match=r"objective 'digpt' does not take --mask-ratio \(masked\)"):
+        cli.train_config(parse(base + ["--mask-ratio", "0.3"]))
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\)"):
+        cli.train_config(parse(base + ["--objective", "masked", "--mask-ratio", "1.5"]))

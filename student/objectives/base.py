@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -58,7 +61,8 @@ def cls_in_token_space(spec: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """The student network and the knobs objectives share."""
+    """The student network and the knobs objectives share (a knob of one objective lives in that
+    objective's own config: :func:`register_objective`'s ``config``)."""
 
     size: str = "tiny-test"
     """Encoder preset (the table in ``student/sizes.py``)."""
@@ -70,8 +74,6 @@ class StudentConfig:
     """Decoder width; default 1024 for ViT-B and larger (official), else the encoder width."""
     decoder_heads: int | None = None
     """Decoder heads; default width / 32 (official head dim 32)."""
-    mask_ratio: float = 0.5
-    """``masked`` objective: fraction of patches replaced by the mask token."""
     drop_path: float = 0.0
     """Stochastic depth of the encoder."""
     attn_impl: str = "sdpa"
@@ -89,8 +91,6 @@ class StudentConfig:
         for name in ("decoder_dim", "decoder_heads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or None (default), got {getattr(self, name)}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.stem is not None and self.stem not in STEMS:
@@ -137,34 +137,59 @@ class Objective(nn.Module):
         return self.order(view, self.model.cfg.n_clusters, self.model.cluster_targets)
 
 
-ObjectiveFactory = Callable[[StudentConfig, TargetSpec, "str | None"], Objective]
 _OBJECTIVES: dict[str, type[Objective]] = {}
+_CONFIGS: dict[str, type | None] = {}
 
 
-def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
+def register_objective(name: str, config: type | None = None) -> Callable[[type[Objective]], type[Objective]]:
+    """Register an objective class under ``name``. ``config``: the frozen dataclass of the knobs that
+    only this objective has (each field with a docstring: ``digpt train`` turns it into a flag with that
+    help); the class's ``__init__`` then takes an instance of it as a fourth argument."""
+
     def deco(cls: type[Objective]) -> type[Objective]:
         cls.registry_name = name
         _OBJECTIVES[name] = cls
+        _CONFIGS[name] = config
         return cls
 
     return deco
 
 
 def list_objectives() -> list[str]:
-    from . import ar, digpt, distill  # noqa: F401  (registration side effects)
-
+    # Every module of this package registers what it defines: a new objective is one new file here.
+    for mod in pkgutil.iter_modules([os.path.dirname(__file__)]):
+        importlib.import_module(f"{__package__}.{mod.name}")
     return sorted(_OBJECTIVES)
 
 
-def create_objective(name: str, student: StudentConfig, target: TargetSpec, order: str | None = None) -> Objective:
-    """Build objective ``name`` for ``target``; raises ValueError with the reason when the combination
-    (objective, order, target kind, grid) cannot train."""
+def objective_config(name: str, knobs: Any = None) -> Any:
+    """The knobs of objective ``name``: ``knobs`` checked to be its config type, or that type's defaults
+    when ``knobs`` is None. None for an objective without knobs."""
     names = list_objectives()
     if name not in names:
         raise ValueError(f"unknown objective {name!r}; choose from {names}")
+    kind = _CONFIGS[name]
+    if kind is None:
+        if knobs is not None:
+            raise ValueError(f"objective {name!r} has no knobs of its own; got {type(knobs).__name__} {knobs}")
+        return None
+    if knobs is None:
+        return kind()
+    if not isinstance(knobs, kind):
+        raise ValueError(f"objective {name!r} takes its knobs as a {kind.__name__}, got {type(knobs).__name__}")
+    return knobs
+
+
+def create_objective(
+    name: str, student: StudentConfig, target: TargetSpec, order: str | None = None, knobs: Any = None
+) -> Objective:
+    """Build objective ``name`` for ``target`` (``knobs``: its own config, None for its defaults); raises
+    ValueError with the reason when the combination (objective, order, target kind, grid) cannot train."""
+    knobs = objective_config(name, knobs)
     cls = _OBJECTIVES[name]
     if order is not None and cls.default_order is None:
         raise ValueError(
             f"objective {name!r} predicts every token at once from one input; it has no order (drop --order {order})"
         )
-    return cls(student, target, order or cls.default_order)
+    order = order or cls.default_order
+    return cls(student, target, order) if knobs is None else cls(student, target, order, knobs)

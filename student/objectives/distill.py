@@ -5,6 +5,8 @@ the loss fixed and vary only the paradigm."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,14 +84,27 @@ class FeatureDistillation(_DenseObjective):
         return self._loss(feats, batch, None)
 
 
-@register_objective("masked")
+@dataclass(frozen=True)
+class MaskedConfig:
+    """The knobs of the ``masked`` objective."""
+
+    mask_ratio: float = 0.5
+    """Fraction of patches replaced by the mask token (the loss counts those positions only)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@register_objective("masked", config=MaskedConfig)
 class MaskedPrediction(_DenseObjective):
     """Replace a random ``mask_ratio`` of patches with a learned mask token; predict the teacher's
     tokens at the masked positions (EVA / BEiT with feature targets; MAE with ``pixel`` targets)."""
 
-    def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None):
+    def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None, knobs: MaskedConfig):
         super().__init__(student, target, order)
-        self.mask_ratio = student.mask_ratio
+        self.knobs = knobs
+        self.mask_ratio = knobs.mask_ratio
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.cfg.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 

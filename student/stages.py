@@ -1,0 +1,113 @@
+"""Batch stages: what happens to a loader batch before the objective sees it.
+
+A stage is a ``batch -> batch`` callable; :func:`build_stages` composes the run's stages once, before the
+loop (webdataset's pipeline of small stages, applied to tensors): move to the device, run the teacher
+online (``--online-teacher``: the baseline and oracle of the cache), standardise continuous targets
+(``student/targets.py`` says why). The loop, the blind baseline and the tests all call the same chain,
+so what is trained on and what the baseline is scored on cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+
+from teacher_cache.config import TeacherConfig
+from teacher_cache.extract import build_teacher
+from teacher_cache.teachers import Teacher
+
+from .targets import FILE as TARGET_NORM_FILE
+from .targets import TargetNorm, estimate_target_norm
+
+if TYPE_CHECKING:
+    from .data import CacheJoin
+    from .train import TrainConfig
+
+Batch = dict[str, torch.Tensor]
+Stage = Callable[[Batch], Batch]
+S = TypeVar("S")
+
+
+class Stages:
+    """Stages applied in order; built once per run."""
+
+    def __init__(self, stages: Sequence[Stage]):
+        self.stages = tuple(stages)
+
+    def __call__(self, batch: Batch) -> Batch:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+    def find(self, kind: type[S]) -> S | None:
+        """The first stage of type ``kind`` (e.g. the run's :class:`TargetNorm`), or None."""
+        return next((s for s in self.stages if isinstance(s, kind)), None)
+
+
+class ToDevice:
+    """Every tensor of the batch onto ``device`` (non-blocking: the loader pins memory on CUDA)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def online_targets(teacher: Teacher, batch: Batch) -> Batch:
+    """The targets a cache would hold for this batch, computed now by the teacher."""
+    out = teacher(batch["teacher_images"])
+    if teacher.spec.kind == "codes":
+        return {"codes": out.tokens, "tokens": teacher.codebook[out.tokens]}
+    targets = {"tokens": out.tokens.float()}
+    if out.cls is not None:
+        targets["cls"] = out.cls.float()
+    return targets
+
+
+class OnlineTeacher:
+    """Replace the batch's cached targets with the teacher's, computed on the batch's ``teacher_images``."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    def __call__(self, batch: Batch) -> Batch:
+        return {**batch, **online_targets(self.teacher, batch)}
+
+
+def online_teacher_for(join: CacheJoin, device: torch.device | str) -> Teacher:
+    """The cache's teacher, rebuilt from its recorded config and checked against its weights fingerprint."""
+    a = join.info.attrs
+    teacher = build_teacher(TeacherConfig(**a["teacher_config"]), join.codebook, pca_basis=join.pca_basis)
+    if teacher.fingerprint() != a["fingerprint"]:
+        raise ValueError(
+            f"--online-teacher: the teacher rebuilt from the cache's config has weights "
+            f"{teacher.fingerprint()[:12]}, the cache was made by {a['fingerprint'][:12]}"
+        )
+    return teacher.to(device)
+
+
+def target_norm_for(cfg: TrainConfig, join: CacheJoin) -> TargetNorm | None:
+    """The run's target standardisation: the copy in the run directory when resuming (what the run
+    started with), else estimated from the cache (deterministic: every rank gets the same)."""
+    if cfg.target_norm == "none" or join.info.codes:
+        return None
+    if cfg.resume and os.path.exists(os.path.join(cfg.out, TARGET_NORM_FILE)):
+        return TargetNorm.load(cfg.out)
+    return estimate_target_norm(join)
+
+
+def build_stages(
+    cfg: TrainConfig, join: CacheJoin, device: torch.device | str, teacher: Teacher | None = None
+) -> Stages:
+    """The run's chain: to ``device``, then the online ``teacher`` (if any), then target standardisation."""
+    norm = target_norm_for(cfg, join)
+    chain: list[Stage] = [ToDevice(device)]
+    if teacher is not None:
+        chain.append(OnlineTeacher(teacher))
+    if norm is not None:
+        chain.append(norm.to(device))
+    return Stages(chain)
