@@ -458,7 +458,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 def _add_ablate(p: argparse.ArgumentParser) -> None:
     doc = cli_docs.config_fields("pipelines.ablate", "AblateConfig")
-    p.add_argument("recipe", help="one of: " + ", ".join(cli_docs.registered("pipelines.ablate", "recipe")))
+    p.add_argument("recipe", help="one of: " + ", ".join(cli_docs.registered("pipelines.recipes", "recipe")))
     _field(p, "--out", doc["out"], required=True)
     _field(p, "--shards", doc["shards"])
     _field(p, "--num-samples", doc["num_samples"], type=int)

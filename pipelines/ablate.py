@@ -1,7 +1,8 @@
 """``digpt ablate RECIPE``: train several students against several caches and write one report.
 
-A recipe is a small function returning variants, each a diff against a base (teacher, storage form,
-objective, order, decoder shape). Each distinct (teacher, storage) is extracted once into one cache and
+A recipe (``pipelines/recipes.py``) is a small function returning variants, each a ``replace`` of one base
+extract config and one base train config (teacher, storage form, objective, order, decoder shape). This
+module runs them; ``pipelines/report.py`` writes what they measured. Each distinct (teacher, storage) is extracted once into one cache and
 reused by every variant that needs it — the point of the cache. Every variant is trained for each
 seed, probed (linear, best layer; plus k-NN), and compared with a random-init floor of the same
 student. Output: ``report.md`` (one table), ``results.json`` and PNG plots.
@@ -11,40 +12,33 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
-from student.data import DataConfig
-from student.objectives import StudentConfig
 from student.sizes import list_vit_sizes, vit_config
-from student.train import OptimConfig, TrainConfig, train
-from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from student.train import train
+from teacher_cache.config import ExtractConfig, TeacherConfig
 from teacher_cache.extract import run_extract
 from teacher_cache.prepare import MAX_CLASSES, MIN_CLASSES, SyntheticConfig, load_dataset, prepare_synthetic
 from teacher_cache.store import slug
-from teacher_cache.views import AugConfig
 
+# The names below are looked up here at call time (bench/e2e.py times the stages by patching them).
 from .probe import ProbeConfig, run_probe
+from .recipes import RECIPES, SEMANTIC, Variant, cache_dir, dataset_dir
+from .report import RunRecord, findings, format_table, noise_margin, results_table
+from .report import write_report as _write_report
 
-SEMANTIC = "efficientnet_lite0:256"  # 8x8 tokens: splits into the 2x2 clusters of a 64 px / patch-8 student
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the report: what to extract and how to train on it."""
-
-    name: str
-    teacher: TeacherConfig
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    objective: str = "digpt"
-    order: str | None = None
-    decoder_depth: int = 2
-
-    @property
-    def tokenizer(self) -> str:
-        return f"{self.teacher.group_name}-{self.storage.dtype}"
+__all__ = [
+    "RECIPES",
+    "AblateConfig",
+    "RunRecord",
+    "Variant",
+    "findings",
+    "format_table",
+    "noise_margin",
+    "run_ablation",
+    "teacher_ceiling",
+]
 
 
 @dataclass(frozen=True)
@@ -125,153 +119,10 @@ class AblateConfig:
             )
 
 
-# ---------------------------------------------------------------------------------------------
-# recipes: small functions, each a list of variants (the paper's tables, in shape)
-
-RECIPES: dict[str, Callable[[AblateConfig], list[Variant]]] = {}
-
-
-def recipe(name: str):
-    def deco(fn):
-        RECIPES[name] = fn
-        return fn
-
-    return deco
-
-
-def _pixel(cfg: AblateConfig) -> TeacherConfig:
-    # the student's own patches, normalised (MAE norm-pix): one target token per student patch
-    return TeacherConfig(f"pixel:{cfg.image_size}/{vit_config(cfg.student).patch_size}", group="pixel")
-
-
-def _semantic(cfg: AblateConfig) -> TeacherConfig:
-    return TeacherConfig(cfg.semantic_teacher, group="semantic")
-
-
-def _token_dim(name: str) -> int:
-    """The token width of teacher ``name`` (built once here: the PCA variant keeps at most that many dims)."""
-    from teacher_cache.teachers import create_teacher
-
-    try:
-        return create_teacher(name).spec.dim
-    except Exception:  # e.g. a hub teacher without weights: extracting the semantic variant reports it
-        return 64
-
-
-@recipe("demo")
-def demo_recipe(cfg: AblateConfig) -> list[Variant]:
-    """Pixel targets (iGPT-like) vs the shipped semantic teacher, both with D-iGPT."""
-    return [Variant("digpt/pixel", _pixel(cfg)), Variant("digpt/semantic", _semantic(cfg))]
-
-
-@recipe("learning")
-def learning_recipe(cfg: AblateConfig) -> list[Variant]:
-    """Does pretraining teach anything here? Feature distillation and D-iGPT on the semantic teacher, D-iGPT
-    on pixel targets, against the random-init floor (the study in LEARNING.md)."""
-    t = _semantic(cfg)
-    return [
-        Variant("fd/semantic", t, objective="fd"),
-        Variant("digpt/semantic", t),
-        Variant("digpt/pixel", _pixel(cfg)),
-    ]
-
-
-@recipe("tokenizers")
-def tokenizers_recipe(cfg: AblateConfig) -> list[Variant]:
-    """Paper Tables 5/6: one objective, several tokenizers; headline teachers when weights are given."""
-    out = [
-        Variant("digpt/pixel", _pixel(cfg)),
-        Variant(
-            "digpt/kmeans-codes",
-            TeacherConfig(
-                f"kmeans:{cfg.semantic_teacher}",
-                group="kmeans",
-                codebook_size=64,
-                fit_samples=min(256, cfg.num_samples),
-            ),
-        ),
-        Variant("digpt/semantic", _semantic(cfg)),
-    ]
-    for name, path in cfg.weights:
-        out.append(Variant(f"digpt/{name}", TeacherConfig(name, weights=path, group=slug(name))))
-    return out
-
-
-@recipe("decoders")
-def decoders_recipe(cfg: AblateConfig) -> list[Variant]:
-    """Paper Tables 8/9: D-iGPT vs generative-only vs feature distillation; decoder depth 1/2/4."""
-    t = _semantic(cfg)
-    return [
-        Variant("digpt", t),
-        Variant("gen", t, objective="gen"),
-        Variant("fd", t, objective="fd"),
-        Variant("digpt/depth1", t, decoder_depth=1),
-        Variant("digpt/depth4", t, decoder_depth=4),
-    ]
-
-
-@recipe("orders")
-def orders_recipe(cfg: AblateConfig) -> list[Variant]:
-    """iGPT's raster vs D-iGPT's random vs SemAIM's semantic order."""
-    t = _semantic(cfg)
-    return [Variant(f"digpt/{o}", t, order=o) for o in ("raster", "random", "semantic")]
-
-
-@recipe("storage")
-def storage_recipe(cfg: AblateConfig) -> list[Variant]:
-    """Bytes per view against probe accuracy: fp16, int8, PCA-reduced and k-means codes of the same teacher."""
-    t = _semantic(cfg)
-    return [
-        Variant("fp16", t),
-        Variant("int8", t, storage=StorageConfig(dtype="int8")),
-        Variant("bf16", t, storage=StorageConfig(dtype="bf16")),
-        Variant(
-            "pca-64",
-            TeacherConfig(
-                f"pca:{cfg.semantic_teacher}",
-                group="pca64",
-                pca_dim=min(64, _token_dim(cfg.semantic_teacher)),
-                fit_samples=min(512, cfg.num_samples),
-            ),
-        ),
-        Variant(
-            "codes-256",
-            TeacherConfig(
-                f"kmeans:{cfg.semantic_teacher}",
-                group="kmeans256",
-                codebook_size=256,
-                fit_samples=min(512, cfg.num_samples),
-            ),
-        ),
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-# the runner
-
-
-@dataclass
-class RunRecord:
-    variant: str
-    seed: int
-    run: str
-    train_seconds: float
-    final_loss: float
-    losses: list[float]
-    linear_top1: float
-    linear_top5: float | None
-    best_layer: int | str
-    knn_top1: float | None
-    blind_loss: float | None = None
-    """The run's input-blind baseline (per-position mean target), on the loss's scale."""
-    loss_steps: list[int] = field(default_factory=list)
-    """The optimizer step of each entry of ``losses``."""
-
-
 def _dataset(cfg: AblateConfig) -> str:
     if cfg.shards:
         return cfg.shards
-    data = os.path.join(cfg.out, "data")
+    data = dataset_dir(cfg)
     want = SyntheticConfig(
         out=data,
         num_samples=cfg.num_samples,
@@ -288,28 +139,19 @@ def _dataset(cfg: AblateConfig) -> str:
     return data
 
 
-def _extract(cfg: AblateConfig, data: str, variants: list[Variant]) -> tuple[str, dict[str, float]]:
-    """Extract each distinct (teacher, storage) once; returns the cache and bytes/view per tokenizer."""
-    cache = cfg.cache or os.path.join(cfg.out, "cache")
-    by_storage: dict[StorageConfig, dict[str, TeacherConfig]] = {}
+def _extract(cfg: AblateConfig, variants: list[Variant]) -> tuple[str, dict[str, float]]:
+    """Extract each distinct (teacher, storage) once, each teacher under its variant's cache group: one
+    extraction per distinct config besides the teachers. Returns the cache and bytes/view per tokenizer."""
+    runs: dict[str, tuple[ExtractConfig, dict[str, TeacherConfig]]] = {}
     for v in variants:
-        by_storage.setdefault(v.storage, {})[v.tokenizer] = replace(v.teacher, group=v.tokenizer)
+        rest = json.dumps({k: x for k, x in asdict(v.extract).items() if k != "teachers"}, sort_keys=True, default=str)
+        runs.setdefault(rest, (v.extract, {}))[1][v.tokenizer] = replace(v.teacher, group=v.tokenizer)
     bytes_per_view: dict[str, float] = {}
-    for storage, teachers in by_storage.items():
-        summary = run_extract(
-            ExtractConfig(
-                shards=data,
-                out=cache,
-                teachers=tuple(teachers.values()),
-                aug=AugConfig(views=cfg.views),
-                storage=storage,
-                batch_size=32,
-                executor=cfg.executor,
-            )
-        )
+    for ex, teachers in runs.values():
+        summary = run_extract(replace(ex, teachers=tuple(teachers.values())))
         print(summary.table())
         bytes_per_view.update({t.group: t.bytes_per_view for t in summary.tokenizers})
-    return cache, bytes_per_view
+    return cache_dir(cfg), bytes_per_view
 
 
 def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int, floor: bool = False) -> tuple[dict, dict | None]:
@@ -417,32 +259,13 @@ def run_ablation(cfg: AblateConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     variants = RECIPES[cfg.recipe](cfg)
     data = _dataset(cfg)
-    cache, bytes_per_view = _extract(cfg, data, variants)
+    cache, bytes_per_view = _extract(cfg, variants)
     records: list[RunRecord] = []
     for v in variants:
         for seed in range(cfg.seeds):
             run = os.path.join(cfg.out, "runs", f"{slug(v.name)}_s{seed}")
-            student = StudentConfig(size=cfg.student, decoder_depth=v.decoder_depth, stem=cfg.stem)
-            tcfg = TrainConfig(
-                data=DataConfig(
-                    shards=data,
-                    cache=cache,
-                    tokenizer=v.tokenizer,
-                    img_size=student.encoder_config().img_size,
-                    batch_size=cfg.batch_size,
-                    num_workers=cfg.workers,
-                    seed=seed,
-                ),
-                out=run,
-                student=student,
-                objective=v.objective,
-                order=v.order,
-                steps=cfg.steps,
-                seed=seed,
-                optim=OptimConfig(base_lr=cfg.base_lr, warmup=0.1),
-                log_every=max(1, cfg.steps // 40),
-            )
-            print(f"== {v.name} (seed {seed}): {v.objective} on {v.teacher.name} [{v.storage.dtype}]")
+            tcfg = replace(v.train, data=replace(v.train.data, tokenizer=v.tokenizer, seed=seed), out=run, seed=seed)
+            print(f"== {v.name} (seed {seed}): {tcfg.objective} on {v.teacher.name} [{v.storage.dtype}]")
             t0 = time.perf_counter()
             result = train(tcfg)
             lin, knn = _probe(cfg, data, run, seed)
@@ -486,215 +309,8 @@ def run_ablation(cfg: AblateConfig) -> dict:
             if top1 is not None:
                 ceilings[v.tokenizer] = {"teacher": v.teacher.name, "storage": v.storage.dtype, "linear_top1": top1}
     classes = load_dataset(data).info.get("num_classes") or cfg.num_classes
-    results = _results(cfg, variants, records, floors, bytes_per_view, time.perf_counter() - t_start, classes)
+    results = results_table(cfg, variants, records, floors, bytes_per_view, time.perf_counter() - t_start, classes)
     results["ceilings"] = ceilings
     results["n_report"] = lin["n_report"]  # samples every linear probe above was scored on (same split)
     _write_report(cfg, results)
     return results
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
-
-
-def _results(
-    cfg: AblateConfig,
-    variants: list[Variant],
-    records: list[RunRecord],
-    floors: list[RunRecord],
-    bytes_per_view: dict[str, float],
-    seconds: float,
-    num_classes: int,
-) -> dict:
-    rows = []
-    for v in variants:
-        mine = [r for r in records if r.variant == v.name]
-        top1, std = _mean_std([r.linear_top1 for r in mine])
-        knn, knn_std = _mean_std([r.knn_top1 for r in mine if r.knn_top1 is not None])
-        rows.append(
-            {
-                "variant": v.name,
-                "teacher": v.teacher.name,
-                "objective": v.objective,
-                "order": v.order or "default",
-                "storage": v.storage.dtype,
-                "decoder_depth": v.decoder_depth,
-                "bytes_per_view": bytes_per_view.get(v.tokenizer, float("nan")),
-                "train_seconds": statistics.fmean(r.train_seconds for r in mine),
-                "linear_top1": top1,
-                "linear_top1_std": std,
-                "knn_top1": knn,
-                "knn_top1_std": knn_std,
-                "best_layer": [r.best_layer for r in mine],
-                "seeds": len(mine),
-                "loss_vs_blind": _mean_std([r.final_loss / r.blind_loss for r in mine if r.blind_loss])[0],
-            }
-        )
-    f1, fstd = _mean_std([r.linear_top1 for r in floors])
-    fk, fkstd = _mean_std([r.knn_top1 for r in floors if r.knn_top1 is not None])
-    rows.append(
-        {
-            "variant": "random-init (floor)",
-            "teacher": "-",
-            "objective": "-",
-            "order": "-",
-            "storage": "-",
-            "decoder_depth": "-",
-            "bytes_per_view": 0.0,
-            "train_seconds": 0.0,
-            "linear_top1": f1,
-            "linear_top1_std": fstd,
-            "knn_top1": fk,
-            "knn_top1_std": fkstd,
-            "best_layer": [r.best_layer for r in floors],
-            "seeds": len(floors),
-            "loss_vs_blind": float("nan"),
-        }
-    )
-    return {
-        "config": asdict(cfg),
-        "rows": rows,
-        "runs": [asdict(r) for r in records + floors],
-        "chance": 1.0 / num_classes,
-        "seconds": seconds,
-    }
-
-
-def format_table(results: dict) -> str:
-    head = (
-        "| variant | teacher | objective | order | storage | bytes/view | train s | loss / blind | linear top-1 "
-        "| k-NN top-1 |\n|---|---|---|---|---|---:|---:|---:|---:|---:|"
-    )
-    lines = [head]
-    for r in results["rows"]:
-        pm = f" ± {r['linear_top1_std']:.3f}" if r["seeds"] > 1 else ""
-        kpm = f" ± {r['knn_top1_std']:.3f}" if r["seeds"] > 1 else ""
-        lines.append(
-            f"| {r['variant']} | {r['teacher']} | {r['objective']} | {r['order']} | {r['storage']} | "
-            f"{r['bytes_per_view']:.0f} | {r['train_seconds']:.0f} | {_fmt(r.get('loss_vs_blind'))} | "
-            f"{r['linear_top1']:.3f}{pm} | "
-            f"{r['knn_top1']:.3f}{kpm} |"
-        )
-    return "\n".join(lines)
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{x:.3f}"
-
-
-def noise_margin(a: float, b: float, n: int | None) -> float | None:
-    """Two standard errors of the difference of two accuracies, each on ``n`` samples (binomial,
-    at their mean): a gap smaller than this is not evidence of a difference. None without ``n``."""
-    if not n:
-        return None
-    p = min(max((a + b) / 2, 1.0 / n), 1 - 1.0 / n)
-    return 2 * (2 * p * (1 - p) / n) ** 0.5
-
-
-def findings(results: dict) -> list[str]:
-    """Plain statements the numbers support (or contradict), for the report."""
-    rows = {r["variant"]: r for r in results["rows"]}
-    floor = rows["random-init (floor)"]["linear_top1"]
-    out = [f"Chance is {results['chance']:.3f}; the random-init floor reaches {floor:.3f}."]
-    best = max((r for r in results["rows"] if r["variant"] != "random-init (floor)"), key=lambda r: r["linear_top1"])
-    out.append(f"Best variant: {best['variant']} at {best['linear_top1']:.3f} linear top-1.")
-    pixel = [r for r in results["rows"] if r["teacher"].startswith("pixel")]
-    semantic = [r for r in results["rows"] if r["teacher"] not in ("-",) and not r["teacher"].startswith("pixel")]
-    if pixel and semantic:
-        p, s = max(x["linear_top1"] for x in pixel), max(x["linear_top1"] for x in semantic)
-        margin = noise_margin(s, p, results.get("n_report"))
-        if margin is not None and abs(s - p) <= margin:
-            out.append(
-                f"Semantic vs pixel targets: {s:.3f} vs {p:.3f}, a difference within noise (±{margin:.3f}: two "
-                f"standard errors on {results['n_report']} report samples); this run does not separate them."
-            )
-        else:
-            verdict = "beat" if s > p else "did NOT beat"
-            beyond = f"; beyond noise, two standard errors ±{margin:.3f}" if margin is not None else ""
-            out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}{beyond}).")
-    ceil = results.get("ceilings", {})
-    if ceil:
-        best_t = max(ceil.values(), key=lambda c: c["linear_top1"])
-        out.append(
-            f"The targets themselves carry the label up to {best_t['linear_top1']:.3f} linear top-1 "
-            f"({best_t['teacher']}'s pooled features); a student probe far below that has not yet learned "
-            "what its targets know (a longer schedule, more data or a larger student closes the gap)."
-        )
-    trained = [r for r in results["rows"] if r["variant"] != "random-init (floor)"]
-    blindish = [r["variant"] for r in trained if (x := r.get("loss_vs_blind")) is not None and x == x and x > 0.97]
-    if blindish:
-        out.append(
-            f"Final loss within 3% of the input-blind baseline (per-position mean target): "
-            f"{', '.join(blindish)} — the loss fell, but almost nothing of that needed the image."
-        )
-    n = results.get("n_report")
-    near = [
-        r["variant"]
-        for r in trained
-        if r["linear_top1"] > floor
-        and (m := noise_margin(r["linear_top1"], floor, n)) is not None
-        and r["linear_top1"] - floor <= m
-    ]
-    if near:
-        out.append(f"Above the floor only within noise: {', '.join(near)}.")
-    clear = [
-        f"{r['variant']} (+{r['linear_top1'] - floor:.3f}, ±{m:.3f})"
-        for r in trained
-        if (m := noise_margin(r["linear_top1"], floor, n)) is not None and r["linear_top1"] - floor > m
-    ]
-    if clear:
-        out.append(f"Above the floor beyond noise (gap, two standard errors): {', '.join(clear)}.")
-    below = [r["variant"] for r in trained if r["linear_top1"] <= floor]
-    if below:
-        out.append(
-            f"At or below the random-init floor: {', '.join(below)} — too short a schedule, or a target "
-            "that carries little class information."
-        )
-    return out
-
-
-def _ceiling_table(results: dict) -> list[str]:
-    ceil = results.get("ceilings", {})
-    if not ceil:
-        return []
-    lines = [
-        "Teacher features (the targets' own pooled features from the cache, same linear protocol):",
-        "",
-        "| tokenizer | teacher | storage | linear top-1 |",
-        "|---|---|---|---:|",
-    ]
-    lines += [f"| {k} | {c['teacher']} | {c['storage']} | {c['linear_top1']:.3f} |" for k, c in ceil.items()]
-    return lines + [""]
-
-
-def _write_report(cfg: AblateConfig, results: dict) -> None:
-    from . import plots
-
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    figs = plots.write_plots(results, cfg.out)
-    c = results["config"]
-    md = [
-        f"# Ablation `{cfg.recipe}`",
-        "",
-        f"Student `{c['student']}`, {c['steps']} steps x batch {c['batch_size']}, {c['seeds']} seed(s); "
-        f"linear probe (best layer, selected without the report split) and k-NN; total {results['seconds']:.0f}s.",
-        "",
-        format_table(results),
-        "",
-        *_ceiling_table(results),
-        "## Findings",
-        "",
-        *[f"- {x}" for x in findings(results)],
-        "",
-        "## Plots",
-        "",
-        *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figs],
-        "",
-    ]
-    with open(os.path.join(cfg.out, "report.md"), "w") as f:
-        f.write("\n".join(md))
-    print(format_table(results))
-    print("\n".join(_ceiling_table(results)))
-    print("\n".join(findings(results)))
-    print(f"report: {os.path.join(cfg.out, 'report.md')}")

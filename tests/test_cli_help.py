@@ -64,7 +64,7 @@ def test_names_read_from_source_equal_the_registries():
     knobs = cli_docs.registered_configs("student.objectives", "register_objective")
     assert {o: c for o, (_, c) in knobs.items()} == {o: c.__name__ for o, c in base._CONFIGS.items() if c}
     assert "masked" in knobs
-    assert cli_docs.registered("pipelines.ablate", "recipe") == sorted(RECIPES)
+    assert cli_docs.registered("pipelines.recipes", "recipe") == sorted(RECIPES)
     assert cli_docs.module_value("student.sizes", "VIT_SIZES") == list_vit_sizes()
     assert "demo-cpu" in cli_docs.module_value("student.sizes", "VIT_SIZES")
     for module, name, value in [

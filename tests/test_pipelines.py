@@ -111,3 +111,62 @@ def test_findings_do_not_call_noise_a_win():
     rows[1]["linear_top1"] = 0.6
     text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": 128}))
     assert "beat pixel targets (0.600 vs 0.078; beyond noise" in text and "within noise" not in text
+
+
+def _small(recipe: str, out: str = "x") -> AblateConfig:
+    return AblateConfig(
+        recipe=recipe,
+        out=out,
+        image_size=32,
+        num_classes=4,
+        num_samples=48,
+        student="tiny-test",
+        steps=3,
+        batch_size=8,
+        semantic_teacher="random-vit:32/8",
+    )
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_variant_is_a_diff_of_the_recipe_base(recipe):
+    """Each variant is ``replace(base, ...)`` of the one base train config and the one base extract config:
+    it may change the objective, order, decoder depth, teacher and storage form, and nothing else."""
+    from dataclasses import fields, replace
+
+    from pipelines.recipes import base_extract, base_train
+    from student.train import TrainConfig
+
+    cfg = _small(recipe)
+    train, extract = base_train(cfg), base_extract(cfg)
+    variants = RECIPES[recipe](cfg)
+    assert len({v.name for v in variants}) == len(variants) and len({v.tokenizer for v in variants}) >= 1
+    for v in variants:
+        diff = {f.name for f in fields(TrainConfig) if getattr(v.train, f.name) != getattr(train, f.name)}
+        assert diff <= {"objective", "order", "student"}, (v.name, diff)
+        assert replace(v.train.student, decoder_depth=train.student.decoder_depth) == train.student, v.name
+        assert replace(v.extract, teachers=extract.teachers, storage=extract.storage) == extract, v.name
+        assert replace(v.extract.storage, dtype=extract.storage.dtype) == extract.storage, v.name
+
+
+def test_a_variant_trains_with_the_config_the_runner_always_built():
+    """The runner's TrainConfig for a variant equals the one written out field by field before recipes were
+    ``replace`` of a base (no behaviour change): decoders' depth-1 variant, seed 1."""
+    from dataclasses import replace
+
+    from student.data import DataConfig
+    from student.objectives import StudentConfig
+    from student.train import OptimConfig, TrainConfig
+
+    cfg = _small("decoders")
+    v = next(v for v in RECIPES["decoders"](cfg) if v.name == "digpt/depth1")
+    got = replace(v.train, data=replace(v.train.data, tokenizer=v.tokenizer, seed=1), out="run", seed=1)
+    want = TrainConfig(
+        data=DataConfig("x/data", "x/cache", v.tokenizer, 32, 8, num_workers=1, seed=1),
+        out="run",
+        student=StudentConfig(size="tiny-test", decoder_depth=1),
+        steps=3,
+        seed=1,
+        optim=OptimConfig(base_lr=1.5e-3, warmup=0.1),
+        log_every=1,
+    )
+    assert got == want and v.tokenizer == "semantic-fp16"

@@ -1,0 +1,205 @@
+"""Ablation recipes: small functions, each a list of variants (the paper's tables, in shape).
+
+Every recipe starts from the same two base configs — :func:`base_extract` (what the cache holds) and
+:func:`base_train` (how a student trains) — and each variant is a ``dataclasses.replace`` of them, so a
+variant reads as its diff against the base and no option is retyped here. The runner
+(``pipelines/ablate.py``) fills in what only it knows: each run's directory, seed and cache group.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from student.data import DataConfig
+from student.objectives import StudentConfig
+from student.sizes import vit_config
+from student.train import OptimConfig, TrainConfig
+from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.store import slug
+from teacher_cache.views import AugConfig
+
+if TYPE_CHECKING:
+    from .ablate import AblateConfig
+
+SEMANTIC = "efficientnet_lite0:256"  # 8x8 tokens: splits into the 2x2 clusters of a 64 px / patch-8 student
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the report: what to extract (one teacher, one storage form) and how to train on it."""
+
+    name: str
+    extract: ExtractConfig
+    """A ``replace`` of the recipe's :func:`base_extract` with this variant's one teacher."""
+    train: TrainConfig
+    """A ``replace`` of :func:`base_train`; the runner sets its tokenizer, run directory and seed."""
+
+    @property
+    def teacher(self) -> TeacherConfig:
+        return self.extract.teachers[0]
+
+    @property
+    def storage(self) -> StorageConfig:
+        return self.extract.storage
+
+    @property
+    def tokenizer(self) -> str:
+        """The cache group: teacher and storage form, so one cache holds every form side by side."""
+        return f"{self.teacher.group_name}-{self.storage.dtype}"
+
+
+def dataset_dir(cfg: AblateConfig) -> str:
+    return cfg.shards or os.path.join(cfg.out, "data")
+
+
+def cache_dir(cfg: AblateConfig) -> str:
+    return cfg.cache or os.path.join(cfg.out, "cache")
+
+
+def base_extract(cfg: AblateConfig) -> ExtractConfig:
+    """The extraction every variant is a ``replace`` of: the semantic teacher, fp16, ``cfg.views`` views."""
+    return ExtractConfig(
+        shards=dataset_dir(cfg),
+        out=cache_dir(cfg),
+        teachers=(_semantic(cfg),),
+        aug=AugConfig(views=cfg.views),
+        storage=StorageConfig(),
+        batch_size=32,
+        executor=cfg.executor,
+    )
+
+
+def base_train(cfg: AblateConfig) -> TrainConfig:
+    """The training run every variant is a ``replace`` of: D-iGPT, its default order and decoders, the
+    ablation's student, steps, batch and lr (10 % warmup: short schedules)."""
+    student = StudentConfig(size=cfg.student, stem=cfg.stem)
+    return TrainConfig(
+        data=DataConfig(
+            shards=dataset_dir(cfg),
+            cache=cache_dir(cfg),
+            tokenizer=None,
+            img_size=student.encoder_config().img_size,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+        ),
+        out=os.path.join(cfg.out, "runs"),
+        student=student,
+        steps=cfg.steps,
+        optim=OptimConfig(base_lr=cfg.base_lr, warmup=0.1),
+        log_every=max(1, cfg.steps // 40),
+    )
+
+
+def teacher(base: ExtractConfig, t: TeacherConfig, **storage) -> ExtractConfig:
+    """``base`` extracting teacher ``t`` alone (and a storage form that differs by ``storage``)."""
+    return replace(base, teachers=(t,), storage=replace(base.storage, **storage))
+
+
+def student(base: TrainConfig, **changes) -> TrainConfig:
+    """``base`` with a student that differs by ``changes`` (``decoder_depth=1``)."""
+    return replace(base, student=replace(base.student, **changes))
+
+
+RECIPES: dict[str, Callable[[AblateConfig], list[Variant]]] = {}
+
+
+def recipe(name: str):
+    def deco(fn):
+        RECIPES[name] = fn
+        return fn
+
+    return deco
+
+
+def _pixel(cfg: AblateConfig) -> TeacherConfig:
+    # the student's own patches, normalised (MAE norm-pix): one target token per student patch
+    return TeacherConfig(f"pixel:{cfg.image_size}/{vit_config(cfg.student).patch_size}", group="pixel")
+
+
+def _semantic(cfg: AblateConfig) -> TeacherConfig:
+    return TeacherConfig(cfg.semantic_teacher, group="semantic")
+
+
+def _token_dim(name: str) -> int:
+    """The token width of teacher ``name`` (built once here: the PCA variant keeps at most that many dims)."""
+    from teacher_cache.teachers import create_teacher
+
+    try:
+        return create_teacher(name).spec.dim
+    except Exception:  # e.g. a hub teacher without weights: extracting the semantic variant reports it
+        return 64
+
+
+@recipe("demo")
+def demo_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Pixel targets (iGPT-like) vs the shipped semantic teacher, both with D-iGPT."""
+    ex, tr = base_extract(cfg), base_train(cfg)
+    return [Variant("digpt/pixel", teacher(ex, _pixel(cfg)), tr), Variant("digpt/semantic", ex, tr)]
+
+
+@recipe("learning")
+def learning_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Does pretraining teach anything here? Feature distillation and D-iGPT on the semantic teacher, D-iGPT
+    on pixel targets, against the random-init floor (the study in LEARNING.md)."""
+    ex, tr = base_extract(cfg), base_train(cfg)
+    return [
+        Variant("fd/semantic", ex, replace(tr, objective="fd")),
+        Variant("digpt/semantic", ex, tr),
+        Variant("digpt/pixel", teacher(ex, _pixel(cfg)), tr),
+    ]
+
+
+@recipe("tokenizers")
+def tokenizers_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Paper Tables 5/6: one objective, several tokenizers; headline teachers when weights are given."""
+    ex, tr = base_extract(cfg), base_train(cfg)
+    kmeans = TeacherConfig(
+        f"kmeans:{cfg.semantic_teacher}", group="kmeans", codebook_size=64, fit_samples=min(256, cfg.num_samples)
+    )
+    out = [
+        Variant("digpt/pixel", teacher(ex, _pixel(cfg)), tr),
+        Variant("digpt/kmeans-codes", teacher(ex, kmeans), tr),
+        Variant("digpt/semantic", ex, tr),
+    ]
+    for name, path in cfg.weights:
+        out.append(Variant(f"digpt/{name}", teacher(ex, TeacherConfig(name, weights=path, group=slug(name))), tr))
+    return out
+
+
+@recipe("decoders")
+def decoders_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Paper Tables 8/9: D-iGPT vs generative-only vs feature distillation; decoder depth 1/2/4."""
+    ex, tr = base_extract(cfg), base_train(cfg)
+    return [
+        Variant("digpt", ex, tr),
+        Variant("gen", ex, replace(tr, objective="gen")),
+        Variant("fd", ex, replace(tr, objective="fd")),
+        Variant("digpt/depth1", ex, student(tr, decoder_depth=1)),
+        Variant("digpt/depth4", ex, student(tr, decoder_depth=4)),
+    ]
+
+
+@recipe("orders")
+def orders_recipe(cfg: AblateConfig) -> list[Variant]:
+    """iGPT's raster vs D-iGPT's random vs SemAIM's semantic order."""
+    ex, tr = base_extract(cfg), base_train(cfg)
+    return [Variant(f"digpt/{o}", ex, replace(tr, order=o)) for o in ("raster", "random", "semantic")]
+
+
+@recipe("storage")
+def storage_recipe(cfg: AblateConfig) -> list[Variant]:
+    """Bytes per view against probe accuracy: fp16, int8, PCA-reduced and k-means codes of the same teacher."""
+    ex, tr = base_extract(cfg), base_train(cfg)
+    fit, name = min(512, cfg.num_samples), cfg.semantic_teacher
+    pca = TeacherConfig(f"pca:{name}", group="pca64", pca_dim=min(64, _token_dim(name)), fit_samples=fit)
+    codes = TeacherConfig(f"kmeans:{name}", group="kmeans256", codebook_size=256, fit_samples=fit)
+    return [
+        Variant("fp16", ex, tr),
+        Variant("int8", teacher(ex, _semantic(cfg), dtype="int8"), tr),
+        Variant("bf16", teacher(ex, _semantic(cfg), dtype="bf16"), tr),
+        Variant("pca-64", teacher(ex, pca), tr),
+        Variant("codes-256", teacher(ex, codes), tr),
+    ]

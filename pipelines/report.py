@@ -1,0 +1,239 @@
+"""The ablation's report: per-variant rows (mean ± std over seeds, beside the random-init floor), the
+table, the findings the numbers support (with noise margins), plots, ``report.md`` and ``results.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .ablate import AblateConfig
+    from .recipes import Variant
+
+
+@dataclass
+class RunRecord:
+    variant: str
+    seed: int
+    run: str
+    train_seconds: float
+    final_loss: float
+    losses: list[float]
+    linear_top1: float
+    linear_top5: float | None
+    best_layer: int | str
+    knn_top1: float | None
+    blind_loss: float | None = None
+    """The run's input-blind baseline (per-position mean target), on the loss's scale."""
+    loss_steps: list[int] = field(default_factory=list)
+    """The optimizer step of each entry of ``losses``."""
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
+
+
+def results_table(
+    cfg: AblateConfig,
+    variants: list[Variant],
+    records: list[RunRecord],
+    floors: list[RunRecord],
+    bytes_per_view: dict[str, float],
+    seconds: float,
+    num_classes: int,
+) -> dict:
+    rows = []
+    for v in variants:
+        mine = [r for r in records if r.variant == v.name]
+        top1, std = _mean_std([r.linear_top1 for r in mine])
+        knn, knn_std = _mean_std([r.knn_top1 for r in mine if r.knn_top1 is not None])
+        rows.append(
+            {
+                "variant": v.name,
+                "teacher": v.teacher.name,
+                "objective": v.train.objective,
+                "order": v.train.order or "default",
+                "storage": v.storage.dtype,
+                "decoder_depth": v.train.student.decoder_depth,
+                "bytes_per_view": bytes_per_view.get(v.tokenizer, float("nan")),
+                "train_seconds": statistics.fmean(r.train_seconds for r in mine),
+                "linear_top1": top1,
+                "linear_top1_std": std,
+                "knn_top1": knn,
+                "knn_top1_std": knn_std,
+                "best_layer": [r.best_layer for r in mine],
+                "seeds": len(mine),
+                "loss_vs_blind": _mean_std([r.final_loss / r.blind_loss for r in mine if r.blind_loss])[0],
+            }
+        )
+    f1, fstd = _mean_std([r.linear_top1 for r in floors])
+    fk, fkstd = _mean_std([r.knn_top1 for r in floors if r.knn_top1 is not None])
+    rows.append(
+        {
+            "variant": "random-init (floor)",
+            "teacher": "-",
+            "objective": "-",
+            "order": "-",
+            "storage": "-",
+            "decoder_depth": "-",
+            "bytes_per_view": 0.0,
+            "train_seconds": 0.0,
+            "linear_top1": f1,
+            "linear_top1_std": fstd,
+            "knn_top1": fk,
+            "knn_top1_std": fkstd,
+            "best_layer": [r.best_layer for r in floors],
+            "seeds": len(floors),
+            "loss_vs_blind": float("nan"),
+        }
+    )
+    return {
+        "config": asdict(cfg),
+        "rows": rows,
+        "runs": [asdict(r) for r in records + floors],
+        "chance": 1.0 / num_classes,
+        "seconds": seconds,
+    }
+
+
+def format_table(results: dict) -> str:
+    head = (
+        "| variant | teacher | objective | order | storage | bytes/view | train s | loss / blind | linear top-1 "
+        "| k-NN top-1 |\n|---|---|---|---|---|---:|---:|---:|---:|---:|"
+    )
+    lines = [head]
+    for r in results["rows"]:
+        pm = f" ± {r['linear_top1_std']:.3f}" if r["seeds"] > 1 else ""
+        kpm = f" ± {r['knn_top1_std']:.3f}" if r["seeds"] > 1 else ""
+        lines.append(
+            f"| {r['variant']} | {r['teacher']} | {r['objective']} | {r['order']} | {r['storage']} | "
+            f"{r['bytes_per_view']:.0f} | {r['train_seconds']:.0f} | {_fmt(r.get('loss_vs_blind'))} | "
+            f"{r['linear_top1']:.3f}{pm} | "
+            f"{r['knn_top1']:.3f}{kpm} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
+def noise_margin(a: float, b: float, n: int | None) -> float | None:
+    """Two standard errors of the difference of two accuracies, each on ``n`` samples (binomial,
+    at their mean): a gap smaller than this is not evidence of a difference. None without ``n``."""
+    if not n:
+        return None
+    p = min(max((a + b) / 2, 1.0 / n), 1 - 1.0 / n)
+    return 2 * (2 * p * (1 - p) / n) ** 0.5
+
+
+def findings(results: dict) -> list[str]:
+    """Plain statements the numbers support (or contradict), for the report."""
+    rows = {r["variant"]: r for r in results["rows"]}
+    floor = rows["random-init (floor)"]["linear_top1"]
+    out = [f"Chance is {results['chance']:.3f}; the random-init floor reaches {floor:.3f}."]
+    best = max((r for r in results["rows"] if r["variant"] != "random-init (floor)"), key=lambda r: r["linear_top1"])
+    out.append(f"Best variant: {best['variant']} at {best['linear_top1']:.3f} linear top-1.")
+    pixel = [r for r in results["rows"] if r["teacher"].startswith("pixel")]
+    semantic = [r for r in results["rows"] if r["teacher"] not in ("-",) and not r["teacher"].startswith("pixel")]
+    if pixel and semantic:
+        p, s = max(x["linear_top1"] for x in pixel), max(x["linear_top1"] for x in semantic)
+        margin = noise_margin(s, p, results.get("n_report"))
+        if margin is not None and abs(s - p) <= margin:
+            out.append(
+                f"Semantic vs pixel targets: {s:.3f} vs {p:.3f}, a difference within noise (±{margin:.3f}: two "
+                f"standard errors on {results['n_report']} report samples); this run does not separate them."
+            )
+        else:
+            verdict = "beat" if s > p else "did NOT beat"
+            beyond = f"; beyond noise, two standard errors ±{margin:.3f}" if margin is not None else ""
+            out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}{beyond}).")
+    ceil = results.get("ceilings", {})
+    if ceil:
+        best_t = max(ceil.values(), key=lambda c: c["linear_top1"])
+        out.append(
+            f"The targets themselves carry the label up to {best_t['linear_top1']:.3f} linear top-1 "
+            f"({best_t['teacher']}'s pooled features); a student probe far below that has not yet learned "
+            "what its targets know (a longer schedule, more data or a larger student closes the gap)."
+        )
+    trained = [r for r in results["rows"] if r["variant"] != "random-init (floor)"]
+    blindish = [r["variant"] for r in trained if (x := r.get("loss_vs_blind")) is not None and x == x and x > 0.97]
+    if blindish:
+        out.append(
+            f"Final loss within 3% of the input-blind baseline (per-position mean target): "
+            f"{', '.join(blindish)} — the loss fell, but almost nothing of that needed the image."
+        )
+    n = results.get("n_report")
+    near = [
+        r["variant"]
+        for r in trained
+        if r["linear_top1"] > floor
+        and (m := noise_margin(r["linear_top1"], floor, n)) is not None
+        and r["linear_top1"] - floor <= m
+    ]
+    if near:
+        out.append(f"Above the floor only within noise: {', '.join(near)}.")
+    clear = [
+        f"{r['variant']} (+{r['linear_top1'] - floor:.3f}, ±{m:.3f})"
+        for r in trained
+        if (m := noise_margin(r["linear_top1"], floor, n)) is not None and r["linear_top1"] - floor > m
+    ]
+    if clear:
+        out.append(f"Above the floor beyond noise (gap, two standard errors): {', '.join(clear)}.")
+    below = [r["variant"] for r in trained if r["linear_top1"] <= floor]
+    if below:
+        out.append(
+            f"At or below the random-init floor: {', '.join(below)} — too short a schedule, or a target "
+            "that carries little class information."
+        )
+    return out
+
+
+def _ceiling_table(results: dict) -> list[str]:
+    ceil = results.get("ceilings", {})
+    if not ceil:
+        return []
+    lines = [
+        "Teacher features (the targets' own pooled features from the cache, same linear protocol):",
+        "",
+        "| tokenizer | teacher | storage | linear top-1 |",
+        "|---|---|---|---:|",
+    ]
+    lines += [f"| {k} | {c['teacher']} | {c['storage']} | {c['linear_top1']:.3f} |" for k, c in ceil.items()]
+    return lines + [""]
+
+
+def write_report(cfg: AblateConfig, results: dict) -> None:
+    from . import plots
+
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    figs = plots.write_plots(results, cfg.out)
+    c = results["config"]
+    md = [
+        f"# Ablation `{cfg.recipe}`",
+        "",
+        f"Student `{c['student']}`, {c['steps']} steps x batch {c['batch_size']}, {c['seeds']} seed(s); "
+        f"linear probe (best layer, selected without the report split) and k-NN; total {results['seconds']:.0f}s.",
+        "",
+        format_table(results),
+        "",
+        *_ceiling_table(results),
+        "## Findings",
+        "",
+        *[f"- {x}" for x in findings(results)],
+        "",
+        "## Plots",
+        "",
+        *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figs],
+        "",
+    ]
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write("\n".join(md))
+    print(format_table(results))
+    print("\n".join(_ceiling_table(results)))
+    print("\n".join(findings(results)))
+    print(f"report: {os.path.join(cfg.out, 'report.md')}")
