@@ -529,6 +529,7 @@ def _add_probe(p: argparse.ArgumentParser) -> None:
     _field(p, "--finetune-epochs", doc["finetune_epochs"], type=int)
     _field(p, "--finetune-lr", doc["finetune_lr"], type=float)
     _field(p, "--layer-decay", doc["layer_decay"], type=float)
+    _field(p, "--crop-scale", doc["crop_scale"], type=float)
     _field(p, "--seed", doc["seed"], type=int)
     _field(p, "--device", doc["device"])
 
@@ -562,6 +563,7 @@ def _cmd_probe(a: argparse.Namespace) -> int:
         finetune_epochs=a.finetune_epochs,
         finetune_lr=a.finetune_lr,
         layer_decay=a.layer_decay,
+        crop_scale=a.crop_scale,
         seed=a.seed,
         device=a.device,
     )

@@ -64,11 +64,13 @@ def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, decay:
     return list(groups.values())
 
 
-def augment(views: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``[B, 3, S, S]`` -> float [0, 1]: per-sample random resized crop and horizontal flip."""
+def augment(views: torch.Tensor, size: int, min_scale: float = 0.35) -> torch.Tensor:
+    """uint8 ``[B, 3, S, S]`` -> float [0, 1]: per-sample random resized crop (area fraction in
+    ``[min_scale, 1]``) and horizontal flip."""
     from torchvision.transforms import v2
 
-    tf = v2.Compose([v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)
+    tf = v2.Compose([crop, v2.RandomHorizontalFlip()])
     return torch.stack([tf(v) for v in views]).float().div_(255.0)  # v2 on a batch would share one crop
 
 
@@ -88,7 +90,8 @@ def finetune_scores(
     ft_enc = VisionTransformer(dataclasses.replace(enc.cfg, drop_path=cfg.drop_path))
     ft_enc.load_state_dict(enc.state_dict())
     model = Classifier(ft_enc, num_classes, cfg.pool).to(device)
-    groups = layer_decay_groups(model, cfg.finetune_lr, cfg.finetune_weight_decay, cfg.layer_decay)
+    decay, crop = cfg.finetune_recipe()
+    groups = layer_decay_groups(model, cfg.finetune_lr, cfg.finetune_weight_decay, decay)
     opt = torch.optim.AdamW(groups, lr=cfg.finetune_lr, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
     lrs = lr_schedule(cfg.finetune_epochs * steps_per_epoch, cfg.finetune_lr, cfg.warmup, 0.0)
@@ -101,7 +104,7 @@ def finetune_scores(
             for idx in torch.randperm(len(train_y)).split(cfg.batch_size):
                 for g in opt.param_groups:
                     g["lr"] = float(lrs[it]) * g["lr_scale"]
-                x, y = augment(train_views[idx], size).to(device), train_y[idx].to(device)
+                x, y = augment(train_views[idx], size, crop).to(device), train_y[idx].to(device)
                 loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
