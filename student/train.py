@@ -26,7 +26,7 @@ from .data import CachedViews, CacheJoin, DataConfig, make_loader
 from .metrics import RunLogger, TrainResult, measure_blind
 from .objectives import Objective, StudentConfig, TargetSpec, create_objective, objective_config
 from .rundir import check_resume_config, open_run, report_mismatches, write_config
-from .stages import build_stages, online_teacher_for
+from .stages import Stages, build_stages, online_teacher_for
 from .stages import online_targets as online_targets  # re-exported: tests and bench/train.py use it from here
 from .stages import target_norm_for as target_norm_for
 from .targets import NORMS, TargetNorm
@@ -191,9 +191,27 @@ def _check_finite(loss: torch.Tensor, state: TrainState) -> None:
         )
 
 
-def _setup(cfg: TrainConfig, rank: int, world: int, device: torch.device):
-    """Everything the loop needs, built once: objective, loader, stages, schedule, optimizer, resumed
-    state, and (rank 0) the run directory's config.json, target statistics and blind baseline."""
+@dataclass
+class Setup:
+    """What the loop needs, built once before it by :func:`setup`."""
+
+    objective: Objective
+    ds: CachedViews
+    stages: Stages
+    lrs: np.ndarray
+    """``lr[step]`` for every optimizer step; ``len(lrs)`` is the run's total."""
+    opt: torch.optim.Optimizer
+    state: TrainState
+    """Where training stands (restored from the latest checkpoint on ``--resume``)."""
+    resumed: bool
+    global_batch: int
+    blind: float | None
+    """The input-blind baseline (rank 0; None on other ranks or when off)."""
+
+
+def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Setup:
+    """Objective, loader, stages, schedule, optimizer, resumed state, and (rank 0) the run directory's
+    config.json, target statistics and blind baseline."""
     objective, ds, teacher, join = build_run(cfg, rank, world, device)
     check_resume_config(cfg, join)
     stages = build_stages(cfg, join, device, teacher)
@@ -212,7 +230,7 @@ def _setup(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         if norm is not None:
             norm.save(cfg.out)
     blind = measure_blind(cfg, objective, ds, stages) if rank == 0 else None
-    return objective, ds, stages, lrs, opt, state, loaded is not None, global_batch, blind
+    return Setup(objective, ds, stages, lrs, opt, state, loaded is not None, global_batch, blind)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
@@ -222,12 +240,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     device = resolve_device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    objective, ds, stages, lrs, opt, state, resumed, global_batch, blind = _setup(cfg, rank, world, device)
+    run = setup(cfg, rank, world, device)
+    objective, ds, stages, lrs, opt, state = run.objective, run.ds, run.stages, run.lrs, run.opt, run.state
     model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     total, accum, micro = len(lrs), cfg.optim.accum, 0
-    log = RunLogger(cfg, total, global_batch, state.step, resumed, blind, rank, progress)
+    log = RunLogger(cfg, total, run.global_batch, state.step, run.resumed, run.blind, rank, progress)
     while state.step < total:
         n_batches = _epoch_batches(ds, state, cfg.data.batch_size)
         for batch in make_loader(ds):
