@@ -215,10 +215,13 @@ class RunLogger:
         )
 
     def summarise(self, result: TrainResult) -> None:
-        """summary.json (with the blind baseline's verdict), and a line that says it (rank 0 only)."""
+        """summary.json (the objective and its knobs, the blind baseline's verdict), and a line that says it
+        (rank 0 only)."""
         if self.rank != 0:
             return
         summary = {k: v for k, v in asdict(result).items() if k != "history"}
+        knobs = self.cfg.objective_knobs
+        summary.update(objective=self.cfg.objective, objective_knobs=asdict(knobs) if knobs is not None else None)
         summary.update(blind_summary(self.cfg.out, result.final_loss, self.blind))
         write_json(os.path.join(self.cfg.out, "summary.json"), summary)
         if self.progress:

@@ -100,7 +100,8 @@ def test_a_registered_objective_trains_through_the_real_loop(visible_cos, tiny_d
     assert all(0 < h["loss"] < 4 and h["blind_loss"] > 0 for h in result.history)  # 2 - 2 cos is in [0, 4]
     recorded = json.loads((run / "config.json").read_text())["train"]
     assert recorded["objective"] == visible_cos and recorded["objective_knobs"] == {"keep_ratio": 0.25}
-    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["objective_knobs"] == {"keep_ratio": 0.25}
     # The knob is the run's: resuming with another value is refused, naming it.
     with pytest.raises(ValueError, match=r"objective_knobs.keep_ratio: run has 0.25, asked 0.5"):
         train(_cfg(tiny_dataset, tiny_cache, run, objective=visible_cos, steps=4, resume=True), False)
