@@ -162,6 +162,7 @@ TRAIN_CASES = [
     (TRAIN + " --steps 1 --decoder-dim 0", ["decoder_dim"], [">= 1"]),
     (TRAIN + " --steps 1 --decoder-dim -8", ["decoder_dim"], [">= 1"]),
     (TRAIN + " --steps 1 --mask-ratio 1.5", ["mask_ratio"], ["(0, 1)"]),
+    (TRAIN + " --steps 1 --mask-ratio 0.3", ["--mask-ratio", "digpt"], ["masked"]),
     (TRAIN + " --steps 1 --drop-path 1", ["drop_path"], ["[0, 1)"]),
     (TRAIN + " --steps 1 --stem resnet", ["stem"], ["patch", "conv"]),
     (TRAIN + " --steps 1 --blind-batches 1", ["blind_batches"], [">= 2"]),
@@ -225,6 +226,7 @@ PROBE_CASES = [
     (RANDOM + " --finetune-lr 0", ["finetune_lr"], ["> 0"]),
     (RANDOM + " --layer-decay 0", ["layer_decay"], ["(0, 1]"]),
     (RANDOM + " --layer-decay 1.5", ["layer_decay"], ["(0, 1]"]),
+    (RANDOM + " --crop-scale 0", ["crop_scale"], ["(0, 1]"]),
     (RANDOM + " --seed -1", ["seed"], [">= 0"]),
     (PROBE + " --device tpu", ["device"], ["auto", "cpu", "cuda"]),
     pytest.param(
