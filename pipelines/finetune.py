@@ -90,8 +90,7 @@ def finetune_scores(
     ft_enc = VisionTransformer(dataclasses.replace(enc.cfg, drop_path=cfg.drop_path))
     ft_enc.load_state_dict(enc.state_dict())
     model = Classifier(ft_enc, num_classes, cfg.pool).to(device)
-    decay, crop = cfg.finetune_recipe()
-    groups = layer_decay_groups(model, cfg.finetune_lr, cfg.finetune_weight_decay, decay)
+    groups = layer_decay_groups(model, cfg.finetune_lr, cfg.finetune_weight_decay, cfg.layer_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.finetune_lr, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
     lrs = lr_schedule(cfg.finetune_epochs * steps_per_epoch, cfg.finetune_lr, cfg.warmup, 0.0)
@@ -104,7 +103,7 @@ def finetune_scores(
             for idx in torch.randperm(len(train_y)).split(cfg.batch_size):
                 for g in opt.param_groups:
                     g["lr"] = float(lrs[it]) * g["lr_scale"]
-                x, y = augment(train_views[idx], size, crop).to(device), train_y[idx].to(device)
+                x, y = augment(train_views[idx], size, cfg.crop_scale).to(device), train_y[idx].to(device)
                 loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
