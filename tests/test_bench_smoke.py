@@ -146,7 +146,13 @@ def test_train_paper_shapes_smoke(tmp_path):
 
     out, text = _run("train", ["--pairs", "tiny-test:tiny_32_8", "--repeats", "1", "--warmup", "0"], tmp_path)
     r = out["pairs"]["tiny-test:tiny_32_8"]
-    assert r["measured"] > 0 and r["within_run"] > 0 and r["ceiling"] > 1 and "ceiling online / cached" in text and "What it means" in text
+    assert (
+        r["measured"] > 0
+        and r["within_run"] > 0
+        and r["ceiling"] > 1
+        and "ceiling online / cached" in text
+        and "What it means" in text
+    )
     # the analytic counts agree with torch's FLOP counter run on the real step and teacher forward
     assert r["teacher_fwd_gflops"] == pytest.approx(r["counted_gflops"]["teacher_fwd"], rel=0.02)
     assert r["student_step_gflops"] == pytest.approx(r["counted_gflops"]["student_step"], rel=0.05)
