@@ -485,9 +485,9 @@ def main(argv: list[str] | None = None) -> dict:
         default="pixel:64/8",
         help="object-store part: registry teacher (cheap, so the store's cost shows; pixel:64/8 stores ~24 KB/view)",
     )
-    p.add_argument("--num-samples", type=int, default=128, help="generated images")
+    p.add_argument("--num-samples", type=int, default=256, help="generated images")
     p.add_argument("--image-size", type=int, default=64, help="generated image side (px)")
-    p.add_argument("--shard-size", type=int, default=16, help="images per shard (several shards feed two nodes)")
+    p.add_argument("--shard-size", type=int, default=32, help="images per shard (several shards feed two nodes)")
     p.add_argument("--views", type=int, default=1, help="views per image")
     p.add_argument("--batch-size", type=int, default=32, help="views per teacher forward")
     p.add_argument("--img-size", type=int, default=64, help="training read: student resolution")

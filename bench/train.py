@@ -390,7 +390,7 @@ def pairs_bench(a, device, threads: int, rep) -> dict:
             f"- {_label(st)} + {_label(sh)}: caching the teacher makes each optimizer step **{measured:.2f}x** "
             f"cheaper here (batch {a.batch_size}, {device}); the FLOPs put the ceiling at {ceiling:.2f}x — the "
             f"teacher forward is {100 * (1 - 1 / ceiling):.0f}% of an online step's FLOPs and took "
-            f"{100 * tf / online:.0f}% of its time."
+            f"{100 * (1 - 1 / res['within_run']):.0f}% of its time (within the step)."
         )
         out[f"{st}:{sh}"] = {
             "measured": measured,
