@@ -288,6 +288,9 @@ def ray_part(a, wd: Path, data: str, rep: C.Report) -> dict:
             print(f"warning: Ray processes still alive: {left}", file=sys.stderr)
     rows, out = [], {}
     per_shard = a.shard_size
+    # the same node keeps its label in both rows (Ray node ids, sorted)
+    ids = sorted({sh["node"] for rs in runs.values() for r in rs for sh in r["summary"]["shards"]})
+    names = {nid: f"node {i + 1}" for i, nid in enumerate(ids)}
     for w, rs in runs.items():
         rate = [r["summary"]["tokenizers"][0]["images_per_s"] for r in rs]
         walls = [r["wall"] for r in rs]
@@ -301,7 +304,6 @@ def ray_part(a, wd: Path, data: str, rep: C.Report) -> dict:
             for node, sec in secs.items():
                 done = sum(1 for sh in r["summary"]["shards"] if sh["node"] == node)
                 node_rate.setdefault(node, []).append(done * per_shard / sec)
-        names = {nid: f"node {i + 1}" for i, nid in enumerate(sorted(node_rate))}
         out[w] = {
             "images_per_s": rate,
             "wall_s": walls,
