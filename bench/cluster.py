@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--s3-teacher",
         default="pixel:64/8",
-        help="object-store part: registry teacher (cheap, so the store's cost shows; pixel:64/8 stores ~24 KB/view)",
+        help="object-store part: registry teacher (cheap, so the store's cost shows; pixel:64/8 stores ~19 KB/view)",
     )
     p.add_argument("--num-samples", type=int, default=256, help="generated images")
     p.add_argument("--image-size", type=int, default=64, help="generated image side (px)")
