@@ -104,7 +104,9 @@ def _cpu_count_proc() -> int | None:
 
 def _nproc() -> int:
     try:
-        return int(subprocess.run(["nproc"], capture_output=True, text=True, timeout=5).stdout.strip())
+        # GNU nproc reports OMP_NUM_THREADS when it is set (the benches set it to 1): ask without it
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
+        return int(subprocess.run(["nproc"], capture_output=True, text=True, timeout=5, env=env).stdout.strip())
     except Exception:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -19,6 +19,33 @@ every view at the teacher's resolution).
     python bench/train.py                                     # demo-cpu student, EfficientNet-Lite0@256 teacher, CPU
     python bench/train.py --student tiny-test --teacher random-vit:32/8 --batch-size 8
     python bench/train.py --student vit_base --teacher-shape vit_large_14 --batch-size 64 --device cuda --loop-steps 0
+
+**Paper shapes** (``--paper-shapes``, or ``--pairs STUDENT:TEACHER_SHAPE,...``): one table, a row per pair —
+ViT-B/16 + CLIP ViT-L/14, ViT-B/16 + OpenCLIP ViT-H/14 (D-iGPT's own teacher), ViT-S/16 + CLIP ViT-B/16 —
+with the measured online / cached ratio beside the ceiling the FLOPs give. Student and teacher both see
+224 px, as in D-iGPT (the teacher is fed 224 px: /14 -> 16x16 = 256 tokens + cls; /16 -> 14x14 = 196).
+
+    python bench/train.py --paper-shapes                      # batch 2, CPU, random weights (a few minutes)
+    python bench/train.py --paper-shapes --batch-size 64 --device cuda
+
+FLOPs are counted analytically from the shapes (a multiply-add is 2 FLOPs; masks are not subtracted,
+the kernels compute the full score matrix):
+
+* ViT block over N tokens of width D, MLP ratio r: ``(8 + 4r) N D^2`` (qkv, proj, MLP) ``+ 4 N^2 D``
+  (scores and A.V); patch embedding ``2 P (3 p^2) D`` for P patches of side p.
+* teacher forward: patch embedding + depth x block at N = (224/p)^2 + 1.
+* D-iGPT student forward: encoder blocks at N = 3 x 49 + 1 = 148 (the three visible clusters + cls),
+  and per decoder (two): memory projection ``2 N (4 D) (2 d)``, per decoder block over Q queries of
+  width d reading N memory tokens ``28 Q d^2 + 4 N d^2 + 4 Q^2 d + 4 Q N d``, head ``2 Q d D_t``.
+* student step = fwd + bwd = 3 x fwd (the backward does two matmuls per forward one).
+
+Online step = student step + teacher forward; cached step = student step. So the ceiling of
+``online / cached`` is ``1 + F_teacher / (3 F_student)``: what caching saves when time follows FLOPs.
+The same counts, taken by ``torch.utils.flop_counter`` from the first (untimed) step, are printed
+beside them as a check. The measured ratio falls short of the ceiling by what the FLOPs leave out:
+the optimizer step (per step, not per sample: large at batch 2) and target decode; kernels running at
+different FLOP rates move it either way. Beside the side-by-side ratio, each online step also times its
+own teacher forward: ``online / (online - teacher)`` within one step is immune to a neighbour's load.
 """
 
 from __future__ import annotations
@@ -41,7 +68,82 @@ TEACHER_SHAPES = {
     "vit_base_16": (224, 16, 768, 12, 12),  # CLIP / DINO ViT-B/16: 14x14 tokens x 768
     "vit_large_14": (224, 14, 1024, 24, 16),  # CLIP / OpenCLIP ViT-L/14: 16x16 tokens x 1024
     "vit_huge_14": (224, 14, 1280, 32, 16),  # OpenCLIP ViT-H/14 trunk: 16x16 tokens x 1280
+    "tiny_32_8": (32, 8, 32, 2, 2),  # the smoke test's stand-in: 4x4 tokens x 32
 }
+SHAPE_LABELS = {
+    "vit_base_16": "CLIP ViT-B/16",
+    "vit_large_14": "CLIP ViT-L/14",
+    "vit_huge_14": "OpenCLIP ViT-H/14",
+    "vit_small": "ViT-S/16",
+    "vit_base": "ViT-B/16",
+}
+# The pairs of the paper's tables: ViT-B/16 students with CLIP-L/14 and D-iGPT's own ViT-H/14 teacher, and the
+# small pair (ViT-S/16 + CLIP-B/16).
+PAPER_PAIRS = (("vit_base", "vit_large_14"), ("vit_base", "vit_huge_14"), ("vit_small", "vit_base_16"))
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs from the shapes (see the module docstring for the formulas)
+
+
+def vit_block_flops(n: int, d: int, mlp_ratio: float = 4.0) -> float:
+    """One pre-norm transformer block over ``n`` tokens of width ``d``: qkv + proj + MLP, scores + A.V."""
+    return (8 + 4 * mlp_ratio) * n * d * d + 4 * n * n * d
+
+
+def teacher_fwd_flops(shape: str) -> float:
+    """Per image: patch embedding + every block of a timm ViT of ``TEACHER_SHAPES[shape]``."""
+    size, patch, dim, depth, _ = TEACHER_SHAPES[shape]
+    p = (size // patch) ** 2
+    return 2 * p * 3 * patch * patch * dim + depth * vit_block_flops(p + 1, dim)
+
+
+def digpt_fwd_flops(student, target, decoders: int = 2, memory_layers: int = 4) -> float:
+    """Per image: the D-iGPT student's forward (encoder over the visible clusters + cls, ``decoders``
+    decoders) for ``student: StudentConfig`` and ``target: TargetSpec``, with the trainer's defaults."""
+    enc = student.encoder_config()
+    g, d_enc = enc.grid_size, enc.embed_dim
+    cs = student.cluster_size or max(1, g // 2)
+    seen = (g // cs) ** 2 * cs * cs - cs * cs  # all clusters but the last
+    n, q = seen + 1, seen + (1 if target.has_cls else 0)
+    d, _ = student.decoder_width()
+    depth = student.decoder_depth
+    embed = 2 * g * g * enc.in_chans * enc.patch_size**2 * d_enc
+    encoder = enc.depth * vit_block_flops(n, d_enc, enc.mlp_ratio)
+    block = 28 * q * d * d + 4 * n * d * d + 4 * q * q * d + 4 * q * n * d
+    decoder = 2 * n * memory_layers * d_enc * depth * d + depth * block + 2 * q * d * target.dim
+    return embed + encoder + decoders * decoder
+
+
+def _sdpa_flops(*shapes, out_shape=None, **_):
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(*shapes[:3])
+
+
+def _sdpa_bwd_flops(grad_out, q, k, v, *_, out_shape=None, **__):
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU attention kernels (torch counts
+    only the CUDA ones)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {}
+    for name, fn in (
+        ("scaled_dot_product_attention", _sdpa_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_bwd_flops),
+    ):
+        if hasattr(aten, name):
+            # the overload keeps the counter from decomposing the op, the packet is what it counts by
+            mapping[getattr(aten, name).default] = mapping[getattr(aten, name)] = fn
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def make_teacher(name: str | None, shape: str | None):
@@ -60,14 +162,17 @@ def make_teacher(name: str | None, shape: str | None):
     return build_teacher(TeacherConfig(name))
 
 
-def step_bench(a, device, teacher) -> dict:
+def step_bench(a, device, teacher, student_size: str | None = None, count_flops: bool = False) -> dict:
+    """Cached vs online optimizer steps of ``student_size`` (default ``--student``) against ``teacher``,
+    interleaved. ``count_flops``: first take one cached step and one teacher forward under torch's FLOP
+    counter (untimed; it doubles as a warmup)."""
     import torch
 
     from student.objectives import StudentConfig, TargetSpec, create_objective
     from student.train import online_targets, param_groups
     from teacher_cache.store import decode_block, encode_block
 
-    student = StudentConfig(size=a.student, attn_impl=a.attn)
+    student = StudentConfig(size=student_size or a.student, attn_impl=a.attn)
     target = TargetSpec.from_spec(teacher.spec.to_json())
     torch.manual_seed(0)
     objective = create_objective(a.objective, student, target).to(device)
@@ -98,15 +203,23 @@ def step_bench(a, device, teacher) -> dict:
     use_bf16 = a.amp == "bf16" or (a.amp == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
-    def step(batch):
+    opt_s: list[float] = []  # clip + AdamW + zero_grad of each cached step: per step, whatever the batch
+    teacher_in: list[float] = []  # the teacher forward inside each online step
+
+    def step(batch, opt_rec=None):
         if norm is not None:
             batch = norm(batch)
         with autocast():
             loss, _ = objective(batch)
         loss.backward()
+        C.sync(device)
+        t0 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), 3.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        C.sync(device)
+        if opt_rec is not None:
+            opt_rec.append(time.perf_counter() - t0)
         return loss.item()
 
     def base_batch(with_teacher_images: bool):
@@ -120,16 +233,27 @@ def step_bench(a, device, teacher) -> dict:
         batch["tokens"] = decode_block(stored, a.dtype, scale).to(device)
         if stored_cls is not None:
             batch["cls"] = decode_block(stored_cls, a.dtype, cls_scale).to(device)
-        return step(batch)
+        return step(batch, opt_s)
 
     def online():
         batch = base_batch(True)
+        t0 = time.perf_counter()
         batch.update(online_targets(teacher, batch))
+        C.sync(device)
+        teacher_in.append(time.perf_counter() - t0)
         return step(batch)
 
     def teacher_only():
         return online_targets(teacher, base_batch(True))
 
+    counted = {}
+    if count_flops:
+        with flop_counter() as fc:
+            cached()
+        counted["student_step"] = fc.get_total_flops() / b
+        with flop_counter() as fc:
+            teacher_only()
+        counted["teacher_fwd"] = fc.get_total_flops() / b
     peak = {}
     if device.type == "cuda":
         for name, fn in (("cached", cached), ("online", online)):
@@ -147,8 +271,16 @@ def step_bench(a, device, teacher) -> dict:
         device=device,
     )
     n_params = sum(p.numel() for p in objective.parameters())
+    # Within-run view: each timed online step against itself minus its own teacher forward, so a neighbour's
+    # load that slows the whole step cancels out (the side-by-side ratio pairs steps seconds apart).
+    inner = [o / (o - t) for o, t in zip(times["online"], teacher_in[-a.repeats :]) if o > t]
     return {
         "times": times,
+        "within_run": C.median(inner) if inner else math.nan,
+        "optimizer_s": C.median(opt_s[-a.repeats :]) if opt_s else math.nan,
+        "counted_flops": counted,
+        "student": student,
+        "target": target,
         "peak": peak,
         "student_params": n_params,
         "target_norm": norm is not None,
@@ -211,6 +343,107 @@ def loop_bench(a, wd: str, threads: int) -> dict:
     return {"seconds": out, "extract_s": extract_s, "samples": n}
 
 
+def _label(name: str) -> str:
+    return SHAPE_LABELS.get(name, name)
+
+
+def pairs_bench(a, device, threads: int, rep) -> dict:
+    """One row per (student, teacher shape): FLOP ceiling beside the measured online / cached ratio."""
+    import gc
+
+    pairs = []
+    for item in a.pairs.split(","):
+        st, _, sh = item.strip().partition(":")
+        if sh not in TEACHER_SHAPES:
+            raise SystemExit(f"--pairs: teacher shape must be one of {sorted(TEACHER_SHAPES)}, got {sh!r} in {item!r}")
+        pairs.append((st, sh))
+    decoders = {"digpt": 2, "gen": 1}.get(a.objective)
+    rows, meaning, out = [], [], {}
+    for st, sh in pairs:
+        teacher = make_teacher(None, sh)
+        res = step_bench(a, device, teacher, student_size=st, count_flops=True)
+        t, cnt = res["times"], res["counted_flops"]
+        cached, online, tf = C.median(t["cached"]), C.median(t["online"]), C.median(t["teacher forward"])
+        measured = C.paired_ratio(t["online"], t["cached"])
+        f_t = teacher_fwd_flops(sh)
+        f_s = digpt_fwd_flops(res["student"], res["target"], decoders) if decoders else math.nan
+        ceiling = 1 + f_t / (3 * f_s)
+        ceiling_counted = 1 + cnt["teacher_fwd"] / cnt["student_step"]
+        enc = res["student"].encoder_config()
+        size, patch, dim, _, _ = TEACHER_SHAPES[sh]
+        tg = size // patch
+        rows.append(
+            [
+                f"{_label(st)} ({res['student_params'] / 1e6:.0f}M; {enc.img_size} px, {enc.grid_size}x{enc.grid_size})",
+                f"{_label(sh)} ({res['teacher_params'] / 1e6:.0f}M; {size} px, {tg}x{tg}x{dim})",
+                f"{3 * f_s / 1e9:.1f} / {f_t / 1e9:.1f}",
+                f"{cnt['student_step'] / 1e9:.1f} / {cnt['teacher_fwd'] / 1e9:.1f}",
+                f"**{ceiling:.2f}x** ({ceiling_counted:.2f}x)",
+                f"**{measured:.2f}x**",
+                f"{res['within_run']:.2f}x",
+                f"{cached:.2f}",
+                f"{online:.2f}",
+                f"{tf:.2f}",
+                f"{res['optimizer_s']:.2f}",
+            ]
+        )
+        meaning.append(
+            f"- {_label(st)} + {_label(sh)}: caching the teacher makes each optimizer step **{measured:.2f}x** "
+            f"cheaper here (batch {a.batch_size}, {device}); the FLOPs put the ceiling at {ceiling:.2f}x — the "
+            f"teacher forward is {100 * (1 - 1 / ceiling):.0f}% of an online step's FLOPs and took "
+            f"{100 * (1 - 1 / res['within_run']):.0f}% of its time (within the step)."
+        )
+        out[f"{st}:{sh}"] = {
+            "measured": measured,
+            "within_run": res["within_run"],
+            "ceiling": ceiling,
+            "ceiling_counted": ceiling_counted,
+            "student_step_gflops": 3 * f_s / 1e9,
+            "teacher_fwd_gflops": f_t / 1e9,
+            "counted_gflops": {k: v / 1e9 for k, v in cnt.items()},
+            "cached_s": t["cached"],
+            "online_s": t["online"],
+            "teacher_s": t["teacher forward"],
+            "optimizer_s": res["optimizer_s"],
+        }
+        print(f"{st} + {sh}: online / cached {measured:.2f}x, ceiling {ceiling:.2f}x", flush=True)
+        del teacher, res
+        gc.collect()
+    rep.table(
+        f"Cached targets vs online teacher at the paper's shapes: {a.objective} objective, batch {a.batch_size}, "
+        f"device {device}, {threads} thread(s), random weights; medians of {a.repeats} interleaved rounds "
+        "(cached step, online step, teacher forward alone); the FLOP-counted step is the warmup",
+        [
+            "student",
+            "teacher",
+            "GFLOPs / image: student step (3 x fwd) / teacher fwd",
+            "same, counted by torch",
+            "ceiling online / cached (counted)",
+            "measured online / cached",
+            "within the online step",
+            "cached s/step",
+            "online s/step",
+            "teacher fwd s",
+            "optimizer s/step",
+        ],
+        rows,
+        align="llrrrrrrrrr",
+    )
+    rep.note(
+        "What it means:\n"
+        + "\n".join(meaning)
+        + "\n\nCeiling = 1 + F_teacher_fwd / (3 x F_student_fwd): the saving if time followed FLOPs and nothing "
+        "else were in the step. The measured ratio falls short of it by what FLOPs leave out: the optimizer step "
+        "(clip + AdamW over all student parameters, paid once per step, so large at a small batch; the column "
+        "above), target decode and copies; it can pass it where the teacher's kernels run at a lower FLOP rate "
+        "than the student's fwd + bwd, or by noise on a loaded machine. 'Within the "
+        "online step' = online step time / (the same step minus its own teacher forward), median over rounds: "
+        "both parts are timed in one step, so a neighbour's load cancels out of it (on a shared machine the "
+        "side-by-side ratio pairs steps taken seconds apart)."
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, repeats=5, warmup=2)
     p.add_argument("--student", default="demo-cpu", help="student size preset (student/sizes.py)")
@@ -223,18 +456,39 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--objective", default="digpt", help="training objective")
     p.add_argument("--attn", default="sdpa", help="student attention impl")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per step")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per step (default 16; 2 with --pairs)")
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help="STUDENT:TEACHER_SHAPE,... : one table of FLOP ceiling vs measured ratio, a row per pair",
+    )
+    p.add_argument(
+        "--paper-shapes",
+        action="store_true",
+        help="--pairs " + ",".join(f"{s}:{t}" for s, t in PAPER_PAIRS) + " (the paper's pairs; no loop level)",
+    )
     p.add_argument("--dtype", default="fp16", help="storage dtype of the cached targets")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), bf16 or off — as `digpt train`")
     p.add_argument("--loop-steps", type=int, default=4, help="steps of the real train() loop per mode (0 skips)")
     p.add_argument("--loop-repeats", type=int, default=1, help="train() runs per mode (alternating)")
     a = p.parse_args(argv)
+    if a.paper_shapes:
+        a.pairs = a.pairs or ",".join(f"{s}:{t}" for s, t in PAPER_PAIRS)
+    if a.batch_size is None:
+        a.batch_size = 2 if a.pairs else 16
     threads = C.setup_threads(a.threads)
 
     from teacher_cache.runtime import resolve_device
 
     device = resolve_device(a.device)
+    if a.pairs:
+        rep = C.Report("train", "Student step at the paper's shapes: cached vs online teacher (bench/train.py)", argv)
+        result = {"pairs": pairs_bench(a, device, threads, rep)}
+        if device.type != "cuda":
+            rep.note(f"The same on a GPU (`--paper-shapes --batch-size 64 --device cuda`, bf16): {C.NO_GPU}.")
+        rep.append(a.results)
+        return result
     teacher = make_teacher(a.teacher, a.teacher_shape)
     tname = a.teacher_shape or a.teacher
     rep = C.Report("train", "Student step: cached targets vs online teacher (bench/train.py)", argv)

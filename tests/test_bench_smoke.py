@@ -141,6 +141,63 @@ def test_train_smoke(tmp_path):
     assert out["step"]["online_over_cached"] > 0 and "loop" in out
 
 
+def test_train_paper_shapes_smoke(tmp_path):
+    from bench.train import teacher_fwd_flops
+
+    out, text = _run("train", ["--pairs", "tiny-test:tiny_32_8", "--repeats", "1", "--warmup", "0"], tmp_path)
+    r = out["pairs"]["tiny-test:tiny_32_8"]
+    assert (
+        r["measured"] > 0
+        and r["within_run"] > 0
+        and r["ceiling"] > 1
+        and "ceiling online / cached" in text
+        and "What it means" in text
+    )
+    # the analytic counts agree with torch's FLOP counter run on the real step and teacher forward
+    assert r["teacher_fwd_gflops"] == pytest.approx(r["counted_gflops"]["teacher_fwd"], rel=0.02)
+    assert r["student_step_gflops"] == pytest.approx(r["counted_gflops"]["student_step"], rel=0.05)
+    # and with the published multiply-adds of the teachers at 224 px (2 FLOPs each): ViT-B/16 17.6 G, ViT-L/14
+    # 81 G, ViT-H/14 167 G
+    for shape, gmacs in (("vit_base_16", 17.6), ("vit_large_14", 81.0), ("vit_huge_14", 167.0)):
+        assert teacher_fwd_flops(shape) / 2e9 == pytest.approx(gmacs, rel=0.02), shape
+
+
+@pytest.mark.slow
+def test_cluster_smoke(tmp_path):
+    """Two `ray start` nodes and a moto S3 server, all on loopback, at the smallest size."""
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    out, text = _run(
+        "cluster",
+        [
+            "--teacher",
+            "random-vit:32/8",
+            "--num-samples",
+            "8",
+            "--shard-size",
+            "4",
+            "--image-size",
+            "32",
+            "--img-size",
+            "32",
+            "--read-batch-size",
+            "4",
+            "--repeats",
+            "1",
+            "--read-repeats",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        tmp_path,
+    )
+    ray = out["ray"]
+    assert ray["1"]["nodes"] == 1 and ray["2"]["nodes"] == 2, ray  # --workers 2: one actor on each node
+    assert sum(ray["2"]["shards_per_node"].values()) == 2 and ray["2"]["speedup"] > 0
+    assert out["s3"]["write"]["s3"]["images_per_s"][0] > 0 and out["s3"]["read"]["s3"]["samples_per_s"] > 0
+    assert "2-core caveat" in text and "s3 (moto on 127.0.0.1)" in text
+
+
 def test_extract_smoke_local(tmp_path):
     out, text = _run(
         "extract",
