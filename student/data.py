@@ -10,14 +10,18 @@ manifest and the cache's ``valid`` flags). That makes two things exact:
 * resume: the DataLoader hands out worker batches round-robin, so a global batch index maps to a
   per-worker count of batches to skip, and skipped batches are dropped *before* decoding.
 
-Targets are read a whole Zarr chunk at a time (never one Zarr call per sample) and kept in their
-stored dtype until a batch is formed.
+Targets are read a block of rows at a time, each row at the one view it uses this epoch (one byte
+range per run of adjacent rows sharing a view, ``teacher_cache/objects.py``), in a background thread one
+block ahead of the tar stream so the reads overlap JPEG decoding, and kept in their stored dtype until
+a batch is formed. Manifest rows, key index, stored seeds/boxes/flips and the objects' indexes are read
+once per process and run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +37,15 @@ from teacher_cache.integrity import CacheIntegrityError, check_shard_group, chec
 from teacher_cache.prepare import PreparedDataset, load_dataset
 from teacher_cache.prepare import _digest as _content_hash  # the manifest's `hash` of image bytes
 from teacher_cache.shards import IMAGE_EXTS
-from teacher_cache.store import decode_block, is_complete, list_tokenizers, open_root, shard_ids, tokenizer_info
+from teacher_cache.store import (
+    decode_block,
+    is_complete,
+    list_tokenizers,
+    open_root,
+    open_view_reader,
+    shard_ids,
+    tokenizer_info,
+)
 from teacher_cache.views import AugConfig, replay_view, sample_crop
 
 ON_MISMATCH = ("error", "skip")
@@ -122,6 +134,10 @@ class CacheJoin:
         self.pca_basis = torch.from_numpy(np.array(tok["pca_basis"][:])) if "pca_basis" in tok else None
         self._check_shards(cfg.cache, tok)
         self.valid = {s: np.array(tok[self.sids[s]]["valid"][:]) for s in self.ds.shards}
+        self._rows: dict[str, dict] = {}
+        self._index: dict[str, dict[str, int]] = {}
+        self._plan: dict[str, tuple] = {}
+        self._readers: dict[str, object] = {}
 
     def _check_shards(self, cache: str, tok: zarr.Group) -> None:
         """Before any step (invariant 7), per shard group: it belongs to this shard, its keys equal the
@@ -149,29 +165,75 @@ class CacheJoin:
         # (or letting it be collected, which warns "Unclosed client session") is not this process's business.
         self._inherited = self.root
         self.root = open_root(self.cache)
+        self._readers = {}  # bound to the inherited store
 
     def group(self, shard: str) -> zarr.Group:
         return self.root[self.info.name][self.sids[shard]]
 
+    # Per-run caches (per process): a worker reads the same shards every epoch.
+    def rows(self, shard: str) -> dict[str, list]:
+        if shard not in self._rows:
+            self._rows[shard] = self.ds.rows(shard)
+        return self._rows[shard]
 
-class _ChunkReader:
-    """Targets of one shard, read one whole chunk of rows (all views) at a time, in stored dtype."""
+    def index(self, shard: str) -> dict[str, int]:
+        """Row of each readable key of the shard."""
+        if shard not in self._index:
+            rows = self.rows(shard)
+            self._index[shard] = {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
+        return self._index[shard]
 
-    def __init__(self, g: zarr.Group):
-        self.g = g
-        self.step = g["tokens"].chunks[0]
-        self.lo, self.block = -1, {}
+    def plan(self, shard: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The shard's stored seeds, boxes and flips."""
+        if shard not in self._plan:
+            g = self.group(shard)
+            self._plan[shard] = tuple(np.array(checked(g, n, lambda n=n: g[n][:])) for n in ("seeds", "boxes", "flips"))
+        return self._plan[shard]
 
-    def row(self, i: int, v: int) -> dict[str, np.ndarray]:
-        lo = (i // self.step) * self.step
-        if lo != self.lo:
-            self.lo = lo
-            self.block = {
-                n: checked(self.g, n, lambda n=n: self.g[n][lo : lo + self.step])
-                for n in ("tokens", "token_scale", "cls", "cls_scale")
-                if n in self.g
-            }
-        return {n: a[i - lo, v] for n, a in self.block.items()}
+    def reader(self, shard: str):
+        """The shard's target reader (its object indexes read once per process)."""
+        if shard not in self._readers:
+            self._readers[shard] = open_view_reader(self.group(shard))
+        return self._readers[shard]
+
+
+class _TargetBlocks:
+    """Targets of one shard for the loader: each row's chosen view, read a block of rows at a time in a
+    background thread, one block ahead of the stream, so the reads overlap JPEG decoding.
+
+    Only the valid rows of a block are read, each at its own view (schema 2: one byte range per run of
+    adjacent rows that share a view; schema 1: whole chunks, every view)."""
+
+    def __init__(self, reader, views: np.ndarray, valid: np.ndarray, pool: ThreadPoolExecutor, step: int = 64):
+        self.reader, self.views, self.pool, self.step = reader, views, pool, step
+        self.valid = valid
+        self.block, self.pos, self.b = {}, {}, -1
+        self.ahead: Future | None = None
+
+    def _read(self, b: int):
+        rows = np.flatnonzero(self.valid[b * self.step : (b + 1) * self.step]) + b * self.step
+        if not len(rows):
+            return rows, {}
+        return rows, self.reader.read(rows, self.views[rows])
+
+    def _submit(self, b: int) -> Future | None:
+        return self.pool.submit(self._read, b) if b * self.step < len(self.valid) else None
+
+    def row(self, i: int) -> dict[str, np.ndarray]:
+        """Stored targets of row ``i`` at its view (rows are asked for in index order)."""
+        b = i // self.step
+        if b != self.b:
+            fut = self.ahead if self.ahead is not None and self.b + 1 == b else self._submit(b)
+            rows, self.block = fut.result()
+            self.pos = {int(r): j for j, r in enumerate(rows)}
+            self.b = b
+            self.ahead = self._submit(b + 1)
+        j = self.pos[i]
+        return {n: a[j] for n, a in self.block.items()}
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.cancel()
 
 
 class CachedViews(IterableDataset):
@@ -289,15 +351,20 @@ class CachedViews(IterableDataset):
 
     def _raw_samples(self, shards: list[str], rng: np.random.Generator):
         """Undecoded samples joined with their row, view and stored targets, in shard stream order."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digpt-targets")
+        try:
+            for shard in shards:
+                yield from self._shard_samples(shard, pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _shard_samples(self, shard: str, pool: ThreadPoolExecutor):
         j, k = self.join, self.join.aug.views
-        for shard in shards:
-            rows = j.ds.rows(shard)
-            index = {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
-            g, valid = j.group(shard), j.valid[shard]
-            reader = _ChunkReader(g)
-            seeds, boxes, flips = (
-                np.array(checked(g, n, lambda g=g, n=n: g[n][:])) for n in ("seeds", "boxes", "flips")
-            )
+        rows, index, (seeds, boxes, flips) = j.rows(shard), j.index(shard), j.plan(shard)
+        valid = j.valid[shard]
+        views = np.array([_hash64(self.cfg.seed, self.epoch, shard, key) % k for key in rows["key"]], dtype=np.int64)
+        targets = _TargetBlocks(j.reader(shard), views, valid, pool)
+        try:
             errors: list[str] = []
             handler = _Recorder(errors)
             seen: set[str] = set()
@@ -311,7 +378,7 @@ class CachedViews(IterableDataset):
                 if _content_hash(image) != rows["hash"][i]:
                     self._mismatch(shard, key)
                     continue
-                v = _hash64(self.cfg.seed, self.epoch, shard, key) % k
+                v = int(views[i])
                 yield {
                     "shard": shard,
                     "key": key,
@@ -323,11 +390,13 @@ class CachedViews(IterableDataset):
                     "size": (rows["width"][i], rows["height"][i]),
                     "label": rows["label"][i],
                     "image": image,
-                    "targets": reader.row(i, v),
+                    "targets": targets.row(i),
                     "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order"),
                 }
             if errors:
                 raise RuntimeError(f"shard {shard} could not be read to the end: {errors[0]}")
+        finally:
+            targets.close()
 
     def _mismatch(self, shard: str, key: str) -> None:
         what = (
