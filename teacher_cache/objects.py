@@ -182,6 +182,7 @@ class ShardWriter:
             obj = self.objects[(name, v)]
             for i in range(block.shape[0]):
                 obj.append(lo + i, codec.encode(block[i, v]))
+            obj.f.flush()  # a block is on disk once written (memory stays bounded by one block)
 
     def close(self) -> None:
         try:
