@@ -37,6 +37,8 @@ if __package__ in (None, ""):
 
 import time
 
+from zarr.storage import WrapperStore
+
 from bench import _common as C
 
 
@@ -82,12 +84,15 @@ def _write_form(
     clevel: int,
     codes: bool = False,
     num_codes: int = 0,
+    sharded: bool = True,
+    codec: str = "auto",
 ):
-    """Write one form through the extractor's own writer; returns the shard group."""
+    """Write one form through the extractor's own writer; returns the shard group. ``sharded=False``
+    writes schema 1's layout (one object per ``chunk_rows`` rows per array, all views in it)."""
     import numpy as np
 
     from teacher_cache.extract import _write_rows
-    from teacher_cache.store import ShardLayout, create_shard_group
+    from teacher_cache.store import ShardLayout, create_shard_group, open_writer
 
     n, k, t = tokens.shape[:3]
     d = 1 if codes else tokens.shape[3]
@@ -102,16 +107,20 @@ def _write_form(
         chunk_rows=chunk_rows,
         clevel=clevel,
         num_codes=num_codes,
+        codec=codec,
+        sharded=sharded,
     )
     tok = root.create_group(name)
     g = create_shard_group(tok, "s0", shard, lay)
+    w = open_writer(g)
     c = max(1, min(chunk_rows, n))
     for lo in range(0, n, c):
         hi = min(lo + c, n)
         idx = np.arange(hi - lo)
         flat = tokens[lo:hi].reshape((hi - lo) * k, *tokens.shape[2:])
         fcls = cls[lo:hi].reshape((hi - lo) * k, -1) if cls is not None and not codes else None
-        _write_rows(g, lo, hi, idx, flat, fcls, k, lay)
+        _write_rows(w, lo, hi, idx, flat, fcls, k, lay)
+    w.close()
     g["valid"][:] = np.ones(n, dtype=bool)
     return g
 
@@ -128,6 +137,58 @@ def _cos(a, b) -> float:
     )
 
 
+class CountingStore(WrapperStore):
+    """A zarr store wrapper that counts what reads return: ``counter["bytes"]``, ``counter["gets"]``
+    (one per object or byte range)."""
+
+    def __init__(self, store, counter: dict | None = None):
+        super().__init__(store)
+        self.counter = counter if counter is not None else {"bytes": 0, "gets": 0}
+
+    def _with_store(self, store):
+        return type(self)(store, self.counter)
+
+    def _count(self, bufs) -> None:
+        self.counter["gets"] += len(bufs)
+        self.counter["bytes"] += sum(len(b) for b in bufs if b is not None)
+
+    async def get(self, key, prototype=None, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        self._count([buf])
+        return buf
+
+    async def get_partial_values(self, prototype, key_ranges):
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        self._count(bufs)
+        return bufs
+
+
+def objects_and_bytes(path: str, tok: str, sid: str, keys: list[str], shard: str, views: int) -> dict:
+    """Objects a shard group occupies on disk, and target bytes a loader epoch reads per sample (counted
+    through :class:`CountingStore`, in CachedViews' pattern: each row's one view, blocks of 64 rows)."""
+    import numpy as np
+    import zarr
+    from zarr.storage import LocalStore
+
+    from student.data import _hash64, _TargetBlocks
+    from teacher_cache.store import open_view_reader
+
+    files = sum(len(f) for _, _, f in os.walk(os.path.join(path, tok, sid)))
+    store = CountingStore(LocalStore(path, read_only=True))
+    g = zarr.open_group(store=store, mode="r")[tok][sid]
+    store.counter.update(bytes=0, gets=0)  # the group's metadata reads are not the loader's
+    vs = np.array([_hash64(0, 0, shard, key) % views for key in keys], dtype=np.int64)
+    blocks = _TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
+    for i in range(len(keys)):
+        blocks.row(i)
+    n = len(keys)
+    return {
+        "objects": files,
+        "bytes_per_sample": store.counter["bytes"] / n,
+        "gets_per_sample": store.counter["gets"] / n,
+    }
+
+
 def _loader_read(
     g,
     keys: list[str],
@@ -139,21 +200,23 @@ def _loader_read(
     per_sample: bool = False,
     limit: int | None = None,
 ) -> int:
-    """One pass over the shard in CachedViews' order; returns the samples read."""
+    """One pass over the shard in CachedViews' order (its ``_TargetBlocks`` reads, in one thread); returns
+    the samples read."""
     import numpy as np
     import torch
 
-    from student.data import _ChunkReader, _hash64
-    from teacher_cache.store import decode_block
+    from student.data import _hash64, _TargetBlocks
+    from teacher_cache.store import decode_block, open_view_reader
 
-    reader = None if per_sample else _ChunkReader(g)
+    keys = keys[:limit] if limit else keys
+    vs = np.array([_hash64(0, 0, shard, key) % views for key in keys], dtype=np.int64)
+    reader = None if per_sample else _TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
     names = [n for n in ("tokens", "token_scale", "cls", "cls_scale") if n in g]
     buf: list[dict] = []
     done = 0
-    keys = keys[:limit] if limit else keys
-    for i, key in enumerate(keys):
-        v = _hash64(0, 0, shard, key) % views
-        buf.append({n: g[n][i, v] for n in names} if per_sample else reader.row(i, v))
+    for i in range(len(keys)):
+        v = int(vs[i])
+        buf.append({n: g[n][i, v] for n in names} if per_sample else reader.row(i))
         if len(buf) == batch or i == len(keys) - 1:
             t = {n: np.stack([b[n] for b in buf]) for n in buf[0]}
             if codebook is not None:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,42 +199,88 @@ class CacheJoin:
 
 
 class _TargetBlocks:
-    """Targets of one shard for the loader: each row's chosen view, read a block of rows at a time in a
-    background thread, one block ahead of the stream, so the reads overlap JPEG decoding.
+    """Targets of one shard for the loader: each row's chosen view, read a block of rows at a time.
 
     Only the valid rows of a block are read, each at its own view (schema 2: one byte range per run of
     adjacent rows that share a view; schema 1: whole chunks, every view)."""
 
-    def __init__(self, reader, views: np.ndarray, valid: np.ndarray, pool: ThreadPoolExecutor, step: int = 64):
-        self.reader, self.views, self.pool, self.step = reader, views, pool, step
-        self.valid = valid
-        self.block, self.pos, self.b = {}, {}, -1
-        self.ahead: Future | None = None
-
-    def _read(self, b: int):
-        rows = np.flatnonzero(self.valid[b * self.step : (b + 1) * self.step]) + b * self.step
-        if not len(rows):
-            return rows, {}
-        return rows, self.reader.read(rows, self.views[rows])
-
-    def _submit(self, b: int) -> Future | None:
-        return self.pool.submit(self._read, b) if b * self.step < len(self.valid) else None
+    def __init__(self, reader, views: np.ndarray, valid: np.ndarray, step: int = 64):
+        self.reader, self.views, self.valid, self.step = reader, views, valid, step
+        self.block: dict = {}
+        self.pos: dict[int, int] = {}
+        self.b = -1
 
     def row(self, i: int) -> dict[str, np.ndarray]:
-        """Stored targets of row ``i`` at its view (rows are asked for in index order)."""
+        """Stored targets of row ``i`` at its view."""
         b = i // self.step
         if b != self.b:
-            fut = self.ahead if self.ahead is not None and self.b + 1 == b else self._submit(b)
-            rows, self.block = fut.result()
+            rows = np.flatnonzero(self.valid[b * self.step : (b + 1) * self.step]) + b * self.step
+            self.block = self.reader.read(rows, self.views[rows]) if len(rows) else {}
             self.pos = {int(r): j for j, r in enumerate(rows)}
             self.b = b
-            self.ahead = self._submit(b + 1)
         j = self.pos[i]
         return {n: a[j] for n, a in self.block.items()}
 
-    def close(self) -> None:
-        if self.ahead is not None:
-            self.ahead.cancel()
+
+_END = object()
+
+
+class _JoinThread:
+    """Runs the join (tar stream, key lookup, content hash, target reads) in a background thread, a few
+    dozen samples ahead of the consumer, which decodes and crops: hashing, file reads and JPEG decoding
+    release the GIL, so with a free core the join's time hides behind decoding. Samples arrive in the
+    same order as without the thread; an error in the join is raised in the consumer."""
+
+    HANDOFF = 16  # samples per queue item: a queue hop costs ~10 µs
+
+    def __init__(self, samples):
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(samples,), name="digpt-join", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, samples) -> None:
+        try:
+            chunk = []
+            for s in samples:
+                chunk.append(s)
+                if len(chunk) == self.HANDOFF:
+                    if not self._put(chunk):
+                        return
+                    chunk = []
+            if chunk and not self._put(chunk):
+                return
+            self._put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(e)
+        finally:
+            samples.close()
+
+    def wait(self):
+        """The next handoff: a list of samples, ``_END``, or the join's exception."""
+        return self.q.get()
+
+    def __iter__(self):
+        try:
+            while True:
+                item = self.wait()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:
+            self.stop.set()
+            self.thread.join(timeout=60)
 
 
 class CachedViews(IterableDataset):
@@ -323,7 +370,7 @@ class CachedViews(IterableDataset):
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
         buf: list[dict] = []
         made = 0
-        for raw in self._raw_samples(self._shards(self.epoch, self.rank, worker, workers), rng):
+        for raw in _JoinThread(self._raw_samples(self._shards(self.epoch, self.rank, worker, workers))):
             buf.append(raw)
             if len(buf) < self.cfg.batch_size * (1 + (self.cfg.shuffle_buffer > 0)) and len(buf) < max(
                 self.cfg.shuffle_buffer, self.cfg.batch_size
@@ -349,54 +396,47 @@ class CachedViews(IterableDataset):
         del buf[: self.cfg.batch_size]
         return out
 
-    def _raw_samples(self, shards: list[str], rng: np.random.Generator):
+    def _raw_samples(self, shards: list[str]):
         """Undecoded samples joined with their row, view and stored targets, in shard stream order."""
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digpt-targets")
-        try:
-            for shard in shards:
-                yield from self._shard_samples(shard, pool)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for shard in shards:
+            yield from self._shard_samples(shard)
 
-    def _shard_samples(self, shard: str, pool: ThreadPoolExecutor):
+    def _shard_samples(self, shard: str):
         j, k = self.join, self.join.aug.views
         rows, index, (seeds, boxes, flips) = j.rows(shard), j.index(shard), j.plan(shard)
         valid = j.valid[shard]
         views = np.array([_hash64(self.cfg.seed, self.epoch, shard, key) % k for key in rows["key"]], dtype=np.int64)
-        targets = _TargetBlocks(j.reader(shard), views, valid, pool)
-        try:
-            errors: list[str] = []
-            handler = _Recorder(errors)
-            seen: set[str] = set()
-            for s in _tar_samples(j.ds.shard_url(shard), handler):
-                key = s["__key__"]
-                i = index.get(key)
-                if i is None or key in seen or not valid[i]:
-                    continue  # skipped at extraction (recorded there) or a duplicate key
-                seen.add(key)
-                image = _image_bytes(s)
-                if _content_hash(image) != rows["hash"][i]:
-                    self._mismatch(shard, key)
-                    continue
-                v = int(views[i])
-                yield {
-                    "shard": shard,
-                    "key": key,
-                    "row": i,
-                    "view": v,
-                    "seed": int(seeds[i, v]),
-                    "box": boxes[i, v],
-                    "flip": bool(flips[i, v]),
-                    "size": (rows["width"][i], rows["height"][i]),
-                    "label": rows["label"][i],
-                    "image": image,
-                    "targets": targets.row(i),
-                    "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order"),
-                }
-            if errors:
-                raise RuntimeError(f"shard {shard} could not be read to the end: {errors[0]}")
-        finally:
-            targets.close()
+        targets = _TargetBlocks(j.reader(shard), views, valid)
+        errors: list[str] = []
+        handler = _Recorder(errors)
+        seen: set[str] = set()
+        for s in _tar_samples(j.ds.shard_url(shard), handler):
+            key = s["__key__"]
+            i = index.get(key)
+            if i is None or key in seen or not valid[i]:
+                continue  # skipped at extraction (recorded there) or a duplicate key
+            seen.add(key)
+            image = _image_bytes(s)
+            if _content_hash(image) != rows["hash"][i]:
+                self._mismatch(shard, key)
+                continue
+            v = int(views[i])
+            yield {
+                "shard": shard,
+                "key": key,
+                "row": i,
+                "view": v,
+                "seed": int(seeds[i, v]),
+                "box": boxes[i, v],
+                "flip": bool(flips[i, v]),
+                "size": (rows["width"][i], rows["height"][i]),
+                "label": rows["label"][i],
+                "image": image,
+                "targets": targets.row(i),
+                "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order"),
+            }
+        if errors:
+            raise RuntimeError(f"shard {shard} could not be read to the end: {errors[0]}")
 
     def _mismatch(self, shard: str, key: str) -> None:
         what = (
