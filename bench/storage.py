@@ -138,28 +138,39 @@ def _cos(a, b) -> float:
 
 
 class CountingStore(WrapperStore):
-    """A zarr store wrapper that counts what reads return: ``counter["bytes"]``, ``counter["gets"]``
-    (one per object or byte range)."""
+    """A zarr store wrapper that counts what reads return: ``counter["bytes"]`` and ``counter["gets"]``
+    (one per object or byte range), and of those, reads of byte ranges (``range_bytes``, ``range_gets``)."""
 
     def __init__(self, store, counter: dict | None = None):
         super().__init__(store)
-        self.counter = counter if counter is not None else {"bytes": 0, "gets": 0}
+        self.counter = counter if counter is not None else dict.fromkeys(self.KEYS, 0)
+
+    KEYS = ("bytes", "gets", "range_bytes", "range_gets")
+
+    def reset(self) -> None:
+        self.counter.update(dict.fromkeys(self.KEYS, 0))
 
     def _with_store(self, store):
         return type(self)(store, self.counter)
 
-    def _count(self, bufs) -> None:
-        self.counter["gets"] += len(bufs)
-        self.counter["bytes"] += sum(len(b) for b in bufs if b is not None)
+    def _count(self, bufs, ranged: list[bool]) -> None:
+        for b, r in zip(bufs, ranged):
+            n = len(b) if b is not None else 0
+            self.counter["gets"] += 1
+            self.counter["bytes"] += n
+            if r:
+                self.counter["range_gets"] += 1
+                self.counter["range_bytes"] += n
 
     async def get(self, key, prototype=None, byte_range=None):
         buf = await self._store.get(key, prototype, byte_range)
-        self._count([buf])
+        self._count([buf], [byte_range is not None])
         return buf
 
     async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
         bufs = await self._store.get_partial_values(prototype, key_ranges)
-        self._count(bufs)
+        self._count(bufs, [r is not None for _, r in key_ranges])
         return bufs
 
 
@@ -176,7 +187,7 @@ def objects_and_bytes(path: str, tok: str, sid: str, keys: list[str], shard: str
     files = sum(len(f) for _, _, f in os.walk(os.path.join(path, tok, sid)))
     store = CountingStore(LocalStore(path, read_only=True))
     g = zarr.open_group(store=store, mode="r")[tok][sid]
-    store.counter.update(bytes=0, gets=0)  # the group's metadata reads are not the loader's
+    store.reset()  # the group's metadata reads are not the loader's
     vs = np.array([_hash64(0, 0, shard, key) % views for key in keys], dtype=np.int64)
     blocks = _TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
     for i in range(len(keys)):

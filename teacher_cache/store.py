@@ -20,9 +20,9 @@ from an interrupted run: the next run deletes and redoes it.
 dataset shard maps to a bounded number of them whatever its row count: the target arrays use Zarr v3's
 sharding codec with one shard per view holding all ``n`` rows and one inner chunk per sample view
 (``objects.py``: why, and how it is written as a stream); the five metadata arrays are one chunk each.
-Per shard group: 1 group + A array ``zarr.json`` + ``K`` objects per target array + 5 metadata chunks,
-with A = 7 (features with a class token; 9 for int8, 6 for codes): 17 objects at K = 2 for fp16 with a
-class token (21 int8, 13 codes). A training read of one sample's view fetches one byte range of that view
+Per shard group: 1 group + A array ``zarr.json`` + ``K`` objects per target array (G of them) + 5
+metadata chunks; features with a class token have A = 7, G = 2 (int8: 9, 4; codes: 6, 1): 17 objects at
+K = 2 for fp16 with a class token (23 int8, 14 codes), whatever the shard's row count. A training read of one sample's view fetches one byte range of that view
 (its ``T x D`` values + 4 B checksum, plus 16 B of index per row, read once per shard). Schema 1 caches
 (one object per ``chunk_rows`` rows per array, every view in it) are still read, by zarr, with the same
 checks; ``extract`` refuses to add to them.
