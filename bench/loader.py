@@ -176,7 +176,7 @@ def _instrumented_epoch(make) -> tuple[dict[str, float], float, int]:
     timer.patch(D._JoinThread, "wait", WAIT)
     timer.patch(D._TargetBlocks, "row", READ)
     timer.patch(D, "_content_hash", HASH)
-    timer.patch(D, "decode_block", "join: target decode")
+    timer.patch(D, "decode_rows", "join: target decode")
     try:
         t0 = time.perf_counter()
         n = _epoch(make())

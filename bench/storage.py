@@ -139,13 +139,14 @@ def _cos(a, b) -> float:
 
 class CountingStore(WrapperStore):
     """A zarr store wrapper that counts what reads return: ``counter["bytes"]`` and ``counter["gets"]``
-    (one per object or byte range), and of those, reads of byte ranges (``range_bytes``, ``range_gets``)."""
+    (one per object or byte range) of data (chunks, shards, shard indexes), of those the reads of byte
+    ranges (``range_bytes``, ``range_gets``), and apart, metadata (``zarr.json``: ``meta_bytes``)."""
 
     def __init__(self, store, counter: dict | None = None):
         super().__init__(store)
         self.counter = counter if counter is not None else dict.fromkeys(self.KEYS, 0)
 
-    KEYS = ("bytes", "gets", "range_bytes", "range_gets")
+    KEYS = ("bytes", "gets", "range_bytes", "range_gets", "meta_bytes")
 
     def reset(self) -> None:
         self.counter.update(dict.fromkeys(self.KEYS, 0))
@@ -153,9 +154,12 @@ class CountingStore(WrapperStore):
     def _with_store(self, store):
         return type(self)(store, self.counter)
 
-    def _count(self, bufs, ranged: list[bool]) -> None:
-        for b, r in zip(bufs, ranged):
+    def _count(self, bufs, keys: list[str], ranged: list[bool]) -> None:
+        for b, key, r in zip(bufs, keys, ranged):
             n = len(b) if b is not None else 0
+            if key.endswith("zarr.json"):
+                self.counter["meta_bytes"] += n
+                continue
             self.counter["gets"] += 1
             self.counter["bytes"] += n
             if r:
@@ -164,13 +168,13 @@ class CountingStore(WrapperStore):
 
     async def get(self, key, prototype=None, byte_range=None):
         buf = await self._store.get(key, prototype, byte_range)
-        self._count([buf], [byte_range is not None])
+        self._count([buf], [key], [byte_range is not None])
         return buf
 
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)
         bufs = await self._store.get_partial_values(prototype, key_ranges)
-        self._count(bufs, [r is not None for _, r in key_ranges])
+        self._count(bufs, [k for k, _ in key_ranges], [r is not None for _, r in key_ranges])
         return bufs
 
 
@@ -241,6 +245,84 @@ def _loader_read(
     return done
 
 
+def _objects_table(rep, wd: str, shard: str, keys: list[str], tokens, cls, codebook, a) -> dict:
+    """Schema 1 (one object per ``chunk_rows`` rows per array, every view in it) vs schema 2 (one object per
+    view per target array): objects per shard and per 1,000 samples, and target bytes per training sample."""
+    import torch
+    import zarr
+
+    n, k, t, d = tokens.shape
+    path = os.path.join(wd, "objects.zarr")
+    root = zarr.open_group(path, mode="w")
+    R = a.objects_rows
+    small = torch.randn(R, k, 4, 8)  # the object count does not depend on T or D
+    out, rows = {}, []
+    forms = [("fp16", "fp16", False), ("int8", "int8", False)]
+    if codebook is not None:
+        forms.append((f"codes-{len(codebook)}", "fp16", True))
+    for form, dtype, is_codes in forms:
+        x = tokens
+        if is_codes:
+            x = (torch.nn.functional.normalize(tokens.reshape(-1, d), dim=-1) @ codebook.T).argmax(-1).reshape(n, k, t)
+        xs = torch.randint(0, 8, (R, k, 4)) if is_codes else small
+        for sharded in (False, True):
+            tag = f"{form}-{'s2' if sharded else 's1'}"
+            nc = len(codebook) if is_codes else 0
+            c = None if is_codes else cls
+            _write_form(root, tag, shard, x, c, dtype, a.chunk_rows, 3, codes=is_codes, num_codes=nc, sharded=sharded)
+            big = f"{tag}-{R}"
+            _write_form(
+                root,
+                big,
+                f"{shard}-big",
+                xs,
+                None if is_codes else small[:, :, 0],
+                dtype,
+                a.chunk_rows,
+                3,
+                codes=is_codes,
+                num_codes=nc,
+                sharded=sharded,
+            )
+            m = objects_and_bytes(path, tag, "s0", keys, shard, k)
+            m_big = objects_and_bytes(path, big, "s0", [f"{i:06d}" for i in range(R)], f"{shard}-big", k)
+            per_1000 = m_big["objects"] * 1000 / R
+            layout = "schema 2: one object per view" if sharded else f"schema 1: chunks of {a.chunk_rows} rows"
+            rows.append(
+                [
+                    form,
+                    layout,
+                    str(m["objects"]),
+                    f"{m_big['objects']} ({per_1000:.0f})",
+                    f"{m['bytes_per_sample']:,.0f}",
+                    f"{m['gets_per_sample']:.2f}",
+                ]
+            )
+            out[tag] = {"objects_per_shard": m["objects"], "objects_per_1000": per_1000, **m}
+    rep.table(
+        f"Objects and target bytes read per training sample ({k} views; shard of {n} rows with the teacher's "
+        f"{t} x {d} tokens{' + cls' if cls is not None else ''}; object counts also for a shard of {R} rows)",
+        [
+            "form",
+            "layout",
+            f"objects per shard ({n} rows)",
+            f"objects per shard of {R} rows (per 1,000 samples)",
+            "target bytes read per training sample",
+            "reads per sample",
+        ],
+        rows,
+        align="llrrrr",
+    )
+    rep.note(
+        "Objects = files under the shard group on disk (its group and array metadata included). Bytes read = "
+        "what the loader's reads return through a counting zarr store wrapper (`CountingStore`) over one epoch "
+        "in CachedViews' pattern (each row's one view, blocks of 64 rows), divided by the rows; schema 2 counts "
+        "the objects' indexes too (16 B per row per object, read once per shard). Schema 1 reads every view of "
+        "a chunk of rows; schema 2 one byte range per run of adjacent rows that use the same view."
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, repeats=5, warmup=1)
     p.add_argument("--teacher", default="efficientnet_lite0", help="teacher whose tokens are stored")
@@ -262,6 +344,9 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         default=8,
         help="rows read by the one-Zarr-call-per-sample contrast (each call decompresses a whole chunk)",
+    )
+    p.add_argument(
+        "--objects-rows", type=int, default=1000, help="rows of the shard whose objects are counted (tiny tokens)"
     )
     a = p.parse_args(argv)
     threads = C.setup_threads(a.threads)
@@ -424,6 +509,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows,
             align="lrrrrrrl",
         )
+
+        # --- objects per shard and target bytes a training read fetches: schema 1 vs schema 2
+        result["objects"] = _objects_table(rep, wd, shard, keys, tokens, cls, codebook, a)
 
         # --- read throughput in CachedViews' access pattern, all forms interleaved
         variants = {}

@@ -39,7 +39,7 @@ from teacher_cache.prepare import PreparedDataset, load_dataset
 from teacher_cache.prepare import _digest as _content_hash  # the manifest's `hash` of image bytes
 from teacher_cache.shards import IMAGE_EXTS
 from teacher_cache.store import (
-    decode_block,
+    decode_rows,
     is_complete,
     list_tokenizers,
     open_root,
@@ -475,15 +475,15 @@ class CachedViews(IterableDataset):
         }
         if teacher_images:
             out["teacher_images"] = torch.stack(teacher_images)
-        t = {n: np.stack([b["targets"][n] for b in batch]) for n in batch[0]["targets"]}
+        t = {n: [b["targets"][n] for b in batch] for n in batch[0]["targets"]}
         if j.info.codes:
-            codes = torch.from_numpy(t["tokens"].astype(np.int64))
+            codes = torch.from_numpy(np.stack(t["tokens"]).astype(np.int64))
             out["codes"] = codes
             out["tokens"] = j.codebook[codes]
         else:
-            out["tokens"] = decode_block(t["tokens"], j.info.dtype, t.get("token_scale"))
+            out["tokens"] = decode_rows(t["tokens"], j.info.dtype, t.get("token_scale"))
             if "cls" in t:
-                out["cls"] = decode_block(t["cls"], j.info.dtype, t.get("cls_scale"))
+                out["cls"] = decode_rows(t["cls"], j.info.dtype, t.get("cls_scale"))
         return out
 
 

@@ -221,7 +221,9 @@ def _pread_ranges(root: str, key_ranges: list[tuple[str, RangeByteRequest]]) -> 
         try:
             for i in idx:
                 r = key_ranges[i][1]
-                out[i] = np.frombuffer(os.pread(fd, r.end - r.start, r.start), dtype=np.uint8)
+                buf = bytearray(r.end - r.start)  # writable, so the loader hands views to torch without a copy
+                got = os.preadv(fd, [buf], r.start)
+                out[i] = np.frombuffer(buf, dtype=np.uint8)[:got]
         finally:
             os.close(fd)
     return out

@@ -138,6 +138,19 @@ def decode_block(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None
     return t.float()
 
 
+def decode_rows(rows: list[np.ndarray], dtype: str, scales: list[np.ndarray] | None = None) -> torch.Tensor:
+    """:func:`decode_block` of ``np.stack(rows)``, in one pass: each row is converted straight into the
+    float32 batch (no stacked copy in the stored dtype first)."""
+    if dtype == "int8":
+        assert scales is not None
+        return decode_block(np.stack(rows), dtype, np.stack(scales))
+    out = torch.empty((len(rows), *rows[0].shape), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        t = torch.from_numpy(r if r.flags.writeable else r.copy())  # torch warns on read-only arrays
+        out[i].copy_(t.view(torch.bfloat16) if dtype == "bf16" else t)
+    return out
+
+
 def zarr_dtype(dtype: str) -> str:
     return {"fp32": "float32", "fp16": "float16", "bf16": "uint16", "int8": "int8"}[dtype]
 
