@@ -14,7 +14,8 @@ last row (``n x K x`` ~400 KB for CLIP-L fp16). :class:`ShardWriter` instead app
 encoded inner chunks to a spool file per object and writes the index when the shard ends: linear, with
 memory bounded by one block. A local object is renamed into place when complete (an interrupted shard
 leaves only ``*.partial`` files in a group without ``complete``, which the next run deletes); on an
-object store the spool is uploaded once at the end. The bytes are the Zarr v3 sharding format, so zarr
+object store the spool (a local temporary file) is uploaded once at the end, by the filesystem's
+``put_file`` (multipart on S3/GCS, so memory stays bounded there too). The bytes are the Zarr v3 sharding format, so zarr
 itself reads them (``g["tokens"][...]``) and tests compare both readers.
 
 Why not read through zarr in the loader: zarr fetches the inner chunks of a partial shard read one
@@ -143,9 +144,13 @@ class _ObjectWriter:
             os.replace(self.spool_path, self.final)
             return
         try:
-            with open(self.spool_path, "rb") as f:
-                data = f.read()
-            sync(self.store.set(self.key, default_buffer_prototype().buffer.from_bytes(data)))
+            fs = getattr(self.store, "fs", None)
+            if fs is not None and hasattr(fs, "_put_file"):  # fsspec (s3fs, gcsfs): multipart, streamed from disk
+                sync(fs._put_file(self.spool_path, f"{self.store.path.rstrip('/')}/{self.key}"))
+            else:
+                with open(self.spool_path, "rb") as f:
+                    data = f.read()
+                sync(self.store.set(self.key, default_buffer_prototype().buffer.from_bytes(data)))
         finally:
             os.unlink(self.spool_path)
 
