@@ -15,11 +15,16 @@ Compression ratio = raw bytes of the target arrays in their stored dtype (``toke
 ``cls``, ``cls_scale``) / bytes on disk (``nbytes_stored``); "vs fp32" = fp32 raw bytes / bytes on disk.
 Fidelity = mean cosine similarity of the decoded tokens to the fp32 teacher tokens.
 
+Objects and bytes read: each of fp16, int8 and codes written in schema 1's layout (one object per
+``--chunk-rows`` rows per array, every view in it) and schema 2's (one object per view per target array),
+side by side: files per shard group (also for a shard of ``--objects-rows`` rows), and the target bytes a
+loader epoch reads per sample, counted through a zarr store wrapper (:class:`CountingStore`).
+
 Read speed replays what ``CachedViews`` does for one shard: rows in stream (index) order, one view per
-sample chosen by the same hash, through ``student.data._ChunkReader`` (one Zarr read per chunk of rows),
-then ``decode_block`` per batch (codes: codebook lookup). For contrast, the same rows read with one Zarr
-call per sample. The files were just written, so this measures decompression + Zarr overhead from the
-page cache, not the disk.
+sample chosen by the same hash, through ``student.data._TargetBlocks`` (blocks of 64 rows, each row's view
+by byte range), then ``decode_block`` per batch (codes: codebook lookup). For contrast, the same rows read
+with one Zarr call per sample. The files were just written, so this measures decoding + read overhead
+from the page cache, not the disk.
 
     python bench/storage.py                                   # EfficientNet-Lite0 tokens (49 x 1280), 64 images
     python bench/storage.py --teacher random-vit:32/8 --num-samples 32
@@ -553,17 +558,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"batches of {a.batch_size}; medians of {a.repeats} interleaved passes, {threads} thread(s))",
             [
                 "form",
-                "samples/s (chunk reads, as CachedViews)",
-                "stored MiB/s read (all views)",
+                "samples/s (block reads, as CachedViews)",
+                "stored MiB (all views) / read time",
                 "fp32 targets delivered MiB/s",
                 f"samples/s (one Zarr call per sample; first {min(n, a.per_sample_rows or n)} rows)",
-                "chunk-read speedup",
+                "block-read speedup",
             ],
             read_rows,
         )
         rep.note(
-            "Chunk reads fetch every view of a chunk's rows while the loader uses one view per sample, so "
-            "'stored MiB/s read' counts all views and 'delivered' only the targets handed to the batch. "
+            "The loader reads each row's one view (a byte range per run of adjacent rows sharing a view), so "
+            "'stored MiB / read time' counts every view stored and 'delivered' only the targets handed to the batch. "
             "Stored bytes are what `stored_bytes()` (Zarr `nbytes_stored`) reports for the target arrays; "
             "keys/seeds/boxes/flips/valid add a few bytes per sample and are not counted. "
             "'cos to fp32' of a PCA form is that of its reconstruction from the stored coefficients."
