@@ -95,6 +95,7 @@ def _write_form(
     """Write one form through the extractor's own writer; returns the shard group. ``sharded=False``
     writes schema 1's layout (one object per ``chunk_rows`` rows per array, all views in it)."""
     import numpy as np
+    import zarr
 
     from teacher_cache.extract import _write_rows
     from teacher_cache.store import ShardLayout, create_shard_group, open_writer
@@ -126,7 +127,10 @@ def _write_form(
         fcls = cls[lo:hi].reshape((hi - lo) * k, -1) if cls is not None and not codes else None
         _write_rows(w, lo, hi, idx, flat, fcls, k, lay)
     w.close()
-    g["valid"][:] = np.ones(n, dtype=bool)
+    with zarr.config.set({"array.write_empty_chunks": True}):  # the metadata arrays, as extract_shard writes them
+        g["keys"][:] = np.array([f"{i:06d}" for i in range(n)])
+        g["seeds"][:], g["boxes"][:] = np.zeros((n, k), np.uint64), np.zeros((n, k, 4), np.int32)
+        g["flips"][:], g["valid"][:] = np.zeros((n, k), bool), np.ones(n, dtype=bool)
     return g
 
 
