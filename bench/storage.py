@@ -503,7 +503,8 @@ def main(argv: list[str] | None = None) -> dict:
             }
         rep.table(
             f"Bytes per view: {a.teacher} ({t} tokens x {d} dims{' + cls' if cls is not None else ''}), "
-            f"{n} images x {k} views, write blocks of {a.chunk_rows} rows, codec auto (float features raw; codes Blosc zstd clevel {a.clevel} + bitshuffle) "
+            f"{n} images x {k} views, write blocks of {a.chunk_rows} rows, codec auto (float features raw; "
+            f"codes Blosc zstd clevel {a.clevel} + bitshuffle) "
             f"(teacher ran {teacher_s:.1f}s)",
             [
                 "form",
