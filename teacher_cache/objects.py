@@ -21,7 +21,9 @@ itself reads them (``g["tokens"][...]``) and tests compare both readers.
 Why not read through zarr in the loader: zarr fetches the inner chunks of a partial shard read one
 ``await`` after another and decodes each through its async codec pipeline; :class:`ViewReader` reads the
 index once, coalesces the rows of a block that use the same view into one byte range, and fetches all
-ranges of a block in one ``get_partial_values`` call (concurrent on object stores).
+ranges of a block in one ``get_partial_values`` call (concurrent on object stores), or, for a local cache,
+slices them out of a memory map of each object (no read call, no copy). Raw float inner chunks are
+returned as views, never copied before the batch is formed.
 """
 
 from __future__ import annotations
