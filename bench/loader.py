@@ -167,14 +167,15 @@ def _shard_setup_seconds(join, first: bool = False) -> float:
 
 def _instrumented_epoch(make) -> tuple[dict[str, float], float, int]:
     from student import data as D
+    from student import join as J
 
     timer = C.StageTimer()
     timer.patch(D, "decode_image", "decode")
     timer.patch(D, "to_uint8_chw", "decode")
     timer.patch(D, "replay_view", "replay/crop")
     timer.patch(D, "sample_crop", CROP)
-    timer.patch(D._JoinThread, "wait", WAIT)
-    timer.patch(D._TargetBlocks, "row", READ)
+    timer.patch(J.JoinThread, "wait", WAIT)
+    timer.patch(J.TargetBlocks, "row", READ)
     timer.patch(D, "_content_hash", HASH)
     timer.patch(D, "decode_rows", "join: target decode")
     try:

@@ -21,7 +21,7 @@ side by side: files per shard group (also for a shard of ``--objects-rows`` rows
 loader epoch reads per sample, counted through a zarr store wrapper (:class:`CountingStore`).
 
 Read speed replays what ``CachedViews`` does for one shard: rows in stream (index) order, one view per
-sample chosen by the same hash, through ``student.data._TargetBlocks`` (blocks of 64 rows, each row's view
+sample chosen by the same hash, through ``student.join.TargetBlocks`` (blocks of 64 rows, each row's view
 by byte range), then ``decode_block`` per batch (codes: codebook lookup). For contrast, the same rows read
 with one Zarr call per sample. The files were just written, so this measures decoding + read overhead
 from the page cache, not the disk.
@@ -194,7 +194,8 @@ def objects_and_bytes(path: str, tok: str, sid: str, keys: list[str], shard: str
     import zarr
     from zarr.storage import LocalStore
 
-    from student.data import _hash64, _TargetBlocks
+    from student.data import _hash64
+    from student.join import TargetBlocks
     from teacher_cache.store import open_view_reader
 
     files = sum(len(f) for _, _, f in os.walk(os.path.join(path, tok, sid)))
@@ -202,7 +203,7 @@ def objects_and_bytes(path: str, tok: str, sid: str, keys: list[str], shard: str
     g = zarr.open_group(store=store, mode="r")[tok][sid]
     store.reset()  # the group's metadata reads are not the loader's
     vs = np.array([_hash64(0, 0, shard, key) % views for key in keys], dtype=np.int64)
-    blocks = _TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
+    blocks = TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
     for i in range(len(keys)):
         blocks.row(i)
     n = len(keys)
@@ -224,17 +225,18 @@ def _loader_read(
     per_sample: bool = False,
     limit: int | None = None,
 ) -> int:
-    """One pass over the shard in CachedViews' order (its ``_TargetBlocks`` reads, in one thread); returns
+    """One pass over the shard in CachedViews' order (its ``TargetBlocks`` reads, in one thread); returns
     the samples read."""
     import numpy as np
     import torch
 
-    from student.data import _hash64, _TargetBlocks
+    from student.data import _hash64
+    from student.join import TargetBlocks
     from teacher_cache.store import decode_block, open_view_reader
 
     keys = keys[:limit] if limit else keys
     vs = np.array([_hash64(0, 0, shard, key) % views for key in keys], dtype=np.int64)
-    reader = None if per_sample else _TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
+    reader = None if per_sample else TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
     names = [n for n in ("tokens", "token_scale", "cls", "cls_scale") if n in g]
     buf: list[dict] = []
     done = 0
