@@ -15,11 +15,16 @@ Compression ratio = raw bytes of the target arrays in their stored dtype (``toke
 ``cls``, ``cls_scale``) / bytes on disk (``nbytes_stored``); "vs fp32" = fp32 raw bytes / bytes on disk.
 Fidelity = mean cosine similarity of the decoded tokens to the fp32 teacher tokens.
 
+Objects and bytes read: each of fp16, int8 and codes written in schema 1's layout (one object per
+``--chunk-rows`` rows per array, every view in it) and schema 2's (one object per view per target array),
+side by side: files per shard group (also for a shard of ``--objects-rows`` rows), and the target bytes a
+loader epoch reads per sample, counted through a zarr store wrapper (:class:`CountingStore`).
+
 Read speed replays what ``CachedViews`` does for one shard: rows in stream (index) order, one view per
-sample chosen by the same hash, through ``student.data._ChunkReader`` (one Zarr read per chunk of rows),
-then ``decode_block`` per batch (codes: codebook lookup). For contrast, the same rows read with one Zarr
-call per sample. The files were just written, so this measures decompression + Zarr overhead from the
-page cache, not the disk.
+sample chosen by the same hash, through ``student.join.TargetBlocks`` (blocks of 64 rows, each row's view
+by byte range), then ``decode_block`` per batch (codes: codebook lookup). For contrast, the same rows read
+with one Zarr call per sample. The files were just written, so this measures decoding + read overhead
+from the page cache, not the disk.
 
     python bench/storage.py                                   # EfficientNet-Lite0 tokens (49 x 1280), 64 images
     python bench/storage.py --teacher random-vit:32/8 --num-samples 32
@@ -36,6 +41,8 @@ if __package__ in (None, ""):
     sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
 import time
+
+from zarr.storage import WrapperStore
 
 from bench import _common as C
 
@@ -82,12 +89,16 @@ def _write_form(
     clevel: int,
     codes: bool = False,
     num_codes: int = 0,
+    sharded: bool = True,
+    codec: str = "auto",
 ):
-    """Write one form through the extractor's own writer; returns the shard group."""
+    """Write one form through the extractor's own writer; returns the shard group. ``sharded=False``
+    writes schema 1's layout (one object per ``chunk_rows`` rows per array, all views in it)."""
     import numpy as np
+    import zarr
 
     from teacher_cache.extract import _write_rows
-    from teacher_cache.store import ShardLayout, create_shard_group
+    from teacher_cache.store import ShardLayout, create_shard_group, open_writer
 
     n, k, t = tokens.shape[:3]
     d = 1 if codes else tokens.shape[3]
@@ -102,17 +113,24 @@ def _write_form(
         chunk_rows=chunk_rows,
         clevel=clevel,
         num_codes=num_codes,
+        codec=codec,
+        sharded=sharded,
     )
     tok = root.create_group(name)
     g = create_shard_group(tok, "s0", shard, lay)
+    w = open_writer(g)
     c = max(1, min(chunk_rows, n))
     for lo in range(0, n, c):
         hi = min(lo + c, n)
         idx = np.arange(hi - lo)
         flat = tokens[lo:hi].reshape((hi - lo) * k, *tokens.shape[2:])
         fcls = cls[lo:hi].reshape((hi - lo) * k, -1) if cls is not None and not codes else None
-        _write_rows(g, lo, hi, idx, flat, fcls, k, lay)
-    g["valid"][:] = np.ones(n, dtype=bool)
+        _write_rows(w, lo, hi, idx, flat, fcls, k, lay)
+    w.close()
+    with zarr.config.set({"array.write_empty_chunks": True}):  # the metadata arrays, as extract_shard writes them
+        g["keys"][:] = np.array([f"{i:06d}" for i in range(n)])
+        g["seeds"][:], g["boxes"][:] = np.zeros((n, k), np.uint64), np.zeros((n, k, 4), np.int32)
+        g["flips"][:], g["valid"][:] = np.zeros((n, k), bool), np.ones(n, dtype=bool)
     return g
 
 
@@ -128,6 +146,74 @@ def _cos(a, b) -> float:
     )
 
 
+class CountingStore(WrapperStore):
+    """A zarr store wrapper that counts what reads return: ``counter["bytes"]`` and ``counter["gets"]``
+    (one per object or byte range) of data (chunks, shards, shard indexes), of those the reads of byte
+    ranges (``range_bytes``, ``range_gets``), and apart, metadata (``zarr.json``: ``meta_bytes``)."""
+
+    def __init__(self, store, counter: dict | None = None):
+        super().__init__(store)
+        self.counter = counter if counter is not None else dict.fromkeys(self.KEYS, 0)
+
+    KEYS = ("bytes", "gets", "range_bytes", "range_gets", "meta_bytes")
+
+    def reset(self) -> None:
+        self.counter.update(dict.fromkeys(self.KEYS, 0))
+
+    def _with_store(self, store):
+        return type(self)(store, self.counter)
+
+    def _count(self, bufs, keys: list[str], ranged: list[bool]) -> None:
+        for b, key, r in zip(bufs, keys, ranged):
+            n = len(b) if b is not None else 0
+            if key.endswith("zarr.json"):
+                self.counter["meta_bytes"] += n
+                continue
+            self.counter["gets"] += 1
+            self.counter["bytes"] += n
+            if r:
+                self.counter["range_gets"] += 1
+                self.counter["range_bytes"] += n
+
+    async def get(self, key, prototype=None, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        self._count([buf], [key], [byte_range is not None])
+        return buf
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        self._count(bufs, [k for k, _ in key_ranges], [r is not None for _, r in key_ranges])
+        return bufs
+
+
+def objects_and_bytes(path: str, tok: str, sid: str, keys: list[str], shard: str, views: int) -> dict:
+    """Objects a shard group occupies on disk, and target bytes a loader epoch reads per sample (counted
+    through :class:`CountingStore`, in CachedViews' pattern: each row's one view, blocks of 64 rows)."""
+    import numpy as np
+    import zarr
+    from zarr.storage import LocalStore
+
+    from student.data import _hash64
+    from student.join import TargetBlocks
+    from teacher_cache.store import open_view_reader
+
+    files = sum(len(f) for _, _, f in os.walk(os.path.join(path, tok, sid)))
+    store = CountingStore(LocalStore(path, read_only=True))
+    g = zarr.open_group(store=store, mode="r")[tok][sid]
+    store.reset()  # the group's metadata reads are not the loader's
+    vs = np.array([_hash64(0, 0, shard, key) % views for key in keys], dtype=np.int64)
+    blocks = TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
+    for i in range(len(keys)):
+        blocks.row(i)
+    n = len(keys)
+    return {
+        "objects": files,
+        "bytes_per_sample": store.counter["bytes"] / n,
+        "gets_per_sample": store.counter["gets"] / n,
+    }
+
+
 def _loader_read(
     g,
     keys: list[str],
@@ -139,21 +225,24 @@ def _loader_read(
     per_sample: bool = False,
     limit: int | None = None,
 ) -> int:
-    """One pass over the shard in CachedViews' order; returns the samples read."""
+    """One pass over the shard in CachedViews' order (its ``TargetBlocks`` reads, in one thread); returns
+    the samples read."""
     import numpy as np
     import torch
 
-    from student.data import _ChunkReader, _hash64
-    from teacher_cache.store import decode_block
+    from student.data import _hash64
+    from student.join import TargetBlocks
+    from teacher_cache.store import decode_block, open_view_reader
 
-    reader = None if per_sample else _ChunkReader(g)
+    keys = keys[:limit] if limit else keys
+    vs = np.array([_hash64(0, 0, shard, key) % views for key in keys], dtype=np.int64)
+    reader = None if per_sample else TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
     names = [n for n in ("tokens", "token_scale", "cls", "cls_scale") if n in g]
     buf: list[dict] = []
     done = 0
-    keys = keys[:limit] if limit else keys
-    for i, key in enumerate(keys):
-        v = _hash64(0, 0, shard, key) % views
-        buf.append({n: g[n][i, v] for n in names} if per_sample else reader.row(i, v))
+    for i in range(len(keys)):
+        v = int(vs[i])
+        buf.append({n: g[n][i, v] for n in names} if per_sample else reader.row(i))
         if len(buf) == batch or i == len(keys) - 1:
             t = {n: np.stack([b[n] for b in buf]) for n in buf[0]}
             if codebook is not None:
@@ -165,6 +254,84 @@ def _loader_read(
             done += len(buf)
             buf = []
     return done
+
+
+def _objects_table(rep, wd: str, shard: str, keys: list[str], tokens, cls, codebook, a) -> dict:
+    """Schema 1 (one object per ``chunk_rows`` rows per array, every view in it) vs schema 2 (one object per
+    view per target array): objects per shard and per 1,000 samples, and target bytes per training sample."""
+    import torch
+    import zarr
+
+    n, k, t, d = tokens.shape
+    path = os.path.join(wd, "objects.zarr")
+    root = zarr.open_group(path, mode="w")
+    R = a.objects_rows
+    small = torch.randn(R, k, 4, 8)  # the object count does not depend on T or D
+    out, rows = {}, []
+    forms = [("fp16", "fp16", False), ("int8", "int8", False)]
+    if codebook is not None:
+        forms.append((f"codes-{len(codebook)}", "fp16", True))
+    for form, dtype, is_codes in forms:
+        x = tokens
+        if is_codes:
+            x = (torch.nn.functional.normalize(tokens.reshape(-1, d), dim=-1) @ codebook.T).argmax(-1).reshape(n, k, t)
+        xs = torch.randint(0, 8, (R, k, 4)) if is_codes else small
+        for sharded in (False, True):
+            tag = f"{form}-{'s2' if sharded else 's1'}"
+            nc = len(codebook) if is_codes else 0
+            c = None if is_codes else cls
+            _write_form(root, tag, shard, x, c, dtype, a.chunk_rows, 3, codes=is_codes, num_codes=nc, sharded=sharded)
+            big = f"{tag}-{R}"
+            _write_form(
+                root,
+                big,
+                f"{shard}-big",
+                xs,
+                None if is_codes else small[:, :, 0],
+                dtype,
+                a.chunk_rows,
+                3,
+                codes=is_codes,
+                num_codes=nc,
+                sharded=sharded,
+            )
+            m = objects_and_bytes(path, tag, "s0", keys, shard, k)
+            m_big = objects_and_bytes(path, big, "s0", [f"{i:06d}" for i in range(R)], f"{shard}-big", k)
+            per_1000 = m_big["objects"] * 1000 / R
+            layout = "schema 2: one object per view" if sharded else f"schema 1: chunks of {a.chunk_rows} rows"
+            rows.append(
+                [
+                    form,
+                    layout,
+                    str(m["objects"]),
+                    f"{m_big['objects']} ({per_1000:.0f})",
+                    f"{m['bytes_per_sample']:,.0f}",
+                    f"{m['gets_per_sample']:.2f}",
+                ]
+            )
+            out[tag] = {"objects_per_shard": m["objects"], "objects_per_1000": per_1000, **m}
+    rep.table(
+        f"Objects and target bytes read per training sample ({k} views; shard of {n} rows with the teacher's "
+        f"{t} x {d} tokens{' + cls' if cls is not None else ''}; object counts also for a shard of {R} rows)",
+        [
+            "form",
+            "layout",
+            f"objects per shard ({n} rows)",
+            f"objects per shard of {R} rows (per 1,000 samples)",
+            "target bytes read per training sample",
+            "reads per sample",
+        ],
+        rows,
+        align="llrrrr",
+    )
+    rep.note(
+        "Objects = files under the shard group on disk (its group and array metadata included). Bytes read = "
+        "what the loader's reads return through a counting zarr store wrapper (`CountingStore`) over one epoch "
+        "in CachedViews' pattern (each row's one view, blocks of 64 rows), divided by the rows; schema 2 counts "
+        "the objects' indexes too (16 B per row per object, read once per shard). Schema 1 reads every view of "
+        "a chunk of rows; schema 2 one byte range per run of adjacent rows that use the same view."
+    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -188,6 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         default=8,
         help="rows read by the one-Zarr-call-per-sample contrast (each call decompresses a whole chunk)",
+    )
+    p.add_argument(
+        "--objects-rows", type=int, default=1000, help="rows of the shard whose objects are counted (tiny tokens)"
     )
     a = p.parse_args(argv)
     threads = C.setup_threads(a.threads)
@@ -335,7 +505,8 @@ def main(argv: list[str] | None = None) -> dict:
             }
         rep.table(
             f"Bytes per view: {a.teacher} ({t} tokens x {d} dims{' + cls' if cls is not None else ''}), "
-            f"{n} images x {k} views, chunk {a.chunk_rows} rows, Blosc zstd clevel {a.clevel} + bitshuffle "
+            f"{n} images x {k} views, write blocks of {a.chunk_rows} rows, codec auto (float features raw; "
+            f"codes Blosc zstd clevel {a.clevel} + bitshuffle) "
             f"(teacher ran {teacher_s:.1f}s)",
             [
                 "form",
@@ -350,6 +521,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows,
             align="lrrrrrrl",
         )
+
+        # --- objects per shard and target bytes a training read fetches: schema 1 vs schema 2
+        result["objects"] = _objects_table(rep, wd, shard, keys, tokens, cls, codebook, a)
 
         # --- read throughput in CachedViews' access pattern, all forms interleaved
         variants = {}
@@ -391,17 +565,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"batches of {a.batch_size}; medians of {a.repeats} interleaved passes, {threads} thread(s))",
             [
                 "form",
-                "samples/s (chunk reads, as CachedViews)",
-                "stored MiB/s read (all views)",
+                "samples/s (block reads, as CachedViews)",
+                "stored MiB (all views) / read time",
                 "fp32 targets delivered MiB/s",
                 f"samples/s (one Zarr call per sample; first {min(n, a.per_sample_rows or n)} rows)",
-                "chunk-read speedup",
+                "block-read speedup",
             ],
             read_rows,
         )
         rep.note(
-            "Chunk reads fetch every view of a chunk's rows while the loader uses one view per sample, so "
-            "'stored MiB/s read' counts all views and 'delivered' only the targets handed to the batch. "
+            "The loader reads each row's one view (a byte range per run of adjacent rows sharing a view), so "
+            "'stored MiB / read time' counts every view stored and 'delivered' only the targets handed to the batch. "
             "Stored bytes are what `stored_bytes()` (Zarr `nbytes_stored`) reports for the target arrays; "
             "keys/seeds/boxes/flips/valid add a few bytes per sample and are not counted. "
             "'cos to fp32' of a PCA form is that of its reconstruction from the stored coefficients."

@@ -10,8 +10,11 @@ manifest and the cache's ``valid`` flags). That makes two things exact:
 * resume: the DataLoader hands out worker batches round-robin, so a global batch index maps to a
   per-worker count of batches to skip, and skipped batches are dropped *before* decoding.
 
-Targets are read a whole Zarr chunk at a time (never one Zarr call per sample) and kept in their
-stored dtype until a batch is formed.
+Targets are read a block of rows at a time, each row at the one view it uses this epoch (one byte
+range per run of adjacent rows sharing a view, ``teacher_cache/objects.py``), in a background thread one
+block ahead of the tar stream so the reads overlap JPEG decoding, and kept in their stored dtype until
+a batch is formed. Manifest rows, key index, stored seeds/boxes/flips and the objects' indexes are read
+once per process and run.
 """
 
 from __future__ import annotations
@@ -28,12 +31,21 @@ import webdataset as wds
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from student.join import JoinThread, TargetBlocks
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
 from teacher_cache.integrity import CacheIntegrityError, check_shard_group, checked, warn_unchecked
 from teacher_cache.prepare import PreparedDataset, load_dataset
 from teacher_cache.prepare import _digest as _content_hash  # the manifest's `hash` of image bytes
 from teacher_cache.shards import IMAGE_EXTS
-from teacher_cache.store import decode_block, is_complete, list_tokenizers, open_root, shard_ids, tokenizer_info
+from teacher_cache.store import (
+    decode_rows,
+    is_complete,
+    list_tokenizers,
+    open_root,
+    open_view_reader,
+    shard_ids,
+    tokenizer_info,
+)
 from teacher_cache.views import AugConfig, replay_view, sample_crop
 
 ON_MISMATCH = ("error", "skip")
@@ -122,6 +134,10 @@ class CacheJoin:
         self.pca_basis = torch.from_numpy(np.array(tok["pca_basis"][:])) if "pca_basis" in tok else None
         self._check_shards(cfg.cache, tok)
         self.valid = {s: np.array(tok[self.sids[s]]["valid"][:]) for s in self.ds.shards}
+        self._rows: dict[str, dict] = {}
+        self._index: dict[str, dict[str, int]] = {}
+        self._plan: dict[str, tuple] = {}
+        self._readers: dict[str, object] = {}
 
     def _check_shards(self, cache: str, tok: zarr.Group) -> None:
         """Before any step (invariant 7), per shard group: it belongs to this shard, its keys equal the
@@ -149,29 +165,36 @@ class CacheJoin:
         # (or letting it be collected, which warns "Unclosed client session") is not this process's business.
         self._inherited = self.root
         self.root = open_root(self.cache)
+        self._readers = {}  # bound to the inherited store
 
     def group(self, shard: str) -> zarr.Group:
         return self.root[self.info.name][self.sids[shard]]
 
+    # Per-run caches (per process): a worker reads the same shards every epoch.
+    def rows(self, shard: str) -> dict[str, list]:
+        if shard not in self._rows:
+            self._rows[shard] = self.ds.rows(shard)
+        return self._rows[shard]
 
-class _ChunkReader:
-    """Targets of one shard, read one whole chunk of rows (all views) at a time, in stored dtype."""
+    def index(self, shard: str) -> dict[str, int]:
+        """Row of each readable key of the shard."""
+        if shard not in self._index:
+            rows = self.rows(shard)
+            self._index[shard] = {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
+        return self._index[shard]
 
-    def __init__(self, g: zarr.Group):
-        self.g = g
-        self.step = g["tokens"].chunks[0]
-        self.lo, self.block = -1, {}
+    def plan(self, shard: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The shard's stored seeds, boxes and flips."""
+        if shard not in self._plan:
+            g = self.group(shard)
+            self._plan[shard] = tuple(np.array(checked(g, n, lambda n=n: g[n][:])) for n in ("seeds", "boxes", "flips"))
+        return self._plan[shard]
 
-    def row(self, i: int, v: int) -> dict[str, np.ndarray]:
-        lo = (i // self.step) * self.step
-        if lo != self.lo:
-            self.lo = lo
-            self.block = {
-                n: checked(self.g, n, lambda n=n: self.g[n][lo : lo + self.step])
-                for n in ("tokens", "token_scale", "cls", "cls_scale")
-                if n in self.g
-            }
-        return {n: a[i - lo, v] for n, a in self.block.items()}
+    def reader(self, shard: str):
+        """The shard's target reader (its object indexes read once per process)."""
+        if shard not in self._readers:
+            self._readers[shard] = open_view_reader(self.group(shard))
+        return self._readers[shard]
 
 
 class CachedViews(IterableDataset):
@@ -261,7 +284,7 @@ class CachedViews(IterableDataset):
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
         buf: list[dict] = []
         made = 0
-        for raw in self._raw_samples(self._shards(self.epoch, self.rank, worker, workers), rng):
+        for raw in JoinThread(self._raw_samples(self._shards(self.epoch, self.rank, worker, workers))):
             buf.append(raw)
             if len(buf) < self.cfg.batch_size * (1 + (self.cfg.shuffle_buffer > 0)) and len(buf) < max(
                 self.cfg.shuffle_buffer, self.cfg.batch_size
@@ -287,47 +310,47 @@ class CachedViews(IterableDataset):
         del buf[: self.cfg.batch_size]
         return out
 
-    def _raw_samples(self, shards: list[str], rng: np.random.Generator):
+    def _raw_samples(self, shards: list[str]):
         """Undecoded samples joined with their row, view and stored targets, in shard stream order."""
-        j, k = self.join, self.join.aug.views
         for shard in shards:
-            rows = j.ds.rows(shard)
-            index = {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
-            g, valid = j.group(shard), j.valid[shard]
-            reader = _ChunkReader(g)
-            seeds, boxes, flips = (
-                np.array(checked(g, n, lambda g=g, n=n: g[n][:])) for n in ("seeds", "boxes", "flips")
-            )
-            errors: list[str] = []
-            handler = _Recorder(errors)
-            seen: set[str] = set()
-            for s in _tar_samples(j.ds.shard_url(shard), handler):
-                key = s["__key__"]
-                i = index.get(key)
-                if i is None or key in seen or not valid[i]:
-                    continue  # skipped at extraction (recorded there) or a duplicate key
-                seen.add(key)
-                image = _image_bytes(s)
-                if _content_hash(image) != rows["hash"][i]:
-                    self._mismatch(shard, key)
-                    continue
-                v = _hash64(self.cfg.seed, self.epoch, shard, key) % k
-                yield {
-                    "shard": shard,
-                    "key": key,
-                    "row": i,
-                    "view": v,
-                    "seed": int(seeds[i, v]),
-                    "box": boxes[i, v],
-                    "flip": bool(flips[i, v]),
-                    "size": (rows["width"][i], rows["height"][i]),
-                    "label": rows["label"][i],
-                    "image": image,
-                    "targets": reader.row(i, v),
-                    "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order"),
-                }
-            if errors:
-                raise RuntimeError(f"shard {shard} could not be read to the end: {errors[0]}")
+            yield from self._shard_samples(shard)
+
+    def _shard_samples(self, shard: str):
+        j, k = self.join, self.join.aug.views
+        rows, index, (seeds, boxes, flips) = j.rows(shard), j.index(shard), j.plan(shard)
+        valid = j.valid[shard]
+        views = np.array([_hash64(self.cfg.seed, self.epoch, shard, key) % k for key in rows["key"]], dtype=np.int64)
+        targets = TargetBlocks(j.reader(shard), views, valid)
+        errors: list[str] = []
+        handler = _Recorder(errors)
+        seen: set[str] = set()
+        for s in _tar_samples(j.ds.shard_url(shard), handler):
+            key = s["__key__"]
+            i = index.get(key)
+            if i is None or key in seen or not valid[i]:
+                continue  # skipped at extraction (recorded there) or a duplicate key
+            seen.add(key)
+            image = _image_bytes(s)
+            if _content_hash(image) != rows["hash"][i]:
+                self._mismatch(shard, key)
+                continue
+            v = int(views[i])
+            yield {
+                "shard": shard,
+                "key": key,
+                "row": i,
+                "view": v,
+                "seed": int(seeds[i, v]),
+                "box": boxes[i, v],
+                "flip": bool(flips[i, v]),
+                "size": (rows["width"][i], rows["height"][i]),
+                "label": rows["label"][i],
+                "image": image,
+                "targets": targets.row(i),
+                "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order"),
+            }
+        if errors:
+            raise RuntimeError(f"shard {shard} could not be read to the end: {errors[0]}")
 
     def _mismatch(self, shard: str, key: str) -> None:
         what = (
@@ -366,15 +389,15 @@ class CachedViews(IterableDataset):
         }
         if teacher_images:
             out["teacher_images"] = torch.stack(teacher_images)
-        t = {n: np.stack([b["targets"][n] for b in batch]) for n in batch[0]["targets"]}
+        t = {n: [b["targets"][n] for b in batch] for n in batch[0]["targets"]}
         if j.info.codes:
-            codes = torch.from_numpy(t["tokens"].astype(np.int64))
+            codes = torch.from_numpy(np.stack(t["tokens"]).astype(np.int64))
             out["codes"] = codes
             out["tokens"] = j.codebook[codes]
         else:
-            out["tokens"] = decode_block(t["tokens"], j.info.dtype, t.get("token_scale"))
+            out["tokens"] = decode_rows(t["tokens"], j.info.dtype, t.get("token_scale"))
             if "cls" in t:
-                out["cls"] = decode_block(t["cls"], j.info.dtype, t.get("cls_scale"))
+                out["cls"] = decode_rows(t["cls"], j.info.dtype, t.get("cls_scale"))
         return out
 
 

@@ -67,12 +67,12 @@ class StorageConfig:
     dtype: str = "fp16"
     """``fp32``, ``fp16``, ``bf16`` or ``int8`` (per-token absmax scale)."""
     chunk_rows: int = 64
-    """Samples per Zarr chunk; the loader reads whole chunks."""
+    """Rows per write block: the extractor holds this many rows' targets in memory (schema 1: rows per chunk)."""
     clevel: int = 3
     """Blosc compression level (0 = store raw)."""
     codec: str = "auto"
-    """Blosc codec of the target arrays: ``auto`` (lz4 for float features: ~3x faster to read, ~2% larger;
-    zstd for integer codes), ``zstd`` or ``lz4``."""
+    """Codec of the target arrays: ``auto`` (float features raw: they barely compress and the loader decodes
+    every sample; Blosc zstd for integer codes), ``none``, ``zstd`` or ``lz4``."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -32,11 +32,12 @@ from .store import (
     SCHEMA_VERSION,
     ShardLayout,
     create_shard_group,
-    encode_block,
     is_complete,
+    open_writer,
     package_version,
     shard_ids,
     stored_bytes,
+    write_rows,
 )
 from .teachers import Teacher, create_teacher, resolve_name
 from .teachers.kmeans import fit_kmeans
@@ -207,6 +208,7 @@ def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pr
         return ShardResult(job.group, **{f: rec[f] for f in ShardResult.__dataclass_fields__ if f in rec})
     source = source_stamp(ds, job.shard)  # before reading: a change while we read fails the hash check
     g = create_shard_group(tok, job.sid, job.shard, lay)
+    writer = open_writer(g)
     g["keys"][:] = np.asarray(rows["key"], dtype=str)
     g["seeds"][:], g["boxes"][:], g["flips"][:] = plan.seeds, plan.boxes, plan.flips
 
@@ -224,16 +226,15 @@ def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pr
             read = row["index"] + 1
         ok, views = _views_of(job, teacher, rows, plan, lo, hi, samples, skipped)
         if not ok:  # no row of this chunk decoded: its target chunks hold fill values, written all the same
-            for name in ("tokens", "token_scale", "cls", "cls_scale"):
-                if name in g:
-                    g[name][lo:hi] = 0
+            write_rows(writer, lo, hi, np.zeros(0, dtype=np.int64), None, None, lay)
             continue
         tokens, cls = _run_teacher(teacher, views, job.batch_size, device)
         idx = np.asarray(ok) - lo
-        _write_rows(g, lo, hi, idx, tokens, cls, k, lay)
+        _write_rows(writer, lo, hi, idx, tokens, cls, k, lay)
         valid[ok] = True
         if lo == 0:
             _fault_pause(job)
+    writer.close()  # every object is complete before the shard is (a failure before: the group is redone)
     g["valid"][:] = valid
     result = ShardResult(
         job.group,
@@ -275,40 +276,9 @@ def _fault_pause(job: ShardJob) -> None:
         time.sleep(0.02)
 
 
-def _write_rows(
-    g: zarr.Group,
-    lo: int,
-    hi: int,
-    idx: np.ndarray,
-    tokens: torch.Tensor,
-    cls: torch.Tensor | None,
-    k: int,
-    lay: ShardLayout,
-) -> None:
-    """Scatter the teacher outputs of the decoded rows into a full chunk and write it once."""
-    m = hi - lo
-    if lay.codes:
-        block = np.zeros((m, k, lay.tokens), dtype=np.dtype(g["tokens"].dtype))
-        block[idx] = tokens.reshape(len(idx), k, lay.tokens).numpy()
-        g["tokens"][lo:hi] = block
-        return
-    stored, scale = encode_block(tokens.reshape(len(idx), k, lay.tokens, lay.dim), lay.dtype)
-    block = np.zeros((m, *stored.shape[1:]), dtype=stored.dtype)
-    block[idx] = stored
-    g["tokens"][lo:hi] = block
-    if scale is not None:
-        sblock = np.zeros((m, *scale.shape[1:]), dtype=np.float32)
-        sblock[idx] = scale
-        g["token_scale"][lo:hi] = sblock
-    if cls is not None and "cls" in g:
-        stored, scale = encode_block(cls.reshape(len(idx), k, lay.dim), lay.dtype)
-        block = np.zeros((m, *stored.shape[1:]), dtype=stored.dtype)
-        block[idx] = stored
-        g["cls"][lo:hi] = block
-        if scale is not None:
-            sblock = np.zeros((m, k), dtype=np.float32)
-            sblock[idx] = scale
-            g["cls_scale"][lo:hi] = sblock
+def _write_rows(w, lo: int, hi: int, idx: np.ndarray, tokens: torch.Tensor, cls, k: int, lay: ShardLayout) -> None:
+    """Scatter the teacher outputs of the decoded rows into a full block of rows and write it once."""
+    write_rows(w, lo, hi, idx, tokens, cls, lay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +429,11 @@ def _init_root(cfg: ExtractConfig, ds: PreparedDataset) -> zarr.Group:
     have = root.attrs.get("digpt_cache")
     if have is None:
         raise ValueError(f"{cfg.out} exists but is not a digpt cache; choose another --out")
+    if have.get("schema_version") != SCHEMA_VERSION:  # readable, but one cache holds one layout
+        raise ValueError(
+            f"cache {cfg.out} has schema {have.get('schema_version')}; this version writes schema {SCHEMA_VERSION} "
+            "(a few objects per shard, teacher_cache/store.py): extract into a new --out"
+        )
     if have["dataset"]["manifest_fingerprint"] != ds.fingerprint:
         raise ValueError(
             f"cache {cfg.out} was made from other shards (manifest fingerprint "

@@ -29,6 +29,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
+from .objects import ObjectDamaged, is_view_sharded, scan
 from .prepare import ManifestMismatch, PreparedDataset, iter_dataset_samples
 
 INTEGRITY = "crc32c+all-chunks"
@@ -63,8 +64,14 @@ def _where(g: zarr.Group) -> str:
     return f"group {g.path!r} (shard {shard})"
 
 
+def _object_shape(arr: zarr.Array) -> tuple[int, ...]:
+    """Shape of one stored object: the shard shape of a sharded array, else the chunk shape."""
+    return tuple(arr.shards or arr.chunks)
+
+
 def _chunk_keys(arr: zarr.Array) -> list[tuple[tuple[int, ...], str]]:
-    grid = [range(n) for n in arr.cdata_shape]
+    """(grid coordinates, key) of every stored object of ``arr`` (a shard of a sharded array)."""
+    grid = [range(-(-n // s)) for n, s in zip(arr.shape, _object_shape(arr))]
     return [(c, arr.metadata.encode_chunk_key(c)) for c in itertools.product(*grid)]
 
 
@@ -75,9 +82,25 @@ def _rows_of(arr: zarr.Array, coords: tuple[int, ...]) -> str:
     return f", rows {coords[0] * step}..{min(arr.shape[0], (coords[0] + 1) * step) - 1}"
 
 
+def damaged_object(g: zarr.Group, name: str, e: ObjectDamaged) -> CacheIntegrityError:
+    """The error for a damaged object of sharded array ``g[name]``, naming object key, row and view."""
+    key = e.key.removeprefix(f"{g[name].path}/")
+    where = "" if e.row is None else f", row {e.row}" + ("" if e.view is None else f", view {e.view}")
+    return CacheIntegrityError(
+        f"corrupt chunk {key} of array {name!r} in {_where(g)}{where}: {e.what}; the cache is damaged: "
+        "re-extract this shard (delete its group and re-run `digpt extract`)"
+    )
+
+
 def locate_bad_chunk(g: zarr.Group, name: str, cause: Exception) -> CacheIntegrityError:
     """Read ``g[name]`` chunk by chunk to name the one that fails (only called after a read failed)."""
     arr = g[name]
+    if is_view_sharded(arr):  # one object per view: name the object, the row and the view
+        try:
+            scan(g, name)
+        except ObjectDamaged as e:
+            return damaged_object(g, name, e)
+        return CacheIntegrityError(f"array {name!r} in {_where(g)} could not be read: {type(cause).__name__}: {cause}")
     for coords, key in _chunk_keys(arr):
         sel = tuple(slice(c * s, min(n, (c + 1) * s)) for c, s, n in zip(coords, arr.chunks, arr.shape))
         try:
@@ -125,6 +148,12 @@ def read_every_chunk(g: zarr.Group) -> int:
     Raises :class:`CacheIntegrityError` naming the first bad chunk."""
     n = 0
     for name, arr in sorted(g.arrays()):
+        if is_view_sharded(arr):
+            try:
+                n += scan(g, name)
+            except ObjectDamaged as e:
+                raise damaged_object(g, name, e) from None
+            continue
         step = arr.chunks[0] if arr.shape else 1
         for lo in range(0, max(1, arr.shape[0] if arr.shape else 1), step):
             checked(g, name, lambda a=arr, lo=lo, step=step: a[lo : lo + step] if a.shape else a[()])

@@ -6,7 +6,7 @@
       <tokenizer>/               attrs["tokenizer"]: teacher spec, weights fingerprint, storage form, ...
         codebook                 [C, D] float32            (code teachers only)
         pca_basis                [K+1, D] float32          (pca:<t> only: mean, then K principal directions)
-        <shard>/                 attrs["shard"]: shard name, rows; attrs["complete"]: written LAST
+        <shard>/                 attrs["shard"]: shard name, rows, layout; attrs["complete"]: written LAST
           tokens                 [n, K, T, D] fp32|fp16|bf16(as uint16)|int8, or [n, K, T] int16 codes
           token_scale            [n, K, T] float32         (int8 only: per-token absmax / 127)
           cls, cls_scale         [n, K, D], [n, K]         (teachers with a global token)
@@ -16,12 +16,23 @@ Every array of a shard lives in that shard's group, so the task that owns the sh
 writer of every chunk in it (DESIGN invariant 3). A shard group without ``complete`` is garbage
 from an interrupted run: the next run deletes and redoes it.
 
-Compression is Blosc with bit-shuffle (zarr's ``BloscCodec``, backed by numcodecs' Blosc): lz4 for
-float features by default (they are near-incompressible, and lz4 decodes ~3x faster than zstd for ~2%
-more bytes), zstd for integer codes and metadata arrays; ``StorageConfig.codec`` chooses (see
-:func:`target_codec`), followed by a ``crc32c`` checksum on every chunk; every
-chunk is written, even an all-fill one, so a missing chunk file is damage rather than zeros
-(``integrity.py``; shard attribute ``integrity``).
+**Objects** (schema 2, ``layout: "view-objects"``). Object stores bill and throttle per object, so a
+dataset shard maps to a bounded number of them whatever its row count: the target arrays use Zarr v3's
+sharding codec with one shard per view holding all ``n`` rows and one inner chunk per sample view
+(``objects.py``: why, and how it is written as a stream); the five metadata arrays are one chunk each.
+Per shard group: 1 group + A array ``zarr.json`` + ``K`` objects per target array (G of them) + 5
+metadata chunks; features with a class token have A = 7, G = 2 (int8: 9, 4; codes: 6, 1): 17 objects at
+K = 2 for fp16 with a class token (23 int8, 14 codes), whatever the shard's row count. A training read of one sample's view fetches one byte range of that view
+(its ``T x D`` values + 4 B checksum, plus 16 B of index per row, read once per shard). Schema 1 caches
+(one object per ``chunk_rows`` rows per array, every view in it) are still read, by zarr, with the same
+checks; ``extract`` refuses to add to them.
+
+Compression: float features are stored raw by default (``codec="auto"`` -> ``none``): they barely
+compress (Blosc lz4 or zstd saves 2-4% on fp16 EfficientNet tokens) and the loader pays the decode on
+every sample; integer codes use Blosc zstd with bit-shuffle (they compress ~2x), as do the metadata
+arrays. Every chunk (every inner chunk of a sharded array, and each shard index) ends in a ``crc32c``
+checksum, and every chunk is written, even an all-fill one, so a missing chunk is damage rather than
+zeros (``integrity.py``; shard attribute ``integrity``).
 """
 
 from __future__ import annotations
@@ -36,9 +47,13 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .integrity import INTEGRITY, checked, chunk_config, with_checksum
+from .integrity import INTEGRITY, checked, chunk_config, damaged_object, with_checksum
+from .objects import TARGETS, ObjectDamaged, ShardWriter, ViewReader, is_view_sharded
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: target arrays sharded, one object per (array, view) per dataset shard (``objects.py``); metadata
+arrays one chunk each. 1: one object per ``chunk_rows`` rows per array, all views in it (still read)."""
+READABLE_SCHEMAS = (1, 2)
 REPORTS_DIR = "reports"  # CACHE/reports holds JSON summaries and skip lists, outside the hierarchy
 
 # zarr lists every directory of a group and warns about ones that are not Zarr nodes; ours is known.
@@ -73,20 +88,21 @@ def shard_ids(shards: list[str]) -> dict[str, str]:
     return ids
 
 
-CODECS = ("auto", "zstd", "lz4")
+CODECS = ("auto", "none", "zstd", "lz4")
 
 
-def compressor(clevel: int, cname: str = "zstd") -> BloscCodec:
-    return BloscCodec(cname=cname, clevel=clevel, shuffle="bitshuffle")
+def compressor(clevel: int, cname: str = "zstd") -> list[BloscCodec]:
+    """The compressor chain (before the checksum): Blosc with bit-shuffle, or nothing for ``none``."""
+    return [] if cname == "none" else [BloscCodec(cname=cname, clevel=clevel, shuffle="bitshuffle")]
 
 
 def target_codec(codec: str, codes: bool) -> str:
-    """The Blosc codec of the target arrays. ``auto``: zstd for integer codes (they compress ~2x),
-    lz4 for float features — teacher features are near-incompressible (zstd saves 2-4% on fp16
-    EfficientNet tokens) and lz4 decodes ~3x faster (1.4 vs 0.44 GB/s on this project's CPU), which
-    is what the loader pays per sample. Metadata arrays always use zstd."""
+    """The codec of the target arrays. ``auto``: zstd for integer codes (they compress ~2x), ``none``
+    for float features — teacher features are near-incompressible (zstd saves 2-4% on fp16
+    EfficientNet tokens, lz4 about as much) and every decoded byte is paid by the loader per sample.
+    Metadata arrays always use zstd."""
     if codec == "auto":
-        return "zstd" if codes else "lz4"
+        return "zstd" if codes else "none"
     return codec
 
 
@@ -122,6 +138,21 @@ def decode_block(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None
     return t.float()
 
 
+def decode_rows(rows: list[np.ndarray], dtype: str, scales: list[np.ndarray] | None = None) -> torch.Tensor:
+    """:func:`decode_block` of ``np.stack(rows)``, in one pass: each row (read-only views of mapped objects
+    included) is converted straight into the float32 batch, with no stacked copy in the stored dtype."""
+    if dtype == "int8":
+        assert scales is not None
+        return decode_block(np.stack(rows), dtype, np.stack(scales))
+    out = torch.empty((len(rows), *rows[0].shape), dtype=torch.float32)
+    with warnings.catch_warnings():  # read-only views become tensors that are only read from (copy_ below)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for i, r in enumerate(rows):
+            t = torch.from_numpy(r)
+            out[i].copy_(t.view(torch.bfloat16) if dtype == "bf16" else t)  # torch's fp16 -> fp32: ~3x numpy's here
+    return out
+
+
 def zarr_dtype(dtype: str) -> str:
     return {"fp32": "float32", "fp16": "float16", "bf16": "uint16", "int8": "int8"}[dtype]
 
@@ -137,6 +168,10 @@ def open_root(path: str, mode: str = "r") -> zarr.Group:
         raise FileNotFoundError(f"no teacher cache at {path} (create one with `digpt extract`)") from None
 
 
+LAYOUT = "view-objects"
+"""``attrs["shard"]["layout"]`` of a schema-2 shard group (see the module docstring)."""
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     """Shapes of one shard group's arrays."""
@@ -149,9 +184,12 @@ class ShardLayout:
     codes: bool
     dtype: str
     chunk_rows: int
+    """Rows per write block (and, for ``sharded=False``, per chunk object)."""
     clevel: int
     num_codes: int = 0
     codec: str = "zstd"
+    sharded: bool = True
+    """Schema 2's few-objects layout; ``False`` writes schema 1's (kept to test and benchmark old caches)."""
 
 
 def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) -> zarr.Group:
@@ -160,20 +198,24 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
         del tok[sid]
     g = tok.create_group(sid)
     # ``integrity``: every chunk is written (even all-fill ones) and checksummed; readers rely on both.
-    g.attrs["shard"] = {"name": shard, "rows": lay.rows, "integrity": INTEGRITY}
-    n, k, t, d, c = lay.rows, lay.views, lay.tokens, lay.dim, max(1, min(lay.chunk_rows, lay.rows))
+    rec = {"name": shard, "rows": lay.rows, "integrity": INTEGRITY}
+    g.attrs["shard"] = {**rec, "layout": LAYOUT} if lay.sharded else rec
+    n, k, t, d = lay.rows, lay.views, lay.tokens, lay.dim
+    c = max(1, n if lay.sharded else min(lay.chunk_rows, lay.rows))
     comp, target_comp = compressor(lay.clevel), compressor(lay.clevel, target_codec(lay.codec, lay.codes))
 
     def arr(name: str, shape: tuple[int, ...], dtype: str, fill: Any = 0, target: bool = False) -> None:
-        chunks = (c, *shape[1:]) if shape else shape
+        kw: dict[str, Any] = {"chunks": (c, *shape[1:])}
+        if target and lay.sharded:  # one object per view, one inner chunk per sample view
+            kw = {"chunks": (1, 1, *shape[2:]), "shards": (max(1, n), 1, *shape[2:])}
         g.create_array(
             name,
             shape=shape,
-            chunks=chunks,
             dtype=dtype,
             fill_value=fill,
             config=chunk_config(),
             compressors=with_checksum(target_comp if target else comp),
+            **kw,
         )
 
     if lay.codes:
@@ -181,11 +223,11 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
     else:
         arr("tokens", (n, k, t, d), zarr_dtype(lay.dtype), target=True)
         if lay.dtype == "int8":
-            arr("token_scale", (n, k, t), "float32")
+            arr("token_scale", (n, k, t), "float32", target=True)
     if lay.has_cls and not lay.codes:
         arr("cls", (n, k, d), zarr_dtype(lay.dtype), target=True)
         if lay.dtype == "int8":
-            arr("cls_scale", (n, k), "float32")
+            arr("cls_scale", (n, k), "float32", target=True)
     g.create_array(
         "keys",
         shape=(n,),
@@ -199,6 +241,76 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
     arr("boxes", (n, k, 4), "int32", -1)
     arr("flips", (n, k), "bool", False)
     return g
+
+
+class _ZarrRowWriter:
+    """Schema 1's writer: each block of rows is whole chunks, written by zarr."""
+
+    def __init__(self, g: zarr.Group):
+        self.g = g
+
+    def write(self, name: str, lo: int, block: np.ndarray) -> None:
+        self.g[name][lo : lo + len(block)] = block
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def open_writer(g: zarr.Group) -> ShardWriter | _ZarrRowWriter:
+    """The writer of a new shard group's target arrays: call ``write_rows`` per block, ``close()`` before
+    marking the shard complete (and ``abort()`` on failure)."""
+    if "tokens" in g and is_view_sharded(g["tokens"]):
+        return ShardWriter(g)
+    return _ZarrRowWriter(g)
+
+
+def write_rows(
+    w: ShardWriter | _ZarrRowWriter,
+    lo: int,
+    hi: int,
+    idx: np.ndarray,
+    tokens: torch.Tensor | None,
+    cls: torch.Tensor | None,
+    lay: ShardLayout,
+) -> None:
+    """Write rows ``lo .. hi`` of every target array once: the teacher outputs of the decoded rows
+    (``idx``, offsets from ``lo``; ``tokens [len(idx) * K, ...]``) scattered into fill values.
+    ``tokens=None``: no row of the block decoded; fill values are written all the same."""
+    m, k = hi - lo, lay.views
+    names = ["tokens"] + (["token_scale"] if lay.dtype == "int8" and not lay.codes else [])
+    if lay.has_cls and not lay.codes:
+        names += ["cls"] + (["cls_scale"] if lay.dtype == "int8" else [])
+    shapes = {
+        "tokens": (lay.tokens,) if lay.codes else (lay.tokens, lay.dim),
+        "token_scale": (lay.tokens,),
+        "cls": (lay.dim,),
+        "cls_scale": (),
+    }
+    got: dict[str, np.ndarray | None] = dict.fromkeys(names)
+    if tokens is not None and lay.codes:
+        got["tokens"] = tokens.reshape(len(idx), k, lay.tokens).numpy()
+    elif tokens is not None:
+        got["tokens"], got["token_scale"] = encode_block(tokens.reshape(len(idx), k, lay.tokens, lay.dim), lay.dtype)
+        if cls is not None and "cls" in names:
+            got["cls"], got["cls_scale"] = encode_block(cls.reshape(len(idx), k, lay.dim), lay.dtype)
+    for name in names:
+        dtype = np.dtype(lay_dtype(lay, name))
+        block = np.zeros((m, k, *shapes[name]), dtype=dtype)
+        if got[name] is not None:
+            block[idx] = got[name]
+        w.write(name, lo, block)
+
+
+def lay_dtype(lay: ShardLayout, name: str) -> str:
+    """Stored dtype of a target array (as :func:`create_shard_group` makes it)."""
+    if name in ("token_scale", "cls_scale"):
+        return "float32"
+    if lay.codes:
+        return "int16" if lay.num_codes <= 32767 else "int32"
+    return zarr_dtype(lay.dtype)
 
 
 def is_complete(tok: zarr.Group, sid: str) -> bool:
@@ -292,3 +404,50 @@ def open_shard(root: zarr.Group, tokenizer: str, sid: str) -> ShardTargets:
         raise RuntimeError(f"shard {sid!r} of tokenizer {tokenizer!r} is not complete; re-run `digpt extract`")
     codebook = torch.from_numpy(tok["codebook"][:]) if "codebook" in tok else None
     return ShardTargets(tok[sid], info, codebook)
+
+
+class _ChunkedViewReader:
+    """:class:`ViewReader`'s interface over a schema-1 group (chunks of rows x all views, read by zarr)."""
+
+    def __init__(self, g: zarr.Group, names: tuple[str, ...] = TARGETS):
+        self.g, self.names = g, [n for n in names if n in g]
+        self.bytes_read = 0
+
+    def read(self, rows: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+        rows, views = np.asarray(rows, dtype=np.int64), np.asarray(views, dtype=np.int64)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        out = {}
+        for n in self.names:
+            block = checked(self.g, n, lambda n=n: self.g[n][lo:hi])
+            self.bytes_read += block.nbytes  # decoded bytes of every view of the rows spanned
+            out[n] = block[rows - lo, views]
+        return out
+
+
+def open_view_reader(g: zarr.Group) -> ViewReader | _ChunkedViewReader:
+    """A reader of chosen (row, view) targets of a complete shard group, in stored dtype: ranged reads of
+    single views (schema 2), or whole chunks by zarr (schema 1). Damage raises :class:`CacheIntegrityError`
+    naming array, object, row and view."""
+    if "tokens" in g and is_view_sharded(g["tokens"]):
+        return _CheckedViewReader(g)
+    return _ChunkedViewReader(g)
+
+
+class _CheckedViewReader(ViewReader):
+    """ViewReader whose damage errors name the shard group like every other integrity error."""
+
+    def __init__(self, g: zarr.Group):
+        try:
+            super().__init__(g)
+        except ObjectDamaged as e:
+            raise damaged_object(g, _array_of(g, e), e) from None
+
+    def read(self, rows: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            return super().read(rows, views)
+        except ObjectDamaged as e:
+            raise damaged_object(self.g, _array_of(self.g, e), e) from None
+
+
+def _array_of(g: zarr.Group, e: ObjectDamaged) -> str:
+    return e.key.removeprefix(f"{g.path}/").split("/", 1)[0]

@@ -78,6 +78,8 @@ def test_storage_smoke(tmp_path):
             "8",
             "--codebook-size",
             "4",
+            "--objects-rows",
+            "40",
             "--repeats",
             "1",
             "--warmup",
@@ -85,6 +87,9 @@ def test_storage_smoke(tmp_path):
         ],
         tmp_path,
     )
+    objects = out["objects"]
+    assert objects["fp16-s2"]["objects"] == 1 + 7 + 2 * 1 + 5  # group, arrays, 1 view x (tokens, cls), metadata
+    assert objects["fp16-s1"]["bytes_per_sample"] > 0 and objects["codes-4-s2"]["objects"] == 1 + 6 + 1 + 5
     forms = out["forms"]
     assert {"fp32", "fp16", "bf16", "int8", "pca-8", "codes-4"} <= set(forms)
     assert forms["fp16"]["raw_bytes_per_view"] == pytest.approx(forms["fp32"]["raw_bytes_per_view"] / 2)

@@ -234,12 +234,18 @@ def _file_stamps(cache: Path, jobs) -> dict[str, tuple[int, int]]:
 
 
 def _assert_mid_shard(cache: Path, job: str) -> None:
-    """The shard has its first chunk of tokens and nothing after it, and is not complete."""
+    """The shard has its first block of tokens written and nothing after it, and is not complete: each
+    view's token object holds exactly CHUNK rows in its spool (raw fp16 + 4 B checksum per row) and is
+    not published yet, so zarr sees no tokens at all."""
     g, sid = job.split(".", 1)
     grp = zarr.open_group(str(cache), mode="r")[g][sid]
     assert "complete" not in grp.attrs
-    tokens = grp["tokens"][:]
-    assert np.any(tokens[:CHUNK] != 0) and not np.any(tokens[CHUNK:] != 0)
+    n, k, t, d = grp["tokens"].shape
+    for v in range(k):
+        obj = cache / g / sid / "tokens" / "c" / "0" / str(v) / "0" / "0"
+        spool = obj.with_name("0.partial")
+        assert not obj.exists() and spool.stat().st_size == CHUNK * (t * d * 2 + 4), (spool, v)
+    assert not np.any(grp["tokens"][:] != 0)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from teacher_cache.views import AugConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP = "vit"
-CHUNK = 4  # 16 rows per shard: 4 chunks, so one damaged chunk is one of several
+CHUNK = 4  # 16 rows per shard, written 4 rows at a time
 
 
 def _extract_cfg(ds: str, out: Path) -> ExtractConfig:
@@ -82,8 +82,16 @@ def _sid(ds: str, i: int = 0) -> str:
     return shard_ids(d.shards)[d.shards[i]]
 
 
-def _chunk(cache: Path, ds: str, array: str, key: str = "c/1/0/0/0", shard: int = 0) -> Path:
+def _chunk(cache: Path, ds: str, array: str, key: str = "c/0/0/0/0", shard: int = 0) -> Path:
+    """A stored object: a target array's object of one view (``c/0/<view>/...``), or a metadata array's chunk."""
     return cache / GROUP / _sid(ds, shard) / array / key
+
+
+def _inner(path: Path, row: int, rows: int = 16) -> tuple[int, int]:
+    """Byte range of one row's inner chunk in a target array's object (from the shard index at its end)."""
+    data = path.read_bytes()
+    index = np.frombuffer(data[-(16 * rows + 4) : -4], dtype="<u8").reshape(rows, 2)
+    return int(index[row, 0]), int(index[row, 0] + index[row, 1])
 
 
 def _verify(ds: str, cache: Path, full: bool = False):
@@ -117,36 +125,40 @@ def _train_cfg(ds: str, cache: Path, out: Path, **kw) -> TrainConfig:
 
 
 def test_flipped_bytes_in_a_token_chunk_are_named(dataset, cache, tmp_path):
-    """8 bytes flipped inside a token chunk: verify fails 'chunks intact' naming array, shard and chunk;
-    reading the rows raises the same; training stops before using them. (Before: `cache OK`, trains.)"""
-    path = _chunk(cache, dataset, "tokens")
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid : mid + 8] = bytes(b ^ 0xFF for b in data[mid : mid + 8])
-    path.write_bytes(bytes(data))
+    """8 bytes flipped inside row 5's token chunk (both views' objects): verify fails 'chunks intact' naming
+    array, shard, object, row and view; reading the row raises the same; training stops before using it.
+    (Before: `cache OK`, trains.)"""
+    for view in (1, 0):
+        path = _chunk(cache, dataset, "tokens", f"c/0/{view}/0/0")
+        data = bytearray(path.read_bytes())
+        lo, hi = _inner(path, 5)
+        mid = (lo + hi) // 2
+        data[mid : mid + 8] = bytes(b ^ 0xFF for b in data[mid : mid + 8])
+        path.write_bytes(bytes(data))
     failed = _failed(_verify(dataset, cache))
     assert set(failed) == {"chunks intact"}, failed
-    assert "c/1/0/0/0" in failed["chunks intact"] and "'tokens'" in failed["chunks intact"]
-    assert "shard-000000" in failed["chunks intact"] and "rows 4..7" in failed["chunks intact"]
+    assert "c/0/0/0/0" in failed["chunks intact"] and "'tokens'" in failed["chunks intact"]
+    assert "shard-000000" in failed["chunks intact"] and "row 5, view 0" in failed["chunks intact"]
     root = open_root(str(cache))
     targets = open_shard(root, GROUP, _sid(dataset))
-    targets.tokens(slice(0, 4))  # the neighbouring chunk is fine
-    with pytest.raises(CacheIntegrityError, match=r"corrupt chunk c/1/0/0/0 of array 'tokens'.*shard-000000"):
+    targets.tokens(slice(0, 5))  # the neighbouring rows are fine
+    targets.tokens(slice(6, 16))
+    with pytest.raises(CacheIntegrityError, match=r"corrupt chunk c/0/0/0/0 of array 'tokens'.*shard-000000.*row 5"):
         targets.tokens(slice(4, 8))
-    with pytest.raises(CacheIntegrityError, match="corrupt chunk c/1/0/0/0 of array 'tokens'"):
+    with pytest.raises(CacheIntegrityError, match="corrupt chunk c/0/[01]/0/0 of array 'tokens'.*row 5"):
         train(_train_cfg(dataset, cache, tmp_path / "run", steps=6), progress=False)
 
 
 def test_truncated_chunk_is_named_not_a_blosc_traceback(dataset, cache):
-    path = _chunk(cache, dataset, "cls", "c/2/0/0")
+    path = _chunk(cache, dataset, "cls", "c/0/1/0")
     path.write_bytes(path.read_bytes()[:-7])
     failed = _failed(_verify(dataset, cache))
-    assert "c/2/0/0" in failed["chunks intact"] and "'cls'" in failed["chunks intact"]
-    with pytest.raises(CacheIntegrityError, match="corrupt chunk c/2/0/0 of array 'cls'"):
+    assert "c/0/1/0" in failed["chunks intact"] and "'cls'" in failed["chunks intact"]
+    with pytest.raises(CacheIntegrityError, match="corrupt chunk c/0/1/0 of array 'cls'.*shard index"):
         open_shard(open_root(str(cache)), GROUP, _sid(dataset)).cls(slice(0, 16))
 
 
-@pytest.mark.parametrize("array,key", [("tokens", "c/3/0/0/0"), ("cls", "c/0/0/0"), ("valid", "c/1")])
+@pytest.mark.parametrize("array,key", [("tokens", "c/0/1/0/0"), ("cls", "c/0/0/0"), ("valid", "c/0")])
 def test_chunk_deleted_from_a_complete_shard_is_an_error_not_fill_values(dataset, cache, tmp_path, array, key):
     """(Before: verify `cache OK`; train read zeros, or dropped the rows whose `valid` chunk vanished.)"""
     _chunk(cache, dataset, array, key, shard=1).unlink()
@@ -173,10 +185,10 @@ def test_old_cache_without_checksums_reads_with_one_warning_and_valid_count_stil
     err = capsys.readouterr().err
     assert err.count("written without chunk checksums") == 1 and len(err.strip().splitlines()) == 1
     assert meta["attributes"]["complete"]["valid"] == 16
-    (cache / GROUP / sid / "valid" / "c" / "0").unlink()  # rows 0..3 of `valid` now read as False
+    (cache / GROUP / sid / "valid" / "c" / "0").unlink()  # every row of `valid` now reads as False
     with pytest.raises(
         CacheIntegrityError,
-        match=r"shard-000002.tar: valid count 12 differs from the completion "
+        match=r"shard-000002.tar: valid count 0 differs from the completion "
         r"record's 16",
     ):
         CacheJoin(cfg.data)
