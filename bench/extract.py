@@ -55,8 +55,8 @@ def _chunked_views(data: str, teacher, views: int, chunk_rows: int):
     """Per shard and chunk, the stacked views the pipeline would hand the teacher (decoded beforehand)."""
     import torch
 
+    from teacher_cache.dataset import iter_dataset_samples, load_dataset
     from teacher_cache.images import decode_image, to_uint8_chw
-    from teacher_cache.prepare import iter_dataset_samples, load_dataset
     from teacher_cache.shards import pick_image
     from teacher_cache.views import AugConfig, plan_shard, replay_view
 
@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
     threads = C.setup_threads(a.threads)
 
     from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
-    from teacher_cache.extract import build_teacher, run_extract
+    from teacher_cache.extract import run_extract
     from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
     from teacher_cache.runtime import resolve_device
+    from teacher_cache.teachers import build_teacher
     from teacher_cache.views import AugConfig
 
     device = resolve_device(a.device)

@@ -44,8 +44,8 @@ def _teacher_tokens(data: str, teacher, views: int, batch_size: int):
     """Tokens ``[n, K, T, D]`` and cls ``[n, K, D]`` (or None) of every view of the first shard."""
     import torch
 
+    from teacher_cache.dataset import iter_dataset_samples, load_dataset
     from teacher_cache.images import decode_image, to_uint8_chw
-    from teacher_cache.prepare import iter_dataset_samples, load_dataset
     from teacher_cache.shards import pick_image
     from teacher_cache.views import AugConfig, plan_shard, replay_view
 
@@ -86,8 +86,8 @@ def _write_form(
     """Write one form through the extractor's own writer; returns the shard group."""
     import numpy as np
 
-    from teacher_cache.extract import _write_rows
     from teacher_cache.store import ShardLayout, create_shard_group
+    from teacher_cache.store import write_rows as _write_rows
 
     n, k, t = tokens.shape[:3]
     d = 1 if codes else tokens.shape[3]
@@ -111,7 +111,7 @@ def _write_form(
         idx = np.arange(hi - lo)
         flat = tokens[lo:hi].reshape((hi - lo) * k, *tokens.shape[2:])
         fcls = cls[lo:hi].reshape((hi - lo) * k, -1) if cls is not None and not codes else None
-        _write_rows(g, lo, hi, idx, flat, fcls, k, lay)
+        _write_rows(g, lo, hi, idx, flat, fcls, lay)
     g["valid"][:] = np.ones(n, dtype=bool)
     return g
 
@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     import zarr
 
     from teacher_cache.config import TeacherConfig
-    from teacher_cache.extract import build_teacher
     from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
     from teacher_cache.store import decode_block, stored_bytes
+    from teacher_cache.teachers import build_teacher
     from teacher_cache.teachers.kmeans import fit_kmeans
 
     rep = C.Report("storage", "Storage: bytes per view, compression, read speed (bench/storage.py)", argv)

@@ -21,8 +21,9 @@ from student.objectives import StudentConfig
 from student.sizes import list_vit_sizes, vit_config
 from student.train import OptimConfig, TrainConfig, train
 from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import run_extract
-from teacher_cache.prepare import MAX_CLASSES, MIN_CLASSES, SyntheticConfig, load_dataset, prepare_synthetic
+from teacher_cache.prepare import MAX_CLASSES, MIN_CLASSES, SyntheticConfig, prepare_synthetic
 from teacher_cache.store import slug
 from teacher_cache.views import AugConfig
 

@@ -44,9 +44,9 @@ from torch import nn
 
 from student.sizes import list_vit_sizes
 from student.vit import VisionTransformer
+from teacher_cache.dataset import PreparedDataset, iter_dataset_samples, load_dataset
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
 from teacher_cache.io import atomic_write_text
-from teacher_cache.prepare import PreparedDataset, iter_dataset_samples, load_dataset
 from teacher_cache.runtime import progress_bar, resolve_device
 from teacher_cache.shards import pick_image
 from teacher_cache.views import replay_view

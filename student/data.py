@@ -28,10 +28,10 @@ import webdataset as wds
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from teacher_cache.dataset import PreparedDataset, load_dataset
+from teacher_cache.dataset import content_hash as _content_hash  # the manifest's `hash` of image bytes
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
 from teacher_cache.integrity import CacheIntegrityError, check_shard_group, checked, warn_unchecked
-from teacher_cache.prepare import PreparedDataset, load_dataset
-from teacher_cache.prepare import _digest as _content_hash  # the manifest's `hash` of image bytes
 from teacher_cache.shards import IMAGE_EXTS
 from teacher_cache.store import decode_block, is_complete, list_tokenizers, open_root, shard_ids, tokenizer_info
 from teacher_cache.views import AugConfig, replay_view, sample_crop

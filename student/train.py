@@ -20,10 +20,9 @@ import torch
 import torch.distributed as dist
 
 from teacher_cache.config import TeacherConfig
-from teacher_cache.extract import build_teacher
 from teacher_cache.io import atomic_write_text
 from teacher_cache.runtime import progress_bar, resolve_device
-from teacher_cache.teachers import Teacher
+from teacher_cache.teachers import Teacher, build_teacher
 
 from .blind import blind_baseline, image_share
 from .checkpoint import TrainState, load_latest, save_checkpoint

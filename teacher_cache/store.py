@@ -201,11 +201,60 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
     return g
 
 
+TARGET_ARRAYS = ("tokens", "token_scale", "cls", "cls_scale")
+"""The arrays of a shard group that hold teacher outputs (the rest is the view plan and bookkeeping)."""
+
+
+def write_rows(
+    g: zarr.Group,
+    lo: int,
+    hi: int,
+    idx: np.ndarray,
+    tokens: torch.Tensor | None,
+    cls: torch.Tensor | None,
+    lay: ShardLayout,
+) -> None:
+    """Write the targets of rows ``[lo, hi)`` — whole chunks, each written once.
+
+    ``idx``: the rows (relative to ``lo``) that decoded, whose teacher outputs are ``tokens``
+    ``[len(idx) * K, T, D]`` (codes: ``[len(idx) * K, T]``) and ``cls`` ``[len(idx) * K, D]`` or ``None``;
+    the other rows hold fill values (zeros). ``tokens is None``: no row decoded, every target array's
+    rows are zeros, written all the same (a missing chunk reads as damage)."""
+    m, k = hi - lo, lay.views
+    if tokens is None:
+        for name in TARGET_ARRAYS:
+            if name in g:
+                g[name][lo:hi] = 0
+        return
+    if lay.codes:
+        block = np.zeros((m, k, lay.tokens), dtype=np.dtype(g["tokens"].dtype))
+        block[idx] = tokens.reshape(len(idx), k, lay.tokens).numpy()
+        g["tokens"][lo:hi] = block
+        return
+    stored, scale = encode_block(tokens.reshape(len(idx), k, lay.tokens, lay.dim), lay.dtype)
+    block = np.zeros((m, *stored.shape[1:]), dtype=stored.dtype)
+    block[idx] = stored
+    g["tokens"][lo:hi] = block
+    if scale is not None:
+        sblock = np.zeros((m, *scale.shape[1:]), dtype=np.float32)
+        sblock[idx] = scale
+        g["token_scale"][lo:hi] = sblock
+    if cls is not None and "cls" in g:
+        stored, scale = encode_block(cls.reshape(len(idx), k, lay.dim), lay.dtype)
+        block = np.zeros((m, *stored.shape[1:]), dtype=stored.dtype)
+        block[idx] = stored
+        g["cls"][lo:hi] = block
+        if scale is not None:
+            sblock = np.zeros((m, k), dtype=np.float32)
+            sblock[idx] = scale
+            g["cls_scale"][lo:hi] = sblock
+
+
 def is_complete(tok: zarr.Group, sid: str) -> bool:
     return sid in tok and "complete" in tok[sid].attrs
 
 
-def stored_bytes(g: zarr.Group, names: tuple[str, ...] = ("tokens", "token_scale", "cls", "cls_scale")) -> int:
+def stored_bytes(g: zarr.Group, names: tuple[str, ...] = TARGET_ARRAYS) -> int:
     """Compressed bytes of the target arrays of a shard group."""
     total = 0
     for name in names:

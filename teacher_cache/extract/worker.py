@@ -1,0 +1,226 @@
+"""Per-shard extraction: :func:`extract_shard` is the unit of work; :class:`Worker` runs it in-process or as
+a Ray actor, building each tokenizer's teacher once.
+
+A shard group is complete only when its ``complete`` attribute exists, and that attribute is written
+after every array (DESIGN invariant 3). Every chunk is written, even one that holds only fill values:
+readers take a missing chunk for damage, never for zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from ..config import TeacherConfig
+from ..dataset import PreparedDataset, iter_dataset_samples, load_dataset
+from ..images import BadImage, decode_image, to_uint8_chw
+from ..integrity import source_stamp
+from ..runtime import resolve_device
+from ..shards import pick_image
+from ..store import ShardLayout, create_shard_group, is_complete, stored_bytes, write_rows
+from ..teachers import Teacher, build_teacher
+from ..views import plan_shard, replay_view
+from .plan import RUN_ONLY, ShardJob, ShardResult, failed
+
+FAULT_PAUSE_ENV = "DIGPT_FAULT_PAUSE"
+
+
+def _views_of(
+    job: ShardJob,
+    teacher: Teacher,
+    rows: dict[str, list],
+    plan,
+    lo: int,
+    hi: int,
+    samples: dict[int, Any],
+    skipped: list[dict[str, str]],
+) -> tuple[list[int], torch.Tensor]:
+    """Decode rows [lo, hi) and replay their views at the teacher's resolution.
+
+    Returns the rows that decoded and their views ``[n_ok * K, 3, S, S]``. Bad rows are appended
+    to ``skipped`` with shard, key and reason."""
+    ok, views = [], []
+    size = teacher.spec.input_size
+    for i in range(lo, hi):
+        key = rows["key"][i]
+        reason = rows["error"][i]
+        raw = samples.pop(i, None)
+        if not reason:
+            picked = pick_image(raw) if raw is not None else None
+            if picked is None:
+                reason = "no image member"
+            else:
+                try:
+                    img = torch.from_numpy(to_uint8_chw(decode_image(picked[1])))
+                    if tuple(img.shape[1:]) != (rows["height"][i], rows["width"][i]):
+                        raise BadImage(f"decoded size {tuple(img.shape[1:])} differs from manifest")
+                    views.extend(
+                        replay_view(img, plan.boxes[i, v], plan.flips[i, v], size) for v in range(job.aug.views)
+                    )
+                    ok.append(i)
+                except BadImage as e:
+                    reason = str(e)
+        if reason:
+            skipped.append({"shard": job.shard, "key": key, "reason": reason})
+    stacked = torch.stack(views) if views else torch.empty(0, 3, size, size)
+    return ok, stacked
+
+
+def run_teacher(teacher: Teacher, views: torch.Tensor, batch_size: int, device: torch.device):
+    """The teacher over ``views`` in batches of ``batch_size``; ``(tokens, cls or None)`` on the host."""
+    toks, clss = [], []
+    for b in range(0, len(views), batch_size):
+        out = teacher(views[b : b + batch_size].to(device))
+        toks.append(out.tokens.cpu())
+        if out.cls is not None:
+            clss.append(out.cls.cpu())
+    return torch.cat(toks), (torch.cat(clss) if clss else None)
+
+
+def extract_shard(
+    job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None = None
+) -> ShardResult:
+    """Extract one shard for one tokenizer: plan its views, run the teacher, write its group.
+
+    Every chunk is written, even one that holds only fill values (zarr skips those by default, and the
+    setting is not stored with the array): readers take a missing chunk for damage, never for zeros."""
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        return _extract_shard(job, teacher, device, ds)
+
+
+def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None) -> ShardResult:
+    t0 = time.perf_counter()
+    ds = ds or load_dataset(job.dataset)
+    rows = ds.rows(job.shard)
+    n, k, spec = len(rows["key"]), job.aug.views, teacher.spec
+    plan = plan_shard(job.shard, rows["key"], rows["width"], rows["height"], job.aug)
+    lay = ShardLayout(
+        rows=n,
+        views=k,
+        tokens=spec.grid[0] * spec.grid[1],
+        dim=spec.dim,
+        has_cls=spec.has_cls,
+        codes=spec.kind == "codes",
+        dtype=job.storage.dtype,
+        chunk_rows=job.storage.chunk_rows,
+        clevel=job.storage.clevel,
+        num_codes=spec.num_codes,
+        codec=job.storage.codec,
+    )
+    tok = zarr.open_group(job.cache, mode="r+")[job.group]
+    if is_complete(tok, job.sid):  # a retried task whose first attempt finished: a complete shard is never redone
+        rec = dict(tok[job.sid].attrs["complete"])
+        return ShardResult(job.group, **{f: rec[f] for f in ShardResult.__dataclass_fields__ if f in rec})
+    source = source_stamp(ds, job.shard)  # before reading: a change while we read fails the hash check
+    g = create_shard_group(tok, job.sid, job.shard, lay)
+    g["keys"][:] = np.asarray(rows["key"], dtype=str)
+    g["seeds"][:], g["boxes"][:], g["flips"][:] = plan.seeds, plan.boxes, plan.flips
+
+    valid = np.zeros(n, dtype=bool)
+    skipped: list[dict[str, str]] = []
+    stream = iter_dataset_samples(ds, job.shard)
+    samples: dict[int, Any] = {}
+    read = 0
+    c = max(1, min(job.storage.chunk_rows, n))
+    for lo in range(0, n, c):  # one chunk of rows at a time: every write covers whole chunks
+        hi = min(lo + c, n)
+        while read < hi and (item := next(stream, None)) is not None:  # rows arrive in index order
+            row, raw = item
+            samples[row["index"]] = raw
+            read = row["index"] + 1
+        ok, views = _views_of(job, teacher, rows, plan, lo, hi, samples, skipped)
+        if not ok:  # no row of this chunk decoded: its target chunks hold fill values, written all the same
+            write_rows(g, lo, hi, np.zeros(0, dtype=np.int64), None, None, lay)
+            continue
+        tokens, cls = run_teacher(teacher, views, job.batch_size, device)
+        write_rows(g, lo, hi, np.asarray(ok) - lo, tokens, cls, lay)
+        valid[ok] = True
+        if lo == 0:
+            fault_pause(job)
+    g["valid"][:] = valid
+    result = ShardResult(
+        job.group,
+        job.shard,
+        n,
+        int(valid.sum()),
+        int(valid.sum()) * k,
+        time.perf_counter() - t0,
+        stored_bytes(g),
+        skipped,
+    )
+    record = {k_: v for k_, v in asdict(result).items() if k_ not in RUN_ONLY}
+    g.attrs["complete"] = {**record, "source": source}  # written last
+    return result
+
+
+def fault_pause(job: ShardJob) -> None:
+    """Test-only hook (tests/test_faults.py); inert unless ``DIGPT_FAULT_PAUSE`` names a directory.
+
+    The first time a (tokenizer, shard) has written its first chunk, the process writing it records
+    its pid in ``DIR/<group>.<sid>.pid`` and waits (at most 120 s) for ``DIR/<group>.<sid>.go``, so a
+    test can SIGKILL that worker or driver mid-shard, at a chosen point. A retry of the same shard
+    finds the pid file and does not wait."""
+    d = os.environ.get(FAULT_PAUSE_ENV)
+    if not d:
+        return
+    base = os.path.join(d, f"{job.group}.{job.sid}")
+    try:
+        fd = os.open(base + ".pid", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(base + ".go") and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class Worker:
+    """Builds each tokenizer's teacher once, then extracts shards. Runs in-process or as a Ray actor."""
+
+    def __init__(
+        self, teachers: dict[str, TeacherConfig], fitted: dict[str, np.ndarray], device: str, threads: int | None
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfgs, self.fitted = teachers, fitted
+        self.device = resolve_device(device)
+        self.teachers: dict[str, Teacher] = {}
+        self.datasets: dict[str, PreparedDataset] = {}
+
+    def run(self, job: ShardJob) -> ShardResult:
+        try:
+            result = self._run(job)
+        except Exception as e:  # one broken shard must not take the others down; it is reported
+            import traceback
+
+            at = ""
+            if isinstance(e, OSError) and not e.filename:  # zarr's store drops the path: name the shard group
+                at = f" (writing {job.cache.rstrip('/')}/{job.group}/{job.sid})"
+            result = failed(job, f"{type(e).__name__}: {e}{at}\n{traceback.format_exc()}")
+        result.node, result.host = where()
+        return result
+
+    def _run(self, job: ShardJob) -> ShardResult:
+        if job.group not in self.teachers:
+            t = build_teacher(self.cfgs[job.group], self.fitted.get(job.group))
+            self.teachers[job.group] = t.to(self.device)
+        if job.dataset not in self.datasets:
+            self.datasets[job.dataset] = load_dataset(job.dataset)
+        return extract_shard(job, self.teachers[job.group], self.device, self.datasets[job.dataset])
+
+
+def where() -> tuple[str, str]:
+    """(Ray node id, host name) of this process; node ``local`` outside Ray."""
+    import socket
+    import sys
+
+    ray = sys.modules.get("ray")  # never imported by the local executor: do not pay for it there
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
+    return node, socket.gethostname()
