@@ -33,6 +33,10 @@ class ShardJob:
     aug: AugConfig
     storage: StorageConfig
     batch_size: int
+    decode_threads: int = 2
+    """Decode/crop threads beside the teacher forward (never changes the bytes written)."""
+    autocast: str = "none"
+    """``none``, ``bf16`` or ``fp16`` (CUDA only)."""
 
 
 @dataclass
@@ -91,6 +95,8 @@ def shard_jobs(
                         cfg.aug,
                         cfg.storage,
                         cfg.batch_size,
+                        cfg.decode_threads,
+                        cfg.autocast,
                     )
                 )
     return jobs, already, changed

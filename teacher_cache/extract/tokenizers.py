@@ -82,22 +82,25 @@ def provenance(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher:
         "manifest_fingerprint": root.attrs["digpt_cache"]["dataset"]["manifest_fingerprint"],
         "schema_version": SCHEMA_VERSION,
         "created_by": f"digpt {package_version()}",
+        # Only when set, so that caches made before the field existed (float32 forwards) still match.
+        **({"autocast": cfg.autocast} if cfg.autocast != "none" else {}),
     }
 
 
 def check_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, teacher: Teacher) -> None:
-    """Refuse an existing tokenizer group that another teacher, layer, grid or storage form made."""
+    """Refuse an existing tokenizer group that another teacher, layer, grid, storage form or forward
+    precision (``autocast``) made."""
     name = tc.group_name
     if name not in root:
         return
     prov = provenance(root, cfg, tc, teacher)
     have = dict(root[name].attrs.get("tokenizer", {}))
-    for field_ in ("fingerprint", "spec", "storage"):
-        if have.get(field_) != prov[field_]:
+    for field_ in ("fingerprint", "spec", "storage", "autocast"):
+        was, now = have.get(field_, "none"), prov.get(field_, "none")
+        if was != now:
             raise ValueError(
                 f"cache group {name!r} holds a tokenizer with a different {field_} "
-                f"({_short(have.get(field_))} != {_short(prov[field_])}); extract into another group "
-                f"(--group NAME) or another cache"
+                f"({_short(was)} != {_short(now)}); extract into another group (--group NAME) or another cache"
             )
 
 

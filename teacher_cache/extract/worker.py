@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,57 +18,15 @@ import zarr
 
 from ..config import TeacherConfig
 from ..dataset import PreparedDataset, iter_dataset_samples, load_dataset
-from ..images import BadImage, decode_image, to_uint8_chw
 from ..integrity import source_stamp
 from ..runtime import resolve_device
-from ..shards import pick_image
 from ..store import ShardLayout, create_shard_group, is_complete, stored_bytes, write_rows
 from ..teachers import Teacher, build_teacher
-from ..views import plan_shard, replay_view
+from ..views import plan_shard
+from .pipeline import Forward, Writer, decode_row, run_rows
 from .plan import RUN_ONLY, ShardJob, ShardResult, failed
 
 FAULT_PAUSE_ENV = "DIGPT_FAULT_PAUSE"
-
-
-def _views_of(
-    job: ShardJob,
-    teacher: Teacher,
-    rows: dict[str, list],
-    plan,
-    lo: int,
-    hi: int,
-    samples: dict[int, Any],
-    skipped: list[dict[str, str]],
-) -> tuple[list[int], torch.Tensor]:
-    """Decode rows [lo, hi) and replay their views at the teacher's resolution.
-
-    Returns the rows that decoded and their views ``[n_ok * K, 3, S, S]``. Bad rows are appended
-    to ``skipped`` with shard, key and reason."""
-    ok, views = [], []
-    size = teacher.spec.input_size
-    for i in range(lo, hi):
-        key = rows["key"][i]
-        reason = rows["error"][i]
-        raw = samples.pop(i, None)
-        if not reason:
-            picked = pick_image(raw) if raw is not None else None
-            if picked is None:
-                reason = "no image member"
-            else:
-                try:
-                    img = torch.from_numpy(to_uint8_chw(decode_image(picked[1])))
-                    if tuple(img.shape[1:]) != (rows["height"][i], rows["width"][i]):
-                        raise BadImage(f"decoded size {tuple(img.shape[1:])} differs from manifest")
-                    views.extend(
-                        replay_view(img, plan.boxes[i, v], plan.flips[i, v], size) for v in range(job.aug.views)
-                    )
-                    ok.append(i)
-                except BadImage as e:
-                    reason = str(e)
-        if reason:
-            skipped.append({"shard": job.shard, "key": key, "reason": reason})
-    stacked = torch.stack(views) if views else torch.empty(0, 3, size, size)
-    return ok, stacked
 
 
 def run_teacher(teacher: Teacher, views: torch.Tensor, batch_size: int, device: torch.device):
@@ -118,31 +75,33 @@ def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pr
         rec = dict(tok[job.sid].attrs["complete"])
         return ShardResult(job.group, **{f: rec[f] for f in ShardResult.__dataclass_fields__ if f in rec})
     source = source_stamp(ds, job.shard)  # before reading: a change while we read fails the hash check
-    g = create_shard_group(tok, job.sid, job.shard, lay)
-    g["keys"][:] = np.asarray(rows["key"], dtype=str)
-    g["seeds"][:], g["boxes"][:], g["flips"][:] = plan.seeds, plan.boxes, plan.flips
 
-    valid = np.zeros(n, dtype=bool)
-    skipped: list[dict[str, str]] = []
-    stream = iter_dataset_samples(ds, job.shard)
-    samples: dict[int, Any] = {}
-    read = 0
-    c = max(1, min(job.storage.chunk_rows, n))
-    for lo in range(0, n, c):  # one chunk of rows at a time: every write covers whole chunks
-        hi = min(lo + c, n)
-        while read < hi and (item := next(stream, None)) is not None:  # rows arrive in index order
-            row, raw = item
-            samples[row["index"]] = raw
-            read = row["index"] + 1
-        ok, views = _views_of(job, teacher, rows, plan, lo, hi, samples, skipped)
-        if not ok:  # no row of this chunk decoded: its target chunks hold fill values, written all the same
-            write_rows(g, lo, hi, np.zeros(0, dtype=np.int64), None, None, lay)
-            continue
-        tokens, cls = run_teacher(teacher, views, job.batch_size, device)
-        write_rows(g, lo, hi, np.asarray(ok) - lo, tokens, cls, lay)
-        valid[ok] = True
-        if lo == 0:
-            fault_pause(job)
+    # The writer thread creates the group and its metadata while the first rows decode; it then writes
+    # each chunk as the teacher finishes it. run_rows returns only once the writer has stopped.
+    box: dict[str, zarr.Group] = {}
+
+    def create() -> None:
+        g = box["g"] = create_shard_group(tok, job.sid, job.shard, lay)
+        g["keys"][:] = np.asarray(rows["key"], dtype=str)
+        g["seeds"][:], g["boxes"][:], g["flips"][:] = plan.seeds, plan.boxes, plan.flips
+
+    writer = Writer(
+        lambda lo, hi, idx, tokens, cls: write_rows(box["g"], lo, hi, idx, tokens, cls, lay),
+        after_first=lambda: fault_pause(job),
+    )
+    size = spec.input_size
+    valid, bad = run_rows(
+        n,
+        iter_dataset_samples(ds, job.shard),
+        lambda row, raw: decode_row(row, raw, plan.boxes[row["index"]], plan.flips[row["index"]], size),
+        Forward(teacher, device, job.autocast),
+        writer.start(create),
+        job.storage.chunk_rows,
+        job.batch_size,
+        job.decode_threads,
+    )
+    g = box["g"]
+    skipped = [{"shard": job.shard, "key": rows["key"][i], "reason": reason} for i, reason in bad]
     g["valid"][:] = valid
     result = ShardResult(
         job.group,
