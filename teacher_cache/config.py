@@ -116,6 +116,10 @@ class ExtractConfig:
     """Threads per worker that decode and crop images while the teacher runs on the previous batch (PIL and
     torch release the GIL); a writer thread stores the previous chunk meanwhile. The cache's bytes never
     depend on it."""
+    shards_in_flight: int = 1
+    """Shards one worker extracts at once (each with its own decode threads and writer), so that one shard's
+    group creation and bookkeeping overlap another's decoding and forward — worth it for many small shards.
+    The cache's bytes never depend on it; with the ``local`` executor, 1 keeps shards strictly in order."""
     autocast: str = "none"
     """CUDA only: run the teacher under ``torch.autocast`` in ``bf16`` or ``fp16`` (faster on tensor cores;
     recorded in the tokenizer's provenance, so a cache never mixes precisions); ``none``: float32."""
@@ -138,6 +142,8 @@ class ExtractConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.decode_threads < 1:
             raise ValueError(f"decode_threads must be >= 1, got {self.decode_threads}")
+        if self.shards_in_flight < 1:
+            raise ValueError(f"shards_in_flight must be >= 1, got {self.shards_in_flight}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
         if self.autocast != "none" and self.device == "cpu":

@@ -44,7 +44,8 @@ def mixed_dataset(tmp_path_factory):
     return str(root / "ds")
 
 
-def _cfg(ds: str, out, decode_threads: int, teachers=TEACHERS) -> ExtractConfig:
+def _cfg(ds: str, out, decode_threads: int, teachers=TEACHERS, **kw) -> ExtractConfig:
+    kw.setdefault("executor", "local")
     return ExtractConfig(
         shards=ds,
         out=str(out),
@@ -53,8 +54,8 @@ def _cfg(ds: str, out, decode_threads: int, teachers=TEACHERS) -> ExtractConfig:
         # chunks of 2 rows, batches of 3 views: batches straddle rows, chunks straddle batches
         storage=StorageConfig(dtype="int8", chunk_rows=2),
         batch_size=3,
-        executor="local",
         decode_threads=decode_threads,
+        **kw,
     )
 
 
@@ -73,8 +74,9 @@ def _extract_threads() -> list[str]:
 
 
 def test_cache_bytes_do_not_depend_on_decode_threads(mixed_dataset, tmp_path):
+    """1 decode thread and 1 shard at a time vs 4 decode threads and 2 shards in flight: the same bytes."""
     one = run_extract(_cfg(mixed_dataset, tmp_path / "one", 1), progress=False)
-    many = run_extract(_cfg(mixed_dataset, tmp_path / "many", 4), progress=False)
+    many = run_extract(_cfg(mixed_dataset, tmp_path / "many", 4, shards_in_flight=2), progress=False)
     assert one.ok and many.ok, (one.table(), many.table())
     assert (one.tokenizers[0].samples, one.tokenizers[0].valid) == (20, 17)
     for group in ("vit", "codes"):
@@ -133,7 +135,19 @@ def test_a_failing_teacher_or_decoder_fails_the_shard_and_stops_every_stage(mixe
 def test_pipeline_options_are_checked_before_work(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="decode_threads must be >= 1"):
         _cfg(tiny_dataset, tmp_path / "c", 0)
+    with pytest.raises(ValueError, match="shards_in_flight must be >= 1"):
+        _cfg(tiny_dataset, tmp_path / "c", 1, shards_in_flight=0)
     with pytest.raises(ValueError, match="autocast 'bf16' needs a CUDA device"):
         ExtractConfig(shards=tiny_dataset, out=str(tmp_path), teachers=TEACHERS, device="cpu", autocast="bf16")
     with pytest.raises(ValueError, match="autocast must be one of none, bf16, fp16"):
         ExtractConfig(shards=tiny_dataset, out=str(tmp_path), teachers=TEACHERS, autocast="fp8")
+
+
+@pytest.mark.slow
+def test_ray_workers_with_shards_in_flight_write_the_same_bytes(mixed_dataset, tmp_path, ray_session):
+    """Threaded Ray actors (two shards at once each) write what one local thread writes."""
+    ray_cfg = _cfg(mixed_dataset, tmp_path / "ray", 2, TEACHERS[:1], executor="ray", workers=1, shards_in_flight=2)
+    assert run_extract(ray_cfg, progress=False).ok
+    assert run_extract(_cfg(mixed_dataset, tmp_path / "local", 1, TEACHERS[:1]), progress=False).ok
+    assert _chunk_bytes(str(tmp_path / "ray"), "vit") == _chunk_bytes(str(tmp_path / "local"), "vit")
+    assert _records(str(tmp_path / "ray"), "vit") == _records(str(tmp_path / "local"), "vit")

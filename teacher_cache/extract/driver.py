@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
@@ -78,10 +79,15 @@ def _execute(
         w = Worker(cfgs, fitted, cfg.device, threads)
         w.teachers.update({k: t.to(w.device) for k, t in teachers.items()})  # reuse the driver's models
         w.datasets[os.path.abspath(ds.root)] = ds
-        for job in jobs:
-            r = w.run(job)
-            r.node = "local"  # (even when a Ray session exists in this process: the driver did the work)
-            done(r)
+        try:
+            with ThreadPoolExecutor(cfg.shards_in_flight, thread_name_prefix="extract-shard") as pool:
+                # At most shards_in_flight shards run at once, started in job order.
+                for fut in as_completed([pool.submit(w.run, job) for job in jobs]):
+                    r = fut.result()
+                    r.node = "local"  # (even when a Ray session exists in this process: the driver did the work)
+                    done(r)
+        finally:
+            w.close()
     else:
         _run_ray(cfg, jobs, cfgs, fitted, workers, threads, gpus, done)
     bar.close()
@@ -113,14 +119,22 @@ def _run_ray(
     # node is lost is restarted on another node, which needs a free slot there: so an actor that comes
     # back idle with nothing left to hand out is killed at once, giving its slot to such a restart
     # (otherwise the retried shard would wait forever for a slot held by an idle actor).
-    actor_cls = ray.remote(num_cpus=threads or 1, num_gpus=gpus, max_restarts=3, max_task_retries=3)(Worker)
+    # Each actor runs up to shards_in_flight shards at once (a threaded actor: max_concurrency).
+    actor_cls = ray.remote(
+        num_cpus=threads or 1,
+        num_gpus=gpus,
+        max_restarts=3,
+        max_task_retries=3,
+        max_concurrency=cfg.shards_in_flight,
+    )(Worker)
     actors = [actor_cls.remote(cfgs, fitted, cfg.device, threads) for _ in range(min(workers, len(jobs)))]
     pending = list(jobs)
     inflight: dict[Any, tuple[Any, ShardJob]] = {}
-    for a in actors:
-        if pending:
-            job = pending.pop(0)
-            inflight[a.run.remote(job)] = (a, job)
+    for _ in range(cfg.shards_in_flight):
+        for a in actors:
+            if pending:
+                job = pending.pop(0)
+                inflight[a.run.remote(job)] = (a, job)
     while inflight:
         ready, _ = ray.wait(list(inflight), num_returns=1)
         actor, job = inflight.pop(ready[0])
@@ -132,7 +146,7 @@ def _run_ray(
         if pending and actor is not None:
             job = pending.pop(0)
             inflight[actor.run.remote(job)] = (actor, job)
-        elif actor is not None:
+        elif actor is not None and not any(a is actor for a, _ in inflight.values()):
             ray.kill(actor)
     for job in pending:  # every worker was lost before these could be handed out
         done(failed(job, "not run: every Ray worker was lost"))

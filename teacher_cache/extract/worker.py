@@ -9,6 +9,7 @@ readers take a missing chunk for damage, never for zeros.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import asdict
 
@@ -152,6 +153,15 @@ class Worker:
         self.device = resolve_device(device)
         self.teachers: dict[str, Teacher] = {}
         self.datasets: dict[str, PreparedDataset] = {}
+        self._lock = threading.Lock()
+        # Shards in flight at once each enter extract_shard's zarr config context; set here for the whole
+        # worker, their contexts restore this value instead of zarr's default. (A Ray actor's process is
+        # this worker's alone; the local executor restores the default when its run ends.)
+        self._config = zarr.config.set({"array.write_empty_chunks": True})
+
+    def close(self) -> None:
+        """Give zarr's process-wide config back (the local executor, in the caller's process)."""
+        self._config.__exit__(None, None, None)
 
     def run(self, job: ShardJob) -> ShardResult:
         try:
@@ -167,11 +177,12 @@ class Worker:
         return result
 
     def _run(self, job: ShardJob) -> ShardResult:
-        if job.group not in self.teachers:
-            t = build_teacher(self.cfgs[job.group], self.fitted.get(job.group))
-            self.teachers[job.group] = t.to(self.device)
-        if job.dataset not in self.datasets:
-            self.datasets[job.dataset] = load_dataset(job.dataset)
+        with self._lock:  # shards in flight at once share one teacher per tokenizer and one dataset reader
+            if job.group not in self.teachers:
+                t = build_teacher(self.cfgs[job.group], self.fitted.get(job.group))
+                self.teachers[job.group] = t.to(self.device)
+            if job.dataset not in self.datasets:
+                self.datasets[job.dataset] = load_dataset(job.dataset)
         return extract_shard(job, self.teachers[job.group], self.device, self.datasets[job.dataset])
 
 
