@@ -3,8 +3,10 @@
 One module per job:
 
 * :mod:`.plan` — the unit of work (:class:`ShardJob`, one shard for one tokenizer) and the run's plan;
+* :mod:`.pipeline` — one shard's rows through overlapped stages (reader thread, decode/crop threads, the
+  teacher forward, a writer thread) joined by bounded queues;
 * :mod:`.worker` — :func:`extract_shard`, the per-shard extraction, and the :class:`Worker` that runs it
-  in-process or as a Ray actor;
+  in-process or as a Ray actor (several shards at once with ``shards_in_flight``);
 * :mod:`.tokenizers` — the cache root, provenance, and fitting what fitted families fit;
 * :mod:`.driver` — :func:`run_extract`: lock, plan, Ray pool, results;
 * :mod:`.summary` — totals, failures and the reports written beside the cache.

@@ -203,8 +203,9 @@ def run_rows(
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode, forward and hand to ``writer`` every chunk of rows ``[0, n)``.
 
-    ``samples`` yields ``(row, raw)`` in index order (rows past its end count as gone); returns the
-    ``valid`` mask and ``(index, reason)`` of every unusable row, in index order."""
+    ``samples`` yields ``(row, raw)`` for every manifest row in index order (``raw`` is ``None`` for a row
+    whose sample is gone); returns the ``valid`` mask and ``(index, reason)`` of every unusable row, in
+    index order."""
     valid = np.zeros(n, dtype=bool)
     skipped: list[tuple[int, str]] = []
     stop = threading.Event()
