@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
             "'pipeline ÷ slowest' and 'pipeline ÷ forward' are medians over rounds of (stage time / pipeline "
             "time), measured in the same round. A stage 'alone' runs on inputs prepared beforehand with the same "
             "torch and decode threads. 'overlap' is the serial sum of the four stages ÷ the pipeline, per round: "
-            "1.0 means no overlap at all, the slowest stage's share of the sum is the most it can reach. The "
+            "1.0 means no overlap at all; perfect overlap reaches sum ÷ slowest stage. The "
             "stages overlap only where cores are free: on a machine whose cores are busy with other work the "
             "threads time-share one core's worth of CPU and the pipeline tends to the serial sum."
         )
