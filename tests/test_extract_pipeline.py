@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from PIL import Image
 
@@ -139,6 +140,10 @@ def test_pipeline_options_are_checked_before_work(tiny_dataset, tmp_path):
         _cfg(tiny_dataset, tmp_path / "c", 1, shards_in_flight=0)
     with pytest.raises(ValueError, match="autocast 'bf16' needs a CUDA device"):
         ExtractConfig(shards=tiny_dataset, out=str(tmp_path), teachers=TEACHERS, device="cpu", autocast="bf16")
+    if not torch.cuda.is_available():  # device "auto" resolves to the CPU: refused before any work
+        with pytest.raises(ValueError, match="autocast 'fp16' needs a CUDA device and none is available"):
+            run_extract(ExtractConfig(shards=tiny_dataset, out=str(tmp_path / "a"), teachers=TEACHERS, autocast="fp16"))
+        assert not (tmp_path / "a").exists()
     with pytest.raises(ValueError, match="autocast must be one of none, bf16, fp16"):
         ExtractConfig(shards=tiny_dataset, out=str(tmp_path), teachers=TEACHERS, autocast="fp8")
 

@@ -31,6 +31,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     t_start = time.perf_counter()
     ds = load_dataset(cfg.shards)
     device = resolve_device(cfg.device)
+    if cfg.autocast != "none" and device.type != "cuda":  # device "auto" on a machine without CUDA
+        raise ValueError(f"autocast {cfg.autocast!r} needs a CUDA device and none is available; use autocast 'none'")
     # Every teacher (a fitted one: its base) is built before the lock: bad configuration fails first.
     teachers, bases = build_configured(cfg)
     if foreign_out(cfg.out):  # before the lock creates anything inside it
