@@ -87,6 +87,9 @@ def register_teacher(
     something on the data (see :class:`Fit`).
     """
 
+    if fit is not None and fit.given is not None and fit.stored is None:
+        raise ValueError(f"teacher family {family!r}: a Fit with `given` needs `stored` (the array to keep)")
+
     def deco(fn: TeacherFactory) -> TeacherFactory:
         if family in _FAMILIES:
             raise ValueError(f"teacher family {family!r} registered twice")
