@@ -155,6 +155,9 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     _field(p, "--workers", run["workers"], type=int)
     _field(p, "--threads", run["threads"], type=int)
     _field(p, "--device", run["device"])
+    _field(p, "--decode-threads", run["decode_threads"], type=int)
+    _field(p, "--shards-in-flight", run["shards_in_flight"], type=int)
+    _field(p, "--autocast", run["autocast"], choices=cli_docs.module_value("teacher_cache.config", "AUTOCAST"))
     _field(p, "--allow-hub", teacher["allow_hub"], action="store_true")
 
 
@@ -194,6 +197,9 @@ def _extract_config(a: argparse.Namespace):
         workers=a.workers,
         threads=a.threads,
         device=a.device,
+        decode_threads=a.decode_threads,
+        shards_in_flight=a.shards_in_flight,
+        autocast=a.autocast,
     )
 
 

@@ -1,23 +1,28 @@
-"""Extraction efficiency: images/s of the full extract pipeline ÷ images/s of the bare teacher forward.
+"""Extraction: the overlapped pipeline's img/s beside the throughput of each of its stages measured alone.
 
-For each teacher, on one generated dataset:
+For each teacher, on one generated dataset, timed interleaved (round ``r`` rotates which goes first):
 
-* **bare forward**: the teacher alone on views decoded and replayed beforehand, in exactly the batches the
-  pipeline forms (per shard, per chunk of ``chunk_rows`` samples, ``--batch-size`` views per forward),
-  including the copy of the outputs back to the host — the ceiling of the pipeline.
-* **pipeline**: ``run_extract(executor="local")`` into a fresh cache: read tar + hash check, decode,
-  replay crop, teacher forward, Zarr write, metadata. Its rate is the summary's execution-phase rate
-  (teacher construction and fingerprinting happen before it and are reported apart).
+* **read**: ``iter_dataset_samples`` over every shard — tar read + content-hash check (the reader thread);
+* **decode/crop**: ``decode_row`` over the rows read beforehand, on a pool of ``--decode-threads`` threads —
+  decode, size check, replay of the K views (the decode pool);
+* **forward**: the teacher alone on views decoded beforehand, in exactly the batches the pipeline forms
+  (per chunk of ``chunk_rows`` rows, ``--batch-size`` views at a time), outputs back on the host;
+* **write**: the writer's work alone on outputs computed beforehand — create each shard group and its
+  metadata (keys, seeds, boxes, flips), ``write_rows`` per chunk, ``valid``, bytes stored, the completion
+  record;
+* **pipeline**: ``run_extract(executor="local")`` into a fresh cache, all stages overlapped; its rate is the
+  summary's execution-phase rate (teacher construction and fingerprinting happen before it).
 
-The two run interleaved (round ``r`` alternates which goes first); efficiency is the median over rounds of
-``t_bare / t_pipeline`` (target >= 0.90). Stage times come from timers wrapped around the functions
-``teacher_cache.extract`` calls (``iter_dataset_samples``, ``decode_image``/``to_uint8_chw``,
-``replay_view``, ``_run_teacher``, ``_write_rows``/``create_shard_group``/``stored_bytes``, ``plan_shard``);
-the wrappers cost about a microsecond per call. Then the same extraction on Ray with 1 and 2 workers.
+Every stage runs with the same torch threads (``--threads``) and decode threads as the pipeline. A pipeline
+with perfect overlap runs at its slowest stage's rate, so the targets are: pipeline ≥ 0.90 × the slowest
+stage, and — when the teacher forward *is* the slowest stage (a slow teacher) — pipeline ≥ 0.95 × bare
+forward. On a machine with fewer free cores than busy stages, the stages compete for CPU and the pipeline
+tends to the serial sum of the stages; the table prints the overlap achieved (sum of stages ÷ pipeline).
+Then the same extraction on Ray with 1 and 2 workers.
 
-    python bench/extract.py                                   # tiny: 64 images, random-vit + EfficientNet
-    python bench/extract.py --num-samples 1024 --image-size 256 --shard-size 256 --batch-size 64
-    python bench/extract.py --teachers efficientnet_lite0 --device cuda --batch-size 128
+    python bench/extract.py --results -                       # random-vit:32/8 + EfficientNet-Lite0, 64 px
+    python bench/extract.py --num-samples 256 --image-size 256 --shard-size 64 --batch-size 64
+    python bench/extract.py --teachers efficientnet_lite0 --device cuda --batch-size 128 --autocast bf16
 """
 
 from __future__ import annotations
@@ -31,65 +36,122 @@ if __package__ in (None, ""):  # run as `python bench/extract.py`: import the pr
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from bench import _common as C
 
-STAGES = ("read tar + hash check", "decode", "replay/crop", "teacher forward", "zarr write", "view plan")
+STAGES = ("read", "decode/crop", "forward", "write")
 
 
-def _instrument(timer: C.StageTimer) -> None:
-    from teacher_cache import extract as E
+class _Stages:
+    """Inputs of every stage computed once, and a callable per stage that runs it alone."""
 
-    timer.patch(E, "iter_dataset_samples", "read tar + hash check", iterator=True)
-    timer.patch(E, "decode_image", "decode")
-    timer.patch(E, "to_uint8_chw", "decode")
-    timer.patch(E, "replay_view", "replay/crop")
-    timer.patch(E, "_run_teacher", "teacher forward")
-    timer.patch(E, "_write_rows", "zarr write")
-    timer.patch(E, "create_shard_group", "zarr write")
-    timer.patch(E, "stored_bytes", "zarr write")
-    timer.patch(E, "plan_shard", "view plan")
+    def __init__(self, data: str, teacher, aug, storage, batch_size: int, decode_threads: int, device, autocast: str):
+        import numpy as np
+        import torch
+
+        from teacher_cache.dataset import iter_dataset_samples, load_dataset
+        from teacher_cache.extract.pipeline import Forward, decode_row
+        from teacher_cache.views import plan_shard
+
+        self.ds, self.teacher, self.aug, self.storage = load_dataset(data), teacher, aug, storage
+        self.batch_size, self.decode_threads = batch_size, decode_threads
+        self.forward_fn = Forward(teacher, device, autocast)
+        self._iter, self._decode_row = iter_dataset_samples, decode_row
+        self.plans = {}
+        for shard in self.ds.shards:
+            rows = self.ds.rows(shard)
+            self.plans[shard] = plan_shard(shard, rows["key"], rows["width"], rows["height"], aug)
+        self.raw = {s: list(iter_dataset_samples(self.ds, s)) for s in self.ds.shards}
+        self.decoded = {s: [self._decode(s, row, raw) for row, raw in self.raw[s]] for s in self.ds.shards}
+        # The batches the pipeline forms: per chunk, the decoded rows' views, batch_size at a time.
+        self.chunks = []  # (shard, lo, hi, idx, [batches])
+        c = storage.chunk_rows
+        for s in self.ds.shards:
+            n = len(self.decoded[s])
+            for lo in range(0, n, max(1, min(c, n))):
+                hi = min(lo + c, n)
+                ok = [i for i in range(lo, hi) if self.decoded[s][i][0] is not None]
+                views = [v for i in ok for v in self.decoded[s][i][0].unbind(0)]
+                batches = [torch.stack(views[b : b + batch_size]) for b in range(0, len(views), batch_size)]
+                self.chunks.append((s, lo, hi, np.asarray(ok, dtype=np.int64) - lo, batches))
+        self.outputs = self.forward()
+
+    def _decode(self, shard, row, raw):
+        plan, i = self.plans[shard], row["index"]
+        return self._decode_row(row, raw, plan.boxes[i], plan.flips[i], self.teacher.spec.input_size)
+
+    def read(self) -> int:
+        return sum(1 for s in self.ds.shards for _ in self._iter(self.ds, s))
+
+    def decode(self) -> int:
+        with ThreadPoolExecutor(self.decode_threads) as pool:
+            return sum(
+                1 for s in self.ds.shards for _ in pool.map(lambda item, s=s: self._decode(s, *item), self.raw[s])
+            )
+
+    def forward(self) -> list:
+        import torch
+
+        out = []
+        for _, _, _, _, batches in self.chunks:
+            res = [self.forward_fn(b) for b in batches]
+            toks = torch.cat([t for t, _ in res]) if res else None
+            cls = torch.cat([c for _, c in res]) if res and res[0][1] is not None else None
+            out.append((toks, cls))
+        return out
+
+    def write(self, cache: str) -> float:
+        """Seconds of the writer's work on shard groups, not counting the cache root and tokenizer group
+        (the pipeline makes those before its execution phase)."""
+        import numpy as np
+        import zarr
+
+        from teacher_cache.store import (
+            ShardLayout,
+            create_shard_group,
+            open_writer,
+            shard_ids,
+            stored_bytes,
+            write_rows,
+        )
+
+        spec, sids = self.teacher.spec, shard_ids(self.ds.shards)
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            tok = zarr.open_group(cache, mode="w").create_group("t")
+            t0 = time.perf_counter()
+            groups = {}
+            for s in self.ds.shards:
+                rows, plan = self.ds.rows(s), self.plans[s]
+                lay = ShardLayout(
+                    rows=len(rows["key"]),
+                    views=self.aug.views,
+                    tokens=spec.grid[0] * spec.grid[1],
+                    dim=spec.dim,
+                    has_cls=spec.has_cls,
+                    codes=spec.kind == "codes",
+                    dtype=self.storage.dtype,
+                    chunk_rows=self.storage.chunk_rows,
+                    clevel=self.storage.clevel,
+                    num_codes=spec.num_codes,
+                    codec=self.storage.codec,
+                )
+                g = create_shard_group(tok, sids[s], s, lay)
+                g["keys"][:] = np.asarray(rows["key"], dtype=str)
+                g["seeds"][:], g["boxes"][:], g["flips"][:] = plan.seeds, plan.boxes, plan.flips
+                groups[s] = (g, lay, open_writer(g))
+            for (s, lo, hi, idx, _), (toks, cls) in zip(self.chunks, self.outputs):
+                _, lay, w = groups[s]
+                write_rows(w, lo, hi, idx, toks if len(idx) else None, cls, lay)
+            for s, (g, _, w) in groups.items():
+                w.close()
+                g["valid"][:] = np.array([d[0] is not None for d in self.decoded[s]])
+                g.attrs["complete"] = {"bytes": stored_bytes(g)}
+            return time.perf_counter() - t0
 
 
-def _chunked_views(data: str, teacher, views: int, chunk_rows: int):
-    """Per shard and chunk, the stacked views the pipeline would hand the teacher (decoded beforehand)."""
-    import torch
-
-    from teacher_cache.images import decode_image, to_uint8_chw
-    from teacher_cache.prepare import iter_dataset_samples, load_dataset
-    from teacher_cache.shards import pick_image
-    from teacher_cache.views import AugConfig, plan_shard, replay_view
-
-    ds, aug, size = load_dataset(data), AugConfig(views=views), teacher.spec.input_size
-    chunks = []
-    for shard in ds.shards:
-        rows = ds.rows(shard)
-        plan = plan_shard(shard, rows["key"], rows["width"], rows["height"], aug)
-        per_row = {}
-        for row, raw in iter_dataset_samples(ds, shard):
-            i = row["index"]
-            img = torch.from_numpy(to_uint8_chw(decode_image(pick_image(raw)[1])))
-            per_row[i] = [replay_view(img, plan.boxes[i, v], plan.flips[i, v], size) for v in range(views)]
-        n = len(rows["key"])
-        c = max(1, min(chunk_rows, n))
-        for lo in range(0, n, c):
-            vs = [x for i in range(lo, min(lo + c, n)) for x in per_row.get(i, [])]
-            if vs:
-                chunks.append(torch.stack(vs))
-    return chunks
-
-
-def _bare_forward(teacher, chunks, batch_size: int, device) -> int:
-    """What ``_run_teacher`` does for every chunk: forward per batch, outputs back to the host."""
-    n = 0
-    for views in chunks:
-        for b in range(0, len(views), batch_size):
-            out = teacher(views[b : b + batch_size].to(device))
-            out.tokens.cpu()
-            if out.cls is not None:
-                out.cls.cpu()
-            n += 1
-    return n
+def _row(name, stage, seconds, n_img, slowest):
+    return [name, stage, C.fmt_ms(seconds), f"{n_img / seconds:.1f}", "**slowest**" if stage == slowest else ""]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -104,24 +166,34 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard-size", type=int, default=16, help="images per shard (>= 2 shards feed 2 Ray workers)")
     p.add_argument("--views", type=int, default=2, help="views per image")
     p.add_argument("--batch-size", type=int, default=32, help="views per teacher forward")
+    p.add_argument("--decode-threads", type=int, default=2, help="decode/crop threads (ExtractConfig.decode_threads)")
+    p.add_argument(
+        "--shards-in-flight",
+        type=int,
+        default=1,
+        help="shards a worker extracts at once (ExtractConfig.shards_in_flight)",
+    )
     p.add_argument("--dtype", default="fp16", help="token storage dtype (fp32, fp16, bf16, int8)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--autocast", default="none", help="none, bf16 or fp16 (CUDA only)")
     p.add_argument("--ray-workers", default="1,2", help="Ray worker counts to compare ('' skips Ray)")
     p.add_argument("--ray-repeats", type=int, default=1, help="runs per Ray worker count (interleaved)")
     a = p.parse_args(argv)
     threads = C.setup_threads(a.threads)
 
     from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
-    from teacher_cache.extract import build_teacher, run_extract
+    from teacher_cache.extract import run_extract
     from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
     from teacher_cache.runtime import resolve_device
+    from teacher_cache.teachers import build_teacher
     from teacher_cache.views import AugConfig
 
     device = resolve_device(a.device)
     names = [t.strip() for t in a.teachers.split(",") if t.strip()]
     workers = [int(w) for w in a.ray_workers.split(",") if w.strip()]
-    rep = C.Report("extract", "Extraction efficiency (bench/extract.py)", argv)
-    result: dict = {"teachers": {}, "ray": {}}
+    rep = C.Report("extract", "Extraction: overlapped pipeline vs its stages alone (bench/extract.py)", argv)
+    result: dict = {"teachers": {}, "ray": {}, "load_average": {"start": os.getloadavg()}}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with C.workdir(a.workdir) as wd:
         data = os.path.join(wd, "data")
         if os.path.exists(data):
@@ -138,20 +210,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
         storage = StorageConfig(dtype=a.dtype)
         aug = AugConfig(views=a.views)
-        eff_rows, stage_rows = [], []
+        summary_rows, stage_rows = [], []
         for name in names:
             tc = TeacherConfig(name)
-            t0 = time.perf_counter()
             teacher = build_teacher(tc).to(device)
-            build_s = time.perf_counter() - t0
-            chunks = _chunked_views(data, teacher, a.views, storage.chunk_rows)
-            timer = C.StageTimer()
+            st = _Stages(data, teacher, aug, storage, a.batch_size, a.decode_threads, device, a.autocast)
             runs = {"n": 0}
 
-            def pipeline(tc=tc, timer=timer, runs=runs):
+            def pipeline(tc=tc, runs=runs):
                 out = os.path.join(wd, f"cache-{runs['n']}")
                 runs["n"] += 1
-                timer.reset()
                 cfg = ExtractConfig(
                     shards=data,
                     out=out,
@@ -162,194 +230,203 @@ def main(argv: list[str] | None = None) -> dict:
                     executor="local",
                     device=a.device,
                     threads=threads,
+                    decode_threads=a.decode_threads,
+                    shards_in_flight=a.shards_in_flight,
+                    autocast=a.autocast,
                 )
                 summary = run_extract(cfg, progress=False)
                 shutil.rmtree(out, ignore_errors=True)
                 if not summary.ok:
                     raise RuntimeError(f"extraction failed: {summary.failed}")
                 tok = summary.tokenizers[0]
-                return {
-                    "exec_s": tok.samples / tok.images_per_s,
-                    "stages": timer.snapshot(),
-                    "bytes_per_view": tok.bytes_per_view,
-                }
+                return {"exec_s": tok.samples / tok.images_per_s}
+
+            def write(st=st, runs=runs):
+                out = os.path.join(wd, f"write-{runs['n']}")
+                runs["n"] += 1
+                seconds = st.write(out)
+                shutil.rmtree(out, ignore_errors=True)
+                return {"write_s": seconds}
 
             seen: list[dict] = []
-            _instrument(timer)
-            try:
-                times = C.interleave(
-                    {
-                        "bare": lambda t=teacher, c=chunks: _bare_forward(t, c, a.batch_size, device),
-                        "pipeline": pipeline,
-                    },
-                    warmup=a.warmup,
-                    repeats=a.repeats,
-                    device=device,
-                    on_result=lambda n, v: seen.append(v) if n == "pipeline" else None,
-                )
-            finally:
-                timer.restore()
-            C.setup_threads(threads)  # the worker sets threads; keep the bare forward on the same count
-            exec_s = [r["exec_s"] for r in seen]
-            bare_s = times["bare"]
-            eff = C.paired_ratio(bare_s, exec_s)
-            n_img = a.num_samples
-            share = C.median(r["stages"].get("teacher forward", 0.0) / r["exec_s"] for r in seen)
-            eff_rows.append(
+            written: list[float] = []
+            times = C.interleave(
+                {
+                    "read": st.read,
+                    "decode/crop": st.decode,
+                    "forward": st.forward,
+                    "write": write,
+                    "pipeline": pipeline,
+                },
+                warmup=a.warmup,
+                repeats=a.repeats,
+                device=device,
+                on_result=lambda n, v: (
+                    seen.append(v) if n == "pipeline" else written.append(v["write_s"]) if n == "write" else None
+                ),
+            )
+            C.setup_threads(threads)  # the worker sets threads; keep every stage on the same count
+            # Both without their cache root and tokenizer group (made before the execution phase), and
+            # without deleting the cache afterwards.
+            times["pipeline"] = [r["exec_s"] for r in seen]
+            times["write"] = written
+            med = {s: C.median(times[s]) for s in (*STAGES, "pipeline")}
+            slowest = max(STAGES, key=lambda s: med[s])
+            vs_slowest = C.paired_ratio(times[slowest], times["pipeline"])
+            vs_forward = C.paired_ratio(times["forward"], times["pipeline"])
+            serial = [sum(times[s][r] for s in STAGES) for r in range(len(times["pipeline"]))]
+            overlap = C.paired_ratio(serial, times["pipeline"])  # > 1: the stages overlapped
+            slow_teacher = slowest == "forward"
+            met = vs_forward >= 0.95 if slow_teacher else vs_slowest >= 0.90
+            n = a.num_samples
+            summary_rows.append(
                 [
                     name,
-                    f"{n_img / C.median(bare_s):.1f}",
-                    f"{n_img / C.median(exec_s):.1f}",
-                    f"{n_img / C.median(times['pipeline']):.1f}",
-                    f"{eff:.3f}",
-                    f"{C.median(bare_s) / C.median(exec_s):.3f}",
-                    f"{share:.3f}",
-                    C.verdict(eff >= 0.90),
-                    f"{build_s:.2f}",
+                    f"{n / med['pipeline']:.1f}",
+                    f"{slowest} {n / med[slowest]:.1f}",
+                    f"{vs_slowest:.2f}",
+                    f"{n / med['forward']:.1f}",
+                    f"{vs_forward:.2f}",
+                    f"{overlap:.2f}",
+                    (">= 0.95 x forward: " if slow_teacher else ">= 0.90 x slowest: ") + C.verdict(met),
                 ]
             )
-            med_stage = {s: C.median(r["stages"].get(s, 0.0) for r in seen) for s in STAGES}
-            total = C.median(exec_s)
-            other = max(0.0, total - sum(med_stage.values()))
-            for s in (*STAGES, "other (metadata, seeds/keys arrays, bookkeeping)"):
-                v = med_stage.get(s, other)
-                stage_rows.append([name, s, C.fmt_ms(v), f"{100 * v / total:.1f}%", f"{1e3 * v / n_img:.2f}"])
-            stage_rows.append(
-                [name, "**pipeline (execution phase)**", C.fmt_ms(total), "100%", f"{1e3 * total / n_img:.2f}"]
-            )
-            stage_rows.append(
-                [
-                    name,
-                    "bare forward (same batches)",
-                    C.fmt_ms(C.median(bare_s)),
-                    f"{100 * C.median(bare_s) / total:.1f}%",
-                    f"{1e3 * C.median(bare_s) / n_img:.2f}",
-                ]
-            )
+            for s in STAGES:
+                stage_rows.append(_row(name, s, med[s], n, slowest))
+            stage_rows.append(_row(name, "**pipeline (all overlapped)**", med["pipeline"], n, slowest))
+            stage_rows.append([name, "sum of stages (serial)", C.fmt_ms(sum(med[s] for s in STAGES)), "", ""])
             result["teachers"][name] = {
-                "efficiency": eff,
-                "teacher_share": share,
-                "bare_s": bare_s,
-                "pipeline_exec_s": exec_s,
-                "pipeline_wall_s": times["pipeline"],
-                "stages": med_stage,
-                "bytes_per_view": seen[-1]["bytes_per_view"] if seen else None,
+                "stages_s": {s: times[s] for s in STAGES},
+                "pipeline_exec_s": times["pipeline"],
+                "slowest": slowest,
+                "pipeline_over_slowest": vs_slowest,
+                "pipeline_over_forward": vs_forward,
+                "overlap": overlap,
+                "met": met,
             }
-            del teacher, chunks
+            del teacher, st
 
+        result["load_average"]["end"] = os.getloadavg()
+        la = result["load_average"]
         rep.table(
-            f"Efficiency: {a.num_samples} images x {a.views} views, {a.image_size}px JPEG, batch {a.batch_size}, "
-            f"{a.dtype} storage, device {device}, {threads} thread(s); medians of {a.repeats} interleaved rounds",
+            f"Pipeline vs stages alone: {a.num_samples} images x {a.views} views, {a.image_size}px JPEG, batch "
+            f"{a.batch_size}, {a.dtype} storage, device {device}, {threads} torch thread(s), {a.decode_threads} "
+            f"decode thread(s), {a.shards_in_flight} shard(s) in flight, {cores} core(s); medians of {a.repeats} interleaved rounds; load average "
+            f"{la['start'][0]:.1f} at start, {la['end'][0]:.1f} at end",
             [
                 "teacher",
+                "pipeline img/s",
+                "slowest stage img/s",
+                "pipeline ÷ slowest (paired)",
                 "bare forward img/s",
-                "pipeline img/s (exec)",
-                "pipeline img/s (wall)",
-                "efficiency (paired median)",
-                "ratio of medians",
-                "teacher share within run",
-                ">= 0.90?",
-                "teacher build s",
+                "pipeline ÷ forward (paired)",
+                "overlap: sum of stages ÷ pipeline (paired)",
+                "target",
             ],
-            eff_rows,
+            summary_rows,
         )
         rep.table(
-            "Where the pipeline's time goes (local executor, median per stage over the timed rounds)",
-            ["teacher", "stage", "ms", "share", "ms / image"],
+            "Each stage alone (same threads), and the pipeline",
+            ["teacher", "stage", "ms", "img/s", ""],
             stage_rows,
-            align="llrrr",
+            align="llrrl",
         )
 
         if workers:
-            import ray
-
-            from teacher_cache.ray_utils import ensure_ray
-
-            started = not ray.is_initialized()
-            t0 = time.perf_counter()
-            ensure_ray(num_cpus=max(workers) * threads)
-            ray_start = time.perf_counter() - t0
-            ray_rows = []
-            for name in names:
-                tc = TeacherConfig(name)
-                got: dict[int, list[dict]] = {w: [] for w in workers}
-                runs = {"n": 0}
-
-                def on_ray(w, tc=tc, runs=runs):
-                    out = os.path.join(wd, f"ray-cache-{runs['n']}")
-                    runs["n"] += 1
-                    cfg = ExtractConfig(
-                        shards=data,
-                        out=out,
-                        teachers=(tc,),
-                        aug=aug,
-                        storage=storage,
-                        batch_size=a.batch_size,
-                        executor="ray",
-                        workers=w,
-                        threads=threads,
-                        device=a.device,
-                    )
-                    t0 = time.perf_counter()
-                    summary = run_extract(cfg, progress=False)
-                    wall = time.perf_counter() - t0
-                    shutil.rmtree(out, ignore_errors=True)
-                    if not summary.ok:
-                        raise RuntimeError(f"Ray extraction failed: {summary.failed}")
-                    tok = summary.tokenizers[0]
-                    got[w].append({"exec_s": tok.samples / tok.images_per_s, "shard_s": tok.seconds, "wall_s": wall})
-
-                C.interleave({str(w): (lambda w=w: on_ray(w)) for w in workers}, warmup=0, repeats=a.ray_repeats)
-                base = None
-                for w in workers:
-                    ex = C.median(r["exec_s"] for r in got[w])
-                    sh = C.median(r["shard_s"] for r in got[w])
-                    rate = a.num_samples / ex
-                    base = base or rate
-                    ray_rows.append(
-                        [
-                            name,
-                            str(w),
-                            str(threads),
-                            f"{rate:.1f}",
-                            f"{rate / base:.2f}x",
-                            f"{a.num_samples / (sh / w):.1f}",
-                            f"{max(0.0, ex - sh / w):.2f}",
-                        ]
-                    )
-                    result["ray"].setdefault(name, {})[w] = {
-                        "images_per_s": rate,
-                        "exec_s": [r["exec_s"] for r in got[w]],
-                    }
-            rep.table(
-                f"Ray scaling ({a.num_samples} images in "
-                f"{-(-a.num_samples // a.shard_size)} shards; Ray start {ray_start:.1f}s not included; "
-                f"medians of {a.ray_repeats} run(s))",
-                [
-                    "teacher",
-                    "workers",
-                    "threads/worker",
-                    "img/s (exec phase)",
-                    "speedup",
-                    "img/s inside shards",
-                    "actor start + teacher build s",
-                ],
-                ray_rows,
-            )
-            if started:
-                ray.shutdown()
+            _ray(a, rep, result, names, workers, threads, data, wd, aug, storage)
         rep.note(
-            "Efficiency = median over rounds of (bare forward time / pipeline execution time); 'ratio of "
-            "medians' is the same from the medians; 'teacher share within run' is the pipeline's own teacher-forward "
-            "time / its execution time — measured inside one run, so a noisy neighbour cancels out. "
-            "Pipeline 'exec' excludes building the teacher and fingerprinting its weights (done once per "
-            "run before any shard); 'wall' includes them. 'img/s inside shards' divides by the shard-task "
-            "time per worker, i.e. without actor start-up and teacher construction in the workers."
+            "'pipeline ÷ slowest' and 'pipeline ÷ forward' are medians over rounds of (stage time / pipeline "
+            "time), measured in the same round. A stage 'alone' runs on inputs prepared beforehand with the same "
+            "torch and decode threads. 'overlap' is the serial sum of the four stages ÷ the pipeline, per round: "
+            "1.0 means no overlap at all; perfect overlap reaches sum ÷ slowest stage. The "
+            "stages overlap only where cores are free: on a machine whose cores are busy with other work the "
+            "threads time-share one core's worth of CPU and the pipeline tends to the serial sum."
         )
         if not C.has_cuda():
             rep.note(f"GPU: {C.NO_GPU}.")
     rep.append(a.results)
     return result
+
+
+def _ray(a, rep, result, names, workers, threads, data, wd, aug, storage) -> None:
+    import ray
+
+    from teacher_cache.config import ExtractConfig, TeacherConfig
+    from teacher_cache.extract import run_extract
+    from teacher_cache.ray_utils import ensure_ray
+
+    started = not ray.is_initialized()
+    t0 = time.perf_counter()
+    ensure_ray(num_cpus=max(workers) * threads)
+    ray_start = time.perf_counter() - t0
+    ray_rows = []
+    for name in names:
+        tc = TeacherConfig(name)
+        got: dict[int, list[dict]] = {w: [] for w in workers}
+        runs = {"n": 0}
+
+        def on_ray(w, tc=tc, runs=runs, got=got):
+            out = os.path.join(wd, f"ray-cache-{runs['n']}")
+            runs["n"] += 1
+            cfg = ExtractConfig(
+                shards=data,
+                out=out,
+                teachers=(tc,),
+                aug=aug,
+                storage=storage,
+                batch_size=a.batch_size,
+                executor="ray",
+                workers=w,
+                threads=threads,
+                device=a.device,
+                decode_threads=a.decode_threads,
+                shards_in_flight=a.shards_in_flight,
+                autocast=a.autocast,
+            )
+            t0 = time.perf_counter()
+            summary = run_extract(cfg, progress=False)
+            wall = time.perf_counter() - t0
+            shutil.rmtree(out, ignore_errors=True)
+            if not summary.ok:
+                raise RuntimeError(f"Ray extraction failed: {summary.failed}")
+            tok = summary.tokenizers[0]
+            got[w].append({"exec_s": tok.samples / tok.images_per_s, "shard_s": tok.seconds, "wall_s": wall})
+
+        C.interleave({str(w): (lambda w=w: on_ray(w)) for w in workers}, warmup=0, repeats=a.ray_repeats)
+        base = None
+        for w in workers:
+            ex = C.median(r["exec_s"] for r in got[w])
+            sh = C.median(r["shard_s"] for r in got[w])
+            rate = a.num_samples / ex
+            base = base or rate
+            ray_rows.append(
+                [
+                    name,
+                    str(w),
+                    str(threads),
+                    f"{rate:.1f}",
+                    f"{rate / base:.2f}x",
+                    f"{a.num_samples / (sh / w):.1f}",
+                    f"{max(0.0, ex - sh / w):.2f}",
+                ]
+            )
+            result["ray"].setdefault(name, {})[w] = {"images_per_s": rate, "exec_s": [r["exec_s"] for r in got[w]]}
+    rep.table(
+        f"Ray scaling ({a.num_samples} images in {-(-a.num_samples // a.shard_size)} shards; Ray start "
+        f"{ray_start:.1f}s not included; medians of {a.ray_repeats} run(s))",
+        [
+            "teacher",
+            "workers",
+            "threads/worker",
+            "img/s (exec phase)",
+            "speedup",
+            "img/s inside shards",
+            "actor start + teacher build s",
+        ],
+        ray_rows,
+    )
+    if started:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

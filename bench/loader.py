@@ -209,8 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from student.data import CachedViews, CacheJoin, DataConfig, make_loader
     from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+    from teacher_cache.dataset import load_dataset
     from teacher_cache.extract import run_extract
-    from teacher_cache.prepare import SyntheticConfig, load_dataset, prepare_synthetic
+    from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
     from teacher_cache.views import AugConfig
 
     names = [t.strip() for t in a.teachers.split(",") if t.strip()]

@@ -2,7 +2,7 @@
 in the student loader's access pattern.
 
 One teacher runs once over generated images; its tokens are then written in every form through the
-store's own code (``create_shard_group`` + the extractor's chunk writer ``_write_rows``, the exact path
+store's own code (``create_shard_group`` + the extractor's chunk writer ``write_rows``, the exact path
 ``digpt extract`` takes):
 
 * ``fp32``, ``fp16``, ``bf16``, ``int8`` (per-token absmax scale) — the forms ``StorageConfig.dtype`` offers;
@@ -51,8 +51,8 @@ def _teacher_tokens(data: str, teacher, views: int, batch_size: int):
     """Tokens ``[n, K, T, D]`` and cls ``[n, K, D]`` (or None) of every view of the first shard."""
     import torch
 
+    from teacher_cache.dataset import iter_dataset_samples, load_dataset
     from teacher_cache.images import decode_image, to_uint8_chw
-    from teacher_cache.prepare import iter_dataset_samples, load_dataset
     from teacher_cache.shards import pick_image
     from teacher_cache.views import AugConfig, plan_shard, replay_view
 
@@ -97,8 +97,7 @@ def _write_form(
     import numpy as np
     import zarr
 
-    from teacher_cache.extract import _write_rows
-    from teacher_cache.store import ShardLayout, create_shard_group, open_writer
+    from teacher_cache.store import ShardLayout, create_shard_group, open_writer, write_rows
 
     n, k, t = tokens.shape[:3]
     d = 1 if codes else tokens.shape[3]
@@ -125,7 +124,7 @@ def _write_form(
         idx = np.arange(hi - lo)
         flat = tokens[lo:hi].reshape((hi - lo) * k, *tokens.shape[2:])
         fcls = cls[lo:hi].reshape((hi - lo) * k, -1) if cls is not None and not codes else None
-        _write_rows(w, lo, hi, idx, flat, fcls, k, lay)
+        write_rows(w, lo, hi, idx, flat, fcls, lay)
     w.close()
     with zarr.config.set({"array.write_empty_chunks": True}):  # the metadata arrays, as extract_shard writes them
         g["keys"][:] = np.array([f"{i:06d}" for i in range(n)])
@@ -367,9 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
     import zarr
 
     from teacher_cache.config import TeacherConfig
-    from teacher_cache.extract import build_teacher
     from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
     from teacher_cache.store import decode_block, stored_bytes
+    from teacher_cache.teachers import build_teacher
     from teacher_cache.teachers.kmeans import fit_kmeans
 
     rep = C.Report("storage", "Storage: bytes per view, compression, read speed (bench/storage.py)", argv)

@@ -157,7 +157,7 @@ def make_teacher(name: str | None, shape: str | None):
         t.eval()
         return t
     from teacher_cache.config import TeacherConfig
-    from teacher_cache.extract import build_teacher
+    from teacher_cache.teachers import build_teacher
 
     return build_teacher(TeacherConfig(name))
 

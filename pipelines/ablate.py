@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, replace
 from student.sizes import list_vit_sizes, vit_config
 from student.train import train
 from teacher_cache.config import ExtractConfig, TeacherConfig
+from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import run_extract
-from teacher_cache.prepare import MAX_CLASSES, MIN_CLASSES, SyntheticConfig, load_dataset, prepare_synthetic
+from teacher_cache.prepare import MAX_CLASSES, MIN_CLASSES, SyntheticConfig, prepare_synthetic
 from teacher_cache.store import slug
 
 # The names below are looked up here at call time (bench/e2e.py times the stages by patching them).

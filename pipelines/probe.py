@@ -42,8 +42,8 @@ import torch
 
 from student.sizes import list_vit_sizes
 from student.vit import VisionTransformer
+from teacher_cache.dataset import PreparedDataset, load_dataset
 from teacher_cache.io import atomic_write_text
-from teacher_cache.prepare import PreparedDataset, load_dataset
 from teacher_cache.runtime import resolve_device
 
 # The pieces, one module each; their public names are re-exported here (callers import them from probe).

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from student.vit import VisionTransformer
+from teacher_cache.dataset import PreparedDataset, iter_dataset_samples
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
-from teacher_cache.prepare import PreparedDataset, iter_dataset_samples
 from teacher_cache.runtime import progress_bar, resolve_device
 from teacher_cache.shards import pick_image
 from teacher_cache.views import replay_view

@@ -132,8 +132,8 @@ def load_code_probe_encoder(run: str, random_init: bool = False, seed: int = 0) 
     behind the tokenizer its cache records. The cache must still exist; the tokenizer rebuilt from its
     config must have the weights fingerprint the run was trained against."""
     from teacher_cache.config import TeacherConfig
-    from teacher_cache.extract import build_teacher
     from teacher_cache.store import open_root, tokenizer_info
+    from teacher_cache.teachers import build_teacher
 
     from .export import encoder_state_dict, run_config
 

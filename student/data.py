@@ -32,10 +32,10 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from student.join import JoinThread, TargetBlocks
+from teacher_cache.dataset import PreparedDataset, load_dataset
+from teacher_cache.dataset import content_hash as _content_hash  # the manifest's `hash` of image bytes
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
 from teacher_cache.integrity import CacheIntegrityError, check_shard_group, checked, warn_unchecked
-from teacher_cache.prepare import PreparedDataset, load_dataset
-from teacher_cache.prepare import _digest as _content_hash  # the manifest's `hash` of image bytes
 from teacher_cache.shards import IMAGE_EXTS
 from teacher_cache.store import (
     decode_rows,

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from teacher_cache.config import TeacherConfig
-from teacher_cache.extract import build_teacher
-from teacher_cache.teachers import Teacher
+from teacher_cache.teachers import Teacher, build_teacher
 
 from .targets import FILE as TARGET_NORM_FILE
 from .targets import TargetNorm, estimate_target_norm

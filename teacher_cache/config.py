@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from .store import CODECS, DTYPES, slug
 from .views import AugConfig
 
+AUTOCAST = ("none", "bf16", "fp16")
 _RAY_ADDRESS = re.compile(r"auto|local|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 
 
@@ -111,6 +112,17 @@ class ExtractConfig:
     """Torch threads per worker on CPU; default: cores / workers."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    decode_threads: int = 2
+    """Threads per worker that decode and crop images while the teacher runs on the previous batch (PIL and
+    torch release the GIL); a writer thread stores the previous chunk meanwhile. The cache's bytes never
+    depend on it."""
+    shards_in_flight: int = 1
+    """Shards one worker extracts at once (each with its own decode threads and writer), so that one shard's
+    group creation and bookkeeping overlap another's decoding and forward — worth it for many small shards.
+    The cache's bytes never depend on it; with the ``local`` executor, 1 keeps shards strictly in order."""
+    autocast: str = "none"
+    """CUDA only: run the teacher under ``torch.autocast`` in ``bf16`` or ``fp16`` (faster on tensor cores;
+    recorded in the tokenizer's provenance, so a cache never mixes precisions); ``none``: float32."""
 
     def __post_init__(self) -> None:
         if not self.teachers:
@@ -128,6 +140,14 @@ class ExtractConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.decode_threads < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {self.decode_threads}")
+        if self.shards_in_flight < 1:
+            raise ValueError(f"shards_in_flight must be >= 1, got {self.shards_in_flight}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
+        if self.autocast != "none" and self.device == "cpu":
+            raise ValueError(f"autocast {self.autocast!r} needs a CUDA device; use autocast 'none' on the CPU")
         if self.ray_address is not None and not _RAY_ADDRESS.fullmatch(self.ray_address):
             # Checked here because Ray only parses it after the cache has been created.
             raise ValueError(

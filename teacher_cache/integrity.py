@@ -29,8 +29,8 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
+from .dataset import ManifestMismatch, PreparedDataset, iter_dataset_samples
 from .objects import ObjectDamaged, is_view_sharded, scan
-from .prepare import ManifestMismatch, PreparedDataset, iter_dataset_samples
 
 INTEGRITY = "crc32c+all-chunks"
 """Value of a shard group's ``attrs["shard"]["integrity"]``: every chunk present, each with a crc32c."""

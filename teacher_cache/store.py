@@ -243,6 +243,10 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
     return g
 
 
+TARGET_ARRAYS = ("tokens", "token_scale", "cls", "cls_scale")
+"""The arrays of a shard group that hold teacher outputs (the rest is the view plan and bookkeeping)."""
+
+
 class _ZarrRowWriter:
     """Schema 1's writer: each block of rows is whole chunks, written by zarr."""
 
@@ -317,7 +321,7 @@ def is_complete(tok: zarr.Group, sid: str) -> bool:
     return sid in tok and "complete" in tok[sid].attrs
 
 
-def stored_bytes(g: zarr.Group, names: tuple[str, ...] = ("tokens", "token_scale", "cls", "cls_scale")) -> int:
+def stored_bytes(g: zarr.Group, names: tuple[str, ...] = TARGET_ARRAYS) -> int:
     """Compressed bytes of the target arrays of a shard group."""
     total = 0
     for name in names:

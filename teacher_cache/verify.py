@@ -18,10 +18,9 @@ import torch.nn.functional as F
 import zarr
 
 from .config import TeacherConfig
-from .extract import build_teacher, load_fitted
+from .dataset import iter_dataset_samples, load_dataset
 from .images import decode_image, to_uint8_chw
 from .integrity import CacheIntegrityError, check_shard_group, checked, has_integrity, read_every_chunk, warn_unchecked
-from .prepare import iter_dataset_samples, load_dataset
 from .runtime import progress_bar, resolve_device
 from .shards import pick_image
 from .store import (
@@ -34,6 +33,7 @@ from .store import (
     shard_ids,
     tokenizer_info,
 )
+from .teachers import build_teacher, load_fitted
 from .views import AugConfig, plan_fingerprint, plan_shard, replay_view
 
 # Minimum mean per-token cosine similarity between cached and recomputed tokens, by storage form.

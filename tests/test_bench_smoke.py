@@ -227,8 +227,14 @@ def test_extract_smoke_local(tmp_path):
         tmp_path,
     )
     r = out["teachers"]["random-vit:32/8"]
-    assert r["efficiency"] > 0 and r["stages"]["teacher forward"] > 0 and r["stages"]["zarr write"] > 0
-    assert "Ray scaling" not in text
+    assert r["pipeline_over_slowest"] > 0 and r["pipeline_over_forward"] > 0 and r["slowest"] in r["stages_s"]
+    assert all(min(v) > 0 for v in r["stages_s"].values()) and set(r["stages_s"]) == {
+        "read",
+        "decode/crop",
+        "forward",
+        "write",
+    }
+    assert "slowest" in text and "Ray scaling" not in text
 
 
 @pytest.mark.slow

@@ -105,6 +105,10 @@ EXTRACT_CASES = [
     ("--shards {ds} --out {out} --teacher pixel:32/8 --workers 0", ["workers"], []),
     ("--shards {ds} --out {out} --teacher pixel:32/8 --threads 0", ["threads"], []),
     (EXTRACT + " --teacher pixel:32/8 --device tpu", ["device"], ["'auto'", "'cpu'", "'cuda'"]),
+    (EXTRACT + " --teacher pixel:32/8 --decode-threads 0", ["decode_threads"], [">= 1"]),
+    (EXTRACT + " --teacher pixel:32/8 --shards-in-flight 0", ["shards_in_flight"], [">= 1"]),
+    (EXTRACT + " --teacher pixel:32/8 --autocast fp8", ["autocast"], ["none", "bf16", "fp16"]),
+    (EXTRACT + " --teacher pixel:32/8 --device cpu --autocast bf16", ["autocast"], ["CUDA"]),
     pytest.param(
         EXTRACT + " --teacher pixel:32/8 --device cuda",
         ["device"],

@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 import zarr
 
+from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import FAULT_PAUSE_ENV
-from teacher_cache.prepare import load_dataset
 from teacher_cache.store import shard_ids
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 import cli
-from teacher_cache.prepare import WdsConfig, load_dataset, prepare_wds
+from teacher_cache.dataset import load_dataset
+from teacher_cache.prepare import WdsConfig, prepare_wds
 
 REPO = Path(__file__).resolve().parents[1]
 

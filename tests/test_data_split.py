@@ -9,8 +9,8 @@ import pytest
 
 from student.data import CachedViews, CacheJoin, DataConfig, _hash64, make_loader
 from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import run_extract
-from teacher_cache.prepare import load_dataset
 from teacher_cache.views import AugConfig
 
 SEED, BATCH = 3, 8

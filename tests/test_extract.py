@@ -202,8 +202,9 @@ def test_token_agreement_handles_directionless_tokens():
 
 def test_pca_extract_verifies_reuses_its_basis_and_projects_the_base(tiny_dataset, tmp_path):
     """``pca:<t>``: the basis is fit once, stored, reused byte-identically; tokens are (x - mean) @ C.T."""
-    from teacher_cache.extract import _fitted_base, sample_base_tokens
-    from teacher_cache.prepare import load_dataset
+    from teacher_cache.dataset import load_dataset
+    from teacher_cache.extract import sample_base_tokens
+    from teacher_cache.teachers import base_teacher
     from teacher_cache.teachers.pca import explained_variance
 
     pca = TeacherConfig("pca:random-vit:32/8", group="pca", pca_dim=8, fit_samples=24)
@@ -231,7 +232,7 @@ def test_pca_extract_verifies_reuses_its_basis_and_projects_the_base(tiny_datase
             assert red[key].shape == base[key].shape[:-1] + (8,)
             assert np.allclose(red[key], (base[key] - mean) @ comps.T, atol=1e-4), key
     # Explained variance along the stored directions is non-increasing on the sample it was fit on.
-    x = sample_base_tokens(pca, load_dataset(tiny_dataset), cfg.aug, torch.device("cpu"), _fitted_base(pca))
+    x = sample_base_tokens(pca, load_dataset(tiny_dataset), cfg.aug, torch.device("cpu"), base_teacher(pca))
     ev = explained_variance(torch.from_numpy(basis), x)
     assert (ev[:-1] >= ev[1:] - 1e-9).all(), ev
     # A re-run reuses the stored basis (no refit); a redone shard is byte-identical.
@@ -239,17 +240,17 @@ def test_pca_extract_verifies_reuses_its_basis_and_projects_the_base(tiny_datase
     r = zarr.open_group(cache, mode="r+")
     first = sorted(r["pca"].group_keys())[0]
     del r["pca"][first].attrs["complete"]
-    import teacher_cache.extract as ex
+    import teacher_cache.extract.tokenizers as tokenizers
 
     def no_refit(*a, **k):
         raise AssertionError("the stored basis should have been reused")
 
-    old = ex._FITS["pca"]
-    ex._FITS["pca"] = no_refit
+    old = tokenizers.sample_base_tokens
+    tokenizers.sample_base_tokens = no_refit
     try:
         assert run_extract(cfg, progress=False).ok
     finally:
-        ex._FITS["pca"] = old
+        tokenizers.sample_base_tokens = old
     assert _chunk_bytes(cache, "pca") == before
     # A fresh cache fits the same basis, bit for bit (deterministic sample, exact PCA).
     run_extract(_cfg(tiny_dataset, tmp_path / "again", (pca,)), progress=False)

@@ -15,7 +15,7 @@ nothing was lost and nothing duplicated (issue #6; the table is in RELIABILITY.m
 
 Every killed command is a real ``python cli.py ...`` process in its own session; every process of
 that session is reaped afterwards (by pid). To kill at a chosen point, the tests set
-``DIGPT_FAULT_PAUSE`` (teacher_cache/extract.py ``_fault_pause``): the process writing a shard records
+``DIGPT_FAULT_PAUSE`` (teacher_cache/extract/worker.py ``fault_pause``): the process writing a shard records
 its pid after the shard's first chunk and waits until the test releases it (or kills it).
 """
 
@@ -39,8 +39,8 @@ import zarr
 from safetensors.torch import load_file
 
 from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import FAULT_PAUSE_ENV, run_extract
-from teacher_cache.prepare import load_dataset
 from teacher_cache.store import shard_ids
 from teacher_cache.views import AugConfig
 

@@ -28,10 +28,10 @@ from student.data import CacheJoin, DataConfig
 from student.objectives import StudentConfig
 from student.train import OptimConfig, TrainConfig, train
 from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import ShardJob, extract_shard, run_extract
 from teacher_cache.integrity import CacheIntegrityError
 from teacher_cache.lock import CacheLocked, lock_path
-from teacher_cache.prepare import load_dataset
 from teacher_cache.store import open_root, open_shard, shard_ids
 from teacher_cache.verify import VerifyConfig, run_verify
 from teacher_cache.views import AugConfig
@@ -301,7 +301,7 @@ def test_retried_task_never_rewrites_a_complete_shard(dataset, cache):
         StorageConfig(dtype="fp16", chunk_rows=CHUNK),
         8,
     )
-    from teacher_cache.extract import build_teacher
+    from teacher_cache.teachers import build_teacher
 
     result = extract_shard(job, build_teacher(TeacherConfig("random-vit:32/8", group=GROUP)), torch.device("cpu"), d)
     assert result.rows == 16 and not result.error

@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 import zarr
 
+from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import FAULT_PAUSE_ENV
-from teacher_cache.prepare import SyntheticConfig, load_dataset, prepare_synthetic
+from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
 from teacher_cache.store import shard_ids
 
 pytest.importorskip("s3fs")

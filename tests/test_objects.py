@@ -15,9 +15,10 @@ from zarr.storage import LocalStore
 
 from bench.storage import CountingStore
 from student.data import CachedViews, CacheJoin, DataConfig
-from teacher_cache import extract as E
 from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
 from teacher_cache.extract import run_extract
+from teacher_cache.extract import tokenizers as extract_tokenizers
+from teacher_cache.extract import worker as extract_worker
 from teacher_cache.store import ShardLayout, create_shard_group, open_view_reader, open_writer, write_rows
 from teacher_cache.verify import VerifyConfig, run_verify
 from teacher_cache.views import AugConfig
@@ -147,8 +148,8 @@ def test_schema_1_cache_reads_the_same_batches_and_is_not_extended(tiny_dataset,
     assert run_extract(cfg, progress=False).ok
     old = dataclasses.replace(cfg, out=str(tmp_path / "old"))
     with monkeypatch.context() as m:
-        m.setattr(E, "SCHEMA_VERSION", 1)
-        m.setattr(E, "ShardLayout", lambda **kw: ShardLayout(**kw, sharded=False))
+        m.setattr(extract_tokenizers, "SCHEMA_VERSION", 1)
+        m.setattr(extract_worker, "ShardLayout", lambda **kw: ShardLayout(**kw, sharded=False))
         assert run_extract(old, progress=False).ok
     assert len(_files(tmp_path / "old")) > len(_files(tmp_path / "new")) + 3 * 10  # the layouts differ on disk
     batches = {}

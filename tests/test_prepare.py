@@ -15,16 +15,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from teacher_cache.prepare import (
+from teacher_cache.dataset import (
     MANIFEST_SCHEMA,
-    ImageFolderConfig,
     ManifestMismatch,
-    SyntheticConfig,
-    WdsConfig,
-    expand_shard_pattern,
     iter_dataset_samples,
     load_dataset,
     manifest_fingerprint,
+)
+from teacher_cache.prepare import (
+    ImageFolderConfig,
+    SyntheticConfig,
+    WdsConfig,
+    expand_shard_pattern,
     prepare_imagefolder,
     prepare_synthetic,
     prepare_wds,

@@ -18,8 +18,9 @@ from PIL import Image
 
 from student.data import CachedViews, DataConfig
 from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import run_extract
-from teacher_cache.prepare import ParquetConfig, load_dataset, prepare_parquet
+from teacher_cache.prepare import ParquetConfig, prepare_parquet
 from teacher_cache.shards import iter_tar_samples, pick_image
 from teacher_cache.views import AugConfig
 

@@ -86,7 +86,7 @@ def test_hostile_member_names_never_leave_the_output(tmp_path, monkeypatch, caps
     assert not abs_dir.exists()
     assert not [p for p in new if f"evil_{tag}" in os.path.basename(p) or f"ok_{tag}" in os.path.basename(p)]
 
-    from teacher_cache.prepare import load_dataset
+    from teacher_cache.dataset import load_dataset
 
     keys = load_dataset(str(ds)).manifest.column("key").to_pylist()
     assert keys == names  # the names are only keys; links and devices are not samples

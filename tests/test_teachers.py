@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from teacher_cache.teachers import create_teacher, list_teachers
+from teacher_cache.config import TeacherConfig
+from teacher_cache.teachers import base_teacher, build_teacher, create_teacher, family_fit, list_teachers
 from teacher_cache.teachers.kmeans import fit_kmeans, save_codebook
 from teacher_cache.teachers.pca import explained_variance, fit_pca
 from teacher_cache.teachers.pixel import PixelTeacher
@@ -19,10 +20,12 @@ def _build(name: str, tmp_path):
         path = tmp_path / "cb.safetensors"
         save_codebook(str(path), cb, base.spec.name, base.fingerprint())
         return create_teacher(name, codebook=str(path))
-    if name.startswith("pca:"):
-        base = create_teacher(name.removeprefix("pca:"))
+    fit = family_fit(name)
+    if fit is not None:  # any fitted family (pca:, one a test registers): fit its array on random views
+        tc = TeacherConfig(name, codebook_size=8, pca_dim=8)
+        base = base_teacher(tc)
         x = torch.rand(4, 3, base.spec.input_size, base.spec.input_size, generator=torch.Generator().manual_seed(0))
-        return create_teacher(name, basis=fit_pca(base(x).tokens.flatten(0, 1), 8))
+        return build_teacher(tc, fit.fit(base(x).tokens.flatten(0, 1), tc))
     return create_teacher(name)
 
 

@@ -8,14 +8,20 @@ cosine distance and the codebook is independent of the base teacher's feature sc
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..runtime import progress_bar
 from .base import Teacher, TeacherOutput
-from .registry import create_teacher, register_teacher
+from .registry import Fit, create_teacher, register_teacher
+
+if TYPE_CHECKING:
+    from ..config import TeacherConfig
 
 
 def fit_kmeans(x: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0) -> torch.Tensor:
@@ -90,7 +96,38 @@ class KMeansTeacher(Teacher):
         return TeacherOutput(tokens=self.assign(self.base.encode(x).tokens))
 
 
-@register_teacher("kmeans", tiny="kmeans:random-vit:32/8")
+def _check(tc: TeacherConfig, base: Teacher) -> None:
+    """A missing codebook file, or more codes than the fit sample has token vectors, fails before work."""
+    if tc.codebook is not None:
+        if not os.path.isfile(tc.codebook):
+            raise FileNotFoundError(f"codebook file not found: {tc.codebook}")
+        return
+    per_view = base.spec.grid[0] * base.spec.grid[1]
+    if tc.codebook_size > tc.fit_samples * per_view:
+        raise ValueError(
+            f"codebook_size {tc.codebook_size} exceeds the {tc.fit_samples * per_view} token vectors "
+            f"fit_samples={tc.fit_samples} views give ({per_view} tokens each); lower codebook_size or "
+            "raise fit_samples"
+        )
+
+
+def _fit(x: torch.Tensor, tc: TeacherConfig) -> np.ndarray:
+    return fit_kmeans(x, tc.codebook_size, seed=0).numpy()
+
+
+KMEANS_FIT = Fit(
+    array="codebook",
+    keyword="codebook",
+    fit=_fit,
+    describe=lambda tc: f"fit k-means ({tc.codebook_size} codes)",
+    check=_check,
+    options=lambda tc: {"codebook": tc.codebook},  # a user's file, used when nothing is stored yet
+    given=lambda tc: tc.codebook is not None,
+    stored=lambda t: t.codebook,  # the file's codebook, kept beside the codes
+)
+
+
+@register_teacher("kmeans", tiny="kmeans:random-vit:32/8", fit=KMEANS_FIT)
 def kmeans(
     arg: str | None,
     *,

@@ -12,11 +12,16 @@ is a buffer, so it is part of the teacher's fingerprint.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .base import Teacher, TeacherOutput
-from .registry import create_teacher, register_teacher
+from .registry import Fit, create_teacher, register_teacher
+
+if TYPE_CHECKING:
+    from ..config import TeacherConfig
 
 
 def fit_pca(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,7 +87,29 @@ class PCATeacher(Teacher):
         )
 
 
-@register_teacher("pca", tiny="pca:random-vit:32/8")
+def _check(tc: TeacherConfig, base: Teacher) -> None:
+    if tc.pca_dim > base.spec.dim:
+        raise ValueError(
+            f"pca_dim {tc.pca_dim} exceeds the token dim {base.spec.dim} of {base.spec.name}; "
+            f"lower pca_dim to at most {base.spec.dim}"
+        )
+
+
+def _fit(x: torch.Tensor, tc: TeacherConfig) -> np.ndarray:
+    return fit_pca(x, tc.pca_dim).numpy()
+
+
+PCA_FIT = Fit(
+    array="pca_basis",
+    keyword="basis",
+    fit=_fit,
+    describe=lambda tc: f"fit PCA ({tc.pca_dim} dims)",
+    check=_check,
+    options=lambda tc: {"pca_dim": tc.pca_dim},
+)
+
+
+@register_teacher("pca", tiny="pca:random-vit:32/8", fit=PCA_FIT)
 def pca(
     arg: str | None,
     *,

@@ -3,18 +3,63 @@
 A teacher name is ``family`` or ``family:arg`` (``openclip:ViT-B-16@openai``,
 ``timm:vit_small_patch14_dinov2.lvd142m``, ``kmeans:efficientnet_lite0``, ``pca:efficientnet_lite0``). Presets give the
 headline teachers short names (``clip-b16``); they expand to a family name.
+
+A family that is *fit on the data* (``kmeans:<t>`` a codebook, ``pca:<t>`` a basis) declares it with a
+:class:`Fit` at registration: what it fits on its base teacher's tokens, the array it stores in its cache
+group, the factory keyword that array comes back through, and the checks that fail before any work.
+``extract``, ``verify`` and the trainer handle every fitted family through that entry alone
+(:mod:`teacher_cache.teachers.build`), so a new family touches only this package.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .base import Teacher
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ..config import TeacherConfig
+
 TeacherFactory = Callable[..., Teacher]
 
+
+@dataclass(frozen=True)
+class Fit:
+    """What a ``family:<base>`` tokenizer fits on the data and keeps in its cache group.
+
+    ``extract`` samples the base teacher's tokens ``[M, D]`` of the first view of the first
+    ``TeacherConfig.fit_samples`` usable samples (deterministic), calls :attr:`fit` once per cache group,
+    stores the result as :attr:`array` beside the tokens, and on every later build (re-runs, workers,
+    ``verify``, the trainer) passes it back to the factory as keyword :attr:`keyword`.
+    """
+
+    array: str
+    """Name of the float32 array stored in the tokenizer group (``codebook``, ``pca_basis``)."""
+    keyword: str
+    """Factory keyword that receives that array as a tensor (``codebook``, ``basis``)."""
+    fit: Callable[[torch.Tensor, TeacherConfig], np.ndarray]
+    """``(base tokens [M, D], config) -> array`` to store."""
+    describe: Callable[[TeacherConfig], str]
+    """Progress-bar label of the fit, e.g. ``fit k-means (512 codes)``."""
+    check: Callable[[TeacherConfig, Teacher], None] | None = None
+    """Raise ``ValueError`` naming the field when the config cannot work with this base teacher;
+    called before any work starts."""
+    options: Callable[[TeacherConfig], dict[str, Any]] | None = None
+    """Extra factory keywords taken from the config (``pca_dim``; a user's ``codebook`` file)."""
+    given: Callable[[TeacherConfig], bool] | None = None
+    """True when the config supplies the array itself (a codebook file): build with :attr:`options`, no
+    fit, and store :attr:`stored` of the built teacher."""
+    stored: Callable[[Teacher], torch.Tensor] | None = None
+    """The array a built teacher holds (needed with :attr:`given`)."""
+
+
 _FAMILIES: dict[str, TeacherFactory] = {}
+_FITS: dict[str, Fit] = {}
 _DOCS: dict[str, str] = {}
 _TINY: dict[str, str] = {}
 
@@ -32,17 +77,25 @@ PRESETS: dict[str, str] = {
 }
 
 
-def register_teacher(family: str, *, tiny: str | None = None) -> Callable[[TeacherFactory], TeacherFactory]:
+def register_teacher(
+    family: str, *, tiny: str | None = None, fit: Fit | None = None
+) -> Callable[[TeacherFactory], TeacherFactory]:
     """Register ``factory(arg, *, weights=None, layer=None, **options) -> Teacher`` under ``family``.
 
     ``tiny`` names a variant of this family that builds offline in well under a second on a CPU;
-    tests parametrize over those.
+    tests parametrize over those. ``fit``: the family wraps a base teacher (``family:<base>``) and fits
+    something on the data (see :class:`Fit`).
     """
+
+    if fit is not None and fit.given is not None and fit.stored is None:
+        raise ValueError(f"teacher family {family!r}: a Fit with `given` needs `stored` (the array to keep)")
 
     def deco(fn: TeacherFactory) -> TeacherFactory:
         if family in _FAMILIES:
             raise ValueError(f"teacher family {family!r} registered twice")
         _FAMILIES[family] = fn
+        if fit is not None:
+            _FITS[family] = fit
         _DOCS[family] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         if tiny is not None:
             _TINY[family] = tiny
@@ -78,6 +131,18 @@ def split_name(name: str) -> tuple[str, str | None]:
 
 def resolve_name(name: str) -> str:
     return PRESETS.get(name, name)
+
+
+def family_fit(name: str) -> Fit | None:
+    """The :class:`Fit` of ``name``'s family (a teacher name or preset), or ``None``."""
+    _ensure_loaded()
+    return _FITS.get(split_name(name)[0])
+
+
+def fitted_arrays() -> tuple[str, ...]:
+    """Names of every array a registered family stores in its tokenizer group."""
+    _ensure_loaded()
+    return tuple(sorted({f.array for f in _FITS.values()}))
 
 
 def create_teacher(name: str, *, weights: str | None = None, layer: int | None = None, **options: Any) -> Teacher:

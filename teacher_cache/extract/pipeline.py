@@ -1,0 +1,256 @@
+"""One shard's rows through overlapped stages, joined by bounded queues::
+
+    reader thread ──▶ decode/crop pool (``decode_threads``) ──▶ forward (calling thread) ──▶ writer thread
+    tar + hash check    decode, size check, replay K views       teacher, in batches          Zarr chunks
+
+Determinism does not depend on the overlap: rows are consumed in index order whatever order the decode
+threads finish in, and the teacher sees exactly the batches the serial loop formed — per chunk of
+``chunk_rows`` rows, the decoded rows' views in order, ``batch_size`` at a time, the remainder last — so
+a cache's bytes are the same for any number of threads. Only the writer thread writes, one whole chunk at
+a time (DESIGN invariant 3); :func:`run_rows` returns only once it has stopped, even on an error, so no
+write of a failed shard can land after its retry has begun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..images import BadImage, decode_image, to_uint8_chw
+from ..shards import pick_image
+from ..teachers import Teacher
+from ..views import replay_view
+
+_END = object()  # end of a stream
+_POLL_S = 0.05  # how often a blocked put/get looks whether the other side has failed
+
+
+class _Stop(Exception):
+    """The consuming side failed or finished early; a producer stops quietly."""
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
+    """``q.put`` that gives up when ``stop`` is set (the consumer is gone: never block forever)."""
+    while True:
+        if stop.is_set():
+            raise _Stop
+        try:
+            q.put(item, timeout=_POLL_S)
+            return
+        except queue.Full:
+            continue
+
+
+def _get(q: queue.Queue, alive: Callable[[], bool]) -> Any:
+    """``q.get`` that raises when the producer died without ending its stream."""
+    while True:
+        try:
+            return q.get(timeout=_POLL_S)
+        except queue.Empty:
+            if not alive():
+                try:  # it may have put its last item just before ending
+                    return q.get_nowait()
+                except queue.Empty:
+                    raise RuntimeError("an extraction stage ended without finishing its stream") from None
+
+
+def decode_row(
+    row: dict[str, Any], raw: Any, boxes: np.ndarray, flips: np.ndarray, size: int
+) -> tuple[torch.Tensor | None, str]:
+    """``(views [K, 3, size, size], "")`` of one manifest row, or ``(None, reason)`` when it is unusable.
+
+    The reason is the manifest's own error, ``no image member``, or the decoder's :class:`BadImage`."""
+    if row["error"]:
+        return None, row["error"]
+    picked = pick_image(raw) if raw is not None else None
+    if picked is None:
+        return None, "no image member"
+    try:
+        img = torch.from_numpy(to_uint8_chw(decode_image(picked[1])))
+        if tuple(img.shape[1:]) != (row["height"], row["width"]):
+            raise BadImage(f"decoded size {tuple(img.shape[1:])} differs from manifest")
+    except BadImage as e:
+        return None, str(e)
+    return torch.stack([replay_view(img, boxes[v], flips[v], size) for v in range(len(boxes))]), ""
+
+
+class Forward:
+    """The teacher on its device: ``views [n, 3, S, S] -> (tokens, cls or None)`` on the host.
+
+    On CUDA the batch is pinned and copied without blocking, and the forward may run under autocast
+    (``bf16``/``fp16``); outputs come back in the dtype the teacher produced (the store encodes them)."""
+
+    def __init__(self, teacher: Teacher, device: torch.device, autocast: str = "none"):
+        self.teacher, self.device = teacher, device
+        self.cuda = device.type == "cuda"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast) if self.cuda else None
+
+    def __call__(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.cuda:
+            views = views.pin_memory().to(self.device, non_blocking=True)
+        else:
+            views = views.to(self.device)
+        ctx = torch.autocast("cuda", dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+        with ctx:
+            out = self.teacher(views)
+        return out.tokens.cpu(), (out.cls.cpu() if out.cls is not None else None)
+
+
+class Writer:
+    """The one thread that writes a shard group: ``start(first)`` runs ``first()`` (create the group and
+    its metadata) on it, then each :meth:`put` ``(lo, hi, idx, tokens, cls)`` block in order."""
+
+    def __init__(self, write: Callable[..., None], after_first: Callable[[], None], depth: int = 2):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self._write, self._after_first = write, after_first
+        self._thread: threading.Thread | None = None
+
+    def start(self, first: Callable[[], None]) -> Writer:
+        self._thread = threading.Thread(target=self._run, args=(first,), name="extract-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self, first: Callable[[], None]) -> None:
+        try:
+            first()
+            n = 0
+            while (item := self.q.get()) is not _END:
+                self._write(*item)
+                n += 1
+                if n == 1:
+                    self._after_first()
+        except BaseException as e:  # noqa: BLE001 - handed to the forward thread, which raises it
+            self.error = e
+            self.stop.set()
+
+    def put(self, *block: Any) -> None:
+        try:
+            _put(self.q, block, self.stop)
+        except _Stop:
+            self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self, ok: bool) -> None:
+        """Finish (``ok``: every block was put) or abandon the stream; returns once the thread is gone."""
+        if self._thread is None:
+            return
+        if not ok:
+            self.stop.set()
+        while self._thread.is_alive():  # (a writer that failed is gone already: nothing to tell it)
+            if self.stop.is_set():  # abandoning: the queued blocks are dropped, so the end marker fits
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        self.q.get_nowait()
+            try:
+                self.q.put(_END, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        if ok:
+            self.raise_error()
+
+
+def _reader(
+    samples: Iterator[tuple[dict[str, Any], Any]],
+    decode: Callable[[dict[str, Any], Any], tuple[torch.Tensor | None, str]],
+    pool: ThreadPoolExecutor,
+    out: queue.Queue,
+    stop: threading.Event,
+) -> None:
+    """Read rows in index order and queue a decode future per row (the queue's bound holds the reader back)."""
+    try:
+        for row, raw in samples:
+            _put(out, (row["index"], pool.submit(decode, row, raw)), stop)
+        _put(out, _END, stop)
+    except _Stop:
+        return
+    except BaseException as e:  # noqa: BLE001 - a shard that no longer matches its manifest, a broken tar
+        with contextlib.suppress(_Stop):
+            _put(out, e, stop)
+
+
+def _flush(forward: Callable, pending: list[torch.Tensor], count: int, toks: list, clss: list) -> None:
+    """The teacher over the first ``count`` pending views (one batch), outputs appended."""
+    t, cl = forward(torch.stack(pending[:count]))
+    del pending[:count]
+    toks.append(t)
+    if cl is not None:
+        clss.append(cl)
+
+
+def run_rows(
+    n: int,
+    samples: Iterator[tuple[dict[str, Any], Any]],
+    decode: Callable[[dict[str, Any], Any], tuple[torch.Tensor | None, str]],
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    writer: Writer,
+    chunk_rows: int,
+    batch_size: int,
+    decode_threads: int,
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode, forward and hand to ``writer`` every chunk of rows ``[0, n)``.
+
+    ``samples`` yields ``(row, raw)`` for every manifest row in index order (``raw`` is ``None`` for a row
+    whose sample is gone); returns the ``valid`` mask and ``(index, reason)`` of every unusable row, in
+    index order."""
+    valid = np.zeros(n, dtype=bool)
+    skipped: list[tuple[int, str]] = []
+    stop = threading.Event()
+    # Enough decoded rows queued to fill two teacher batches, and every decode thread busy meanwhile.
+    decoded: queue.Queue = queue.Queue(maxsize=max(4 * decode_threads, 2 * batch_size))
+    pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="extract-decode")
+    reader = threading.Thread(target=_reader, args=(samples, decode, pool, decoded, stop), daemon=True)
+    ok = False
+    try:
+        reader.start()
+        c = max(1, min(chunk_rows, n))
+        for lo in range(0, n, c):  # one chunk at a time: the writer gets whole chunks
+            hi = min(lo + c, n)
+            rows_ok: list[int] = []
+            pending: list[torch.Tensor] = []
+            toks: list[torch.Tensor] = []
+            clss: list[torch.Tensor] = []
+
+            for i in range(lo, hi):
+                item = _get(decoded, reader.is_alive)
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _END or item[0] != i:  # the reader yields every manifest row, in order
+                    raise RuntimeError(f"row {i} of {n} missing from the shard's sample stream")
+                views, reason = item[1].result()
+                if views is None:
+                    skipped.append((i, reason))
+                    continue
+                rows_ok.append(i)
+                pending.extend(views.unbind(0))
+                while len(pending) >= batch_size:
+                    _flush(forward, pending, batch_size, toks, clss)
+                writer.raise_error()
+            if pending:
+                _flush(forward, pending, len(pending), toks, clss)
+            if not rows_ok:  # no row of this chunk decoded: its target chunks are written as fill values
+                writer.put(lo, hi, np.zeros(0, dtype=np.int64), None, None)
+                continue
+            tokens = torch.cat(toks)
+            writer.put(lo, hi, np.asarray(rows_ok) - lo, tokens, torch.cat(clss) if clss else None)
+            valid[rows_ok] = True
+        ok = True
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        reader.join()
+        writer.close(ok)
+    return valid, skipped

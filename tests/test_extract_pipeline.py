@@ -1,0 +1,159 @@
+"""Extraction as overlapped stages (teacher_cache/extract/pipeline.py): the cache's bytes never depend on the
+number of decode threads, and a failing stage fails its shard by name and leaves no thread behind."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.extract import run_extract
+from teacher_cache.prepare import WdsConfig, prepare_wds
+from teacher_cache.shards import RawSample, write_tar_shards
+from teacher_cache.views import AugConfig
+from tests.test_extract import _chunk_bytes
+
+TEACHERS = (
+    TeacherConfig("random-vit:32/8", group="vit"),  # tokens + cls
+    TeacherConfig("kmeans:random-vit:32/8", group="codes", codebook_size=8, fit_samples=8),  # integer codes
+)
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory):
+    """20 JPEGs of varied sizes in 2 shards, with a truncated, an empty and an image-less sample, and two
+    bad rows side by side so that one chunk of 2 rows holds no decodable image at all."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(20):
+        w, h = int(rng.integers(34, 70)), int(rng.integers(34, 70))
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=85)
+        samples.append(RawSample(f"k{i:03d}", {"jpg": buf.getvalue(), "cls": str(i % 3).encode()}))
+    samples[3] = RawSample("k003", {"jpg": samples[3].files["jpg"][:300], "cls": b"0"})  # truncated
+    samples[12] = RawSample("k012", {"jpg": b"", "cls": b"0"})  # rows 12, 13: one whole chunk of 2 rows
+    samples[13] = RawSample("k013", {"txt": b"no image"})
+    root = tmp_path_factory.mktemp("mixed")
+    write_tar_shards(samples, str(root / "raw"), shard_size=10)
+    prepare_wds(WdsConfig(pattern=str(root / "raw" / "*.tar"), out=str(root / "ds")))
+    return str(root / "ds")
+
+
+def _cfg(ds: str, out, decode_threads: int, teachers=TEACHERS, **kw) -> ExtractConfig:
+    kw.setdefault("executor", "local")
+    return ExtractConfig(
+        shards=ds,
+        out=str(out),
+        teachers=teachers,
+        aug=AugConfig(views=2),
+        # chunks of 2 rows, batches of 3 views: batches straddle rows, chunks straddle batches
+        storage=StorageConfig(dtype="int8", chunk_rows=2),
+        batch_size=3,
+        decode_threads=decode_threads,
+        **kw,
+    )
+
+
+def _records(cache: str, group: str) -> dict[str, dict]:
+    root = zarr.open_group(cache, mode="r")
+    out = {}
+    for sid, g in root[group].groups():
+        rec = dict(g.attrs["complete"])
+        rec.pop("seconds")  # the one field that is a measurement
+        out[sid] = rec
+    return out
+
+
+def _extract_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("extract-")]
+
+
+def test_cache_bytes_do_not_depend_on_decode_threads(mixed_dataset, tmp_path):
+    """1 decode thread and 1 shard at a time vs 4 decode threads and 2 shards in flight: the same bytes."""
+    one = run_extract(_cfg(mixed_dataset, tmp_path / "one", 1), progress=False)
+    many = run_extract(_cfg(mixed_dataset, tmp_path / "many", 4, shards_in_flight=2), progress=False)
+    assert one.ok and many.ok, (one.table(), many.table())
+    assert (one.tokenizers[0].samples, one.tokenizers[0].valid) == (20, 17)
+    for group in ("vit", "codes"):
+        a, b = _chunk_bytes(str(tmp_path / "one"), group), _chunk_bytes(str(tmp_path / "many"), group)
+        # schema 2: a few objects per shard group (one per view per target array + metadata), 2 shards
+        assert a.keys() == b.keys() and len(a) >= 12
+        assert [k for k in a if a[k] != b[k]] == []
+        assert _records(str(tmp_path / "one"), group) == _records(str(tmp_path / "many"), group)
+    # The all-bad chunk is written (zeros), and its rows are invalid; the others hold tokens.
+    g = zarr.open_group(str(tmp_path / "many"), mode="r")["vit"]
+    sid = sorted(g.group_keys())[1]
+    assert not g[sid]["valid"][2:4].any() and g[sid]["valid"][[0, 1, 4, 5]].all()
+    assert not g[sid]["tokens"][2:4].any() and g[sid]["tokens"][4:6].any()
+    assert _extract_threads() == []
+
+
+def test_a_failing_writer_fails_its_shard_by_name_and_leaves_no_thread(mixed_dataset, tmp_path, monkeypatch):
+    import teacher_cache.extract.worker as worker
+
+    real, calls = worker.write_rows, []
+
+    def flaky(g, lo, *a, **k):
+        calls.append(lo)
+        if len(calls) == 3:  # the third chunk of the run: mid-shard
+            raise OSError(28, "No space left on device")
+        return real(g, lo, *a, **k)
+
+    monkeypatch.setattr(worker, "write_rows", flaky)
+    teachers = TEACHERS[:1]
+    summary = run_extract(_cfg(mixed_dataset, tmp_path / "c", 3, teachers), progress=False)
+    assert [f["shard"].rsplit("/", 1)[-1] for f in summary.failed] == ["shard-000000.tar"]
+    assert "No space left on device" in summary.failed[0]["error"]
+    assert "writing" in summary.failed[0]["error"] and "/vit/" in summary.failed[0]["error"]
+    assert _extract_threads() == []
+    # A re-run redoes only that shard, and the cache equals one made without the fault.
+    monkeypatch.setattr(worker, "write_rows", real)
+    again = run_extract(_cfg(mixed_dataset, tmp_path / "c", 3, teachers), progress=False)
+    assert again.ok and again.tokenizers[0].shards_done == 1
+    run_extract(_cfg(mixed_dataset, tmp_path / "clean", 1, teachers), progress=False)
+    assert _chunk_bytes(str(tmp_path / "c"), "vit") == _chunk_bytes(str(tmp_path / "clean"), "vit")
+
+
+def test_a_failing_teacher_or_decoder_fails_the_shard_and_stops_every_stage(mixed_dataset, tmp_path, monkeypatch):
+    import teacher_cache.extract.pipeline as pipeline
+
+    def broken(*a, **k):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(pipeline, "replay_view", broken)
+    summary = run_extract(_cfg(mixed_dataset, tmp_path / "c", 2, TEACHERS[:1]), progress=False)
+    assert len(summary.failed) == 2 and all("decoder exploded" in f["error"] for f in summary.failed)
+    assert _extract_threads() == []
+    root = zarr.open_group(str(tmp_path / "c"), mode="r")
+    assert not any("complete" in g.attrs for _, g in root["vit"].groups())  # nothing marked complete
+
+
+def test_pipeline_options_are_checked_before_work(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="decode_threads must be >= 1"):
+        _cfg(tiny_dataset, tmp_path / "c", 0)
+    with pytest.raises(ValueError, match="shards_in_flight must be >= 1"):
+        _cfg(tiny_dataset, tmp_path / "c", 1, shards_in_flight=0)
+    with pytest.raises(ValueError, match="autocast 'bf16' needs a CUDA device"):
+        ExtractConfig(shards=tiny_dataset, out=str(tmp_path), teachers=TEACHERS, device="cpu", autocast="bf16")
+    if not torch.cuda.is_available():  # device "auto" resolves to the CPU: refused before any work
+        with pytest.raises(ValueError, match="autocast 'fp16' needs a CUDA device and none is available"):
+            run_extract(ExtractConfig(shards=tiny_dataset, out=str(tmp_path / "a"), teachers=TEACHERS, autocast="fp16"))
+        assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="autocast must be one of none, bf16, fp16"):
+        ExtractConfig(shards=tiny_dataset, out=str(tmp_path), teachers=TEACHERS, autocast="fp8")
+
+
+@pytest.mark.slow
+def test_ray_workers_with_shards_in_flight_write_the_same_bytes(mixed_dataset, tmp_path, ray_session):
+    """Threaded Ray actors (two shards at once each) write what one local thread writes."""
+    ray_cfg = _cfg(mixed_dataset, tmp_path / "ray", 2, TEACHERS[:1], executor="ray", workers=1, shards_in_flight=2)
+    assert run_extract(ray_cfg, progress=False).ok
+    assert run_extract(_cfg(mixed_dataset, tmp_path / "local", 1, TEACHERS[:1]), progress=False).ok
+    assert _chunk_bytes(str(tmp_path / "ray"), "vit") == _chunk_bytes(str(tmp_path / "local"), "vit")
+    assert _records(str(tmp_path / "ray"), "vit") == _records(str(tmp_path / "local"), "vit")
