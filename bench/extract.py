@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="fp16", help="token storage dtype (fp32, fp16, bf16, int8)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--autocast", default="none", help="none, bf16 or fp16 (CUDA only)")
-    p.add_argument("--ray-workers", default="1,2", help="Ray worker counts to compare ('' skips Ray)")
+    p.add_argument("--ray-workers", default="1,2", help="Ray worker counts to compare ('' or 0 skips Ray)")
     p.add_argument("--ray-repeats", type=int, default=1, help="runs per Ray worker count (interleaved)")
     a = p.parse_args(argv)
     threads = C.setup_threads(a.threads)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(a.device)
     names = [t.strip() for t in a.teachers.split(",") if t.strip()]
-    workers = [int(w) for w in a.ray_workers.split(",") if w.strip()]
+    workers = [int(w) for w in a.ray_workers.split(",") if w.strip() and int(w) > 0]  # "" or "0": skip Ray
     rep = C.Report("extract", "Extraction: overlapped pipeline vs its stages alone (bench/extract.py)", argv)
     result: dict = {"teachers": {}, "ray": {}, "load_average": {"start": os.getloadavg()}}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
