@@ -15,6 +15,10 @@ range per run of adjacent rows sharing a view, ``teacher_cache/objects.py``), in
 block ahead of the tar stream so the reads overlap JPEG decoding, and kept in their stored dtype until
 a batch is formed. Manifest rows, key index, stored seeds/boxes/flips and the objects' indexes are read
 once per process and run.
+
+At ~460 lines this is over the project's ~400: the epoch plan, rank/worker split, resume skip and
+view replay are one contract (exactly which sample, view and crop each global batch holds), kept in one
+file so it can be read and checked in one place; the join's thread and target blocks live in ``join.py``.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ every sample; integer codes use Blosc zstd with bit-shuffle (they compress ~2x),
 arrays. Every chunk (every inner chunk of a sharded array, and each shard index) ends in a ``crc32c``
 checksum, and every chunk is written, even an all-fill one, so a missing chunk is damage rather than
 zeros (``integrity.py``; shard attribute ``integrity``).
+
+At ~460 lines this module is over the project's ~400 on purpose: it is the one place that knows the
+layout, both the write side (groups, writers) and the read side (targets, view readers) of both
+schemas, so a layout change is one file; the object format itself is in ``objects.py``.
 """
 
 from __future__ import annotations
