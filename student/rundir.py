@@ -18,7 +18,7 @@ from .objectives import Objective, TargetSpec, objective_config
 
 if TYPE_CHECKING:
     from .data import CacheJoin
-    from .targets import TargetNorm
+    from .targets import TargetNorm, TokenNorm
     from .train import TrainConfig
 
 MISMATCH_LOG = "skipped-mismatch.jsonl"
@@ -151,7 +151,12 @@ def write_json(path: str, obj: dict) -> None:
 
 
 def write_config(
-    cfg: TrainConfig, join: CacheJoin, objective: Objective, total: int, peak: float, norm: TargetNorm | None = None
+    cfg: TrainConfig,
+    join: CacheJoin,
+    objective: Objective,
+    total: int,
+    peak: float,
+    norm: TargetNorm | TokenNorm | None = None,
 ) -> None:
     """The resolved config, plus what the run was trained against: enough to rebuild and check it."""
     os.makedirs(cfg.out, exist_ok=True)

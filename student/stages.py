@@ -19,7 +19,7 @@ from teacher_cache.config import TeacherConfig
 from teacher_cache.teachers import Teacher, build_teacher
 
 from .targets import FILE as TARGET_NORM_FILE
-from .targets import TargetNorm, estimate_target_norm
+from .targets import TargetNorm, TokenNorm, estimate_target_norm
 
 if TYPE_CHECKING:
     from .data import CacheJoin
@@ -89,11 +89,14 @@ def online_teacher_for(join: CacheJoin, device: torch.device | str) -> Teacher:
     return teacher.to(device)
 
 
-def target_norm_for(cfg: TrainConfig, join: CacheJoin) -> TargetNorm | None:
+def target_norm_for(cfg: TrainConfig, join: CacheJoin) -> TargetNorm | TokenNorm | None:
     """The run's target standardisation: the copy in the run directory when resuming (what the run
-    started with), else estimated from the cache (deterministic: every rank gets the same)."""
+    started with), else estimated from the cache (deterministic: every rank gets the same); ``token``
+    needs no statistics."""
     if cfg.target_norm == "none" or join.info.codes:
         return None
+    if cfg.target_norm == "token":
+        return TokenNorm()
     if cfg.resume and os.path.exists(os.path.join(cfg.out, TARGET_NORM_FILE)):
         return TargetNorm.load(cfg.out)
     return estimate_target_norm(join)

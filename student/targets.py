@@ -24,7 +24,7 @@ from torch import nn
 from teacher_cache.io import atomic_write
 from teacher_cache.store import ShardTargets
 
-NORMS = ("channel", "none")
+NORMS = ("channel", "token", "none")
 FILE = "target_norm.safetensors"
 
 
@@ -77,6 +77,32 @@ class TargetNorm(nn.Module):
         if self.has_cls:
             s["cls_mean_norm"] = float(self.cls_mean.norm())
         return s
+
+
+class TokenNorm(nn.Module):
+    """``tokens`` (and ``cls``) -> ``(x - mean) / std`` over each token's own channels (MAE's norm-pix
+    for pixel targets: the loss sees a patch's structure, not its brightness and contrast). Stateless:
+    nothing to estimate, save or resume. Raw tensors stay in the batch as for :class:`TargetNorm`."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True, unbiased=False) + self.eps).sqrt()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(batch)
+        out["raw_tokens"] = batch["tokens"]
+        out["tokens"] = self._norm(batch["tokens"])
+        if "cls" in batch and batch["cls"] is not None:
+            out["raw_cls"] = batch["cls"]
+            out["cls"] = self._norm(batch["cls"])
+        return out
+
+    def summary(self) -> dict:
+        return {"per": "token"}
 
 
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

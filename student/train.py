@@ -29,7 +29,7 @@ from .rundir import check_resume_config, open_run, report_mismatches, write_conf
 from .stages import Stages, build_stages, online_teacher_for
 from .stages import online_targets as online_targets  # re-exported: tests and bench/train.py use it from here
 from .stages import target_norm_for as target_norm_for
-from .targets import NORMS, TargetNorm
+from .targets import NORMS, TargetNorm, TokenNorm
 
 __all__ = ["OptimConfig", "TrainConfig", "TrainResult", "build_run", "lr_schedule", "param_groups", "train"]
 
@@ -102,7 +102,8 @@ class TrainConfig:
     """Run the cache's teacher inside the step instead of reading targets (baseline and oracle)."""
     target_norm: str = "channel"
     """Continuous targets: ``channel`` standardises each channel with the cache's statistics
-    (``student/targets.py`` says why), ``none`` uses them as stored. Code targets are never changed."""
+    (``student/targets.py`` says why), ``token`` standardises each token over its own channels (MAE's
+    norm-pix), ``none`` uses them as stored. Code targets are never changed."""
     seed: int = 0
     """Seeds model initialisation."""
     blind_batches: int = 12
@@ -226,7 +227,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Setu
     state = loaded[1] if loaded else TrainState()
     norm = stages.find(TargetNorm)
     if rank == 0:
-        write_config(cfg, join, objective, total, peak, norm)
+        write_config(cfg, join, objective, total, peak, norm or stages.find(TokenNorm))
         if norm is not None:
             norm.save(cfg.out)
     blind = measure_blind(cfg, objective, ds, stages) if rank == 0 else None

@@ -255,3 +255,24 @@ def test_target_norm_standardises_with_cache_statistics(tiny_dataset, tiny_cache
     assert target_norm_for(codes, CacheJoin(codes.data)) is None
     with pytest.raises(ValueError, match="target_norm"):
         _cfg(tiny_dataset, tiny_cache, tmp_path / "x", target_norm="zscore")
+
+
+def test_token_norm_standardises_each_token_and_trains(tiny_dataset, tiny_cache, tmp_path):
+    """``--target-norm token`` (MAE's norm-pix): each target token has zero mean and unit variance over its
+    own channels, the raw tokens stay in the batch for the orders, and a run trains and records it."""
+    from student.targets import TokenNorm
+    from student.train import target_norm_for
+
+    cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / "t", target_norm="token", steps=2)
+    norm = target_norm_for(cfg, CacheJoin(cfg.data))
+    assert isinstance(norm, TokenNorm)
+    x = 5 + 3 * torch.randn(4, 16, 32)
+    out = norm({"tokens": x, "cls": 2 * torch.randn(4, 32) - 1})
+    assert torch.equal(out["raw_tokens"], x)
+    assert out["tokens"].mean(-1).abs().max() < 1e-4
+    assert (out["tokens"].var(-1, unbiased=False) - 1).abs().max() < 1e-3
+    assert out["cls"].mean(-1).abs().max() < 1e-4
+    result = train(cfg, progress=False)
+    assert np.isfinite(result.final_loss)
+    assert json.load(open(tmp_path / "t" / "config.json"))["target_norm"]["kind"] == "token"
+    assert not (tmp_path / "t" / "target_norm.safetensors").exists()  # nothing to save: stateless
