@@ -123,19 +123,7 @@ class _Stages:
             groups = {}
             for s in self.ds.shards:
                 rows, plan = self.ds.rows(s), self.plans[s]
-                lay = ShardLayout(
-                    rows=len(rows["key"]),
-                    views=self.aug.views,
-                    tokens=spec.grid[0] * spec.grid[1],
-                    dim=spec.dim,
-                    has_cls=spec.has_cls,
-                    codes=spec.kind == "codes",
-                    dtype=self.storage.dtype,
-                    chunk_rows=self.storage.chunk_rows,
-                    clevel=self.storage.clevel,
-                    num_codes=spec.num_codes,
-                    codec=self.storage.codec,
-                )
+                lay = ShardLayout.for_teacher(len(rows["key"]), self.aug.views, spec, self.storage)
                 g = create_shard_group(tok, sids[s], s, lay)
                 g["keys"][:] = np.asarray(rows["key"], dtype=str)
                 g["seeds"][:], g["boxes"][:], g["flips"][:] = plan.seeds, plan.boxes, plan.flips

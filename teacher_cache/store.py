@@ -195,6 +195,23 @@ class ShardLayout:
     sharded: bool = True
     """Schema 2's few-objects layout; ``False`` writes schema 1's (kept to test and benchmark old caches)."""
 
+    @classmethod
+    def for_teacher(cls, rows: int, views: int, spec: Any, storage: Any) -> ShardLayout:
+        """The layout ``extract`` writes for a teacher's ``TeacherSpec`` under a ``StorageConfig``."""
+        return cls(
+            rows=rows,
+            views=views,
+            tokens=spec.grid[0] * spec.grid[1],
+            dim=spec.dim,
+            has_cls=spec.has_cls,
+            codes=spec.kind == "codes",
+            dtype=storage.dtype,
+            chunk_rows=storage.chunk_rows,
+            clevel=storage.clevel,
+            num_codes=spec.num_codes,
+            codec=storage.codec,
+        )
+
 
 def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) -> zarr.Group:
     """(Re)create an empty shard group. Any previous, incomplete group is deleted first."""

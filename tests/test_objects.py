@@ -134,6 +134,13 @@ def test_reads_coalesce_adjacent_rows_of_a_view(tmp_path):
     assert store.counter["gets"] == 2 * 3  # per array: rows 0-2 and 5-7 of view 0 are 2 ranges, 3-4 of view 1 one
 
 
+@dataclasses.dataclass(frozen=True)
+class _Schema1Layout(ShardLayout):
+    """The old layout, as the extractor would build it (``ShardLayout.for_teacher`` on this class)."""
+
+    sharded: bool = False
+
+
 def test_schema_1_cache_reads_the_same_batches_and_is_not_extended(tiny_dataset, tmp_path, monkeypatch):
     """A cache written with the old layout (schema 1) trains on the same batches as a new one and passes
     verify; extracting into it is refused with a message that says what to do."""
@@ -149,7 +156,7 @@ def test_schema_1_cache_reads_the_same_batches_and_is_not_extended(tiny_dataset,
     old = dataclasses.replace(cfg, out=str(tmp_path / "old"))
     with monkeypatch.context() as m:
         m.setattr(extract_tokenizers, "SCHEMA_VERSION", 1)
-        m.setattr(extract_worker, "ShardLayout", lambda **kw: ShardLayout(**kw, sharded=False))
+        m.setattr(extract_worker, "ShardLayout", _Schema1Layout)
         assert run_extract(old, progress=False).ok
     assert len(_files(tmp_path / "old")) > len(_files(tmp_path / "new")) + 3 * 10  # the layouts differ on disk
     batches = {}

@@ -59,19 +59,7 @@ def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pr
     rows = ds.rows(job.shard)
     n, k, spec = len(rows["key"]), job.aug.views, teacher.spec
     plan = plan_shard(job.shard, rows["key"], rows["width"], rows["height"], job.aug)
-    lay = ShardLayout(
-        rows=n,
-        views=k,
-        tokens=spec.grid[0] * spec.grid[1],
-        dim=spec.dim,
-        has_cls=spec.has_cls,
-        codes=spec.kind == "codes",
-        dtype=job.storage.dtype,
-        chunk_rows=job.storage.chunk_rows,
-        clevel=job.storage.clevel,
-        num_codes=spec.num_codes,
-        codec=job.storage.codec,
-    )
+    lay = ShardLayout.for_teacher(n, k, spec, job.storage)
     tok = zarr.open_group(job.cache, mode="r+")[job.group]
     if is_complete(tok, job.sid):  # a retried task whose first attempt finished: a complete shard is never redone
         rec = dict(tok[job.sid].attrs["complete"])
