@@ -28,6 +28,7 @@ returned as views, never copied before the batch is formed.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
 import tempfile
@@ -149,7 +150,7 @@ class _ObjectWriter:
         try:
             fs = getattr(self.store, "fs", None)
             if fs is not None and hasattr(fs, "_put_file"):  # fsspec (s3fs, gcsfs): multipart, streamed from disk
-                sync(fs._put_file(self.spool_path, f"{self.store.path.rstrip('/')}/{self.key}"))
+                sync(_upload(fs, self.spool_path, f"{self.store.path.rstrip('/')}/{self.key}"))
             else:
                 with open(self.spool_path, "rb") as f:
                     data = f.read()
@@ -204,6 +205,33 @@ class ShardWriter:
     def abort(self) -> None:
         for obj in self.objects.values():
             obj.abort()
+
+
+async def _upload(fs: Any, src: str, dst: str) -> None:
+    _quiet_orphaned_connection_errors(asyncio.get_running_loop())
+    await fs._put_file(src, dst)
+
+
+def _quiet_orphaned_connection_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """When the object store goes away mid-upload, ``_put_file`` raises (the shard fails, by name) but
+    aiohttp leaves a body-writing task whose connection error nobody retrieves, and asyncio prints its
+    traceback when it is collected. That error is the one already reported; drop only that case."""
+    if getattr(loop, "_digpt_quiet_orphans", False):
+        return
+    previous = loop.get_exception_handler()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message", "").startswith("Task exception was never retrieved") and isinstance(
+            context.get("exception"), OSError
+        ):
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    loop._digpt_quiet_orphans = True  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------
