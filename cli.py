@@ -269,6 +269,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     # command line decodes in 2 worker processes.
     _field(p, "--workers", data["num_workers"], type=int, default=2)
     _field(p, "--shuffle-buffer", data["shuffle_buffer"], type=int)
+    _field(p, "--max-views", data["max_views"], type=int)
+    _field(p, "--fresh-views", data["fresh_views"], action="store_true")
     p.add_argument(
         "--seed",
         type=int,
@@ -368,6 +370,8 @@ def train_config(a: argparse.Namespace):
         seed=a.seed,
         shuffle_buffer=a.shuffle_buffer,
         on_mismatch=a.on_mismatch,
+        max_views=a.max_views,
+        fresh_views=a.fresh_views,
     )
     optim = OptimConfig(
         base_lr=a.base_lr,
@@ -443,6 +447,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     _field(p, "--steps", doc["steps"], type=int)
     _field(p, "--student", doc["student"], choices=cli_docs.module_value("student.sizes", "VIT_SIZES"))
     _field(p, "--base-lr", doc["base_lr"], type=float)
+    _field(p, "--decoder-dim", doc["decoder_dim"], type=int)
     _field(p, "--executor", doc["executor"])
     _field(p, "--quick", doc["quick"], action="store_true")
 
@@ -457,6 +462,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         student=a.student,
         executor=a.executor,
         base_lr=a.base_lr,
+        decoder_dim=a.decoder_dim,
         quick=a.quick,
     )
     return 0 if run_demo(cfg).ok else 1
@@ -474,6 +480,14 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
     _field(p, "--batch-size", doc["batch_size"], type=int)
     _field(p, "--base-lr", doc["base_lr"], type=float)
     _field(p, "--seeds", doc["seeds"], type=int)
+    _field(p, "--views", doc["views"], type=int)
+    _field(
+        p, "--semantic-teacher", doc["semantic_teacher"], default=cli_docs.module_value("pipelines.recipes", "SEMANTIC")
+    )
+    _field(p, "--stem", doc["stem"], choices=cli_docs.module_value("student.vit", "STEMS"))
+    _field(p, "--decoder-dim", doc["decoder_dim"], type=int)
+    _field(p, "--cache", doc["cache"])
+    _field(p, "--workers", doc["workers"], type=int)
     _field(p, "--executor", doc["executor"])
     p.add_argument(
         "--weights",
@@ -505,6 +519,12 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
             batch_size=a.batch_size,
             base_lr=a.base_lr,
             seeds=a.seeds,
+            views=a.views,
+            semantic_teacher=a.semantic_teacher,
+            stem=a.stem,
+            decoder_dim=a.decoder_dim,
+            cache=a.cache,
+            workers=a.workers,
             executor=a.executor,
             weights=tuple(weights),
         )

@@ -12,7 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def write_plots(results: dict, out: str) -> list[str]:
-    paths = [_accuracy(results, out), _storage(results, out), _losses(results, out), _vs_blind(results, out)]
+    paths = [
+        _accuracy(results, out),
+        _storage(results, out),
+        _views(results, out),
+        _losses(results, out),
+        _vs_blind(results, out),
+    ]
     return [p for p in paths if p]
 
 
@@ -61,6 +67,48 @@ def _storage(results: dict, out: str) -> str | None:
     ax.set_ylabel("linear top-1")
     ax.set_title("accuracy vs storage")
     return _save(fig, out, "storage.png")
+
+
+def _two_se(r: dict, n: int | None) -> float:
+    """Two standard errors of one row's top-1: report-sample noise (binomial on ``n``), and the seeds' spread."""
+    p = r["linear_top1"]
+    sample = (p * (1 - p) / n) ** 0.5 if n else 0.0
+    seeds = r["linear_top1_std"] / max(1, r.get("seeds", 1)) ** 0.5
+    return 2 * (sample**2 + seeds**2) ** 0.5
+
+
+def _views(results: dict, out: str) -> str | None:
+    """Linear top-1 against the number of stored views trained on, the online teacher on fresh views as a
+    band: how many views a cache should store (the ``views`` recipe)."""
+    rows = [r for r in results["rows"] if r.get("max_views")]
+    fresh = [r for r in results["rows"] if r.get("fresh_views")]
+    if len(rows) < 2:
+        return None
+    n = results.get("n_report")
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    rows.sort(key=lambda r: r["max_views"])
+    ax.errorbar(
+        [r["max_views"] for r in rows],
+        [r["linear_top1"] for r in rows],
+        yerr=[_two_se(r, n) for r in rows],
+        fmt="o-",
+        capsize=3,
+        label="cached targets, first K stored views",
+    )
+    for r in fresh:
+        lo, hi = r["linear_top1"] - _two_se(r, n), r["linear_top1"] + _two_se(r, n)
+        ax.axhspan(lo, hi, color="tab:orange", alpha=0.2)
+        ax.axhline(r["linear_top1"], color="tab:orange", label="online teacher, a fresh view each epoch")
+    floor = next((r for r in results["rows"] if r["variant"] == "random-init (floor)"), None)
+    if floor:
+        ax.axhline(floor["linear_top1"], color="grey", ls="--", lw=1, label="random-init floor")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["max_views"] for r in rows], [str(r["max_views"]) for r in rows])
+    ax.set_xlabel("views per sample in the cache (K)")
+    ax.set_ylabel("linear top-1 (± 2 SE)")
+    ax.legend(fontsize=7)
+    ax.set_title("how many views to store")
+    return _save(fig, out, "views.png")
 
 
 def _losses(results: dict, out: str) -> str | None:

@@ -242,6 +242,9 @@ class ProbeResult:
     num_classes: int
     seconds: float
     config: dict = field(default_factory=dict)
+    report_correct: list[int] | None = None
+    """The chosen row's per-report-sample correctness (1 right, 0 wrong), in report-split order: what a
+    paired comparison of two encoders on the same split needs (``pipelines/report.py``)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -322,7 +325,10 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
         scores = finetune_scores(cfg, enc, table[tr], labels[tr], table[rp], num_classes, progress)
         top5 = topk_accuracy(scores, labels[rp], 5) if num_classes >= 5 else None
         # No choice is made, so the select split is not held out: the whole training part is fit.
-        rows = [LayerRow(enc.cfg.depth, "norm", None, topk_accuracy(scores, labels[rp], 1), top5, cfg.finetune_lr)]
+        correct = (scores.argmax(1) == labels[rp]).int().tolist()
+        rows = [
+            LayerRow(enc.cfg.depth, "norm", None, topk_accuracy(scores, labels[rp], 1), top5, cfg.finetune_lr, correct)
+        ]
         best = rows[0]
     else:
         rows = probe_features(cfg, table, labels, splits, layer_names(enc.cfg.depth, cfg.layers), num_classes)
@@ -341,7 +347,10 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
         num_classes,
         time.perf_counter() - start,
         asdict(cfg),
+        best.correct,
     )
+    for r in rows:  # one vector (the chosen row's) is kept: the JSON stays a table
+        r.correct = None
     _write_json(cfg.out_path(), result)
     return result
 

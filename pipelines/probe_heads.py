@@ -33,6 +33,9 @@ class LayerRow:
     """Top-5 on the report set (None with fewer than 5 classes)."""
     lr: float | None = None
     """Linear probe: the lr chosen for this layer on the select split."""
+    correct: list[int] | None = None
+    """Per report sample, 1 where this layer's top-1 prediction is right: two encoders probed on the same
+    split are compared sample by sample (a paired standard error; ``pipelines/report.py``)."""
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -214,6 +217,7 @@ def probe_features(
             topk_accuracy(scores[li], y, 1),
             topk_accuracy(scores[li], y, 5) if num_classes >= 5 else None,
             lr,
+            (scores[li].argmax(1) == y).int().tolist(),
         )
         for li, (sel, lr) in enumerate(chosen)
     ]

@@ -24,7 +24,8 @@ from teacher_cache.views import AugConfig
 if TYPE_CHECKING:
     from .ablate import AblateConfig
 
-SEMANTIC = "efficientnet_lite0:256"  # 8x8 tokens: splits into the 2x2 clusters of a 64 px / patch-8 student
+# 4x4 tokens: one per 2x2 cluster of a 64 px / patch-8 student; 4x cheaper to extract than at 256 px
+SEMANTIC = "efficientnet_lite0:128"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def base_extract(cfg: AblateConfig) -> ExtractConfig:
 def base_train(cfg: AblateConfig) -> TrainConfig:
     """The training run every variant is a ``replace`` of: D-iGPT, its default order and decoders, the
     ablation's student, steps, batch and lr (10 % warmup: short schedules)."""
-    student = StudentConfig(size=cfg.student, stem=cfg.stem)
+    student = StudentConfig(size=cfg.student, stem=cfg.stem, decoder_dim=cfg.decoder_dim)
     return TrainConfig(
         data=DataConfig(
             shards=dataset_dir(cfg),
@@ -210,3 +211,24 @@ def storage_recipe(cfg: AblateConfig) -> list[Variant]:
         Variant("pca-64", teacher(ex, pca), tr),
         Variant("codes-256", teacher(ex, codes), tr),
     ]
+
+
+STORED_VIEWS = 8
+"""The ``views`` recipe's cache: 8 views per sample, of which each variant trains on the first K."""
+
+
+@recipe("views")
+def views_recipe(cfg: AblateConfig) -> list[Variant]:
+    """How many views should a cache store? One cache of 8 views per sample; students trained on the first
+    K = 1, 2, 4, 8 of them (``max_views``), against the online teacher on a new crop every epoch
+    (``fresh_views``: as many views as epochs), all for the same steps. Feature distillation: its targets are
+    the cached tokens themselves (the distillation literature's question, where precomputed targets are
+    reported to overfit), and it is the objective that learns fastest on a CPU (LEARNING.md §2)."""
+    # A cache holds one view plan: unless the ablation's caches already store 8 views, this one is its own.
+    cache = cache_dir(cfg) if cfg.views == STORED_VIEWS else f"{cache_dir(cfg).rstrip('/')}-{STORED_VIEWS}views"
+    ex = replace(base_extract(cfg), aug=AugConfig(views=STORED_VIEWS), out=cache)
+    tr = replace(base_train(cfg), objective="fd")
+    tr = replace(tr, data=replace(tr.data, cache=cache))
+    out = [Variant(f"fd/K={k}", ex, replace(tr, data=replace(tr.data, max_views=k))) for k in (1, 2, 4, 8)]
+    fresh = replace(tr, online_teacher=True, data=replace(tr.data, fresh_views=True))
+    return [*out, Variant("fd/online, fresh views", ex, fresh)]

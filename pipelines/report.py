@@ -30,6 +30,9 @@ class RunRecord:
     """The run's input-blind baseline (per-position mean target), on the loss's scale."""
     loss_steps: list[int] = field(default_factory=list)
     """The optimizer step of each entry of ``losses``."""
+    report_correct: list[int] | None = None
+    """The linear probe's per-report-sample correctness (1 right, 0 wrong), for paired comparisons with
+    the other runs of the same seed (probed on the same split)."""
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -58,6 +61,8 @@ def results_table(
                 "order": v.train.order or "default",
                 "storage": v.storage.dtype,
                 "decoder_depth": v.train.student.decoder_depth,
+                "max_views": v.train.data.max_views,
+                "fresh_views": v.train.data.fresh_views,
                 "bytes_per_view": bytes_per_view.get(v.tokenizer, float("nan")),
                 "train_seconds": statistics.fmean(r.train_seconds for r in mine),
                 "linear_top1": top1,
@@ -67,6 +72,7 @@ def results_table(
                 "best_layer": [r.best_layer for r in mine],
                 "seeds": len(mine),
                 "loss_vs_blind": _mean_std([r.final_loss / r.blind_loss for r in mine if r.blind_loss])[0],
+                "report_correct": _per_sample(mine),
             }
         )
     f1, fstd = _mean_std([r.linear_top1 for r in floors])
@@ -88,6 +94,7 @@ def results_table(
             "best_layer": [r.best_layer for r in floors],
             "seeds": len(floors),
             "loss_vs_blind": float("nan"),
+            "report_correct": _per_sample(floors),
         }
     )
     return {
@@ -121,6 +128,45 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None or x != x else f"{x:.3f}"
 
 
+def _per_sample(records: list[RunRecord]) -> dict[str, list[int]] | None:
+    """Each seed's per-report-sample correctness (``{seed: [0/1, ...]}``; None unless every run recorded
+    it). Kept per seed: the probe's splits are seeded, so two seeds score different report samples."""
+    if not records or any(r.report_correct is None for r in records):
+        return None
+    return {str(r.seed): list(r.report_correct) for r in records}
+
+
+def paired_margin(a: dict[str, list[int]] | None, b: dict[str, list[int]] | None) -> float | None:
+    """Two standard errors of the difference of two variants' accuracies, paired on the *same* report samples
+    (seed by seed: runs of one seed are probed on one split). Within a seed the standard error is
+    ``sd(a_i - b_i) / sqrt(n)`` over samples ``i`` — the binomial one (:func:`noise_margin`) treats the
+    two probes as independent samples, which they are not. Over several seeds: the larger of the pooled
+    per-sample error of the mean difference and the spread of the per-seed differences (run-to-run noise);
+    one seed cannot show the latter. None when either side lacks the vectors."""
+    if not a or not b:
+        return None
+    per = []
+    for seed in sorted(set(a) & set(b)):
+        va, vb = a[seed], b[seed]
+        if len(va) != len(vb) or len(va) < 2:
+            return None
+        d = [x - y for x, y in zip(va, vb)]
+        per.append((statistics.fmean(d), statistics.variance(d) / len(d)))
+    if not per:
+        return None
+    se = sum(v for _, v in per) ** 0.5 / len(per)
+    if len(per) > 1:
+        se = max(se, statistics.stdev(m for m, _ in per) / len(per) ** 0.5)
+    return 2 * se
+
+
+def margin(a: dict, b: dict, n: int | None) -> float | None:
+    """The error bar of ``a``'s top-1 minus ``b``'s (two result rows): paired when both rows carry their
+    per-sample correctness, else binomial on ``n`` samples."""
+    paired = paired_margin(a.get("report_correct"), b.get("report_correct"))
+    return paired if paired is not None else noise_margin(a["linear_top1"], b["linear_top1"], n)
+
+
 def noise_margin(a: float, b: float, n: int | None) -> float | None:
     """Two standard errors of the difference of two accuracies, each on ``n`` samples (binomial,
     at their mean): a gap smaller than this is not evidence of a difference. None without ``n``."""
@@ -128,6 +174,11 @@ def noise_margin(a: float, b: float, n: int | None) -> float | None:
         return None
     p = min(max((a + b) / 2, 1.0 / n), 1 - 1.0 / n)
     return 2 * (2 * p * (1 - p) / n) ** 0.5
+
+
+def _how(a: dict, b: dict, n: int | None) -> str:
+    paired = a.get("report_correct") is not None and b.get("report_correct") is not None
+    return f", paired over the same {n} report samples" if paired else f" on {n} report samples, binomial"
 
 
 def findings(results: dict) -> list[str]:
@@ -139,17 +190,19 @@ def findings(results: dict) -> list[str]:
     out.append(f"Best variant: {best['variant']} at {best['linear_top1']:.3f} linear top-1.")
     pixel = [r for r in results["rows"] if r["teacher"].startswith("pixel")]
     semantic = [r for r in results["rows"] if r["teacher"] not in ("-",) and not r["teacher"].startswith("pixel")]
+    n = results.get("n_report")
     if pixel and semantic:
-        p, s = max(x["linear_top1"] for x in pixel), max(x["linear_top1"] for x in semantic)
-        margin = noise_margin(s, p, results.get("n_report"))
-        if margin is not None and abs(s - p) <= margin:
+        pr, sr = max(pixel, key=lambda x: x["linear_top1"]), max(semantic, key=lambda x: x["linear_top1"])
+        p, s = pr["linear_top1"], sr["linear_top1"]
+        m = margin(sr, pr, n)
+        if m is not None and abs(s - p) <= m:
             out.append(
-                f"Semantic vs pixel targets: {s:.3f} vs {p:.3f}, a difference within noise (±{margin:.3f}: two "
-                f"standard errors on {results['n_report']} report samples); this run does not separate them."
+                f"Semantic vs pixel targets: {s:.3f} vs {p:.3f}, a difference within noise (±{m:.3f}: two "
+                f"standard errors{_how(sr, pr, n)}); this run does not separate them."
             )
         else:
             verdict = "beat" if s > p else "did NOT beat"
-            beyond = f"; beyond noise, two standard errors ±{margin:.3f}" if margin is not None else ""
+            beyond = f"; beyond noise, two standard errors ±{m:.3f}{_how(sr, pr, n)}" if m is not None else ""
             out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}{beyond}).")
     ceil = results.get("ceilings", {})
     if ceil:
@@ -166,23 +219,22 @@ def findings(results: dict) -> list[str]:
             f"Final loss within 3% of the input-blind baseline (per-position mean target): "
             f"{', '.join(blindish)} — the loss fell, but almost nothing of that needed the image."
         )
-    n = results.get("n_report")
+    frow = rows["random-init (floor)"]
     near = [
         r["variant"]
         for r in trained
-        if r["linear_top1"] > floor
-        and (m := noise_margin(r["linear_top1"], floor, n)) is not None
-        and r["linear_top1"] - floor <= m
+        if r["linear_top1"] > floor and (m := margin(r, frow, n)) is not None and r["linear_top1"] - floor <= m
     ]
     if near:
         out.append(f"Above the floor only within noise: {', '.join(near)}.")
     clear = [
         f"{r['variant']} (+{r['linear_top1'] - floor:.3f}, ±{m:.3f})"
         for r in trained
-        if (m := noise_margin(r["linear_top1"], floor, n)) is not None and r["linear_top1"] - floor > m
+        if (m := margin(r, frow, n)) is not None and r["linear_top1"] - floor > m
     ]
     if clear:
-        out.append(f"Above the floor beyond noise (gap, two standard errors): {', '.join(clear)}.")
+        how = _how(trained[0], frow, n)
+        out.append(f"Above the floor beyond noise (gap, two standard errors{how}): {', '.join(clear)}.")
     below = [r["variant"] for r in trained if r["linear_top1"] <= floor]
     if below:
         out.append(

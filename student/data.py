@@ -50,7 +50,7 @@ from teacher_cache.store import (
     shard_ids,
     tokenizer_info,
 )
-from teacher_cache.views import AugConfig, replay_view, sample_crop
+from teacher_cache.views import AugConfig, replay_view, sample_crop, view_seed
 
 ON_MISMATCH = ("error", "skip")
 
@@ -80,8 +80,17 @@ class DataConfig:
     computed from other pixels): ``error`` refuses naming the key; ``skip`` counts it and skips it."""
     mismatch_log: str | None = None
     """File that each skipped sample is appended to (one JSON line; ``on_mismatch="skip"``)."""
+    max_views: int | None = None
+    """Train on only the first N of the cache's stored views (None: all of them): what a cache that
+    stored N views would give, from one cache of more (the K-views study, LEARNING.md)."""
+    fresh_views: bool = False
+    """Draw a new crop of every sample each epoch instead of a stored view. The cache holds no targets
+    for such a view, so this needs the teacher run online (``--online-teacher``); the loader refuses it
+    otherwise. With it, a run sees as many views as it has epochs: the other end of the K-views curve."""
 
     def __post_init__(self) -> None:
+        if self.max_views is not None and self.max_views < 1:
+            raise ValueError(f"max_views must be >= 1 (or None for all stored views), got {self.max_views}")
         if self.on_mismatch not in ON_MISMATCH:
             raise ValueError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {self.on_mismatch!r}")
         for name in ("img_size", "batch_size"):
@@ -218,6 +227,17 @@ class CachedViews(IterableDataset):
         resolution — for ``--online-teacher`` runs and the cached-vs-online oracle."""
         self.cfg, self.rank, self.world, self.teacher_size = cfg, rank, world, teacher_size
         self.join = join or CacheJoin(cfg)
+        if cfg.fresh_views and not teacher_size:
+            # Invariant 1: a view the cache never saw has no stored targets; only an online teacher has them.
+            raise ValueError(
+                "fresh_views needs the teacher run online (--online-teacher): the cache holds no "
+                "targets for views it did not store"
+            )
+        if cfg.max_views is not None and cfg.max_views > self.join.aug.views:
+            raise ValueError(
+                f"max_views={cfg.max_views}, but cache {cfg.cache} stores {self.join.aug.views} per sample"
+            )
+        self.aug_fp = self.join.aug.fingerprint()
         self.epoch, self.skip = 0, 0
         self.mismatched = 0  # samples skipped by on_mismatch="skip" (this process only)
         need = world * max(1, cfg.num_workers)
@@ -320,7 +340,8 @@ class CachedViews(IterableDataset):
             yield from self._shard_samples(shard)
 
     def _shard_samples(self, shard: str):
-        j, k = self.join, self.join.aug.views
+        j = self.join
+        k = j.aug.views if self.cfg.max_views is None else self.cfg.max_views
         rows, index, (seeds, boxes, flips) = j.rows(shard), j.index(shard), j.plan(shard)
         valid = j.valid[shard]
         views = np.array([_hash64(self.cfg.seed, self.epoch, shard, key) % k for key in rows["key"]], dtype=np.int64)
@@ -339,14 +360,20 @@ class CachedViews(IterableDataset):
                 self._mismatch(shard, key)
                 continue
             v = int(views[i])
+            seed, box, flip = int(seeds[i, v]), boxes[i, v], bool(flips[i, v])
+            if self.cfg.fresh_views:  # a view no cache holds: the online teacher replaces the stored targets
+                size = (int(rows["width"][i]), int(rows["height"][i]))
+                seed = view_seed(self.aug_fp, j.aug.seed, shard, key, f"fresh.{self.cfg.seed}.{self.epoch}")
+                box, flip = sample_crop(seed, *size, j.aug)
+                v = -1
             yield {
                 "shard": shard,
                 "key": key,
                 "row": i,
                 "view": v,
-                "seed": int(seeds[i, v]),
-                "box": boxes[i, v],
-                "flip": bool(flips[i, v]),
+                "seed": seed,
+                "box": box,
+                "flip": flip,
                 "size": (rows["width"][i], rows["height"][i]),
                 "label": rows["label"][i],
                 "image": image,

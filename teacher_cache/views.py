@@ -80,7 +80,7 @@ def plan_fingerprint(aug: AugConfig, manifest_fingerprint: str) -> str:
     return hashlib.sha256(f"{aug.fingerprint()}:{manifest_fingerprint}".encode()).hexdigest()
 
 
-def view_seed(aug_fp: str, base_seed: int, shard: str, key: str, view: int) -> int:
+def view_seed(aug_fp: str, base_seed: int, shard: str, key: str, view: int | str) -> int:
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{base_seed}\0{aug_fp}\0{shard}\0{key}\0{view}".encode())
     return int.from_bytes(h.digest(), "little")

@@ -235,6 +235,10 @@ def test_extract_smoke_local(tmp_path):
         "write",
     }
     assert "slowest" in text and "Ray scaling" not in text
+    # CPU seconds per stage, one per timed round, and a ceiling no faster than the slowest stage alone
+    assert {s: len(v) for s, v in r["stages_cpu_s"].items()} == {s: 1 for s in r["stages_s"]}
+    assert r["cpu_ceiling_s"][0] >= max(v[0] for v in r["stages_s"].values()) and r["pipeline_over_cpu_ceiling"] > 0
+    assert "CPU-bound ceiling" in text
 
 
 @pytest.mark.slow

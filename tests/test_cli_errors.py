@@ -133,6 +133,9 @@ VERIFY_CASES = [
 
 TRAIN = "--shards {ds} --cache {cache} --out {out} --workers 0 --batch-size 8"
 TRAIN_CASES = [
+    (TRAIN + " --steps 1 --max-views 0", ["max_views"], [">= 1"]),
+    (TRAIN + " --steps 1 --max-views 3", ["max_views=3"], ["stores 2 per sample"]),
+    (TRAIN + " --steps 1 --fresh-views", ["fresh_views"], ["--online-teacher"]),
     ("--shards {tmp}/no-such-ds --cache {cache} --out {out} --steps 1", ["not a prepared dataset", "dataset.json"], []),
     ("--shards {ds} --cache {tmp}/no-such-cache --out {out} --steps 1", ["no teacher cache"], []),
     ("--shards {ds} --cache {root} --out {out} --steps 1", ["no teacher cache", "not a digpt cache"], []),
@@ -268,6 +271,12 @@ ABLATE_CASES = [
     ),
     ("tokenizers --out {out} --executor local --weights nope={tmp}/w.pt", ["unknown teacher"], []),
     (ABLATE + " --weights efficientnet_lite0={tmp}/w.pt", ["weights"], ["tokenizers"]),
+    (ABLATE + " --views 0", ["views"], [">= 1"]),
+    (ABLATE + " --semantic-teacher nope:128", ["semantic_teacher"], ["unknown teacher"]),
+    (ABLATE + " --stem resnet", ["stem"], ["patch", "conv"]),
+    (ABLATE + " --decoder-dim 0", ["decoder_dim"], [">= 1"]),
+    (ABLATE + " --cache {tmp}/w.pt", ["cache"], ["not a directory"]),
+    (ABLATE + " --workers -1", ["workers"], [">= 0"]),
 ]
 
 DEMO = "--out {out} --executor local"
@@ -282,6 +291,7 @@ DEMO_CASES = [
     (DEMO + " --base-lr 0", ["base_lr"], ["> 0"]),
     (DEMO + " --student nope", ["student"], ["demo-cpu", "small-cpu"]),
     (DEMO + " --student tiny-test", ["student"], ["64"]),
+    (DEMO + " --decoder-dim 0", ["decoder_dim"], [">= 1"]),
     ("--out {out} --executor dask", ["executor"], ["ray", "local"]),
 ]
 

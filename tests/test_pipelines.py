@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pipelines.ablate import RECIPES, AblateConfig, findings, format_table, run_ablation
+from pipelines.ablate import RECIPES, AblateConfig, findings, format_table, noise_margin, run_ablation
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,9 @@ def test_recipe_writes_a_report(recipe, tiny_dataset, shared_cache, tmp_path):
     assert "| variant | teacher |" in report and "## Findings" in report
     assert json.load(open(tmp_path / "results.json"))["rows"] == json.loads(json.dumps(rows, default=str))
     assert (tmp_path / "accuracy.png").stat().st_size > 1000 and (tmp_path / "losses.png").exists()
+    if recipe == "views":  # K = 1, 2, 4, 8 against the online teacher, plotted
+        assert [r["max_views"] for r in rows[:4]] == [1, 2, 4, 8] and rows[4]["fresh_views"]
+        assert (tmp_path / "views.png").stat().st_size > 1000
     # The teachers' own features are probed too (continuous tokenizers), and reported beside the students.
     ceil = results["ceilings"]
     assert ceil and all(0.0 <= c["linear_top1"] <= 1.0 for c in ceil.values())
@@ -113,6 +116,37 @@ def test_findings_do_not_call_noise_a_win():
     assert "beat pixel targets (0.600 vs 0.078; beyond noise" in text and "within noise" not in text
 
 
+def test_paired_error_bar_uses_the_shared_report_samples():
+    """Two probes scored on one split disagree on few samples: the paired error bar sees that, the binomial
+    one (independent samples) does not. 20 more right answers in 512 is beyond paired noise only."""
+    from pipelines.report import margin, paired_margin
+
+    n = 512
+    floor = [1.0 if i < 80 else 0.0 for i in range(n)]  # 0.156
+    student = [1.0 if i < 100 else 0.0 for i in range(n)]  # 0.195: the floor's right answers and 20 more
+    d = [a - b for a, b in zip(student, floor)]
+    mean = sum(d) / n
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5
+    assert paired_margin({"0": student}, {"0": floor}) == pytest.approx(2 * sd / n**0.5)
+    rows = [
+        {"variant": "digpt/semantic", "teacher": "t", "linear_top1": 100 / n, "report_correct": {"0": student}},
+        {"variant": "random-init (floor)", "teacher": "-", "linear_top1": 80 / n, "report_correct": {"0": floor}},
+    ]
+    assert margin(rows[0], rows[1], n) < 0.039 < noise_margin(100 / n, 80 / n, n)
+    text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": n}))
+    assert "Above the floor beyond noise" in text and f"paired over the same {n} report samples" in text
+    for r in rows:
+        r["report_correct"] = None  # without the vectors: binomial, and the same gap is within noise
+    text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": n}))
+    assert "Above the floor only within noise: digpt/semantic" in text
+    assert paired_margin({"0": student}, None) is None and paired_margin({"0": student}, {"0": floor[:10]}) is None
+    assert paired_margin({"0": student}, {"1": floor}) is None  # other seeds: other report samples, no pairs
+    # Two seeds whose gaps disagree (+20 and -20 samples): the spread between seeds sets the error bar.
+    worse = [1.0 if i < 60 else 0.0 for i in range(n)]
+    two = paired_margin({"0": student, "1": worse}, {"0": floor, "1": floor})
+    assert two == pytest.approx(2 * (20 / n), rel=1e-6)  # sd of (+20, -20)/n over 2 seeds, over sqrt(2)
+
+
 def _small(recipe: str, out: str = "x") -> AblateConfig:
     return AblateConfig(
         recipe=recipe,
@@ -143,10 +177,14 @@ def test_every_variant_is_a_diff_of_the_recipe_base(recipe):
     assert len({v.name for v in variants}) == len(variants) and len({v.tokenizer for v in variants}) >= 1
     for v in variants:
         diff = {f.name for f in fields(TrainConfig) if getattr(v.train, f.name) != getattr(train, f.name)}
-        assert diff <= {"objective", "order", "student"} | ({"target_norm"} if "pixel" in v.name else set()), (
-            v.name,
-            diff,
-        )
+        allowed = {"objective", "order", "student"} | ({"target_norm"} if "pixel" in v.name else set())
+        if recipe == "views":  # which stored views it trains on, or the online teacher on fresh views
+            allowed |= {"data", "online_teacher"}
+            assert replace(v.train.data, max_views=None, fresh_views=False, cache=train.data.cache) == train.data
+            assert v.train.data.fresh_views == v.train.online_teacher and v.train.data.cache == v.extract.out
+            assert v.extract.aug.views == 8 and v.extract.out.endswith("-8views"), v.name  # its own view plan
+            extract = replace(extract, aug=v.extract.aug, out=v.extract.out)
+        assert diff <= allowed, (v.name, diff)
         assert v.train.target_norm == ("token" if "pixel" in v.name else train.target_norm), v.name
         assert replace(v.train.student, decoder_depth=train.student.decoder_depth) == train.student, v.name
         assert replace(v.extract, teachers=extract.teachers, storage=extract.storage) == extract, v.name
@@ -171,7 +209,7 @@ def test_a_variant_trains_with_the_config_the_runner_always_built():
         student=StudentConfig(size="tiny-test", decoder_depth=1),
         steps=3,
         seed=1,
-        optim=OptimConfig(base_lr=1.5e-3, warmup=0.1),
+        optim=OptimConfig(base_lr=8e-3, warmup=0.1),
         log_every=1,
     )
     assert got == want and v.tokenizer == "semantic-fp16"

@@ -276,3 +276,62 @@ def test_token_norm_standardises_each_token_and_trains(tiny_dataset, tiny_cache,
     assert np.isfinite(result.final_loss)
     assert json.load(open(tmp_path / "t" / "config.json"))["target_norm"]["kind"] == "token"
     assert not (tmp_path / "t" / "target_norm.safetensors").exists()  # nothing to save: stateless
+
+
+def _views_cfg(tiny_dataset, tiny_cache, **kw) -> DataConfig:
+    return DataConfig(
+        shards=tiny_dataset, cache=tiny_cache, tokenizer="vit", img_size=32, batch_size=8, shuffle_buffer=16, **kw
+    )
+
+
+def test_max_views_trains_on_the_first_stored_views_only(tiny_dataset, tiny_cache):
+    """``--max-views 1`` on a 2-view cache: every sample, every epoch, is its stored view 0 (seed and box)."""
+    join = CacheJoin(_views_cfg(tiny_dataset, tiny_cache))
+    assert join.aug.views == 2
+    shard = join.ds.shards[0]
+    seeds, boxes, _ = join.plan(shard)
+    one = CachedViews(_views_cfg(tiny_dataset, tiny_cache, max_views=1), join=join)
+    both = CachedViews(_views_cfg(tiny_dataset, tiny_cache), join=join)
+    seen_both = set()
+    for epoch in range(3):
+        one.set_epoch(epoch)
+        both.set_epoch(epoch)
+        samples = list(one._shard_samples(shard))
+        assert samples and {s["view"] for s in samples} == {0}
+        assert all(
+            s["seed"] == int(seeds[s["row"], 0]) and tuple(s["box"]) == tuple(boxes[s["row"], 0]) for s in samples
+        )
+        seen_both |= {s["view"] for s in both._shard_samples(shard)}
+    assert seen_both == {0, 1}  # without the limit both stored views are drawn
+    with pytest.raises(ValueError, match="stores 2 per sample"):
+        CachedViews(_views_cfg(tiny_dataset, tiny_cache, max_views=3), join=join)
+    with pytest.raises(ValueError, match="max_views must be >= 1"):
+        _views_cfg(tiny_dataset, tiny_cache, max_views=0)
+
+
+def test_fresh_views_need_the_online_teacher_and_are_new_each_epoch(tiny_dataset, tiny_cache, tmp_path):
+    """Invariant 1: a view the cache never stored has no cached targets, so fresh views are refused without
+    the online teacher; with it, each epoch draws new crops that re-derive from their seeds and train."""
+    join = CacheJoin(_views_cfg(tiny_dataset, tiny_cache))
+    with pytest.raises(ValueError, match="--online-teacher"):
+        CachedViews(_views_cfg(tiny_dataset, tiny_cache, fresh_views=True), join=join)
+    ds = CachedViews(_views_cfg(tiny_dataset, tiny_cache, fresh_views=True), join=join, teacher_size=32)
+    shard = join.ds.shards[0]
+    _, boxes, flips = join.plan(shard)
+    stored = {(i, tuple(boxes[i, v]), bool(flips[i, v])) for i in range(len(boxes)) for v in range(2)}
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        epochs.append({s["row"]: (s["row"], tuple(s["box"]), s["flip"]) for s in ds._shard_samples(shard)})
+    rows = sorted(epochs[0])
+    assert rows and all(s["view"] == -1 for s in ds._shard_samples(shard))
+    assert sum(epochs[0][i] != epochs[1][i] for i in rows) > len(rows) // 2  # new crops each epoch
+    assert sum(epochs[0][i] in stored for i in rows) < len(rows) // 2  # not the stored ones
+    batch = next(iter(make_loader(ds)))  # the collate re-derives every box from its seed and checks it
+    assert batch["teacher_images"].shape == batch["images"].shape
+    cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / "fresh", online_teacher=True, steps=4, data={"fresh_views": True})
+    losses = [r["loss"] for r in train(cfg, progress=False).history]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert json.load(open(tmp_path / "fresh" / "config.json"))["train"]["data"]["fresh_views"] is True
+    with pytest.raises(ValueError, match="--online-teacher"):
+        train(_cfg(tiny_dataset, tiny_cache, tmp_path / "cached", steps=1, data={"fresh_views": True}), progress=False)
