@@ -13,8 +13,15 @@ semantic teacher, D-iGPT on pixel targets, the random-init floor), all against o
 top-1 (best layer), mean ± standard deviation over seeds, and the noise margin (two standard errors of a
 difference on the report split).
 
+``compare`` — probe results already written (``probe_linear.json`` of runs made by ``digpt train``/``probe``
+or ``digpt ablate``), grouped by variant: mean top-1 over seeds, and each variant's gap to a reference
+with its paired two-standard-error bar (``pipelines/report.py: paired_margin``: per seed on the shared
+report split, and the spread between seeds when there are several).
+
     python bench/learning.py supervised --shards study/data --steps 600 --seeds 2
     python bench/learning.py pretrain --shards study/data --cache study/cache --steps 300 600 --seeds 2
+    python bench/learning.py compare --ref floor floor='runs/random-init_s*/probe_linear.json' \
+        pixel='runs/digpt_pixel_s*/probe_linear.json' semantic='runs/digpt_semantic_s*/probe_linear.json'
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from pipelines.probe import (  # noqa: E402
 from student.sizes import vit_config  # noqa: E402
 from student.train import lr_schedule  # noqa: E402
 from student.vit import VisionTransformer  # noqa: E402
-from teacher_cache.prepare import load_dataset  # noqa: E402
+from teacher_cache.dataset import load_dataset  # noqa: E402
 
 
 def machine() -> str:
@@ -230,6 +237,61 @@ def pretrain(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def compare(args: argparse.Namespace) -> list[dict]:
+    """Group probe JSONs by variant (``NAME=GLOB``; a probe's seed is its config's), then each variant's
+    mean top-1 and its gap to ``--ref`` with the paired error bar."""
+    import glob
+
+    from pipelines.report import paired_margin
+
+    groups: dict[str, dict[str, dict]] = {}
+    for item in args.groups:
+        name, sep, pattern = item.partition("=")
+        if not sep:
+            raise SystemExit(f"compare: expected NAME=GLOB, got {item!r}")
+        files = sorted(glob.glob(pattern))
+        if not files:
+            raise SystemExit(f"compare: {pattern!r} matches no probe result")
+        groups[name] = {}
+        for f in files:
+            r = json.load(open(f))
+            if r.get("report_correct") is None:
+                raise SystemExit(f"compare: {f} has no per-sample results (probed before they were recorded)")
+            groups[name][str(r["config"]["seed"])] = r
+    if args.ref not in groups:
+        raise SystemExit(f"compare: --ref {args.ref!r} is not one of {list(groups)}")
+    ref = groups[args.ref]
+    rows = []
+    for name, runs in groups.items():
+        tops = [r["top1"] for r in runs.values()]
+        common = sorted(set(runs) & set(ref))
+        gaps = [runs[s]["top1"] - ref[s]["top1"] for s in common]
+        m = paired_margin({s: runs[s]["report_correct"] for s in common}, {s: ref[s]["report_correct"] for s in common})
+        rows.append(
+            {
+                "variant": name,
+                "seeds": sorted(runs),
+                "top1": statistics.fmean(tops),
+                "per_seed": tops,
+                "gap": statistics.fmean(gaps) if gaps else None,
+                "margin": m,
+                "n_report": next(iter(runs.values()))["n_report"],
+            }
+        )
+    print(f"\nLinear top-1 per variant; gap to {args.ref!r} paired per seed on the shared report split; {machine()}\n")
+    print("| variant | seeds | linear top-1 (mean) | per seed | gap to ref ± 2 SE | beyond noise? |")
+    print("|---|---:|---:|---|---:|---|")
+    for r in rows:
+        per = ", ".join(f"{x:.3f}" for x in r["per_seed"])
+        if r["variant"] == args.ref or r["gap"] is None or r["margin"] is None:
+            gap, verdict = "—", "—"
+        else:
+            gap = f"{r['gap']:+.3f} ± {r['margin']:.3f}"
+            verdict = "yes" if abs(r["gap"]) > r["margin"] else "no"
+        print(f"| {r['variant']} | {len(r['seeds'])} | {r['top1']:.3f} | {per} | {gap} | {verdict} |")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="part", required=True)
@@ -256,9 +318,13 @@ def main() -> None:
     t.add_argument("--semantic", default="efficientnet_lite0:128")
     t.add_argument("--executor", default="local")
     t.add_argument("--out", default="study_out")
+    c = sub.add_parser("compare", help="probe results grouped by variant, gaps with paired error bars")
+    c.add_argument("groups", nargs="+", metavar="NAME=GLOB", help="a variant and its probe_linear.json files")
+    c.add_argument("--ref", required=True, help="the variant every gap is measured from (e.g. the floor)")
+    c.add_argument("--out", default="study_out")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    rows = supervised(args) if args.part == "supervised" else pretrain(args)
+    rows = {"supervised": supervised, "pretrain": pretrain, "compare": compare}[args.part](args)
     with open(os.path.join(args.out, f"{args.part}.json"), "w") as f:
         json.dump({"args": vars(args), "machine": machine(), "rows": rows}, f, indent=2)
 

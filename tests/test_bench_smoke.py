@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 
@@ -274,3 +275,40 @@ def test_e2e_smoke(tmp_path):
         tmp_path,
     )
     assert out["verified"] and all(out["stages"][s] > 0 for s in ("prepare", "extract", "train", "probe", "verify"))
+
+
+def test_learning_compare_pairs_by_seed(tmp_path):
+    """``bench/learning.py compare``: probe results grouped by variant, each gap paired seed by seed."""
+    import subprocess
+
+    n = 200
+
+    def probe(name, seed, right):
+        d = tmp_path / f"{name}_s{seed}"
+        d.mkdir()
+        vec = [1 if i < right else 0 for i in range(n)]
+        r = {"top1": right / n, "n_report": n, "report_correct": vec, "config": {"seed": seed}}
+        (d / "probe_linear.json").write_text(json.dumps(r))
+
+    for seed in (0, 1):
+        probe("floor", seed, 30)
+        probe("student", seed, 60 + 10 * seed)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "bench", "learning.py"),
+            "compare",
+            "--out",
+            str(tmp_path / "o"),
+            "--ref",
+            "floor",
+            f"floor={tmp_path}/floor_s*/probe_linear.json",
+            f"student={tmp_path}/student_s*/probe_linear.json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = {r["variant"]: r for r in json.load(open(tmp_path / "o" / "compare.json"))["rows"]}
+    assert rows["student"]["per_seed"] == [0.3, 0.35] and rows["student"]["gap"] == pytest.approx(0.175)
+    assert 0 < rows["student"]["margin"] < 0.175 and "| student | 2 | 0.325 |" in out and "| yes |" in out
