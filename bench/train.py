@@ -172,7 +172,7 @@ def step_bench(a, device, teacher, student_size: str | None = None, count_flops:
     from student.train import online_targets, param_groups
     from teacher_cache.store import decode_block, encode_block
 
-    student = StudentConfig(size=student_size or a.student, attn_impl=a.attn)
+    student = StudentConfig(size=student_size or a.student, attn_impl=a.attn, decoder_dim=a.decoder_dim)
     target = TargetSpec.from_spec(teacher.spec.to_json())
     torch.manual_seed(0)
     objective = create_objective(a.objective, student, target).to(device)
@@ -299,7 +299,7 @@ def loop_bench(a, wd: str, threads: int) -> dict:
     from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
     from teacher_cache.views import AugConfig
 
-    student = StudentConfig(size=a.student, attn_impl=a.attn)
+    student = StudentConfig(size=a.student, attn_impl=a.attn, decoder_dim=a.decoder_dim)
     size = student.encoder_config().img_size
     data, cache = os.path.join(wd, "loop-data"), os.path.join(wd, "loop-cache")
     n = a.batch_size * a.loop_steps
@@ -456,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--objective", default="digpt", help="training objective")
     p.add_argument("--attn", default="sdpa", help="student attention impl")
+    p.add_argument("--decoder-dim", type=int, default=None, help="student decoder width (default: the encoder's)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per step (default 16; 2 with --pairs)")
     p.add_argument(
         "--pairs",
@@ -504,7 +505,8 @@ def main(argv: list[str] | None = None) -> dict:
         ["(teacher forward alone)", C.fmt_ms(tf), f"{a.batch_size / tf:.1f}", "-", "-"],
     ]
     rep.table(
-        f"Step level: student {a.student} ({res['student_params'] / 1e6:.2f}M params, {a.objective}, attn {a.attn}), "
+        f"Step level: student {a.student} ({res['student_params'] / 1e6:.2f}M params, {a.objective}, attn {a.attn}, "
+        f"decoder width {a.decoder_dim or 'default'}), "
         f"teacher {tname} ({res['teacher_params'] / 1e6:.2f}M params, {teacher.spec.grid[0]}x{teacher.spec.grid[1]}"
         f"x{teacher.spec.dim}), batch {a.batch_size}, device {device}, amp {res['amp']}, {threads} thread(s); "
         f"medians of {a.repeats} interleaved rounds"

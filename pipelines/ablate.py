@@ -310,6 +310,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
                     blind_loss=next((h["blind_loss"] for h in result.history if "blind_loss" in h), None),
                     loss_steps=[int(h["step"]) for h in result.history],
                     report_correct=lin["correct"],
+                    knn_correct=knn["correct"] if knn else None,
                 )
             )
     floors = []
@@ -328,6 +329,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
                 lin["best_layer"],
                 knn["top1"] if knn else None,
                 report_correct=lin["correct"],
+                knn_correct=knn["correct"] if knn else None,
             )
         )
     ceilings = {}

@@ -33,6 +33,8 @@ class RunRecord:
     report_correct: list[int] | None = None
     """The linear probe's per-report-sample correctness (1 right, 0 wrong), for paired comparisons with
     the other runs of the same seed (probed on the same split)."""
+    knn_correct: list[int] | None = None
+    """The same for the k-NN probe."""
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -73,6 +75,7 @@ def results_table(
                 "seeds": len(mine),
                 "loss_vs_blind": _mean_std([r.final_loss / r.blind_loss for r in mine if r.blind_loss])[0],
                 "report_correct": _per_sample(mine),
+                "knn_correct": _per_sample(mine, "knn_correct"),
             }
         )
     f1, fstd = _mean_std([r.linear_top1 for r in floors])
@@ -95,6 +98,7 @@ def results_table(
             "seeds": len(floors),
             "loss_vs_blind": float("nan"),
             "report_correct": _per_sample(floors),
+            "knn_correct": _per_sample(floors, "knn_correct"),
         }
     )
     return {
@@ -128,12 +132,12 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None or x != x else f"{x:.3f}"
 
 
-def _per_sample(records: list[RunRecord]) -> dict[str, list[int]] | None:
+def _per_sample(records: list[RunRecord], attr: str = "report_correct") -> dict[str, list[int]] | None:
     """Each seed's per-report-sample correctness (``{seed: [0/1, ...]}``; None unless every run recorded
     it). Kept per seed: the probe's splits are seeded, so two seeds score different report samples."""
-    if not records or any(r.report_correct is None for r in records):
+    if not records or any(getattr(r, attr) is None for r in records):
         return None
-    return {str(r.seed): list(r.report_correct) for r in records}
+    return {str(r.seed): list(getattr(r, attr)) for r in records}
 
 
 def paired_margin(a: dict[str, list[int]] | None, b: dict[str, list[int]] | None) -> float | None:
@@ -235,12 +239,35 @@ def findings(results: dict) -> list[str]:
     if clear:
         how = _how(trained[0], frow, n)
         out.append(f"Above the floor beyond noise (gap, two standard errors{how}): {', '.join(clear)}.")
+    out += _knn_findings(trained, frow, semantic, pixel)
     below = [r["variant"] for r in trained if r["linear_top1"] <= floor]
     if below:
         out.append(
             f"At or below the random-init floor: {', '.join(below)} — too short a schedule, or a target "
             "that carries little class information."
         )
+    return out
+
+
+def _knn_findings(trained: list[dict], frow: dict, semantic: list[dict], pixel: list[dict]) -> list[str]:
+    """The second probe's view of the same comparisons (k-NN on the same report samples, paired bars):
+    where the linear probe and k-NN agree, a ranking is firmer than either alone."""
+
+    def gap(a: dict, b: dict) -> str | None:
+        m = paired_margin(a.get("knn_correct"), b.get("knn_correct"))
+        if m is None:
+            return None
+        d = a["knn_top1"] - b["knn_top1"]
+        return f"{d:+.3f} ± {m:.3f}, {'beyond' if abs(d) > m else 'within'} noise"
+
+    parts = [f"{r['variant']} {g}" for r in trained if (g := gap(r, frow))]
+    if not parts:
+        return []
+    out = [f"k-NN, gap to the floor on the same report samples (paired two standard errors): {'; '.join(parts)}."]
+    if semantic and pixel:
+        sr, pr = max(semantic, key=lambda x: x["knn_top1"]), max(pixel, key=lambda x: x["knn_top1"])
+        if g := gap(sr, pr):
+            out.append(f"k-NN, semantic minus pixel targets: {g}.")
     return out
 
 

@@ -135,6 +135,11 @@ def test_paired_error_bar_uses_the_shared_report_samples():
     assert margin(rows[0], rows[1], n) < 0.039 < noise_margin(100 / n, 80 / n, n)
     text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": n}))
     assert "Above the floor beyond noise" in text and f"paired over the same {n} report samples" in text
+    rows[0].update(knn_top1=100 / n, knn_correct={"0": student})
+    rows[1].update(knn_top1=80 / n, knn_correct={"0": floor})
+    text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": n}))
+    assert "k-NN, gap to the floor on the same report samples" in text and "digpt/semantic +0.039 ± 0.01" in text
+    assert "beyond noise" in text.split("k-NN")[1]
     for r in rows:
         r["report_correct"] = None  # without the vectors: binomial, and the same gap is within noise
     text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": n}))
