@@ -345,7 +345,8 @@ class CachedViews(IterableDataset):
         rows, index, (seeds, boxes, flips) = j.rows(shard), j.index(shard), j.plan(shard)
         valid = j.valid[shard]
         views = np.array([_hash64(self.cfg.seed, self.epoch, shard, key) % k for key in rows["key"]], dtype=np.int64)
-        targets = TargetBlocks(j.reader(shard), views, valid)
+        # Fresh views have no stored targets (the online teacher makes them): nothing is read from the cache.
+        targets = None if self.cfg.fresh_views else TargetBlocks(j.reader(shard), views, valid)
         errors: list[str] = []
         handler = _Recorder(errors)
         seen: set[str] = set()
@@ -377,7 +378,7 @@ class CachedViews(IterableDataset):
                 "size": (rows["width"][i], rows["height"][i]),
                 "label": rows["label"][i],
                 "image": image,
-                "targets": targets.row(i),
+                "targets": targets.row(i) if targets is not None else {},
                 "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order"),
             }
         if errors:
@@ -421,6 +422,8 @@ class CachedViews(IterableDataset):
         if teacher_images:
             out["teacher_images"] = torch.stack(teacher_images)
         t = {n: [b["targets"][n] for b in batch] for n in batch[0]["targets"]}
+        if not t:  # fresh views: the online teacher adds the targets
+            return out
         if j.info.codes:
             codes = torch.from_numpy(np.stack(t["tokens"]).astype(np.int64))
             out["codes"] = codes

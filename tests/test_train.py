@@ -329,6 +329,7 @@ def test_fresh_views_need_the_online_teacher_and_are_new_each_epoch(tiny_dataset
     assert sum(epochs[0][i] in stored for i in rows) < len(rows) // 2  # not the stored ones
     batch = next(iter(make_loader(ds)))  # the collate re-derives every box from its seed and checks it
     assert batch["teacher_images"].shape == batch["images"].shape
+    assert "tokens" not in batch and "cls" not in batch  # nothing read from the cache: the teacher makes them
     cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / "fresh", online_teacher=True, steps=4, data={"fresh_views": True})
     losses = [r["loss"] for r in train(cfg, progress=False).history]
     assert len(losses) == 4 and all(np.isfinite(losses))
