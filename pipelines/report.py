@@ -181,7 +181,8 @@ def noise_margin(a: float, b: float, n: int | None) -> float | None:
 
 
 def _how(a: dict, b: dict, n: int | None) -> str:
-    paired = a.get("report_correct") is not None and b.get("report_correct") is not None
+    """Which bar :func:`margin` gave: paired only where the vectors pair up (same seeds, same length)."""
+    paired = paired_margin(a.get("report_correct"), b.get("report_correct")) is not None
     return f", paired over the same {n} report samples" if paired else f" on {n} report samples, binomial"
 
 

@@ -119,7 +119,7 @@ def test_findings_do_not_call_noise_a_win():
 def test_paired_error_bar_uses_the_shared_report_samples():
     """Two probes scored on one split disagree on few samples: the paired error bar sees that, the binomial
     one (independent samples) does not. 20 more right answers in 512 is beyond paired noise only."""
-    from pipelines.report import margin, paired_margin
+    from pipelines.report import _how, margin, paired_margin
 
     n = 512
     floor = [1.0 if i < 80 else 0.0 for i in range(n)]  # 0.156
@@ -140,6 +140,11 @@ def test_paired_error_bar_uses_the_shared_report_samples():
     text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": n}))
     assert "k-NN, gap to the floor on the same report samples" in text and "digpt/semantic +0.039 ± 0.01" in text
     assert "beyond noise" in text.split("k-NN")[1]
+    rows[1]["report_correct"] = {"1": floor}  # another seed's split: nothing pairs, so the bar is binomial
+    assert "Above the floor only within noise: digpt/semantic" in " ".join(
+        findings({"rows": rows, "chance": 0.125, "n_report": n})
+    )
+    assert _how(rows[0], rows[1], n) == f" on {n} report samples, binomial"  # and says so
     for r in rows:
         r["report_correct"] = None  # without the vectors: binomial, and the same gap is within noise
     text = " ".join(findings({"rows": rows, "chance": 0.125, "n_report": n}))
