@@ -156,6 +156,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     _field(p, "--threads", run["threads"], type=int)
     _field(p, "--device", run["device"])
     _field(p, "--decode-threads", run["decode_threads"], type=int)
+    _field(p, "--decode-processes", run["decode_processes"], type=int)
     _field(p, "--shards-in-flight", run["shards_in_flight"], type=int)
     _field(p, "--autocast", run["autocast"], choices=cli_docs.module_value("teacher_cache.config", "AUTOCAST"))
     _field(p, "--allow-hub", teacher["allow_hub"], action="store_true")
@@ -198,6 +199,7 @@ def _extract_config(a: argparse.Namespace):
         threads=a.threads,
         device=a.device,
         decode_threads=a.decode_threads,
+        decode_processes=a.decode_processes,
         shards_in_flight=a.shards_in_flight,
         autocast=a.autocast,
     )
@@ -448,6 +450,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     _field(p, "--student", doc["student"], choices=cli_docs.module_value("student.sizes", "VIT_SIZES"))
     _field(p, "--base-lr", doc["base_lr"], type=float)
     _field(p, "--decoder-dim", doc["decoder_dim"], type=int)
+    _field(p, "--probe-samples", doc["probe_samples"], type=int)
     _field(p, "--executor", doc["executor"])
     _field(p, "--quick", doc["quick"], action="store_true")
 
@@ -463,6 +466,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         executor=a.executor,
         base_lr=a.base_lr,
         decoder_dim=a.decoder_dim,
+        probe_samples=a.probe_samples,
         quick=a.quick,
     )
     return 0 if run_demo(cfg).ok else 1
@@ -487,6 +491,8 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
     _field(p, "--stem", doc["stem"], choices=cli_docs.module_value("student.vit", "STEMS"))
     _field(p, "--decoder-dim", doc["decoder_dim"], type=int)
     _field(p, "--cache", doc["cache"])
+    _field(p, "--probe-shards", doc["probe_shards"])
+    _field(p, "--probe-samples", doc["probe_samples"], type=int)
     _field(p, "--workers", doc["workers"], type=int)
     _field(p, "--executor", doc["executor"])
     p.add_argument(
@@ -524,6 +530,8 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
             stem=a.stem,
             decoder_dim=a.decoder_dim,
             cache=a.cache,
+            probe_shards=a.probe_shards,
+            probe_samples=a.probe_samples,
             workers=a.workers,
             executor=a.executor,
             weights=tuple(weights),

@@ -25,7 +25,7 @@ from teacher_cache.prepare import MAX_CLASSES, MIN_CLASSES, SyntheticConfig, pre
 from teacher_cache.store import slug
 
 # The names below are looked up here at call time (bench/e2e.py times the stages by patching them).
-from .probe import ProbeConfig, run_probe
+from .probe import ProbeConfig, run_probes
 from .recipes import RECIPES, SEMANTIC, Variant, cache_dir, dataset_dir
 from .report import RunRecord, findings, format_table, noise_margin, results_table
 from .report import write_report as _write_report
@@ -90,6 +90,15 @@ class AblateConfig:
     """Student patch embedding, ``patch`` or ``conv``; None: the preset's (``student/vit.py``)."""
     decoder_dim: int | None = None
     """Width of the students' decoders; None: the encoder's (``StudentConfig.decoder_dim``)."""
+    probe_shards: str | None = None
+    """A labelled dataset the probes fit and report on; None: a generated one (``probe_samples``) when the
+    pretraining data is generated, else a held-out quarter of ``shards``."""
+    probe_samples: int = 8192
+    """Size of the generated probe set: other images of the same generator, never seen in pretraining
+    (a quarter is reported on: 8192 gives 2048 report samples). A probe fit on 6144 images and scored on
+    2048 separates the pixel student from the floor (+0.030 +- 0.012 over 3 seeds) where one fit on 1536
+    and scored on 512 could not (+0.023 +- 0.023; LEARNING.md §10). 0: probe on a held-out quarter of the
+    pretraining set, as before."""
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -126,6 +135,14 @@ class AblateConfig:
             raise ValueError(f"decoder_dim must be >= 1 or None (the encoder's width), got {self.decoder_dim}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.probe_samples < 0:
+            raise ValueError(
+                f"probe_samples must be >= 0 (0: a holdout of the pretraining set), got {self.probe_samples}"
+            )
+        if self.probe_samples and self.probe_samples < 4 * self.num_classes:
+            raise ValueError(
+                f"probe_samples must be 0 or >= 4 * num_classes ({4 * self.num_classes}), got {self.probe_samples}"
+            )
         if self.weights and self.recipe != "tokenizers":
             raise ValueError(
                 f"weights add teachers to the tokenizers recipe only; recipe {self.recipe!r} would ignore them"
@@ -135,14 +152,28 @@ class AblateConfig:
 def _dataset(cfg: AblateConfig) -> str:
     if cfg.shards:
         return cfg.shards
-    data = dataset_dir(cfg)
+    return _synthetic(cfg, dataset_dir(cfg), cfg.num_samples, seed=0)
+
+
+def _probe_dataset(cfg: AblateConfig, data: str) -> str:
+    """Where the probes fit and report: ``probe_shards``; else a generated set of ``probe_samples`` other
+    images (seed 1: sample i of seed 0 and of seed 1 are different images) when the pretraining set is
+    generated; else ``data`` itself (its held-out quarter)."""
+    if cfg.probe_shards:
+        return cfg.probe_shards
+    if cfg.shards or not cfg.probe_samples:
+        return data
+    return _synthetic(cfg, os.path.join(cfg.out, "probe"), cfg.probe_samples, seed=1)
+
+
+def _synthetic(cfg: AblateConfig, data: str, num_samples: int, seed: int) -> str:
     want = SyntheticConfig(
         out=data,
-        num_samples=cfg.num_samples,
+        num_samples=num_samples,
         num_classes=cfg.num_classes,
         image_size=cfg.image_size,
-        shard_size=max(16, cfg.num_samples // 4),
-        seed=0,
+        shard_size=max(16, num_samples // 4),
+        seed=seed,
     )
     if os.path.exists(os.path.join(data, "dataset.json")):
         ds = load_dataset(data)
@@ -168,35 +199,28 @@ def _extract(cfg: AblateConfig, variants: list[Variant]) -> tuple[str, dict[str,
 
 
 def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int, floor: bool = False) -> tuple[dict, dict | None]:
-    """Probe ``run``'s encoder; ``floor``: a seeded random encoder of ``run``'s architecture (of the
-    ``student`` preset when there is no run), so the floor is the same network, untrained."""
-    common = dict(shards=data, seed=seed, student=None if run else cfg.student)
+    """Probe ``run``'s encoder (linear, and k-NN on the same features); ``floor``: a seeded random encoder
+    of ``run``'s architecture (of the ``student`` preset when there is no run), so the floor is the same
+    network, untrained."""
     out = os.path.join(cfg.out, "runs", f"random-init_s{seed}") if floor else None
     if out:
         os.makedirs(out, exist_ok=True)
-    lin = run_probe(
-        ProbeConfig(
-            run=run,
-            kind="linear",
-            random_init=floor,
-            out=os.path.join(out, "probe_linear.json") if out else None,
-            **common,
-        )
-    )
-    knn = (
-        run_probe(
+    kinds = ("linear", "knn") if cfg.knn else ("linear",)
+    results = run_probes(
+        [
             ProbeConfig(
+                shards=data,
                 run=run,
-                kind="knn",
+                kind=kind,
                 random_init=floor,
-                out=os.path.join(out, "probe_knn.json") if out else None,
-                **common,
+                out=os.path.join(out, f"probe_{kind}.json") if out else None,
+                seed=seed,
+                student=None if run else cfg.student,
             )
-        )
-        if cfg.knn
-        else None
+            for kind in kinds
+        ]
     )
-    return _summary(lin), (_summary(knn) if knn else None)
+    return _summary(results[0]), (_summary(results[1]) if cfg.knn else None)
 
 
 def teacher_ceiling(data: str, cache: str, tokenizer: str, seed: int = 0) -> float | None:
@@ -258,11 +282,13 @@ def check_inputs(cfg: AblateConfig) -> None:
     if os.path.isdir(runs) and any(os.path.exists(os.path.join(runs, d, "config.json")) for d in os.listdir(runs)):
         # Runs are never overwritten (train refuses too, but only after the extraction): say so up front.
         raise ValueError(f"out {cfg.out} already holds the runs of an ablation; choose another --out")
-    if cfg.shards:
-        try:
-            load_dataset(cfg.shards)
-        except (FileNotFoundError, ValueError) as e:
-            raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(f"shards: {e}") from None
+    for name in ("shards", "probe_shards"):
+        if getattr(cfg, name):
+            try:
+                load_dataset(getattr(cfg, name))
+            except (FileNotFoundError, ValueError) as e:
+                kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+                raise kind(f"{name}: {e}") from None
     if cfg.cache and os.path.exists(cfg.cache) and not os.path.isdir(cfg.cache):
         raise ValueError(f"cache {cfg.cache} exists and is not a directory; give a cache directory")
     if split_name(cfg.semantic_teacher)[0] not in list_teachers():
@@ -285,6 +311,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     variants = RECIPES[cfg.recipe](cfg)
     data = _dataset(cfg)
+    probe_data = _probe_dataset(cfg, data)
     cache, bytes_per_view = _extract(cfg, variants)
     records: list[RunRecord] = []
     for v in variants:
@@ -294,7 +321,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
             print(f"== {v.name} (seed {seed}): {tcfg.objective} on {v.teacher.name} [{v.storage.dtype}]")
             t0 = time.perf_counter()
             result = train(tcfg)
-            lin, knn = _probe(cfg, data, run, seed)
+            lin, knn = _probe(cfg, probe_data, run, seed)
             records.append(
                 RunRecord(
                     v.name,
@@ -315,7 +342,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
             )
     floors = []
     for seed in range(cfg.seeds):
-        lin, knn = _probe(cfg, data, records[0].run if records else None, seed, floor=True)
+        lin, knn = _probe(cfg, probe_data, records[0].run if records else None, seed, floor=True)
         floors.append(
             RunRecord(
                 "random-init",
@@ -342,5 +369,10 @@ def run_ablation(cfg: AblateConfig) -> dict:
     results = results_table(cfg, variants, records, floors, bytes_per_view, time.perf_counter() - t_start, classes)
     results["ceilings"] = ceilings
     results["n_report"] = lin["n_report"]  # samples every linear probe above was scored on (same split)
+    results["probe_data"] = {
+        "shards": probe_data,
+        "held_out": probe_data != data,  # images the students never saw in pretraining
+        "samples": load_dataset(probe_data).num_samples,
+    }
     _write_report(cfg, results)
     return results

@@ -36,7 +36,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -97,6 +97,7 @@ __all__ = [
     "pool_tokens",
     "probe_features",
     "run_probe",
+    "run_probes",
     "stratified_split",
     "topk_accuracy",
 ]
@@ -313,11 +314,45 @@ def _load_all(
 
 def run_probe(cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
     """Probe the encoder, write ``cfg.out_path()`` and return the result."""
-    start = time.perf_counter()
-    datasets = _open_inputs(cfg)
-    enc, source = build_encoder(cfg)
+    return run_probes([cfg], progress)[0]
+
+
+def run_probes(cfgs: list[ProbeConfig], progress: bool = True) -> list[ProbeResult]:
+    """Several probes of one encoder on the same data that differ only in ``kind`` and ``out`` (linear and
+    k-NN, as ablations run them): the encoder's features are extracted once and shared, so the pair costs
+    one pass over the images instead of two. Each result is written to its config's ``out_path()``."""
+    base = cfgs[0]
+    for c in cfgs[1:]:
+        if replace(c, kind=base.kind, out=base.out) != base:
+            raise ValueError("run_probes: the configs may differ only in kind and out")
+    if len(cfgs) > 1 and any(c.kind == "finetune" for c in cfgs):
+        raise ValueError("run_probes: a fine-tune changes the encoder; run it alone (run_probe)")
+    t0 = time.perf_counter()
+    datasets = _open_inputs(base)
+    for c in cfgs[1:]:
+        if os.path.isdir(c.out_path()):
+            raise ValueError(f"ProbeConfig.out {c.out_path()} is a directory; give a .json file path")
+    enc, source = build_encoder(base)
     skipped: Counter = Counter()
-    table, labels, n_val = _load_all(cfg, enc, datasets, skipped, progress)
+    table, labels, n_val = _load_all(base, enc, datasets, skipped, progress)
+    shared = time.perf_counter() - t0  # counted in full in each probe's seconds
+    return [_score(c, enc, source, table, labels, n_val, skipped, datasets, shared, progress) for c in cfgs]
+
+
+def _score(
+    cfg: ProbeConfig,
+    enc: VisionTransformer,
+    source: dict,
+    table: torch.Tensor,
+    labels: torch.Tensor,
+    n_val: int,
+    skipped: Counter,
+    datasets: list[PreparedDataset],
+    load_seconds: float,
+    progress: bool,
+) -> ProbeResult:
+    """One probe scored on loaded features (or views, for a fine-tune); written to ``cfg.out_path()``."""
+    t0 = time.perf_counter() - load_seconds
     num_classes = _num_classes(labels, *datasets)
     splits = make_splits(labels.numpy(), n_val, cfg.holdout, cfg.select_fraction, cfg.seed)
     if cfg.kind == "finetune":
@@ -345,7 +380,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
         sum(skipped.values()),
         dict(skipped),
         num_classes,
-        time.perf_counter() - start,
+        time.perf_counter() - t0,
         asdict(cfg),
         best.correct,
     )

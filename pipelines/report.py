@@ -286,6 +286,18 @@ def _ceiling_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _probe_data_line(results: dict) -> list[str]:
+    pd, n = results.get("probe_data"), results.get("n_report")
+    if not pd:
+        return []
+    where = (
+        f"{pd['samples']} labelled images held out from pretraining (`{pd['shards']}`)"
+        if pd["held_out"]
+        else f"a held-out quarter of the pretraining set (`{pd['shards']}`)"
+    )
+    return [f"Probes fit and report on {where}: {n} report samples.", ""]
+
+
 def write_report(cfg: AblateConfig, results: dict) -> None:
     from . import plots
 
@@ -299,6 +311,7 @@ def write_report(cfg: AblateConfig, results: dict) -> None:
         f"Student `{c['student']}`, {c['steps']} steps x batch {c['batch_size']}, {c['seeds']} seed(s); "
         f"linear probe (best layer, selected without the report split) and k-NN; total {results['seconds']:.0f}s.",
         "",
+        *_probe_data_line(results),
         format_table(results),
         "",
         *_ceiling_table(results),

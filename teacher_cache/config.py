@@ -116,6 +116,11 @@ class ExtractConfig:
     """Threads per worker that decode and crop images while the teacher runs on the previous batch (PIL and
     torch release the GIL); a writer thread stores the previous chunk meanwhile. The cache's bytes never
     depend on it."""
+    decode_processes: int = 0
+    """Processes per worker that decode and crop instead of threads (0: use ``decode_threads``). Threads
+    share the worker's GIL with the reader, the teacher's Python and the writer: with a fast teacher (a
+    GPU's) that contention bounds extraction, and a GPU host has the cores for processes. They start once
+    per worker (spawned, ~1-2 s each) and take rows a few at a time. The cache's bytes never depend on it."""
     shards_in_flight: int = 1
     """Shards one worker extracts at once (each with its own decode threads and writer), so that one shard's
     group creation and bookkeeping overlap another's decoding and forward — worth it for many small shards.
@@ -142,6 +147,8 @@ class ExtractConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.decode_threads < 1:
             raise ValueError(f"decode_threads must be >= 1, got {self.decode_threads}")
+        if self.decode_processes < 0:
+            raise ValueError(f"decode_processes must be >= 0 (0: decode in threads), got {self.decode_processes}")
         if self.shards_in_flight < 1:
             raise ValueError(f"shards_in_flight must be >= 1, got {self.shards_in_flight}")
         if self.autocast not in AUTOCAST:

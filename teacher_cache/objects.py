@@ -130,8 +130,10 @@ class _ObjectWriter:
             self.f = tempfile.NamedTemporaryFile(prefix="digpt-", suffix=".partial", delete=False)  # noqa: SIM115
             self.spool_path = self.f.name
         # A shard that fails midway drops its writer: the spool goes with it (a local one would also go
-        # with its group, which the next run deletes; a temporary one would not).
-        weakref.finalize(self, _unlink, self.f, self.spool_path)
+        # with its group, which the next run deletes; a temporary one would not). Detached once closed or
+        # aborted: a retry of the shard in this process spools to the same path, and a late finalizer
+        # (the failed attempt's traceback keeps this writer alive) must not delete the retry's file.
+        self._finalizer = weakref.finalize(self, _unlink, self.f, self.spool_path)
 
     def append(self, row: int, data: bytes) -> None:
         self.f.write(data)
@@ -142,6 +144,7 @@ class _ObjectWriter:
         missing = np.flatnonzero(self.entries[:, 0] == _EMPTY)
         if len(missing):  # every row is written (fill values too): a gap is a bug, never silent fill
             raise RuntimeError(f"{self.key}: rows {missing[:4].tolist()} were never written")
+        self._finalizer.detach()
         self.f.write(_index_bytes(self.entries))
         self.f.close()
         if self.final is not None:
@@ -159,6 +162,7 @@ class _ObjectWriter:
             os.unlink(self.spool_path)
 
     def abort(self) -> None:
+        self._finalizer.detach()
         _unlink(self.f, self.spool_path)
 
 

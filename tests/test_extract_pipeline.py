@@ -139,6 +139,8 @@ def test_pipeline_options_are_checked_before_work(tiny_dataset, tmp_path):
         _cfg(tiny_dataset, tmp_path / "c", 0)
     with pytest.raises(ValueError, match="shards_in_flight must be >= 1"):
         _cfg(tiny_dataset, tmp_path / "c", 1, shards_in_flight=0)
+    with pytest.raises(ValueError, match="decode_processes must be >= 0"):
+        _cfg(tiny_dataset, tmp_path / "c", 1, decode_processes=-1)
     with pytest.raises(ValueError, match="autocast 'bf16' needs a CUDA device"):
         ExtractConfig(shards=tiny_dataset, out=str(tmp_path), teachers=TEACHERS, device="cpu", autocast="bf16")
     if not torch.cuda.is_available():  # device "auto" resolves to the CPU: refused before any work
@@ -157,3 +159,100 @@ def test_ray_workers_with_shards_in_flight_write_the_same_bytes(mixed_dataset, t
     assert run_extract(_cfg(mixed_dataset, tmp_path / "local", 1, TEACHERS[:1]), progress=False).ok
     assert _chunk_bytes(str(tmp_path / "ray"), "vit") == _chunk_bytes(str(tmp_path / "local"), "vit")
     assert _records(str(tmp_path / "ray"), "vit") == _records(str(tmp_path / "local"), "vit")
+
+
+def _decode_children() -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def test_decode_processes_write_the_same_bytes_and_survive_a_killed_process(mixed_dataset, tmp_path):
+    """Decoding in spawned processes (shared by two shards in flight) writes what one thread writes; a
+    SIGKILLed decode process fails the shard it was decoding — nothing marked complete — and the worker
+    starts a fresh pool for the next shard, which then completes with the same bytes."""
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    from teacher_cache.dataset import load_dataset
+    from teacher_cache.extract.plan import ShardJob
+    from teacher_cache.extract.worker import Worker, extract_shard
+    from teacher_cache.teachers import build_teacher
+
+    teachers = TEACHERS[:1]
+    one = run_extract(_cfg(mixed_dataset, tmp_path / "one", 1, teachers), progress=False)
+    cfg = _cfg(mixed_dataset, tmp_path / "procs", 1, teachers, decode_processes=2, shards_in_flight=2)
+    procs = run_extract(cfg, progress=False)
+    assert one.ok and procs.ok, (one.table(), procs.table())
+    assert _chunk_bytes(str(tmp_path / "one"), "vit") == _chunk_bytes(str(tmp_path / "procs"), "vit")
+    assert _records(str(tmp_path / "one"), "vit") == _records(str(tmp_path / "procs"), "vit")
+    assert _decode_children() == [] and _extract_threads() == []  # the worker closed its pool
+
+    cache = str(tmp_path / "procs")
+    group = zarr.open_group(cache, mode="r+")["vit"]
+    sid = sorted(group.group_keys())[0]
+    del group[sid].attrs["complete"]  # the shard is to be extracted again
+    ds = load_dataset(mixed_dataset)
+    job = ShardJob(
+        os.path.abspath(mixed_dataset), ds.shards[0], sid, cache, "vit", cfg.aug, cfg.storage, cfg.batch_size,
+        decode_threads=1, decode_processes=2,
+    )  # fmt: skip
+    worker = Worker({"vit": teachers[0]}, {}, "cpu", 1)
+    try:
+        pool = worker.decode_pool(2)
+        assert not pool.broken  # (starts its processes)
+        victim = next(iter(pool.executor._processes.values()))
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        with pytest.raises(BrokenProcessPool):
+            extract_shard(job, build_teacher(teachers[0]), torch.device("cpu"), ds, pool)
+        assert "complete" not in zarr.open_group(cache, mode="r")["vit"][sid].attrs
+        assert _extract_threads() == []
+        result = worker.run(job)  # a fresh pool
+        assert result.error == "" and (result.rows, result.valid) == (10, 9), result.error
+        assert worker.decode_pool(2) is not pool
+    finally:
+        worker.close()
+    assert _chunk_bytes(cache, "vit") == _chunk_bytes(str(tmp_path / "one"), "vit")
+    assert _decode_children() == []
+
+
+@pytest.mark.slow
+def test_decode_processes_exit_when_their_worker_is_killed(tmp_path):
+    """A SIGKILLed extraction worker (a lost Ray actor) leaves no decode process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "from teacher_cache.extract.pipeline import DecodePool\n"
+        "p = DecodePool(2)\n"
+        "assert not p.broken\n"
+        "print(' '.join(str(q.pid) for q in p.executor._processes.values()), flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pids = [int(x) for x in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+
+        def alive(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            with open(f"/proc/{pid}/stat") as f:  # an exited child not yet reaped by init is a zombie
+                return f.read().split(")")[-1].split()[0] != "Z"
+
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids)
+    finally:
+        parent.kill()

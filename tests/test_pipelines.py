@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -223,3 +224,22 @@ def test_a_variant_trains_with_the_config_the_runner_always_built():
         log_every=1,
     )
     assert got == want and v.tokenizer == "semantic-fp16"
+
+
+@pytest.mark.slow
+def test_generated_probe_set_is_held_out_from_pretraining(tmp_path):
+    """Without ``shards``, the students pretrain on one generated set and are probed on another (seed 1):
+    no image of the probe set is a pretraining image, and every probe reports on its quarter."""
+    import pyarrow.parquet as pq
+
+    cfg = replace(_small("demo", str(tmp_path)), num_samples=32, probe_samples=64, steps=2, executor="local", workers=0)
+    results = run_ablation(cfg)
+    pd = results["probe_data"]
+    assert pd == {"shards": str(tmp_path / "probe"), "held_out": True, "samples": 64}
+    assert results["n_report"] == 16
+    assert all(len(v) == 16 for r in results["rows"] for v in r["report_correct"].values())
+    hashes = [set(pq.read_table(tmp_path / d / "manifest.parquet")["hash"].to_pylist()) for d in ("data", "probe")]
+    assert len(hashes[0]) == 32 and len(hashes[1]) == 64 and not hashes[0] & hashes[1]
+    assert "64 labelled images held out from pretraining" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="probe_samples must be 0 or >= 4 \\* num_classes"):
+        replace(cfg, probe_samples=8)

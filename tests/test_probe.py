@@ -317,3 +317,28 @@ def test_cli(trained_run, tiny_dataset, tmp_path, capsys):
         assert field in capsys.readouterr().err, bad
     assert cli.main(["probe", "--shards", tiny_dataset, "--random-init", "--student", "tiny-test"]) == 2
     assert "ProbeConfig.out" in capsys.readouterr().err
+
+
+def test_probes_of_one_encoder_share_its_features(tiny_dataset, tmp_path, monkeypatch):
+    """Linear and k-NN in one call extract the features once and score exactly what two separate
+    probes score; a fine-tune (which changes the encoder) or configs that differ otherwise are refused."""
+    import pipelines.probe as probe_mod
+    from pipelines.probe import run_probes
+
+    def cfg(kind: str, name: str, **kw) -> ProbeConfig:
+        base = dict(shards=tiny_dataset, kind=kind, random_init=True, student="tiny-test", k=3, epochs=30)
+        return ProbeConfig(out=str(tmp_path / f"{name}.json"), **{**base, **kw})
+
+    apart = [run_probe(cfg(k, f"apart_{k}"), progress=False) for k in ("linear", "knn")]
+    calls = []
+    real = probe_mod.extract_features
+    monkeypatch.setattr(probe_mod, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    together = run_probes([cfg("linear", "lin"), cfg("knn", "knn")], progress=False)
+    assert len(calls) == 1  # (tiny_dataset has no val_shards: one dataset, one pass)
+    for a, b in zip(apart, together):
+        assert (a.kind, a.top1, a.best_layer, a.report_correct) == (b.kind, b.top1, b.best_layer, b.report_correct)
+    assert _load(str(tmp_path / "knn.json"))["kind"] == "knn"
+    with pytest.raises(ValueError, match="may differ only in kind and out"):
+        run_probes([cfg("linear", "a"), cfg("knn", "b", seed=1)])
+    with pytest.raises(ValueError, match="fine-tune changes the encoder"):
+        run_probes([cfg("linear", "a"), cfg("finetune", "b")])

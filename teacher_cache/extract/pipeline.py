@@ -1,7 +1,13 @@
 """One shard's rows through overlapped stages, joined by bounded queues::
 
-    reader thread ──▶ decode/crop pool (``decode_threads``) ──▶ forward (calling thread) ──▶ writer thread
-    tar + hash check    decode, size check, replay K views       teacher, in batches          Zarr chunks
+    reader thread ──▶ decode/crop pool ──────────────────▶ forward (calling thread) ──▶ writer thread
+    tar + hash check    decode, size check, replay K views    teacher, in batches          Zarr chunks
+
+The decode/crop pool is ``decode_threads`` threads of this process, or a :class:`DecodePool` of
+``decode_processes`` spawned processes that the worker keeps for its whole life. Threads cost nothing to
+start but share this process's GIL with the reader, the forward and the writer; with a fast teacher
+(a GPU's) that contention, not any one stage, bounds the pipeline (BENCHMARKS.md, #12.1). Processes take
+rows a few at a time (one round trip per ``rows_per_task`` rows) and send back float32 arrays.
 
 Determinism does not depend on the overlap: rows are consumed in index order whatever order the decode
 threads finish in, and the teacher sees exactly the batches the serial loop formed — per chunk of
@@ -14,10 +20,13 @@ write of a failed shard can land after its retry has begun.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -79,6 +88,70 @@ def decode_row(
     except BadImage as e:
         return None, str(e)
     return torch.stack([replay_view(img, boxes[v], flips[v], size) for v in range(len(boxes))]), ""
+
+
+Task = tuple[dict[str, Any], Any, np.ndarray, np.ndarray]
+"""One row to decode: ``(manifest row, raw sample or None, its views' boxes, their flips)``."""
+
+
+def decode_rows(tasks: list[Task], size: int) -> list[tuple[np.ndarray | None, str]]:
+    """:func:`decode_row` over several rows, views as float32 numpy arrays: the unit of work a decode
+    process runs (arrays pickle as plain bytes; tensors would travel as shared-memory handles, one file
+    descriptor each)."""
+    out = []
+    for row, raw, boxes, flips in tasks:
+        views, reason = decode_row(row, raw, boxes, flips, size)
+        out.append((views.numpy() if views is not None else None, reason))
+    return out
+
+
+def _decode_rows_threaded(tasks: list[Task], size: int) -> list[tuple[torch.Tensor | None, str]]:
+    return [decode_row(row, raw, boxes, flips, size) for row, raw, boxes, flips in tasks]
+
+
+def _init_decode_process(parent: int) -> None:
+    """A decode process: one torch thread (the pool is the parallelism), and gone once its parent is."""
+    torch.set_num_threads(1)
+
+    def watch() -> None:  # a SIGKILLed worker (a lost Ray actor, a test) leaves no orphan decoding behind
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="extract-decode-watch", daemon=True).start()
+
+
+class DecodePool:
+    """``processes`` spawned decode/crop processes, started once per extraction worker and shared by the
+    shards it runs (``shards_in_flight``). Spawned, not forked: a fork of a process that has run torch's
+    thread pools can deadlock."""
+
+    def __init__(self, processes: int, rows_per_task: int = 8):
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self.processes, self.rows_per_task = processes, rows_per_task
+        self.executor = ProcessPoolExecutor(
+            processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_decode_process,
+            initargs=(os.getpid(),),
+        )
+        # Start every process now (the executor spawns them one per submit, on demand), so the first
+        # shard does not pay for the imports and the processes exist when the caller counts them.
+        for f in [self.executor.submit(int) for _ in range(processes)]:
+            f.result()
+
+    @property
+    def broken(self) -> bool:
+        """A process of the pool died (killed, out of memory): the pool takes no more work."""
+        try:
+            self.executor.submit(int).result(timeout=60)
+        except Exception:  # noqa: BLE001 - BrokenProcessPool, or a pool that no longer answers
+            return True
+        return False
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 class Forward:
@@ -165,15 +238,27 @@ class Writer:
 
 def _reader(
     samples: Iterator[tuple[dict[str, Any], Any]],
-    decode: Callable[[dict[str, Any], Any], tuple[torch.Tensor | None, str]],
-    pool: ThreadPoolExecutor,
+    boxes: np.ndarray,
+    flips: np.ndarray,
+    size: int,
+    pool: Executor,
+    fn: Callable[[list[Task], int], list],
+    per_task: int,
     out: queue.Queue,
     stop: threading.Event,
 ) -> None:
-    """Read rows in index order and queue a decode future per row (the queue's bound holds the reader back)."""
+    """Read rows in index order and queue ``(first index, future)`` per ``per_task`` rows (the queue's
+    bound holds the reader back)."""
     try:
+        tasks: list[Task] = []
         for row, raw in samples:
-            _put(out, (row["index"], pool.submit(decode, row, raw)), stop)
+            i = row["index"]
+            tasks.append((row, raw, boxes[i], flips[i]))
+            if len(tasks) == per_task:
+                _put(out, (tasks[0][0]["index"], pool.submit(fn, tasks, size)), stop)
+                tasks = []
+        if tasks:
+            _put(out, (tasks[0][0]["index"], pool.submit(fn, tasks, size)), stop)
         _put(out, _END, stop)
     except _Stop:
         return
@@ -194,25 +279,57 @@ def _flush(forward: Callable, pending: list[torch.Tensor], count: int, toks: lis
 def run_rows(
     n: int,
     samples: Iterator[tuple[dict[str, Any], Any]],
-    decode: Callable[[dict[str, Any], Any], tuple[torch.Tensor | None, str]],
+    boxes: np.ndarray,
+    flips: np.ndarray,
+    size: int,
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
     writer: Writer,
     chunk_rows: int,
     batch_size: int,
     decode_threads: int,
+    decode_pool: DecodePool | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode, forward and hand to ``writer`` every chunk of rows ``[0, n)``.
 
     ``samples`` yields ``(row, raw)`` for every manifest row in index order (``raw`` is ``None`` for a row
-    whose sample is gone); returns the ``valid`` mask and ``(index, reason)`` of every unusable row, in
-    index order."""
+    whose sample is gone); row ``i``'s views are ``boxes[i]``, ``flips[i]`` at ``size`` px. Rows decode on
+    ``decode_pool`` when given, else on ``decode_threads`` threads started for this call. Returns the
+    ``valid`` mask and ``(index, reason)`` of every unusable row, in index order."""
     valid = np.zeros(n, dtype=bool)
     skipped: list[tuple[int, str]] = []
     stop = threading.Event()
-    # Enough decoded rows queued to fill two teacher batches, and every decode thread busy meanwhile.
-    decoded: queue.Queue = queue.Queue(maxsize=max(4 * decode_threads, 2 * batch_size))
-    pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="extract-decode")
-    reader = threading.Thread(target=_reader, args=(samples, decode, pool, decoded, stop), daemon=True)
+    if decode_pool is not None:
+        pool: Executor = decode_pool.executor
+        fn, per_task, width = decode_rows, decode_pool.rows_per_task, decode_pool.processes
+    else:
+        pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="extract-decode")
+        fn, per_task, width = _decode_rows_threaded, 1, decode_threads
+    # Enough decoded rows queued to fill two teacher batches, and every decoder busy meanwhile.
+    decoded: queue.Queue = queue.Queue(maxsize=max(4 * width, -(-2 * batch_size // per_task)))
+    reader = threading.Thread(
+        target=_reader,
+        args=(samples, boxes, flips, size, pool, fn, per_task, decoded, stop),
+        name="extract-reader",
+        daemon=True,
+    )
+    ready: list[tuple[Any, str]] = []  # decoded rows of the current task, in order; the next is row `at`
+    at = 0
+
+    def next_row(i: int) -> tuple[torch.Tensor | None, str]:
+        nonlocal ready, at
+        if not ready:
+            item = _get(decoded, reader.is_alive)
+            if isinstance(item, BaseException):
+                raise item
+            if item is _END or item[0] != i:  # the reader yields every manifest row, in order
+                raise RuntimeError(f"row {i} of {n} missing from the shard's sample stream")
+            ready, at = item[1].result(), i
+        views, reason = ready.pop(0)
+        if at != i:
+            raise RuntimeError(f"row {i} of {n} missing from the shard's sample stream")
+        at += 1
+        return (torch.from_numpy(views) if isinstance(views, np.ndarray) else views), reason
+
     ok = False
     try:
         reader.start()
@@ -225,12 +342,7 @@ def run_rows(
             clss: list[torch.Tensor] = []
 
             for i in range(lo, hi):
-                item = _get(decoded, reader.is_alive)
-                if isinstance(item, BaseException):
-                    raise item
-                if item is _END or item[0] != i:  # the reader yields every manifest row, in order
-                    raise RuntimeError(f"row {i} of {n} missing from the shard's sample stream")
-                views, reason = item[1].result()
+                views, reason = next_row(i)
                 if views is None:
                     skipped.append((i, reason))
                     continue
@@ -247,10 +359,23 @@ def run_rows(
             tokens = torch.cat(toks)
             writer.put(lo, hi, np.asarray(rows_ok) - lo, tokens, torch.cat(clss) if clss else None)
             valid[rows_ok] = True
+        # The stream's end is read too: a tar with more samples than its manifest fails there.
+        tail = _get(decoded, reader.is_alive) if not ready else None
+        if isinstance(tail, BaseException):
+            raise tail
+        if tail is not _END:
+            raise RuntimeError(f"the shard's sample stream holds more than its manifest's {n} rows")
         ok = True
     finally:
         stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        if decode_pool is None:
+            pool.shutdown(wait=True, cancel_futures=True)
         reader.join()
+        # A shared pool outlives this shard: cancel what this shard queued and never used.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = decoded.get_nowait()
+                if isinstance(item, tuple) and isinstance(item[1], Future):
+                    item[1].cancel()
         writer.close(ok)
     return valid, skipped

@@ -35,6 +35,8 @@ class ShardJob:
     batch_size: int
     decode_threads: int = 2
     """Decode/crop threads beside the teacher forward (never changes the bytes written)."""
+    decode_processes: int = 0
+    """Decode/crop processes of the worker instead of threads (0: threads; never changes the bytes)."""
     autocast: str = "none"
     """``none``, ``bf16`` or ``fp16`` (CUDA only)."""
 
@@ -96,6 +98,7 @@ def shard_jobs(
                         cfg.storage,
                         cfg.batch_size,
                         cfg.decode_threads,
+                        cfg.decode_processes,
                         cfg.autocast,
                     )
                 )

@@ -25,7 +25,7 @@ from ..runtime import resolve_device
 from ..store import ShardLayout, create_shard_group, is_complete, open_writer, stored_bytes, write_rows
 from ..teachers import Teacher, build_teacher
 from ..views import plan_shard
-from .pipeline import Forward, Writer, decode_row, run_rows
+from .pipeline import DecodePool, Forward, Writer, run_rows
 from .plan import RUN_ONLY, ShardJob, ShardResult, failed
 
 FAULT_PAUSE_ENV = "DIGPT_FAULT_PAUSE"
@@ -43,17 +43,24 @@ def run_teacher(teacher: Teacher, views: torch.Tensor, batch_size: int, device: 
 
 
 def extract_shard(
-    job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None = None
+    job: ShardJob,
+    teacher: Teacher,
+    device: torch.device,
+    ds: PreparedDataset | None = None,
+    decode_pool: DecodePool | None = None,
 ) -> ShardResult:
-    """Extract one shard for one tokenizer: plan its views, run the teacher, write its group.
+    """Extract one shard for one tokenizer: plan its views, run the teacher, write its group. Rows decode
+    on ``decode_pool`` when given (the worker's processes), else on ``job.decode_threads`` threads.
 
     Every chunk is written, even one that holds only fill values (zarr skips those by default, and the
     setting is not stored with the array): readers take a missing chunk for damage, never for zeros."""
     with zarr.config.set({"array.write_empty_chunks": True}):
-        return _extract_shard(job, teacher, device, ds)
+        return _extract_shard(job, teacher, device, ds, decode_pool)
 
 
-def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None) -> ShardResult:
+def _extract_shard(
+    job: ShardJob, teacher: Teacher, device: torch.device, ds: PreparedDataset | None, decode_pool: DecodePool | None
+) -> ShardResult:
     t0 = time.perf_counter()
     ds = ds or load_dataset(job.dataset)
     rows = ds.rows(job.shard)
@@ -85,12 +92,15 @@ def _extract_shard(job: ShardJob, teacher: Teacher, device: torch.device, ds: Pr
         valid, bad = run_rows(
             n,
             iter_dataset_samples(ds, job.shard),
-            lambda row, raw: decode_row(row, raw, plan.boxes[row["index"]], plan.flips[row["index"]], size),
+            plan.boxes,
+            plan.flips,
+            size,
             Forward(teacher, device, job.autocast),
             writer.start(create),
             job.storage.chunk_rows,
             job.batch_size,
             job.decode_threads,
+            decode_pool,
         )
         box["w"].close()  # every object is published before the shard is marked complete
     except BaseException:
@@ -154,10 +164,28 @@ class Worker:
         # worker, their contexts restore this value instead of zarr's default. (A Ray actor's process is
         # this worker's alone; the local executor restores the default when its run ends.)
         self._config = zarr.config.set({"array.write_empty_chunks": True})
+        self._decode_pool: DecodePool | None = None
 
     def close(self) -> None:
-        """Give zarr's process-wide config back (the local executor, in the caller's process)."""
+        """Stop the decode processes; give zarr's process-wide config back (the local executor, in the
+        caller's process)."""
+        if self._decode_pool is not None:
+            self._decode_pool.close()
+            self._decode_pool = None
         self._config.__exit__(None, None, None)
+
+    def decode_pool(self, processes: int) -> DecodePool | None:
+        """The worker's decode processes, started on first use and again after one of them died (a
+        broken pool fails the shard it was decoding, never the shards after it)."""
+        if processes < 1:
+            return None
+        with self._lock:
+            pool = self._decode_pool
+            if pool is None or pool.broken or pool.processes != processes:
+                if pool is not None:
+                    pool.close()
+                pool = self._decode_pool = DecodePool(processes)
+            return pool
 
     def run(self, job: ShardJob) -> ShardResult:
         try:
@@ -179,7 +207,8 @@ class Worker:
                 self.teachers[job.group] = t.to(self.device)
             if job.dataset not in self.datasets:
                 self.datasets[job.dataset] = load_dataset(job.dataset)
-        return extract_shard(job, self.teachers[job.group], self.device, self.datasets[job.dataset])
+        pool = self.decode_pool(job.decode_processes)
+        return extract_shard(job, self.teachers[job.group], self.device, self.datasets[job.dataset], pool)
 
 
 def where() -> tuple[str, str]:
