@@ -90,6 +90,23 @@ class _Stages:
                 1 for s in self.ds.shards for _ in pool.map(lambda item, s=s: self._decode(s, *item), self.raw[s])
             )
 
+    def decode_in(self, pool) -> int:
+        """decode/crop alone on a :class:`DecodePool` (its processes, ``rows_per_task`` rows per task)."""
+        from teacher_cache.extract.pipeline import decode_rows
+
+        size, n, futures = self.teacher.spec.input_size, 0, []
+        for s in self.ds.shards:
+            plan, rows = self.plans[s], self.raw[s]
+            for b in range(0, len(rows), pool.rows_per_task):
+                tasks = [
+                    (r, raw, plan.boxes[r["index"]], plan.flips[r["index"]])
+                    for r, raw in rows[b : b + pool.rows_per_task]
+                ]
+                futures.append(pool.executor.submit(decode_rows, tasks, size))
+        for f in futures:
+            n += len(f.result())
+        return n
+
     def forward(self) -> list:
         import torch
 
@@ -156,6 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32, help="views per teacher forward")
     p.add_argument("--decode-threads", type=int, default=2, help="decode/crop threads (ExtractConfig.decode_threads)")
     p.add_argument(
+        "--decode-processes",
+        type=int,
+        default=0,
+        help="also time the pipeline decoding in N spawned processes (ExtractConfig.decode_processes) beside "
+        "the threaded one, and decode/crop alone on N processes; 0: threads only",
+    )
+    p.add_argument(
         "--shards-in-flight",
         type=int,
         default=1,
@@ -198,14 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
         storage = StorageConfig(dtype=a.dtype)
         aug = AugConfig(views=a.views)
-        summary_rows, stage_rows = [], []
+        summary_rows, stage_rows, proc_rows = [], [], []
         for name in names:
             tc = TeacherConfig(name)
             teacher = build_teacher(tc).to(device)
             st = _Stages(data, teacher, aug, storage, a.batch_size, a.decode_threads, device, a.autocast)
             runs = {"n": 0}
 
-            def pipeline(tc=tc, runs=runs):
+            def pipeline(tc=tc, runs=runs, processes=0):
                 out = os.path.join(wd, f"cache-{runs['n']}")
                 runs["n"] += 1
                 cfg = ExtractConfig(
@@ -219,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
                     device=a.device,
                     threads=threads,
                     decode_threads=a.decode_threads,
+                    decode_processes=processes,
                     shards_in_flight=a.shards_in_flight,
                     autocast=a.autocast,
                 )
@@ -227,7 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if not summary.ok:
                     raise RuntimeError(f"extraction failed: {summary.failed}")
                 tok = summary.tokenizers[0]
-                return {"exec_s": tok.samples / tok.images_per_s}
+                # In-shard seconds (the shards' own clocks, summed: one shard at a time) leave out the
+                # once-per-worker start, which for decode processes is their spawn (~1-2 s of imports).
+                return {"exec_s": tok.samples / tok.images_per_s, "shard_s": tok.seconds, "processes": processes}
 
             def write(st=st, runs=runs):
                 out = os.path.join(wd, f"write-{runs['n']}")
@@ -251,26 +278,73 @@ def main(argv: list[str] | None = None) -> dict:
 
                 return run
 
+            variants = {
+                "read": cpu_timed("read", st.read),
+                "decode/crop": cpu_timed("decode/crop", st.decode),
+                "forward": cpu_timed("forward", st.forward),
+                "write": cpu_timed("write", write),
+                "pipeline": pipeline,
+            }
+            seen_p: list[dict] = []
+            if a.decode_processes:
+                from teacher_cache.extract.pipeline import DecodePool
+
+                t0 = time.perf_counter()
+                pool = DecodePool(a.decode_processes)
+                pool_start_s = time.perf_counter() - t0
+                variants["decode/crop (processes)"] = lambda st=st, pool=pool: st.decode_in(pool)
+                variants["pipeline (processes)"] = lambda pipeline=pipeline: pipeline(processes=a.decode_processes)
             times = C.interleave(
-                {
-                    "read": cpu_timed("read", st.read),
-                    "decode/crop": cpu_timed("decode/crop", st.decode),
-                    "forward": cpu_timed("forward", st.forward),
-                    "write": cpu_timed("write", write),
-                    "pipeline": pipeline,
-                },
+                variants,
                 warmup=a.warmup,
                 repeats=a.repeats,
                 device=device,
                 on_result=lambda n, v: (
-                    seen.append(v) if n == "pipeline" else written.append(v["write_s"]) if n == "write" else None
+                    seen.append(v)
+                    if n == "pipeline"
+                    else seen_p.append(v)
+                    if n == "pipeline (processes)"
+                    else written.append(v["write_s"])
+                    if n == "write"
+                    else None
                 ),
             )
+            if a.decode_processes:
+                pool.close()
             C.setup_threads(threads)  # the worker sets threads; keep every stage on the same count
             # Both without their cache root and tokenizer group (made before the execution phase), and
             # without deleting the cache afterwards.
             times["pipeline"] = [r["exec_s"] for r in seen]
             times["write"] = written
+            if a.decode_processes:
+                shard_t = [r["shard_s"] for r in seen]
+                shard_p = [r["shard_s"] for r in seen_p]
+                procs_over_threads = C.paired_ratio(shard_t, shard_p)  # > 1: processes are faster
+                dec_p = C.median(times["decode/crop (processes)"])
+                stages_p = {**{s: C.median(times[s]) for s in STAGES}, "decode/crop": dec_p}
+                slowest_p = max(stages_p, key=lambda s: stages_p[s])
+                n = a.num_samples
+                proc_rows.append(
+                    [
+                        name,
+                        f"{n / C.median(shard_t):.1f}",
+                        f"{n / C.median(shard_p):.1f}",
+                        f"{procs_over_threads:.2f}",
+                        f"{n / C.median(times['decode/crop']):.1f}",
+                        f"{n / dec_p:.1f}",
+                        f"{slowest_p} {n / stages_p[slowest_p]:.1f}",
+                        f"{stages_p[slowest_p] / C.median(shard_p):.2f}",
+                        f"{pool_start_s:.2f}",
+                    ]
+                )
+                result["teachers_processes"] = result.get("teachers_processes", {})
+                result["teachers_processes"][name] = {
+                    "shard_s_threads": shard_t,
+                    "shard_s_processes": shard_p,
+                    "processes_over_threads": procs_over_threads,
+                    "decode_s_processes": times["decode/crop (processes)"],
+                    "pool_start_s": pool_start_s,
+                }
             med = {s: C.median(times[s]) for s in (*STAGES, "pipeline")}
             cpu = {s: xs[a.warmup :] for s, xs in cpu.items()}  # the timed rounds only
             slowest = max(STAGES, key=lambda s: med[s])
@@ -348,6 +422,23 @@ def main(argv: list[str] | None = None) -> dict:
             align="llrrlr",
         )
 
+        if proc_rows:
+            rep.table(
+                f"Decode/crop in {a.decode_processes} spawned process(es) vs {a.decode_threads} thread(s) "
+                "(ExtractConfig.decode_processes; in-shard seconds, which leave out the once-per-worker start)",
+                [
+                    "teacher",
+                    "pipeline img/s, threads",
+                    "pipeline img/s, processes",
+                    "processes ÷ threads (paired)",
+                    "decode/crop alone img/s, threads",
+                    "decode/crop alone img/s, processes",
+                    "slowest stage with process decode, img/s",
+                    "pipeline (processes) ÷ that stage",
+                    "pool start s (once per worker)",
+                ],
+                proc_rows,
+            )
         if workers:
             _ray(a, rep, result, names, workers, threads, data, wd, aug, storage)
         rep.note(

@@ -278,8 +278,14 @@ def compare(args: argparse.Namespace) -> list[dict]:
                 "n_report": next(iter(runs.values()))["n_report"],
             }
         )
-    print(f"\nLinear top-1 per variant; gap to {args.ref!r} paired per seed on the shared report split; {machine()}\n")
-    print("| variant | seeds | linear top-1 (mean) | per seed | gap to ref ± 2 SE | beyond noise? |")
+    kinds = sorted({r.get("kind", "linear") for runs in groups.values() for r in runs.values()})
+    kind = kinds[0] if len(kinds) == 1 else "/".join(kinds) + " (mixed!)"
+    n = sorted({r["n_report"] for runs in groups.values() for r in runs.values()})
+    print(
+        f"\n{kind} top-1 per variant on {'/'.join(map(str, n))} report samples; gap to {args.ref!r} paired per "
+        f"seed on the shared report split; {machine()}\n"
+    )
+    print(f"| variant | seeds | {kind} top-1 (mean) | per seed | gap to ref ± 2 SE | beyond noise? |")
     print("|---|---:|---:|---|---:|---|")
     for r in rows:
         per = ", ".join(f"{x:.3f}" for x in r["per_seed"])

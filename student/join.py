@@ -1,5 +1,6 @@
 """The loader's join machinery: per-shard target blocks (each row's one view) and the background thread
-that runs the join (tar stream, key lookup, content hash, target reads) ahead of decoding."""
+that runs the join (tar stream, key lookup, content hash, target reads, batch formation, target decode)
+ahead of JPEG decoding."""
 
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ class JoinThread:
 
     HANDOFF = 16  # samples per queue item: a queue hop costs ~10 µs
 
-    def __init__(self, samples):
-        self.q: queue.Queue = queue.Queue(maxsize=4)
+    def __init__(self, samples, handoff: int = HANDOFF, depth: int = 4):
+        """``handoff`` items per queue hop, at most ``depth`` hops ahead (the loader hands over whole
+        batches with their decoded targets: one per hop, two ahead, so memory stays two batches)."""
+        self.handoff = handoff
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(samples,), name="digpt-join", daemon=True)
         self.thread.start()
@@ -64,7 +68,7 @@ class JoinThread:
             chunk = []
             for s in samples:
                 chunk.append(s)
-                if len(chunk) == self.HANDOFF:
+                if len(chunk) == self.handoff:
                     if not self._put(chunk):
                         return
                     chunk = []

@@ -224,10 +224,16 @@ def test_extract_smoke_local(tmp_path):
             "0",
             "--ray-workers",
             "",
+            "--decode-processes",
+            "1",
         ],
         tmp_path,
     )
     r = out["teachers"]["random-vit:32/8"]
+    p = out["teachers_processes"]["random-vit:32/8"]  # the pipeline decoding in a process, side by side
+    assert len(p["shard_s_processes"]) == len(p["shard_s_threads"]) == 1 and p["processes_over_threads"] > 0
+    assert min(p["decode_s_processes"]) > 0 and p["pool_start_s"] > 0
+    assert "spawned process(es) vs" in text
     assert r["pipeline_over_slowest"] > 0 and r["pipeline_over_forward"] > 0 and r["slowest"] in r["stages_s"]
     assert all(min(v) > 0 for v in r["stages_s"].values()) and set(r["stages_s"]) == {
         "read",
@@ -271,7 +277,8 @@ def test_extract_smoke_ray(tmp_path, ray_session):
 def test_e2e_smoke(tmp_path):
     out, _ = _run(
         "e2e",
-        ["--num-samples", "8", "--num-classes", "2", "--steps", "1", "--batch-size", "4", "--executor", "local"],
+        ["--num-samples", "8", "--num-classes", "2", "--steps", "1", "--batch-size", "4", "--executor", "local"]
+        + ["--probe-samples", "16"],
         tmp_path,
     )
     assert out["verified"] and all(out["stages"][s] > 0 for s in ("prepare", "extract", "train", "probe", "verify"))
@@ -287,7 +294,7 @@ def test_learning_compare_pairs_by_seed(tmp_path):
         d = tmp_path / f"{name}_s{seed}"
         d.mkdir()
         vec = [1 if i < right else 0 for i in range(n)]
-        r = {"top1": right / n, "n_report": n, "report_correct": vec, "config": {"seed": seed}}
+        r = {"kind": "knn", "top1": right / n, "n_report": n, "report_correct": vec, "config": {"seed": seed}}
         (d / "probe_linear.json").write_text(json.dumps(r))
 
     for seed in (0, 1):
@@ -312,3 +319,4 @@ def test_learning_compare_pairs_by_seed(tmp_path):
     rows = {r["variant"]: r for r in json.load(open(tmp_path / "o" / "compare.json"))["rows"]}
     assert rows["student"]["per_seed"] == [0.3, 0.35] and rows["student"]["gap"] == pytest.approx(0.175)
     assert 0 < rows["student"]["margin"] < 0.175 and "| student | 2 | 0.325 |" in out and "| yes |" in out
+    assert "knn top-1 per variant on 200 report samples" in out  # what was probed, and on how many samples
