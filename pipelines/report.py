@@ -276,8 +276,11 @@ def _ceiling_table(results: dict) -> list[str]:
     ceil = results.get("ceilings", {})
     if not ceil:
         return []
+    where = ""
+    if (results.get("probe_data") or {}).get("held_out"):  # the cache holds targets of pretraining images only
+        where = ", probed on a held-out quarter of the pretraining images"
     lines = [
-        "Teacher features (the targets' own pooled features from the cache, same linear protocol):",
+        f"Teacher features (the targets' own pooled features from the cache, same linear protocol{where}):",
         "",
         "| tokenizer | teacher | storage | linear top-1 |",
         "|---|---|---|---:|",

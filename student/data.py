@@ -306,18 +306,9 @@ class CachedViews(IterableDataset):
         n_batches = self.batches_per_worker(self.epoch)[worker]
         skip = skips[worker]
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
-        shards = self._shards(self.epoch, self.rank, worker, workers)
-        # The join thread forms the batches and decodes their targets; this thread decodes the JPEGs.
-        for batch, targets in JoinThread(self._batches(shards, rng, n_batches, skip), handoff=1, depth=2):
-            yield self._collate_images(batch) | targets
-
-    def _batches(self, shards: list[str], rng: np.random.Generator, n_batches: int, skip: int):
-        """``(samples, decoded targets)`` of this worker's batches ``skip .. n_batches``, in order: the
-        shuffle buffer and the target decode, run in the join thread (the batches a resumed run skips are
-        still drawn, so the rng and the buffer advance exactly as in the uninterrupted run)."""
         buf: list[dict] = []
         made = 0
-        for raw in self._raw_samples(shards):
+        for raw in JoinThread(self._raw_samples(self._shards(self.epoch, self.rank, worker, workers))):
             buf.append(raw)
             if len(buf) < self.cfg.batch_size * (1 + (self.cfg.shuffle_buffer > 0)) and len(buf) < max(
                 self.cfg.shuffle_buffer, self.cfg.batch_size
@@ -327,12 +318,12 @@ class CachedViews(IterableDataset):
             if made >= n_batches:
                 return
             if made >= skip:
-                yield batch, self._collate_targets(batch)
+                yield self._collate(batch)
             made += 1
         while len(buf) >= self.cfg.batch_size and made < n_batches:
             batch = self._take(buf, rng)
             if made >= skip:
-                yield batch, self._collate_targets(batch)
+                yield self._collate(batch)
             made += 1
 
     def _take(self, buf: list[dict], rng: np.random.Generator) -> list[dict]:
@@ -405,7 +396,7 @@ class CachedViews(IterableDataset):
             with open(self.cfg.mismatch_log, "a") as f:
                 f.write(json.dumps({"shard": shard, "key": key, "reason": "content hash differs"}) + "\n")
 
-    def _collate_images(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+    def _collate(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         j = self.join
         images, teacher_images = [], []
         for b in batch:
@@ -430,15 +421,8 @@ class CachedViews(IterableDataset):
         }
         if teacher_images:
             out["teacher_images"] = torch.stack(teacher_images)
-        return out
-
-    def _collate_targets(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        """The batch's stored targets as float32 (``tokens``, ``cls``; codes: ``codes`` and their
-        centroids); empty for fresh views, whose targets the online teacher makes."""
-        j = self.join
         t = {n: [b["targets"][n] for b in batch] for n in batch[0]["targets"]}
-        out: dict[str, torch.Tensor] = {}
-        if not t:
+        if not t:  # fresh views: the online teacher adds the targets
             return out
         if j.info.codes:
             codes = torch.from_numpy(np.stack(t["tokens"]).astype(np.int64))

@@ -1,6 +1,5 @@
 """The loader's join machinery: per-shard target blocks (each row's one view) and the background thread
-that runs the join (tar stream, key lookup, content hash, target reads, batch formation, target decode)
-ahead of JPEG decoding."""
+that runs the join (tar stream, key lookup, content hash, target reads) ahead of decoding."""
 
 from __future__ import annotations
 
@@ -45,11 +44,8 @@ class JoinThread:
 
     HANDOFF = 16  # samples per queue item: a queue hop costs ~10 µs
 
-    def __init__(self, samples, handoff: int = HANDOFF, depth: int = 4):
-        """``handoff`` items per queue hop, at most ``depth`` hops ahead (the loader hands over whole
-        batches with their decoded targets: one per hop, two ahead, so memory stays two batches)."""
-        self.handoff = handoff
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, samples):
+        self.q: queue.Queue = queue.Queue(maxsize=4)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(samples,), name="digpt-join", daemon=True)
         self.thread.start()
@@ -68,7 +64,7 @@ class JoinThread:
             chunk = []
             for s in samples:
                 chunk.append(s)
-                if len(chunk) == self.handoff:
+                if len(chunk) == self.HANDOFF:
                     if not self._put(chunk):
                         return
                     chunk = []
