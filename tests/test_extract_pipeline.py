@@ -220,7 +220,9 @@ def test_decode_processes_write_the_same_bytes_and_survive_a_killed_process(mixe
 
 @pytest.mark.slow
 def test_decode_processes_exit_when_their_worker_is_killed(tmp_path):
-    """A SIGKILLed extraction worker (a lost Ray actor) leaves no decode process behind."""
+    """A SIGKILLed extraction worker (a lost Ray actor) leaves no decode process behind. The worker is a
+    script read from stdin: its decode processes start without re-importing it (there is no file to
+    import; a Ray worker's entry point or a script without a main guard must not run again either)."""
     import os
     import signal
     import subprocess
@@ -235,7 +237,9 @@ def test_decode_processes_exit_when_their_worker_is_killed(tmp_path):
         "import time; time.sleep(60)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    parent = subprocess.Popen([sys.executable, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    parent.stdin.write(code)
+    parent.stdin.close()
     try:
         pids = [int(x) for x in parent.stdout.readline().split()]
         assert len(pids) == 2

@@ -23,8 +23,10 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
@@ -121,6 +123,21 @@ def _init_decode_process(parent: int) -> None:
     threading.Thread(target=watch, name="extract-decode-watch", daemon=True).start()
 
 
+@contextlib.contextmanager
+def _main_hidden():
+    """While decode processes spawn: ``multiprocessing``'s spawn re-imports the parent's ``__main__`` script
+    in every child (as ``__mp_main__``). The children need nothing from it — their work lives in this
+    module — and the script may not survive it: a script read from stdin, a Ray worker's entry point
+    (imports Ray in every child), a user's script without a main guard (runs again). An empty stand-in
+    module makes the children skip it."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class DecodePool:
     """``processes`` spawned decode/crop processes, started once per extraction worker and shared by the
     shards it runs (``shards_in_flight``). Spawned, not forked: a fork of a process that has run torch's
@@ -137,8 +154,11 @@ class DecodePool:
             initargs=(os.getpid(),),
         )
         # Start every process now (the executor spawns them one per submit, on demand), so the first
-        # shard does not pay for the imports and the processes exist when the caller counts them.
-        for f in [self.executor.submit(int) for _ in range(processes)]:
+        # shard does not pay for the imports and the processes exist when the caller counts them. No
+        # process is spawned after this: one that dies breaks the pool, and the worker replaces the pool.
+        with _main_hidden():
+            started = [self.executor.submit(int) for _ in range(processes)]
+        for f in started:
             f.result()
 
     @property
