@@ -106,6 +106,7 @@ EXTRACT_CASES = [
     ("--shards {ds} --out {out} --teacher pixel:32/8 --threads 0", ["threads"], []),
     (EXTRACT + " --teacher pixel:32/8 --device tpu", ["device"], ["'auto'", "'cpu'", "'cuda'"]),
     (EXTRACT + " --teacher pixel:32/8 --decode-threads 0", ["decode_threads"], [">= 1"]),
+    (EXTRACT + " --teacher pixel:32/8 --decode-processes -1", ["decode_processes"], [">= 0"]),
     (EXTRACT + " --teacher pixel:32/8 --shards-in-flight 0", ["shards_in_flight"], [">= 1"]),
     (EXTRACT + " --teacher pixel:32/8 --autocast fp8", ["autocast"], ["none", "bf16", "fp16"]),
     (EXTRACT + " --teacher pixel:32/8 --device cpu --autocast bf16", ["autocast"], ["CUDA"]),
@@ -277,6 +278,9 @@ ABLATE_CASES = [
     (ABLATE + " --decoder-dim 0", ["decoder_dim"], [">= 1"]),
     (ABLATE + " --cache {tmp}/w.pt", ["cache"], ["not a directory"]),
     (ABLATE + " --workers -1", ["workers"], [">= 0"]),
+    (ABLATE + " --probe-samples 8", ["probe_samples"], ["num_classes"]),
+    (ABLATE + " --probe-samples -1", ["probe_samples"], [">= 0"]),
+    (ABLATE + " --probe-shards {tmp}/nope", ["probe_shards"], ["not found"]),
 ]
 
 DEMO = "--out {out} --executor local"
@@ -292,6 +296,7 @@ DEMO_CASES = [
     (DEMO + " --student nope", ["student"], ["demo-cpu", "small-cpu"]),
     (DEMO + " --student tiny-test", ["student"], ["64"]),
     (DEMO + " --decoder-dim 0", ["decoder_dim"], [">= 1"]),
+    (DEMO + " --probe-samples 8", ["probe_samples"], ["num_classes"]),
     ("--out {out} --executor dask", ["executor"], ["ray", "local"]),
 ]
 
