@@ -120,7 +120,9 @@ class ExtractConfig:
     """Processes per worker that decode and crop instead of threads (0: use ``decode_threads``). Threads
     share the worker's GIL with the reader, the teacher's Python and the writer: with a fast teacher (a
     GPU's) that contention bounds extraction, and a GPU host has the cores for processes. They start once
-    per worker (spawned, ~1-2 s each) and take rows a few at a time. The cache's bytes never depend on it."""
+    per worker (spawned, ~1-2 s each) and take rows a few at a time. They are CPUs beyond the worker's
+    ``threads`` (which is what Ray reserves for it): leave cores for them. The cache's bytes never depend
+    on it."""
     shards_in_flight: int = 1
     """Shards one worker extracts at once (each with its own decode threads and writer), so that one shard's
     group creation and bookkeeping overlap another's decoding and forward — worth it for many small shards.
