@@ -260,3 +260,30 @@ def test_decode_processes_exit_when_their_worker_is_killed(tmp_path):
         assert not any(alive(p) for p in pids)
     finally:
         parent.kill()
+
+
+def test_a_shard_grown_past_its_manifest_fails_by_name(tmp_path):
+    """A sample appended to a tar after prepare: its rows would no longer describe the file, so extraction
+    refuses the shard (the stream is read to its end), and extracts the other one."""
+    import tarfile
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        samples.append(RawSample(f"k{i:03d}", {"jpg": buf.getvalue(), "cls": b"0"}))
+    write_tar_shards(samples, str(tmp_path / "raw"), shard_size=4)
+    prepare_wds(WdsConfig(pattern=str(tmp_path / "raw" / "*.tar"), out=str(tmp_path / "ds")))
+    from teacher_cache.dataset import load_dataset
+
+    grown = load_dataset(str(tmp_path / "ds")).shard_url(load_dataset(str(tmp_path / "ds")).shards[0])
+    with tarfile.open(grown, "a") as tar:
+        data = samples[0].files["jpg"]
+        info = tarfile.TarInfo("extra.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    summary = run_extract(_cfg(str(tmp_path / "ds"), tmp_path / "c", 2, TEACHERS[:1]), progress=False)
+    assert [f["shard"].rsplit("/", 1)[-1] for f in summary.failed] == [grown.rsplit("/", 1)[-1]]
+    assert "more samples than the manifest" in summary.failed[0]["error"]
+    assert summary.tokenizers[0].shards_done == 1 and _extract_threads() == []

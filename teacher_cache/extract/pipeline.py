@@ -97,18 +97,14 @@ Task = tuple[dict[str, Any], Any, np.ndarray, np.ndarray]
 
 
 def decode_rows(tasks: list[Task], size: int) -> list[tuple[np.ndarray | None, str]]:
-    """:func:`decode_row` over several rows, views as float32 numpy arrays: the unit of work a decode
-    process runs (arrays pickle as plain bytes; tensors would travel as shared-memory handles, one file
-    descriptor each)."""
+    """:func:`decode_row` over several rows, views as float32 numpy arrays (views of the tensors, no copy):
+    the unit of work of a decode thread or process (arrays pickle as plain bytes; tensors would travel
+    as shared-memory handles, one file descriptor each)."""
     out = []
     for row, raw, boxes, flips in tasks:
         views, reason = decode_row(row, raw, boxes, flips, size)
         out.append((views.numpy() if views is not None else None, reason))
     return out
-
-
-def _decode_rows_threaded(tasks: list[Task], size: int) -> list[tuple[torch.Tensor | None, str]]:
-    return [decode_row(row, raw, boxes, flips, size) for row, raw, boxes, flips in tasks]
 
 
 def _init_decode_process(parent: int) -> None:
@@ -262,7 +258,6 @@ def _reader(
     flips: np.ndarray,
     size: int,
     pool: Executor,
-    fn: Callable[[list[Task], int], list],
     per_task: int,
     out: queue.Queue,
     stop: threading.Event,
@@ -275,10 +270,10 @@ def _reader(
             i = row["index"]
             tasks.append((row, raw, boxes[i], flips[i]))
             if len(tasks) == per_task:
-                _put(out, (tasks[0][0]["index"], pool.submit(fn, tasks, size)), stop)
+                _put(out, (tasks[0][0]["index"], pool.submit(decode_rows, tasks, size)), stop)
                 tasks = []
         if tasks:
-            _put(out, (tasks[0][0]["index"], pool.submit(fn, tasks, size)), stop)
+            _put(out, (tasks[0][0]["index"], pool.submit(decode_rows, tasks, size)), stop)
         _put(out, _END, stop)
     except _Stop:
         return
@@ -320,19 +315,19 @@ def run_rows(
     stop = threading.Event()
     if decode_pool is not None:
         pool: Executor = decode_pool.executor
-        fn, per_task, width = decode_rows, decode_pool.rows_per_task, decode_pool.processes
+        per_task, width = decode_pool.rows_per_task, decode_pool.processes
     else:
         pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="extract-decode")
-        fn, per_task, width = _decode_rows_threaded, 1, decode_threads
+        per_task, width = 1, decode_threads
     # Enough decoded rows queued to fill two teacher batches, and every decoder busy meanwhile.
     decoded: queue.Queue = queue.Queue(maxsize=max(4 * width, -(-2 * batch_size // per_task)))
     reader = threading.Thread(
         target=_reader,
-        args=(samples, boxes, flips, size, pool, fn, per_task, decoded, stop),
+        args=(samples, boxes, flips, size, pool, per_task, decoded, stop),
         name="extract-reader",
         daemon=True,
     )
-    ready: list[tuple[Any, str]] = []  # decoded rows of the current task, in order; the next is row `at`
+    ready: list[tuple[np.ndarray | None, str]] = []  # the current task's decoded rows; the next is row `at`
     at = 0
 
     def next_row(i: int) -> tuple[torch.Tensor | None, str]:
@@ -348,7 +343,7 @@ def run_rows(
         if at != i:
             raise RuntimeError(f"row {i} of {n} missing from the shard's sample stream")
         at += 1
-        return (torch.from_numpy(views) if isinstance(views, np.ndarray) else views), reason
+        return (None if views is None else torch.from_numpy(views)), reason
 
     ok = False
     try:
