@@ -38,7 +38,9 @@ from bench import _common as C
 
 
 class PlainViews(IterableDataset):
-    """The baseline: a webdataset image loader with a RandomResizedCrop-style crop, no targets."""
+    """The baseline: a webdataset image loader with a RandomResizedCrop-style crop, no targets. It reads the
+    tars with the same reader as the cached loader (the project's, ``iter_tar_samples``), so the difference
+    between the two is the join alone; ``_tar_read_rows`` measures that reader against webdataset's."""
 
     def __init__(
         self, ds, img_size: int, batch_size: int, shuffle_buffer: int, views: int, seed: int = 0, epoch: int = 0
@@ -57,11 +59,9 @@ class PlainViews(IterableDataset):
         return shards[worker::workers]
 
     def __iter__(self):
-        import webdataset as wds
-
         from student.data import _hash64
         from teacher_cache.images import decode_image, to_uint8_chw
-        from teacher_cache.shards import IMAGE_EXTS
+        from teacher_cache.shards import iter_tar_samples, pick_image
         from teacher_cache.views import replay_view, sample_crop, view_seed
 
         info = get_worker_info()
@@ -92,14 +92,48 @@ class PlainViews(IterableDataset):
             }
 
         for shard in self._shards(worker, workers):
-            for s in wds.tarfile_to_samples()(iter([{"url": self.ds.shard_url(shard)}])):
-                image = next((s[e] for e in IMAGE_EXTS if e in s), b"")
-                buf.append({"shard": shard, "key": s["__key__"], "image": image, "label": int(s.get("cls", b"-1"))})
+            for s in iter_tar_samples(self.ds.shard_url(shard)):
+                picked = pick_image(s)
+                image = picked[1] if picked else b""
+                label = int(s.files.get("cls", b"-1"))
+                buf.append({"shard": shard, "key": s.key, "image": image, "label": label})
                 if len(buf) < bs * (1 + (sb > 0)) and len(buf) < max(sb, bs):
                     continue
                 yield collate(take())
         while len(buf) >= bs:
             yield collate(take())
+
+
+def _tar_read_rows(ds, repeats: int) -> list[list[str]]:
+    """µs per sample to stream every shard's samples (members grouped by key, bytes in memory): the
+    project's reader, which both loaders use, against webdataset's ``tarfile_to_samples`` (Python's
+    tarfile underneath), which the cached loader used before 2026-11-30; medians of interleaved rounds."""
+    import webdataset as wds
+
+    from teacher_cache.shards import iter_tar_samples
+
+    def ours() -> int:
+        return sum(1 for shard in ds.shards for _ in iter_tar_samples(ds.shard_url(shard)))
+
+    def webdataset() -> int:
+        return sum(1 for shard in ds.shards for _ in wds.tarfile_to_samples()(iter([{"url": ds.shard_url(shard)}])))
+
+    times: dict[str, list[float]] = {"ours": [], "webdataset": []}
+    n = ours()
+    for r in range(max(3, repeats)):
+        for name, fn in sorted((("ours", ours), ("webdataset", webdataset)), reverse=bool(r % 2)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    us = {k: 1e6 * C.median(v) / n for k, v in times.items()}
+    return [
+        ["project reader (`teacher_cache.shards.iter_tar_samples`; both loaders)", f"{us['ours']:.1f}", "1.00"],
+        [
+            "webdataset `tarfile_to_samples` (tarfile; the cached loader before 2026-11-30)",
+            f"{us['webdataset']:.1f}",
+            f"{us['webdataset'] / us['ours']:.2f}",
+        ],
+    ]
 
 
 CROP = "crop params (re-derived + checked; plain draws them too)"
@@ -368,6 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
             ["tokenizer", "stage", "µs / sample", "share"],
             brows,
             align="llrr",
+        )
+        rep.table(
+            f"Reading the tar streams alone ({a.num_samples} samples of 2 members; µs per sample, medians of "
+            f"{max(3, a.repeats)} interleaved rounds)",
+            ["reader", "µs / sample", "÷ project reader"],
+            _tar_read_rows(dataset, a.repeats),
+            align="lrr",
         )
         rep.note(
             "Join overhead (side by side) = median over rounds of (cached epoch time / plain epoch time) - 1: "

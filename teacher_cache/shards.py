@@ -24,10 +24,6 @@ from .io import atomic_write
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
-# tarfile's stream mode reads in records of this many bytes; the tail we keep must cover one record
-# plus the header block that ended the stream, so we can tell a clean end from a cut one.
-_TAIL_BYTES = 4 * tarfile.RECORDSIZE
-
 
 @dataclass(frozen=True)
 class RawSample:
@@ -102,47 +98,156 @@ def shard_name(prefix: str, number: int) -> str:
 # ---------------------------------------------------------------------------------------- reading
 
 
-class _TailRecorder(io.RawIOBase):
-    """A read-only pass-through that counts bytes and keeps the last few KiB.
+class TarDamage(Exception):
+    """A tar stream that cannot be read on: the reason starts with ``truncated``, ``corrupt`` or
+    ``unsupported``. ``member`` names the member whose header was read whole when its data was cut."""
 
-    tarfile's stream mode ends quietly on a missing end-of-archive marker or a cut header; with the
-    tail we can check whether the block that ended the stream really was the all-zero marker.
-    """
+    def __init__(self, reason: str, member: str | None = None) -> None:
+        super().__init__(reason)
+        self.member = member
 
-    def __init__(self, raw) -> None:
-        self._raw = raw
-        self.total = 0
-        self.tail = b""
 
-    def readable(self) -> bool:
-        return True
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: tarfile skips no payload
+_POSIX_MAGIC = b"ustar\x0000"
 
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        self.total += len(data)
-        self.tail = (self.tail + data)[-_TAIL_BYTES:]
+
+def _exact(f, n: int) -> bytes:
+    """``n`` bytes from ``f``, fewer only at the end of the stream (a stream may return short reads)."""
+    data = f.read(n)
+    if len(data) == n or not data:
         return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
-    def block_at(self, offset: int) -> bytes | None:
-        """The 512-byte block at ``offset`` if it is still in the tail, else ``None``."""
-        start = offset - (self.total - len(self.tail))
-        if start < 0:
-            return None
-        return self.tail[start : start + tarfile.BLOCKSIZE]
+
+def _field_str(field: bytes) -> str:
+    end = field.find(0)
+    return (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
 
 
-def _end_problem(tf: tarfile.TarFile, rec: _TailRecorder) -> str | None:
-    """Why the stream ended, if it did not end on an end-of-archive marker; ``None`` when clean."""
-    block = rec.block_at(tf.offset)
-    if block is None:
-        return f"cannot verify end of archive at offset {tf.offset}"
-    if len(block) == 0:
-        return f"truncated: no end-of-archive marker (stream ends at offset {tf.offset})"
-    if len(block) < tarfile.BLOCKSIZE:
-        return f"truncated: partial header at offset {tf.offset}"
-    if block.count(0) != tarfile.BLOCKSIZE:
-        return f"corrupt: invalid tar header at offset {tf.offset}"
-    return None
+def _field_int(field: bytes, what: str, offset: int) -> int:
+    if field[0] in (0o200, 0o377):  # GNU base-256 (sizes of 8 GiB and more)
+        n = int.from_bytes(field[1:], "big")
+        return n - (256 ** (len(field) - 1)) if field[0] == 0o377 else n
+    end = field.find(0)
+    text = (field if end < 0 else field[:end]).strip()
+    try:
+        return int(text or b"0", 8)
+    except ValueError:
+        raise TarDamage(f"corrupt: invalid tar header at offset {offset} (bad {what} field)") from None
+
+
+def _checksum_ok(header: bytes, offset: int) -> bool:
+    stored = _field_int(header[148:156], "checksum", offset)
+    unsigned = 256 + sum(header[:148]) + sum(header[156:])  # the checksum field itself counts as spaces
+    if stored == unsigned:
+        return True
+    high = sum(1 for b in header[:148] + header[156:] if b >= 128)
+    return stored == unsigned - 256 * high  # some old tars sum signed bytes
+
+
+def _pax_records(data: bytes, offset: int) -> dict[str, str]:
+    """``key=value`` records of a pax extended header (``"%d %s=%s\\n"``, the length counting itself)."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise TarDamage(f"corrupt: invalid pax header at offset {offset}") from None
+        record = data[space + 1 : pos + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise TarDamage(f"corrupt: invalid pax header at offset {offset}")
+        key, _, value = record[:-1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of every regular member of the tar stream ``f``, in order.
+
+    A small tar parser of our own, because :mod:`tarfile`'s Python-level header handling was 70 % of
+    the training loader's per-sample join (~80 µs of ~120 µs per sample of two members): here one header
+    costs two reads, a checksum and a few slices. It reads ustar, GNU (long names, base-256 sizes) and
+    pax (``path``, ``size``; global headers too), the formats webdataset writers produce, and reads
+    names as tarfile does (UTF-8, undecodable bytes kept as surrogates; a POSIX ``prefix`` joined).
+    Directories, links and devices are skipped; GNU sparse members are refused. The stream must end on
+    an all-zero block: a cut or damaged stream raises :class:`TarDamage` (``truncated ...`` /
+    ``corrupt ...``) after every member before the damage.
+    """
+    offset = 0
+    global_pax: dict[str, str] = {}
+    pax: dict[str, str] = {}
+    long_name: str | None = None
+    header = _exact(f, _BLOCK)
+    while True:
+        if len(header) < _BLOCK:
+            if offset == 0 and not header:
+                raise TarDamage("corrupt: empty file (no tar header)")
+            if not header:
+                raise TarDamage(f"truncated: no end-of-archive marker (stream ends at offset {offset})")
+            raise TarDamage(f"truncated: partial header at offset {offset}")
+        if header == _ZERO_BLOCK:
+            return
+        if not _checksum_ok(header, offset):
+            raise TarDamage(f"corrupt: invalid tar header at offset {offset}")
+        kind = header[156:157]
+        size = _field_int(header[124:136], "size", offset)
+        if size < 0:
+            raise TarDamage(f"corrupt: invalid tar header at offset {offset} (negative size)")
+        if kind in (b"x", b"X", b"g", b"L", b"K"):  # metadata for the member that follows
+            data = _exact(f, size)
+            if len(data) < size:
+                raise TarDamage("truncated: unexpected end of data")
+            if kind == b"g":
+                global_pax.update(_pax_records(data, offset))
+            elif kind == b"L":
+                long_name = _field_str(data)
+            elif kind != b"K":
+                pax = _pax_records(data, offset)
+            pad = -size % _BLOCK
+            offset += _BLOCK + size + pad
+            header = _exact(f, pad + _BLOCK)[pad:] if pad else _exact(f, _BLOCK)
+            continue
+        fields = {**global_pax, **pax} if global_pax else pax
+        if "size" in fields:
+            try:
+                size = int(fields["size"])
+            except ValueError:
+                raise TarDamage(f"corrupt: invalid pax size at offset {offset}") from None
+        if "path" in fields:
+            name = fields["path"]
+        elif long_name is not None:
+            name = long_name
+        else:
+            name = _field_str(header[:100])
+            if header[257:265] == _POSIX_MAGIC and header[345] != 0:
+                name = _field_str(header[345:500]) + "/" + name
+        pax, long_name = {}, None
+        if kind == b"S":
+            raise TarDamage(f"unsupported: GNU sparse member {name!r} at offset {offset}")
+        if kind in _NO_DATA:
+            size = 0  # as tarfile: a link or directory header's size field carries no payload
+        data = _exact(f, size)
+        if len(data) < size:
+            raise TarDamage("truncated: unexpected end of data", name if kind in _REGULAR else None)
+        if kind in _REGULAR and not (kind == b"\0" and name.endswith("/")):  # old-style directory
+            yield name, data
+        pad = -size % _BLOCK
+        offset += _BLOCK + size + pad
+        header = _exact(f, pad + _BLOCK)[pad:] if pad else _exact(f, _BLOCK)
 
 
 def iter_tar_samples(url: str) -> Iterator[RawSample | ShardError]:
@@ -157,25 +262,23 @@ def iter_tar_samples(url: str) -> Iterator[RawSample | ShardError]:
     files: dict[str, bytes] = {}
     try:
         with fsspec.open(url, "rb", compression="infer") as raw:
-            rec = _TailRecorder(raw)
-            with tarfile.open(fileobj=rec, mode="r|") as tf:
-                for member in tf:
-                    tf.members = []  # stream mode keeps every TarInfo otherwise; memory must not grow
-                    if not member.isreg():
-                        continue
-                    name_key, ext = split_member_name(member.name)
-                    if files and (name_key != key or ext in files):
-                        yield RawSample(key, files)  # type: ignore[arg-type]
-                        files = {}
-                    key = name_key
-                    data = tf.extractfile(member).read()  # type: ignore[union-attr]
-                    files[ext] = data
-                problem = _end_problem(tf, rec)
-    except Exception as e:  # noqa: BLE001 - tarfile, gzip, zlib and fsspec raise many types for damage
-        yield ShardError(url, key, _damage_reason(e, key))
+            for name, data in iter_tar_members(raw):
+                name_key, ext = split_member_name(name)
+                if files and (name_key != key or ext in files):
+                    yield RawSample(key, files)  # type: ignore[arg-type]
+                    files = {}
+                key = name_key
+                files[ext] = data
+    except TarDamage as e:
+        if e.member is not None:  # the cut member's header was whole: a sample it ends is complete
+            name_key, ext = split_member_name(e.member)
+            if files and (name_key != key or ext in files):
+                yield RawSample(key, files)  # type: ignore[arg-type]
+            key = name_key
+        yield ShardError(url, key, _with_dropped(str(e), key))
         return
-    if problem is not None:
-        yield ShardError(url, key, _with_dropped(problem, key))
+    except Exception as e:  # noqa: BLE001 - gzip, zlib and fsspec raise many types for damage
+        yield ShardError(url, key, _damage_reason(e, key))
         return
     if files:
         yield RawSample(key, files)  # type: ignore[arg-type]

@@ -13,6 +13,8 @@ import pytest
 from teacher_cache.shards import (
     RawSample,
     ShardError,
+    TarDamage,
+    iter_tar_members,
     iter_tar_samples,
     pick_image,
     split_member_name,
@@ -202,3 +204,121 @@ def test_gzipped_shards_are_read(tmp_path: Path) -> None:
     gz.write_bytes(gzip.compress((tmp_path / name).read_bytes())[:-200])
     got = _read(str(gz))
     assert isinstance(got[-1], ShardError) and got[:-1] == samples[: len(got) - 1]
+
+
+# ------------------------------------------------------------- the project's tar parser against tarfile
+
+
+def _tarfile_members(path: Path) -> list[tuple[str, bytes]]:
+    """What Python's tarfile reads: the reference the project's parser must agree with."""
+    with tarfile.open(path, "r|") as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf if m.isreg()]  # type: ignore[union-attr]
+
+
+def _ours(path: Path) -> list[tuple[str, bytes]]:
+    with open(path, "rb") as f:
+        return list(iter_tar_members(f))
+
+
+def _write(path: Path, fmt: int, entries: list[tuple[str, bytes | str | None]], **kw) -> Path:
+    """``entries``: (name, bytes) a regular file, (name, None) a directory, (name, "target") a symlink."""
+    with tarfile.open(path, "w", format=fmt, **kw) as tf:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            elif isinstance(data, str):
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+LONG = "d" * 90 + "/" + "e" * 80  # over 100 characters: ustar prefix, GNU ././@LongLink, pax path
+ENTRIES: list[tuple[str, bytes | str | None]] = [
+    ("dir", None),
+    ("a.jpg", b"\xff\xd8" + bytes(range(256)) * 3),
+    ("a.cls", b"7"),
+    ("link.jpg", "a.jpg"),
+    ("empty.txt", b""),
+    ("exact.bin", b"x" * 1024),  # a multiple of the block size: no padding
+    (LONG + ".jpg", b"long name"),
+    ("café/ünï.jpg", "naïve".encode()),
+    ("b.c.d.json", b"{}"),
+]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_parser_reads_what_tarfile_reads(tmp_path: Path, fmt: int) -> None:
+    path = _write(tmp_path / "t.tar", fmt, ENTRIES)
+    assert _ours(path) == _tarfile_members(path)
+    assert [n for n, _ in _ours(path)] == [n for n, d in ENTRIES if isinstance(d, bytes)]  # links, dirs skipped
+
+
+def test_tar_parser_pax_overrides_global_headers_and_base256_sizes(tmp_path: Path) -> None:
+    # A global pax header (e.g. `git archive` writes one) and per-member pax records of another size field.
+    path = _write(tmp_path / "g.tar", tarfile.PAX_FORMAT, ENTRIES[:3], pax_headers={"comment": "global"})
+    assert _ours(path) == _tarfile_members(path)
+    # GNU base-256 size field (what tars of files over 8 GiB carry), here on a small member: checksum redone.
+    data = bytearray(_write(tmp_path / "u.tar", tarfile.USTAR_FORMAT, [("big.jpg", b"q" * 700)]).read_bytes())
+    data[124:136] = b"\x80" + (700).to_bytes(11, "big")
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\x00 " % sum(data[:512])
+    (tmp_path / "b256.tar").write_bytes(bytes(data))
+    assert _ours(tmp_path / "b256.tar") == _tarfile_members(tmp_path / "b256.tar") == [("big.jpg", b"q" * 700)]
+
+
+def test_tar_parser_names_damage(tmp_path: Path) -> None:
+    path = _write(tmp_path / "t.tar", tarfile.PAX_FORMAT, [("a.jpg", b"1" * 600), ("b.jpg", b"2" * 600)])
+    data = path.read_bytes()
+
+    def damaged(blob: bytes) -> tuple[list[str], TarDamage]:
+        got: list[str] = []
+        with pytest.raises(TarDamage) as e:
+            for name, _ in iter_tar_members(io.BytesIO(blob)):
+                got.append(name)
+        return got, e.value
+
+    second = 512 + 1024  # header of b.jpg: a.jpg's header, 600 bytes of data padded to 1024
+    got, e = damaged(data[: second + 512 + 100])  # cut inside b.jpg's data: its header was whole
+    assert got == ["a.jpg"] and str(e).startswith("truncated") and e.member == "b.jpg"
+    got, e = damaged(data[: second + 200])  # cut inside b.jpg's header
+    assert got == ["a.jpg"] and "partial header" in str(e) and e.member is None
+    got, e = damaged(data[: second + 512 + 1024])  # both members whole, no end-of-archive blocks
+    assert got == ["a.jpg", "b.jpg"] and "no end-of-archive marker" in str(e)
+    bad = bytearray(data)
+    bad[second + 10] ^= 0xFF  # one flipped byte in a header: the checksum refuses it
+    got, e = damaged(bytes(bad))
+    assert got == ["a.jpg"] and str(e).startswith(f"corrupt: invalid tar header at offset {second}")
+    got, e = damaged(b"")
+    assert got == [] and str(e).startswith("corrupt: empty")
+    # tarfile ends quietly on a cut header; the reader names it (so a shard is never half-read in silence).
+    (tmp_path / "cut.tar").write_bytes(data[: second + 200])
+    assert [n for n, _ in _tarfile_members(tmp_path / "cut.tar")] == ["a.jpg"]
+
+
+def test_tar_parser_refuses_sparse_members(tmp_path: Path) -> None:
+    data = bytearray(_write(tmp_path / "u.tar", tarfile.GNU_FORMAT, [("s.jpg", b"z" * 10)]).read_bytes())
+    data[156:157] = b"S"
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\x00 " % sum(data[:512])
+    with open(tmp_path / "s.tar", "wb") as f:
+        f.write(bytes(data))
+    (err,) = _read(str(tmp_path / "s.tar"))
+    assert isinstance(err, ShardError) and err.reason.startswith("unsupported: GNU sparse member 's.jpg'")
+
+
+def test_loader_and_extraction_read_the_same_keys_as_webdataset(tmp_path: Path) -> None:
+    """The loader read shards with webdataset before; the project's reader groups members into the same
+    samples (key = name up to the basename's first dot, extension lower-cased) on a tar of mixed formats."""
+    wds = pytest.importorskip("webdataset")
+    path = _write(tmp_path / "m.tar", tarfile.PAX_FORMAT, [e for e in ENTRIES if e[0] != "b.c.d.json"])
+    theirs = [
+        (s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+        for s in wds.tarfile_to_samples()(iter([{"url": str(path)}]))
+    ]
+    ours = [(s.key, s.files) for s in _read(str(path))]
+    assert ours == theirs
