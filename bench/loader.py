@@ -140,6 +140,23 @@ CROP = "crop params (re-derived + checked; plain draws them too)"
 WAIT = "join: waiting for the join thread (main thread)"
 READ = "join thread: target reads (overlapping the rest; not in the sum)"
 HASH = "join thread: image content hash (overlapping; not in the sum)"
+STACK = "join: target stacking (stored dtype)"
+DEVICE = "decode to float32 in the run's stages, on the device (here this CPU; not loader time)"
+
+
+def _device_decode_seconds(loader, codebook, repeats: int = 11) -> tuple[float, int]:
+    """Median seconds per batch of ``DecodeTargets`` on one of ``loader``'s batches, on this CPU: what a
+    CPU run pays for its targets in the step instead (a GPU run: a widening kernel)."""
+    from student.stages import DecodeTargets
+
+    batch = next(iter(loader))
+    stage = DecodeTargets(codebook, "cpu")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stage(batch)
+        times.append(time.perf_counter() - t0)
+    return C.median(times), len(batch["images"])
 
 
 def _epoch(loader) -> int:
@@ -211,7 +228,7 @@ def _instrumented_epoch(make) -> tuple[dict[str, float], float, int]:
     timer.patch(J.JoinThread, "wait", WAIT)
     timer.patch(J.TargetBlocks, "row", READ)
     timer.patch(D, "_content_hash", HASH)
-    timer.patch(D, "decode_rows", "join: target decode")
+    timer.patch(D, "stored_targets", STACK)
     try:
         t0 = time.perf_counter()
         n = _epoch(make())
@@ -302,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
             return DataLoader(ds, batch_size=None, num_workers=a.workers)
 
         def cached(name):
-            ds = CachedViews(cfgs[name], join=joins[name])
+            ds = CachedViews(cfgs[name], join=joins[name], decode_targets=False)  # as `digpt train`
             ds.set_epoch(0)
             return make_loader(ds)
 
@@ -312,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # Within-run view of the same question: the join's own stages, timed inside cached epochs, against the
         # rest of those epochs (a noisy neighbour slows both parts of one epoch alike).
-        join_stages = (WAIT, "join: target decode")
+        join_stages = (WAIT, STACK)
         stage_names = ("decode", "replay/crop", CROP, *join_stages)
         brows, inner = [], {}
         for n in groups:
@@ -330,6 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
             for side in (READ, HASH):
                 t_side = C.median(x[0].get(side, 0.0) for x in per)
                 brows.append([n, side, f"{1e6 * t_side / cnt:.0f}", f"({100 * t_side / total:.1f}%)"])
+            dev_s, dev_n = _device_decode_seconds(cached(n), joins[n].codebook)
+            brows.append([n, DEVICE, f"{1e6 * dev_s / dev_n:.0f}", f"({100 * dev_s / dev_n * cnt / total:.1f}%)"])
             rest = max(0.0, total - sum(med.values()))
             setup = C.median(_shard_setup_seconds(joins[n]) for _ in range(3)) * len(dataset.shards)
             setup = min(setup, rest)
@@ -422,7 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
             "(tar stream, key lookup, content hash, target reads) runs in a background thread ahead of decoding; it "
             "overlaps the main thread's work only where a core is free, and what the main thread still waits for is "
             "the 'waiting for the join thread' row. 'rest' is the main thread's remaining work (shuffle, collate, "
-            "stacking)."
+            "stacking). The cached loader hands the targets over in their stored dtype, as `digpt train`'s does; "
+            "the run's stages make them float32 on the training device (`student.stages.DecodeTargets`), whose "
+            "cost on this CPU is the 'decode to float32' row (before 2026-11-30 the loader did that itself)."
         )
     rep.append(a.results)
     return result

@@ -1,7 +1,8 @@
 """Batch stages: what happens to a loader batch before the objective sees it.
 
 A stage is a ``batch -> batch`` callable; :func:`build_stages` composes the run's stages once, before the
-loop (webdataset's pipeline of small stages, applied to tensors): move to the device, run the teacher
+loop (webdataset's pipeline of small stages, applied to tensors): move to the device, decode the stored
+targets there (fp16/bf16/int8/codes to float32), run the teacher
 online (``--online-teacher``: the baseline and oracle of the cache), standardise continuous targets
 (``student/targets.py`` says why). The loop, the blind baseline and the tests all call the same chain,
 so what is trained on and what the baseline is scored on cannot drift apart.
@@ -56,6 +57,28 @@ class ToDevice:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
+class DecodeTargets:
+    """Stored targets to float32 where the batch now is (after :class:`ToDevice`): fp16/bf16 widened,
+    int8 times its per-row scale, k-means ``codes`` looked up in the codebook. The loader of
+    ``digpt train`` leaves this to the device (``CachedViews(decode_targets=False)``); a batch that is
+    already decoded, or has no stored targets (fresh views), passes unchanged. Exact: each value is one
+    widening or one float32 product, the same numbers the loader would have made."""
+
+    def __init__(self, codebook: torch.Tensor | None, device: torch.device | str):
+        self.codebook = None if codebook is None else codebook.to(device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        out = dict(batch)
+        if "codes" in out and "tokens" not in out:
+            out["tokens"] = self.codebook[out["codes"]]
+        for name, scale in (("tokens", "token_scale"), ("cls", "cls_scale")):
+            if scale in out:
+                out[name] = out[name].float() * out.pop(scale).unsqueeze(-1)
+            elif name in out and out[name].dtype != torch.float32:
+                out[name] = out[name].float()
+        return out
+
+
 def online_targets(teacher: Teacher, batch: Batch) -> Batch:
     """The targets a cache would hold for this batch, computed now by the teacher."""
     out = teacher(batch["teacher_images"])
@@ -105,9 +128,10 @@ def target_norm_for(cfg: TrainConfig, join: CacheJoin) -> TargetNorm | TokenNorm
 def build_stages(
     cfg: TrainConfig, join: CacheJoin, device: torch.device | str, teacher: Teacher | None = None
 ) -> Stages:
-    """The run's chain: to ``device``, then the online ``teacher`` (if any), then target standardisation."""
+    """The run's chain: to ``device``, stored targets to float32, then the online ``teacher`` (if any),
+    then target standardisation."""
     norm = target_norm_for(cfg, join)
-    chain: list[Stage] = [ToDevice(device)]
+    chain: list[Stage] = [ToDevice(device), DecodeTargets(join.codebook, device)]
     if teacher is not None:
         chain.append(OnlineTeacher(teacher))
     if norm is not None:

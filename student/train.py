@@ -162,14 +162,23 @@ def _dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def build_run(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
-    """Objective, loader dataset and (online mode) teacher for ``cfg`` — shared by train and tests."""
+def build_run(
+    cfg: TrainConfig,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+    decode_targets: bool = True,
+):
+    """Objective, loader dataset and (online mode) teacher for ``cfg`` — shared by train and tests.
+    ``decode_targets=False``: the loader yields stored targets and the run's stages decode them on
+    ``device`` (:class:`student.stages.DecodeTargets`), as ``train`` does."""
     join = CacheJoin(cfg.data)
     target = TargetSpec.from_spec(join.spec)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     objective = create_objective(cfg.objective, cfg.student, target, cfg.order, cfg.objective_knobs).to(device)
     teacher = online_teacher_for(join, device) if cfg.online_teacher else None
-    ds = CachedViews(cfg.data, rank, world, join, teacher_size=teacher.spec.input_size if teacher else None)
+    size = teacher.spec.input_size if teacher else None
+    ds = CachedViews(cfg.data, rank, world, join, teacher_size=size, decode_targets=decode_targets)
     return objective, ds, teacher, join
 
 
@@ -213,7 +222,7 @@ class Setup:
 def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Setup:
     """Objective, loader, stages, schedule, optimizer, resumed state, and (rank 0) the run directory's
     config.json, target statistics and blind baseline."""
-    objective, ds, teacher, join = build_run(cfg, rank, world, device)
+    objective, ds, teacher, join = build_run(cfg, rank, world, device, decode_targets=False)
     check_resume_config(cfg, join)
     stages = build_stages(cfg, join, device, teacher)
     total = cfg.steps or cfg.epochs * max(1, ds.steps_per_epoch(0) // cfg.optim.accum)

@@ -336,3 +336,53 @@ def test_fresh_views_need_the_online_teacher_and_are_new_each_epoch(tiny_dataset
     assert json.load(open(tmp_path / "fresh" / "config.json"))["train"]["data"]["fresh_views"] is True
     with pytest.raises(ValueError, match="--online-teacher"):
         train(_cfg(tiny_dataset, tiny_cache, tmp_path / "cached", steps=1, data={"fresh_views": True}), progress=False)
+
+
+@pytest.fixture(scope="module")
+def dtype_cache(tiny_dataset, tmp_path_factory):
+    """One tokenizer group per stored dtype that is not fp32 (tiny_cache holds fp32 and codes)."""
+    from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+    from teacher_cache.extract import run_extract
+    from teacher_cache.views import AugConfig
+
+    out = {}
+    for dtype in ("fp16", "bf16", "int8"):
+        out[dtype] = str(tmp_path_factory.mktemp("dt") / dtype)
+        run_extract(
+            ExtractConfig(
+                shards=tiny_dataset,
+                out=out[dtype],
+                teachers=(TeacherConfig("random-vit:32/8", group="vit"),),
+                aug=AugConfig(views=2),
+                storage=StorageConfig(dtype=dtype),
+                executor="local",
+            ),
+            progress=False,
+        )
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8", "codes"])
+def test_targets_decoded_on_the_device_equal_the_loaders(dtype, tiny_dataset, tiny_cache, dtype_cache, tmp_path):
+    """`digpt train` ships stored targets (half the bytes for fp16) and decodes them in its stages: the
+    batches the objective sees are bit-identical to the ones a decoding loader gives."""
+    from student.stages import DecodeTargets, build_stages
+
+    cache = tiny_cache if dtype in ("fp32", "codes") else dtype_cache[dtype]
+    cfg = _cfg(tiny_dataset, cache, tmp_path / "r", "codes" if dtype == "codes" else "vit")
+    _, decoded, _, join = build_run(cfg)
+    _, stored, _, _ = build_run(cfg, decode_targets=False)
+    stages = build_stages(cfg, join, "cpu")
+    assert isinstance(stages.stages[1], DecodeTargets)
+    raw = next(iter(make_loader(stored)))
+    if dtype == "codes":
+        assert "tokens" not in raw and raw["codes"].dtype == torch.int64
+    else:
+        want = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}[dtype]
+        assert raw["tokens"].dtype == want and raw["cls"].dtype == want
+        assert ("token_scale" in raw) == (dtype == "int8")
+    for a, b in zip(make_loader(decoded), make_loader(stored)):
+        a, b = stages(a), stages(b)
+        assert a.keys() == b.keys() and "token_scale" not in b
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
