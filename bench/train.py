@@ -63,13 +63,10 @@ import time
 
 from bench import _common as C
 
-# Random-weight ViT teachers at the shapes of the paper's teachers: (input size, patch, width, depth, heads).
-TEACHER_SHAPES = {
-    "vit_base_16": (224, 16, 768, 12, 12),  # CLIP / DINO ViT-B/16: 14x14 tokens x 768
-    "vit_large_14": (224, 14, 1024, 24, 16),  # CLIP / OpenCLIP ViT-L/14: 16x16 tokens x 1024
-    "vit_huge_14": (224, 14, 1280, 32, 16),  # OpenCLIP ViT-H/14 trunk: 16x16 tokens x 1280
-    "tiny_32_8": (32, 8, 32, 2, 2),  # the smoke test's stand-in: 4x4 tokens x 32
-}
+# Random-weight ViT teachers at the shapes of the paper's teachers: (input size, patch, width, depth, heads);
+# the same shapes extraction builds as ``random-vit:<shape>``.
+from teacher_cache.teachers.tiny import SHAPES as TEACHER_SHAPES  # noqa: E402
+
 SHAPE_LABELS = {
     "vit_base_16": "CLIP ViT-B/16",
     "vit_large_14": "CLIP ViT-L/14",

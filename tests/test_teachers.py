@@ -142,3 +142,17 @@ def test_pca_refuses_a_missing_or_mismatched_basis(kw, match):
 def test_bad_names_are_named(name, match):
     with pytest.raises(ValueError, match=match):
         create_teacher(name)
+
+
+def test_random_vit_at_a_headline_teachers_shape():
+    """``random-vit:vit_base_16`` costs what CLIP ViT-B/16 costs (width, depth, grid), with no weights to fetch."""
+    t = create_teacher("random-vit:vit_base_16")
+    assert (t.spec.name, t.spec.input_size, t.spec.grid, t.spec.dim) == ("random-vit:vit_base_16", 224, (14, 14), 768)
+    assert len(t.vit.blocks) == 12 and t.vit.blocks[0].attn.num_heads == 12
+    assert 85e6 < sum(p.numel() for p in t.parameters()) < 87e6  # ViT-B/16's trunk
+    with torch.no_grad():
+        out = t(torch.rand(1, 3, 224, 224))
+    assert out.tokens.shape == (1, 196, 768) and out.cls.shape == (1, 768)
+    assert create_teacher("random-vit:vit_base_16").fingerprint() == t.fingerprint()  # seeded
+    with pytest.raises(ValueError, match="SIZE/PATCH .* or one of vit_base_16"):
+        create_teacher("random-vit:vit_bogus")

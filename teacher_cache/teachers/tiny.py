@@ -12,6 +12,16 @@ from .base import Teacher, TeacherOutput, TeacherSpec
 from .pixel import parse_size
 from .registry import register_teacher
 
+# Random-weight ViTs at the shapes of the headline teachers: (input size, patch, width, depth, heads).
+# ``random-vit:vit_large_14`` costs what CLIP ViT-L/14 costs, with no weights to fetch: for sizing an
+# extraction or a training step (bench/extract.py, bench/train.py), never for learning.
+SHAPES = {
+    "vit_base_16": (224, 16, 768, 12, 12),  # CLIP / DINO ViT-B/16: 14x14 tokens x 768
+    "vit_large_14": (224, 14, 1024, 24, 16),  # CLIP / OpenCLIP ViT-L/14: 16x16 tokens x 1024
+    "vit_huge_14": (224, 14, 1280, 32, 16),  # OpenCLIP ViT-H/14 trunk: 16x16 tokens x 1280
+    "tiny_32_8": (32, 8, 32, 2, 2),  # the default random-vit:32/8
+}
+
 
 class RandomViTTeacher(Teacher):
     def __init__(
@@ -43,8 +53,9 @@ class RandomViTTeacher(Teacher):
             )
         self.layer = layer or depth
         g = size // patch
+        shape = next((k for k, v in SHAPES.items() if v == (size, patch, dim, depth, heads)), None)
         self.spec = TeacherSpec(
-            name=f"random-vit:{size}/{patch}",
+            name=f"random-vit:{shape}" if shape and shape != "tiny_32_8" else f"random-vit:{size}/{patch}",
             input_size=size,
             grid=(g, g),
             dim=dim,
@@ -66,8 +77,14 @@ class RandomViTTeacher(Teacher):
 def random_vit(
     arg: str | None, *, weights: str | None = None, layer: int | None = None, seed: int = 0, dim: int = 32, **_
 ) -> Teacher:
-    """Seeded random-init ViT: ``random-vit:SIZE/PATCH`` (default 32/8, width 32, 2 blocks)."""
+    """Seeded random-init ViT: ``random-vit:SIZE/PATCH`` (default 32/8, width 32, 2 blocks), or one of
+    :data:`SHAPES` at a headline teacher's cost (``random-vit:vit_large_14``)."""
     if weights is not None:
         raise ValueError("random-vit is defined by its seed; it takes no weights file")
+    if arg in SHAPES:
+        size, patch, width, depth, heads = SHAPES[arg]
+        return RandomViTTeacher(size, patch, dim=width, depth=depth, heads=heads, seed=seed, layer=layer)
+    if arg and not arg[:1].isdigit():
+        raise ValueError(f"random-vit:{arg}: expected SIZE/PATCH (e.g. 32/8) or one of {', '.join(SHAPES)}")
     size, patch = parse_size(arg, (32, 8))
     return RandomViTTeacher(size, patch, dim=dim, seed=seed, layer=layer)
