@@ -322,3 +322,32 @@ def test_loader_and_extraction_read_the_same_keys_as_webdataset(tmp_path: Path) 
     ]
     ours = [(s.key, s.files) for s in _read(str(path))]
     assert ours == theirs
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar"])
+def test_tar_parser_reads_gnu_tar_cli_archives(tmp_path: Path, fmt: str) -> None:
+    """Shards made by the `tar` command line (GNU tar: its long-name records, pax headers with atime/ctime
+    per member in posix mode, directory entries) read as tarfile reads them."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("no tar command on this machine")
+    src = tmp_path / "src"
+    files = {
+        "0001.jpg": b"\xff\xd8" + os.urandom(3000),
+        "0001.cls": b"3",
+        "sub/0002.jpg": os.urandom(512),
+        ("n" * 120) + ".jpg": b"long",  # ustar can hold it only through its 155-byte prefix: give it a dir
+    }
+    if fmt == "ustar":
+        files.pop(("n" * 120) + ".jpg")
+        files[("d" * 60) + "/" + ("n" * 80) + ".jpg"] = b"split into prefix and name"
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    out = tmp_path / f"{fmt}.tar"
+    subprocess.run(["tar", f"--format={fmt}", "-cf", str(out), "-C", str(src), "."], check=True)
+    ours, theirs = _ours(out), _tarfile_members(out)
+    assert ours == theirs
+    assert {n.removeprefix("./"): d for n, d in ours} == files
