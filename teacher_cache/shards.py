@@ -114,15 +114,21 @@ _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, 
 _POSIX_MAGIC = b"ustar\x0000"
 
 
+_READ_CAP = 1 << 24  # one read asks for at most 16 MiB: a header that lies about its size costs no memory
+
+
 def _exact(f, n: int) -> bytes:
-    """``n`` bytes from ``f``, fewer only at the end of the stream (a stream may return short reads)."""
-    data = f.read(n)
+    """``n`` bytes from ``f``, fewer only at the end of the stream (a stream may return short reads).
+
+    Reads of more than 16 MiB go in pieces, so memory follows the bytes that exist, not a size field's
+    claim (a crafted header may declare terabytes; a single ``read(n)`` would try to allocate them)."""
+    data = f.read(min(n, _READ_CAP))
     if len(data) == n or not data:
         return data
     parts = [data]
     got = len(data)
     while got < n:
-        more = f.read(n - got)
+        more = f.read(min(n - got, _READ_CAP))
         if not more:
             break
         parts.append(more)

@@ -351,3 +351,27 @@ def test_tar_parser_reads_gnu_tar_cli_archives(tmp_path: Path, fmt: str) -> None
     ours, theirs = _ours(out), _tarfile_members(out)
     assert ours == theirs
     assert {n.removeprefix("./"): d for n, d in ours} == files
+
+
+def test_tar_parser_a_lying_size_field_costs_no_memory(tmp_path: Path) -> None:
+    """A header claiming a 1 TiB member (GNU base-256 size) in a 2 KB file: named as truncated, without
+    asking for a terabyte (a single read(size) raises MemoryError or is killed by the OOM killer)."""
+    import resource
+
+    data = bytearray(_write(tmp_path / "t.tar", tarfile.USTAR_FORMAT, [("a.jpg", b"x" * 10)]).read_bytes())
+    data[124:136] = b"\x80" + (1 << 40).to_bytes(11, "big")
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\x00 " % sum(data[:512])
+    (tmp_path / "lie.tar").write_bytes(bytes(data))
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and hard < used + (4 << 30):
+        pytest.skip("the address-space limit is already below what this test sets")
+    try:  # what the process maps now + 4 GiB: room for the test, far below the claimed size
+        resource.setrlimit(resource.RLIMIT_AS, (used + (4 << 30), hard))
+        (err,) = _read(str(tmp_path / "lie.tar"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert isinstance(err, ShardError) and err.reason.startswith("truncated: unexpected end of data")
+    assert err.key == "a"
