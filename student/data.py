@@ -44,7 +44,6 @@ from teacher_cache.images import BadImage, decode_image, to_uint8_chw
 from teacher_cache.integrity import CacheIntegrityError, check_shard_group, checked, warn_unchecked
 from teacher_cache.shards import ShardError, iter_tar_samples, pick_image
 from teacher_cache.store import (
-    decode_rows,
     is_complete,
     list_tokenizers,
     open_root,
@@ -434,17 +433,8 @@ class CachedViews(IterableDataset):
         t = {n: [b["targets"][n] for b in batch] for n in batch[0]["targets"]}
         if not t:  # fresh views: the online teacher adds the targets
             return out
-        if not self.decode_targets:
-            out.update(stored_targets(t, j.info.dtype, j.info.codes))
-        elif j.info.codes:
-            codes = torch.from_numpy(np.stack(t["tokens"]).astype(np.int64))
-            out["codes"] = codes
-            out["tokens"] = j.codebook[codes]
-        else:
-            out["tokens"] = decode_rows(t["tokens"], j.info.dtype, t.get("token_scale"))
-            if "cls" in t:
-                out["cls"] = decode_rows(t["cls"], j.info.dtype, t.get("cls_scale"))
-        return out
+        out.update(stored_targets(t, j.info.dtype, j.info.codes))
+        return widen_targets(out, j.codebook) if self.decode_targets else out
 
 
 def stored_targets(t: dict[str, list[np.ndarray]], dtype: str, codes: bool) -> dict[str, torch.Tensor]:
@@ -457,6 +447,21 @@ def stored_targets(t: dict[str, list[np.ndarray]], dtype: str, codes: bool) -> d
         if name in t:
             x = torch.from_numpy(np.stack(t[name]))
             out[name] = x.view(torch.bfloat16) if dtype == "bf16" and not name.endswith("scale") else x
+    return out
+
+
+def widen_targets(batch: dict[str, torch.Tensor], codebook: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Stored targets to float32 wherever the batch is: fp16/bf16 widened, int8 times its per-row scale,
+    k-means ``codes`` looked up in ``codebook`` (on the batch's device). Exact: each value is one widening
+    or one float32 product. A batch already decoded, or without stored targets, comes back unchanged."""
+    out = dict(batch)
+    if "codes" in out and "tokens" not in out:
+        out["tokens"] = codebook[out["codes"]]
+    for name, scale in (("tokens", "token_scale"), ("cls", "cls_scale")):
+        if scale in out:
+            out[name] = out[name].float() * out.pop(scale).unsqueeze(-1)
+        elif name in out and out[name].dtype != torch.float32:
+            out[name] = out[name].float()
     return out
 
 

@@ -19,6 +19,7 @@ import torch
 from teacher_cache.config import TeacherConfig
 from teacher_cache.teachers import Teacher, build_teacher
 
+from .data import widen_targets
 from .targets import FILE as TARGET_NORM_FILE
 from .targets import TargetNorm, TokenNorm, estimate_target_norm
 
@@ -58,25 +59,16 @@ class ToDevice:
 
 
 class DecodeTargets:
-    """Stored targets to float32 where the batch now is (after :class:`ToDevice`): fp16/bf16 widened,
-    int8 times its per-row scale, k-means ``codes`` looked up in the codebook. The loader of
-    ``digpt train`` leaves this to the device (``CachedViews(decode_targets=False)``); a batch that is
-    already decoded, or has no stored targets (fresh views), passes unchanged. Exact: each value is one
-    widening or one float32 product, the same numbers the loader would have made."""
+    """Stored targets to float32 where the batch now is (after :class:`ToDevice`), by
+    :func:`student.data.widen_targets`: the loader of ``digpt train`` leaves this to the device
+    (``CachedViews(decode_targets=False)``), so half the bytes travel and the widening is a kernel. A batch
+    that is already decoded, or has no stored targets (fresh views), passes unchanged."""
 
     def __init__(self, codebook: torch.Tensor | None, device: torch.device | str):
         self.codebook = None if codebook is None else codebook.to(device)
 
     def __call__(self, batch: Batch) -> Batch:
-        out = dict(batch)
-        if "codes" in out and "tokens" not in out:
-            out["tokens"] = self.codebook[out["codes"]]
-        for name, scale in (("tokens", "token_scale"), ("cls", "cls_scale")):
-            if scale in out:
-                out[name] = out[name].float() * out.pop(scale).unsqueeze(-1)
-            elif name in out and out[name].dtype != torch.float32:
-                out[name] = out[name].float()
-        return out
+        return widen_targets(batch, self.codebook)
 
 
 def online_targets(teacher: Teacher, batch: Batch) -> Batch:

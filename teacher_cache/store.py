@@ -142,21 +142,6 @@ def decode_block(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None
     return t.float()
 
 
-def decode_rows(rows: list[np.ndarray], dtype: str, scales: list[np.ndarray] | None = None) -> torch.Tensor:
-    """:func:`decode_block` of ``np.stack(rows)``, in one pass: each row (read-only views of mapped objects
-    included) is converted straight into the float32 batch, with no stacked copy in the stored dtype."""
-    if dtype == "int8":
-        assert scales is not None
-        return decode_block(np.stack(rows), dtype, np.stack(scales))
-    out = torch.empty((len(rows), *rows[0].shape), dtype=torch.float32)
-    with warnings.catch_warnings():  # read-only views become tensors that are only read from (copy_ below)
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for i, r in enumerate(rows):
-            t = torch.from_numpy(r)
-            out[i].copy_(t.view(torch.bfloat16) if dtype == "bf16" else t)  # torch's fp16 -> fp32: ~3x numpy's here
-    return out
-
-
 def zarr_dtype(dtype: str) -> str:
     return {"fp32": "float32", "fp16": "float16", "bf16": "uint16", "int8": "int8"}[dtype]
 

@@ -72,13 +72,15 @@ def test_feature_targets_stored_raw_and_codes_zstd(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8"])
-def test_decode_rows_equals_decode_block_of_the_stack(dtype):
-    """The loader's one-pass batch decode gives what decoding the stacked block gives, read-only rows too."""
-    from teacher_cache.store import decode_rows
+def test_loader_batch_decode_equals_decode_block_of_the_stack(dtype):
+    """The loader's batch of stored rows (read-only rows too), widened as the train stages widen it, is what
+    decoding the stacked block gives."""
+    from student.data import stored_targets, widen_targets
 
     stored, scale = encode_block(torch.randn(5, 7, 16, generator=torch.Generator().manual_seed(1)), dtype)
     rows = [stored[i] for i in range(5)]
     rows[1] = rows[1].copy()
     rows[1].setflags(write=False)
-    scales = None if scale is None else [scale[i] for i in range(5)]
-    assert torch.equal(decode_rows(rows, dtype, scales), decode_block(stored, dtype, scale))
+    t = {"tokens": rows} if scale is None else {"tokens": rows, "token_scale": [scale[i] for i in range(5)]}
+    batch = widen_targets(stored_targets(t, dtype, codes=False), None)
+    assert list(batch) == ["tokens"] and torch.equal(batch["tokens"], decode_block(stored, dtype, scale))
