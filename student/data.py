@@ -17,8 +17,8 @@ manifest and the cache's ``valid`` flags). That makes two things exact:
 Targets are read a block of rows at a time, each row at the one view it uses this epoch (one byte
 range per run of adjacent rows sharing a view, ``teacher_cache/objects.py``), in a background thread one
 block ahead of the tar stream so the reads overlap JPEG decoding, and kept in their stored dtype until
-a batch is formed (``digpt train``: until its stages widen them on the device). Manifest rows, key index, stored seeds/boxes/flips and the objects' indexes are read
-once per process and run.
+a batch is formed (``digpt train``: until its stages widen them on the device). Manifest rows, key
+index, stored seeds/boxes/flips and the objects' indexes are read once per process and run.
 
 At ~450 lines this is over the project's ~400: the epoch plan, rank/worker split, resume skip and
 view replay are one contract (exactly which sample, view and crop each global batch holds), kept in one
