@@ -42,7 +42,7 @@ from teacher_cache.dataset import PreparedDataset, load_dataset
 from teacher_cache.dataset import content_hash as _content_hash  # the manifest's `hash` of image bytes
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
 from teacher_cache.integrity import CacheIntegrityError, check_shard_group, checked, warn_unchecked
-from teacher_cache.shards import ShardError, iter_tar_samples, pick_image
+from teacher_cache.shards import ShardError, iter_tar_samples, pick_image, printable_key
 from teacher_cache.store import (
     is_complete,
     list_tokenizers,
@@ -150,6 +150,7 @@ class CacheJoin:
         self.valid = {s: np.array(tok[self.sids[s]]["valid"][:]) for s in self.ds.shards}
         self._rows: dict[str, dict] = {}
         self._index: dict[str, dict[str, int]] = {}
+        self._listed: dict[str, set[str]] = {}
         self._plan: dict[str, tuple] = {}
         self._readers: dict[str, object] = {}
 
@@ -196,6 +197,12 @@ class CacheJoin:
             rows = self.rows(shard)
             self._index[shard] = {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
         return self._index[shard]
+
+    def listed(self, shard: str) -> set[str]:
+        """Every key the manifest lists for the shard, unreadable ones too (prepare records them all)."""
+        if shard not in self._listed:
+            self._listed[shard] = set(self.rows(shard)["key"])
+        return self._listed[shard]
 
     def plan(self, shard: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The shard's stored seeds, boxes and flips."""
@@ -363,13 +370,17 @@ class CachedViews(IterableDataset):
                 raise RuntimeError(f"shard {shard} could not be read to the end: {s.reason}")
             key = s.key
             i = index.get(key)
-            if i is None or key in seen or not valid[i]:
+            if i is None:
+                if printable_key(key) not in j.listed(shard):  # prepare lists every sample, bad ones too
+                    self._mismatch(shard, key, "not in the manifest")
+                continue  # unreadable at prepare (recorded there)
+            if key in seen or not valid[i]:
                 continue  # skipped at extraction (recorded there) or a duplicate key
             seen.add(key)
             picked = pick_image(s)
             image = picked[1] if picked else b""
             if _content_hash(image) != rows["hash"][i]:
-                self._mismatch(shard, key)
+                self._mismatch(shard, key, "content hash differs")
                 continue
             v = int(views[i])
             seed, box, flip = int(seeds[i, v]), boxes[i, v], bool(flips[i, v])
@@ -392,18 +403,26 @@ class CachedViews(IterableDataset):
                 "targets": targets.row(i) if targets is not None else {},
                 "order_seed": _hash64(self.cfg.seed, self.epoch, shard, key, "order"),
             }
+        if len(seen) < int(valid.sum()):  # a sample with cached targets that the tar no longer holds
+            for i in np.flatnonzero(valid):
+                if rows["key"][i] not in seen:
+                    self._mismatch(shard, str(rows["key"][i]), "missing from the shard")
 
-    def _mismatch(self, shard: str, key: str) -> None:
-        what = (
-            f"image {shard}/{key} differs from the manifest's content hash: the shard changed after "
-            "`digpt prepare`, so its cached targets belong to other pixels"
-        )
+    def _mismatch(self, shard: str, key: str, reason: str) -> None:
+        what = {
+            "content hash differs": f"image {shard}/{key} differs from the manifest's content hash: the shard "
+            "changed after `digpt prepare`, so its cached targets belong to other pixels",
+            "missing from the shard": f"sample {shard}/{key} has cached targets but the shard no longer holds "
+            "it: the shard changed after `digpt prepare`",
+            "not in the manifest": f"sample {shard}/{key} is not in the manifest: the shard changed after "
+            "`digpt prepare`, and the cache holds no targets for it",
+        }[reason]
         if self.cfg.on_mismatch == "error":
             raise CacheIntegrityError(f"{what}; re-run prepare and extract, or train with --on-mismatch skip")
         self.mismatched += 1
         if self.cfg.mismatch_log:  # one short line per sample: appends from several workers do not interleave
             with open(self.cfg.mismatch_log, "a") as f:
-                f.write(json.dumps({"shard": shard, "key": key, "reason": "content hash differs"}) + "\n")
+                f.write(json.dumps({"shard": shard, "key": key, "reason": reason}) + "\n")
 
     def _collate(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         j = self.join

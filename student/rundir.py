@@ -83,14 +83,15 @@ def open_run(cfg: TrainConfig) -> TrainConfig:
 
 
 def report_mismatches(cfg: TrainConfig) -> int:
-    """Count (and say) the samples skipped for a changed image; 0 when none or not skipping."""
+    """Count (and say) the samples skipped because the shard changed after prepare (an image that differs,
+    a sample gone or added); 0 when none or not skipping."""
     log = cfg.data.mismatch_log
     n = 0
     if log and os.path.exists(log):
         with open(log) as f:
             n = sum(1 for _ in f)
     if n:
-        print(f"skipped {n} sample read(s) whose image differs from the manifest (--on-mismatch skip); see {log}")
+        print(f"skipped {n} sample read(s) of shards that changed after prepare (--on-mismatch skip); see {log}")
     return n
 
 

@@ -269,6 +269,50 @@ def test_changed_image_is_refused_by_the_loader_or_counted_and_skipped(changed_d
         DataConfig(shards=ds, cache=str(cache), on_mismatch="ignore")
 
 
+def _drop_or_add(tar: Path, change: str) -> str:
+    """Rewrite ``tar`` without its sixth sample (``removed``) or with one more at its end (``added``)."""
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m, _ in members))
+    if change == "removed":
+        key = keys[5]
+        members = [(m, d) for m, d in members if m.name.split(".", 1)[0] != key]
+    else:
+        key = "zz-added-later"
+        for name, data in ((f"{key}.jpg", members[0][1]), (f"{key}.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            members.append((info, data))
+    tmp = tar.with_suffix(".new")
+    with tarfile.open(tmp, "w") as t:
+        for member, payload in members:
+            t.addfile(member, io.BytesIO(payload))
+    os.replace(tmp, tar)
+    return key
+
+
+@pytest.mark.parametrize(
+    "change, says, reason",
+    [
+        ("removed", "has cached targets but the shard no longer holds it", "missing from the shard"),
+        ("added", "is not in the manifest", "not in the manifest"),
+    ],
+)
+def test_a_sample_gone_or_added_after_prepare_is_refused_or_counted(change, says, reason, dataset, cache, tmp_path):
+    """(Before: the loader passed over a vanished sample or an unknown key without a word, so an epoch just
+    had fewer samples.)"""
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    key = _drop_or_add(ds / "shard-000001.tar", change)
+    with pytest.raises(CacheIntegrityError, match=f"sample shard-000001.tar/{key} {says}"):
+        train(_train_cfg(str(ds), cache, tmp_path / "a", steps=6), progress=False)
+    run = tmp_path / "b"
+    res = train(_train_cfg(str(ds), cache, run, steps=6, data={"on_mismatch": "skip"}), progress=False)
+    assert res.steps == 6
+    lines = [json.loads(x) for x in (run / "skipped-mismatch.jsonl").read_text().splitlines()]
+    assert {(x["shard"], x["key"], x["reason"]) for x in lines} == {("shard-000001.tar", key, reason)}
+
+
 def test_extract_rerun_names_a_shard_whose_images_changed(changed_dataset, cache):
     """(Before: the re-run skipped the shard as complete.)"""
     ds, key = changed_dataset
