@@ -228,22 +228,31 @@ def test_swapped_shard_groups_are_refused_by_train(dataset, cache, tmp_path):
 # an image changed after extraction
 
 
-def _replace_image(tar: Path, index: int) -> str:
-    """Rewrite ``tar`` with the image of sample ``index`` replaced by its mirror image (same key, same size)."""
+def _members(tar: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
     with tarfile.open(tar) as t:
-        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
-    images = [i for i, (m, _) in enumerate(members) if m.name.endswith((".jpg", ".png"))]
-    m, data = members[images[index]]
-    img = Image.open(io.BytesIO(data)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG" if m.name.endswith(".png") else "JPEG", quality=75)
-    members[images[index]] = (m, buf.getvalue())
+        return [(m, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+def _rewrite(tar: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    """Replace ``tar`` (atomically) by a tar of ``members``, each member's size set to its payload's."""
     tmp = tar.with_suffix(".new")
     with tarfile.open(tmp, "w") as t:
         for member, payload in members:
             member.size = len(payload)
             t.addfile(member, io.BytesIO(payload))
     os.replace(tmp, tar)
+
+
+def _replace_image(tar: Path, index: int) -> str:
+    """Rewrite ``tar`` with the image of sample ``index`` replaced by its mirror image (same key, same size)."""
+    members = _members(tar)
+    images = [i for i, (m, _) in enumerate(members) if m.name.endswith((".jpg", ".png"))]
+    m, data = members[images[index]]
+    img = Image.open(io.BytesIO(data)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if m.name.endswith(".png") else "JPEG", quality=75)
+    members[images[index]] = (m, buf.getvalue())
+    _rewrite(tar, members)
     return m.name.split(".", 1)[0]
 
 
@@ -271,23 +280,15 @@ def test_changed_image_is_refused_by_the_loader_or_counted_and_skipped(changed_d
 
 def _drop_or_add(tar: Path, change: str) -> str:
     """Rewrite ``tar`` without its sixth sample (``removed``) or with one more at its end (``added``)."""
-    with tarfile.open(tar) as t:
-        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    members = _members(tar)
     keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m, _ in members))
     if change == "removed":
         key = keys[5]
         members = [(m, d) for m, d in members if m.name.split(".", 1)[0] != key]
     else:
         key = "zz-added-later"
-        for name, data in ((f"{key}.jpg", members[0][1]), (f"{key}.cls", b"0")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            members.append((info, data))
-    tmp = tar.with_suffix(".new")
-    with tarfile.open(tmp, "w") as t:
-        for member, payload in members:
-            t.addfile(member, io.BytesIO(payload))
-    os.replace(tmp, tar)
+        members += [(tarfile.TarInfo(f"{key}.jpg"), members[0][1]), (tarfile.TarInfo(f"{key}.cls"), b"0")]
+    _rewrite(tar, members)
     return key
 
 
