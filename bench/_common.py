@@ -229,6 +229,30 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     return median(a / b for a, b in zip(num, den) if b > 0)
 
 
+def matmul_peak(device: Any, dtype: Any, n: int | None = None, repeats: int = 10) -> dict[str, float]:
+    """The machine's measured matrix-multiply rate: ``n x n x n`` products in ``dtype`` on ``device`` at this
+    process's torch thread count, the median of ``repeats`` timed after 3 warmups, in FLOP/s (2 n^3 per
+    product). The ceiling the step-efficiency and extraction fractions divide by: measured here, not a
+    datasheet's. On CUDA, fp32 is plain fp32 (TF32 off for the measurement)."""
+    import torch
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 1024)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if cuda else None
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        times = repeat(lambda: a @ b, warmup=3, repeats=repeats, device=device)
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    t = median(times)
+    return {"flops": 2 * n**3 / t, "n": n, "seconds": t, "threads": torch.get_num_threads()}
+
+
 # ---------------------------------------------------------------------------------------------
 # stage timers: wrap project functions (module globals) without editing the project
 

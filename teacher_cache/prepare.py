@@ -26,7 +26,6 @@ call to that protocol.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import re
@@ -69,7 +68,7 @@ from teacher_cache.synthetic import (
     MAX_CLASSES,
     MIN_CLASSES,
     class_names,
-    iter_synthetic,
+    iter_synthetic_jpegs,
 )
 
 SHARD_PREFIX = "shard"
@@ -302,20 +301,13 @@ def _write_indexed(
 # ---------------------------------------------------------------------------------------- synthetic
 
 
-def _encode_jpeg(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
-
-
-def prepare_synthetic(cfg: SyntheticConfig) -> PreparedDataset:
-    """Generate the synthetic set into ``cfg.out`` (JPEG quality 90, a ``cls`` member per sample)."""
+def prepare_synthetic(cfg: SyntheticConfig, processes: int | None = None) -> PreparedDataset:
+    """Generate the synthetic set into ``cfg.out`` (JPEG quality 90, a ``cls`` member per sample), drawn by
+    ``processes`` spawned processes (None: one per core for sets worth it). The bytes never depend on it."""
     _begin_output(cfg.out)
     builder = _ManifestBuilder()
-    samples = (
-        (RawSample(key, {"jpg": _encode_jpeg(img), "cls": str(label).encode()}), label)
-        for key, label, img in iter_synthetic(cfg.num_samples, cfg.num_classes, cfg.image_size, cfg.seed)
-    )
+    jpegs = iter_synthetic_jpegs(cfg.num_samples, cfg.num_classes, cfg.image_size, cfg.seed, JPEG_QUALITY, processes)
+    samples = ((RawSample(key, {"jpg": data, "cls": str(label).encode()}), label) for key, label, data in jpegs)
     with _progress(cfg.num_samples, "synthetic") as bar:
         shards = _write_indexed(samples, cfg.out, cfg.shard_size, builder, bar)
     _remove_stale_shards(cfg.out, shards)

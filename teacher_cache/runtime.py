@@ -1,12 +1,20 @@
-"""Chores every stage shares: which device to run on, and progress bars that suit a terminal and a log.
+"""Chores every stage shares: which device to run on, progress bars that suit a terminal and a log, and
+pools of spawned processes that start without re-running the caller's script.
 
 Cheap to import (no torch at import time), so the command line can use it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
@@ -79,3 +87,52 @@ def progress_bar(
         }
         out = _Lines(out)
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=out, **kwargs)
+
+
+@contextlib.contextmanager
+def main_hidden() -> Iterator[None]:
+    """While processes spawn: ``multiprocessing``'s spawn re-imports the parent's ``__main__`` script in
+    every child (as ``__mp_main__``). Pool children need nothing from it (their work lives in modules),
+    and the script may not survive it: a script read from stdin, a Ray worker's entry point (imports Ray
+    in every child), a user's script without a main guard (runs again). An empty stand-in module makes
+    the children skip it."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _init_pool_process(parent: int, init: Callable[..., None] | None, initargs: tuple) -> None:
+    # Gone once the parent is: a SIGKILLed worker (a lost Ray actor, a test) leaves no orphan behind.
+    threading.Thread(target=_watch_parent, args=(parent,), name="pool-parent-watch", daemon=True).start()
+    if init is not None:
+        init(*initargs)
+
+
+def spawn_pool(processes: int, init: Callable[..., None] | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """``processes`` spawned processes (not forked: a fork of a process that has run torch's thread pools
+    can deadlock), every one started before this returns, so later submits spawn nothing and the first
+    task does not pay for the imports. Each runs ``init(*initargs)`` first (a module-level function) and
+    exits when this process dies."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    executor = ProcessPoolExecutor(
+        processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_pool_process,
+        initargs=(os.getpid(), init, initargs),
+    )
+    # The executor spawns processes on demand, one per submit: start them all now, under main_hidden.
+    with main_hidden():
+        started = [executor.submit(int) for _ in range(processes)]
+    for f in started:
+        f.result()
+    return executor

@@ -7,12 +7,15 @@ classifier cannot win from pixel colour statistics; it has to see form, which is
 tokens and a student's features should capture.
 
 Sample ``i`` of seed ``s`` is drawn from ``numpy.random.default_rng([s, i])`` alone, so it is the
-same whether generated on its own, in a stream, or by another worker.
+same whether generated on its own, in a stream, or by another worker: :func:`iter_synthetic_jpegs`
+spreads the drawing and JPEG encoding over spawned processes and yields the same bytes in the same order.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -228,3 +231,71 @@ def iter_synthetic(
         label = index % num_classes
         rng = np.random.default_rng([seed, index])
         yield sample_key(index), label, make_synthetic_image(label, rng, image_size, num_classes)
+
+
+def synthetic_jpegs(indices: range, num_classes: int, image_size: int, seed: int, quality: int) -> list[bytes]:
+    """JPEG bytes of samples ``indices`` (the unit of work of a generating process)."""
+    out = []
+    for index in indices:
+        img = make_synthetic_image(index % num_classes, np.random.default_rng([seed, index]), image_size, num_classes)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def default_processes(num_samples: int, image_size: int) -> int:
+    """Processes worth spawning for a set this size: one per core, none below ~2 s of drawing (a spawn
+    costs ~0.2 s; a 64 px image ~3.5 ms to draw and encode, a 256 px one ~36 ms, on one core here)."""
+    work_s = num_samples * 3.5e-3 * (image_size / 64) ** 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if work_s < 2.0 else max(1, min(cores, 32))
+
+
+def iter_synthetic_jpegs(
+    num_samples: int,
+    num_classes: int,
+    image_size: int,
+    seed: int,
+    quality: int,
+    processes: int | None = None,
+    chunk: int = 64,
+) -> Iterator[tuple[str, int, bytes]]:
+    """``(key, label, jpeg bytes)`` of samples ``0..num_samples-1`` in order, drawn by ``processes`` spawned
+    processes (None: :func:`default_processes`; 1: here). The bytes do not depend on ``processes``."""
+    _check_num_classes(num_classes)
+    n = processes if processes is not None else default_processes(num_samples, image_size)
+    chunks = [range(lo, min(lo + chunk, num_samples)) for lo in range(0, num_samples, chunk)]
+    args = (num_classes, image_size, seed, quality)
+    if n <= 1 or len(chunks) <= 1:
+        results: Iterator[list[bytes]] = (synthetic_jpegs(c, *args) for c in chunks)
+        executor = None
+    else:
+        from .runtime import spawn_pool
+
+        executor = spawn_pool(min(n, len(chunks)))
+        # A window of chunks in flight: memory stays bounded, every process stays busy.
+        results = _ordered(executor, chunks, args, window=4 * n)
+    try:
+        for c, jpegs in zip(chunks, results):
+            for index, data in zip(c, jpegs):
+                yield sample_key(index), index % num_classes, data
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _ordered(executor, chunks: list[range], args: tuple, window: int) -> Iterator[list[bytes]]:
+    from collections import deque
+
+    pending: deque = deque()
+    todo = iter(chunks)
+    for c in todo:
+        pending.append(executor.submit(synthetic_jpegs, c, *args))
+        if len(pending) >= window:
+            break
+    while pending:
+        yield pending.popleft().result()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(executor.submit(synthetic_jpegs, nxt, *args))

@@ -9,6 +9,7 @@ the teacher and compares with the cached tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 
@@ -39,6 +40,10 @@ from .views import AugConfig, plan_fingerprint, plan_shard, replay_view
 # Minimum mean per-token cosine similarity between cached and recomputed tokens, by storage form.
 COSINE_FLOOR = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.995, "int8": 0.99}
 CODE_AGREEMENT_FLOOR = 0.98
+# A cache extracted under CUDA autocast is recomputed under the same autocast on CUDA (the storage floor
+# holds). Recomputed anywhere else (a CPU), the forward runs in float32 and the cached tokens carry the
+# reduced-precision forward's error as well: the floor is then the lower of the two.
+AUTOCAST_FLOOR = {"bf16": 0.99, "fp16": 0.995}
 
 
 @dataclass(frozen=True)
@@ -340,6 +345,13 @@ def _spot_check(
     picks = [
         candidates[j] for j in rng.choice(len(candidates), size=min(cfg.spot_checks, len(candidates)), replace=False)
     ]
+    autocast = a.get("autocast", "none")
+    same_precision = autocast == "none" or device.type == "cuda"
+    precision = (
+        torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[autocast])
+        if autocast != "none" and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     scores = []
     for shard, i in picks:
         g = tok[sids[shard]]
@@ -347,7 +359,8 @@ def _spot_check(
         raw = next(r for row, r in iter_dataset_samples(ds, shard) if row["index"] == i)
         img = torch.from_numpy(to_uint8_chw(decode_image(pick_image(raw)[1])))
         pixels = replay_view(img, g["boxes"][i, v], bool(g["flips"][i, v]), teacher.spec.input_size)
-        fresh = teacher(pixels.unsqueeze(0).to(device)).tokens[0].cpu()
+        with precision:
+            fresh = teacher(pixels.unsqueeze(0).to(device)).tokens[0].cpu()
         if info.codes:
             scores.append(float((fresh == torch.from_numpy(g["tokens"][i, v].astype(np.int64))).float().mean()))
         else:
@@ -355,10 +368,21 @@ def _spot_check(
             cached = decode_block(g["tokens"][i, v], info.dtype, scale)
             scores.append(token_agreement(fresh.float(), cached))
     floor = CODE_AGREEMENT_FLOOR if info.codes else COSINE_FLOOR[info.dtype]
+    if not same_precision:
+        floor = min(floor, AUTOCAST_FLOOR[autocast])
     what = "code agreement" if info.codes else "mean token cosine"
+    how = (
+        ""
+        if autocast == "none"
+        else (
+            f"; recomputed under {autocast} autocast, as extracted"
+            if same_precision
+            else f"; cache extracted under {autocast} autocast, recomputed in float32 on {device.type}"
+        )
+    )
     report.add(
         name,
         "alignment",
         min(scores) >= floor,
-        f"{len(scores)} views recomputed; worst {what} {min(scores):.5f} (floor {floor})",
+        f"{len(scores)} views recomputed; worst {what} {min(scores):.5f} (floor {floor}){how}",
     )

@@ -20,21 +20,17 @@ write of a failed shard can land after its retry has begun.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
-import os
 import queue
-import sys
 import threading
-import time
-import types
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..images import BadImage, decode_image, to_uint8_chw
+from ..runtime import spawn_pool
 from ..shards import pick_image
 from ..teachers import Teacher
 from ..views import replay_view
@@ -107,55 +103,21 @@ def decode_rows(tasks: list[Task], size: int) -> list[tuple[np.ndarray | None, s
     return out
 
 
-def _init_decode_process(parent: int) -> None:
-    """A decode process: one torch thread (the pool is the parallelism), and gone once its parent is."""
+def _init_decode_process() -> None:
+    """A decode process: one torch thread (the pool is the parallelism)."""
     torch.set_num_threads(1)
-
-    def watch() -> None:  # a SIGKILLed worker (a lost Ray actor, a test) leaves no orphan decoding behind
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="extract-decode-watch", daemon=True).start()
-
-
-@contextlib.contextmanager
-def _main_hidden():
-    """While decode processes spawn: ``multiprocessing``'s spawn re-imports the parent's ``__main__`` script
-    in every child (as ``__mp_main__``). The children need nothing from it — their work lives in this
-    module — and the script may not survive it: a script read from stdin, a Ray worker's entry point
-    (imports Ray in every child), a user's script without a main guard (runs again). An empty stand-in
-    module makes the children skip it."""
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
 
 
 class DecodePool:
-    """``processes`` spawned decode/crop processes, started once per extraction worker and shared by the
-    shards it runs (``shards_in_flight``). Spawned, not forked: a fork of a process that has run torch's
-    thread pools can deadlock."""
+    """``processes`` spawned decode/crop processes (:func:`~teacher_cache.runtime.spawn_pool`), started
+    once per extraction worker and shared by the shards it runs (``shards_in_flight``)."""
 
     def __init__(self, processes: int, rows_per_task: int = 8):
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
         self.processes, self.rows_per_task = processes, rows_per_task
-        self.executor = ProcessPoolExecutor(
-            processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_decode_process,
-            initargs=(os.getpid(),),
-        )
-        # Start every process now (the executor spawns them one per submit, on demand), so the first
-        # shard does not pay for the imports and the processes exist when the caller counts them. No
-        # process is spawned after this: one that dies breaks the pool, and the worker replaces the pool.
-        with _main_hidden():
-            started = [self.executor.submit(int) for _ in range(processes)]
-        for f in started:
-            f.result()
+        # No process is spawned after this: one that dies breaks the pool, and the worker replaces the pool.
+        self.executor = spawn_pool(processes, _init_decode_process)
 
     @property
     def broken(self) -> bool:
