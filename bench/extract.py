@@ -56,7 +56,7 @@ class _Stages:
 
         self.ds, self.teacher, self.aug, self.storage = load_dataset(data), teacher, aug, storage
         self.batch_size, self.decode_threads = batch_size, decode_threads
-        self.forward_fn = Forward(teacher, device, autocast)
+        self.forward_fn = Forward(teacher, device, autocast, storage.dtype)
         self._iter, self._decode_row = iter_dataset_samples, decode_row
         self.plans = {}
         for shard in self.ds.shards:
@@ -155,6 +155,26 @@ class _Stages:
             return time.perf_counter() - t0
 
 
+def _resident_forward(teacher, a, device, batches: int = 10) -> float:
+    """Views/s of the teacher on a GPU-resident batch of ``--batch-size``, under ``--autocast``."""
+    import contextlib
+
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.autocast)
+    ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else contextlib.nullcontext
+    s = teacher.spec.input_size
+    x = torch.rand(a.batch_size, 3, s, s, device=device)
+
+    def run():
+        with torch.no_grad(), ctx():
+            for _ in range(batches):
+                teacher(x)
+
+    t = C.median(C.repeat(run, warmup=1, repeats=3, device=device))
+    return batches * a.batch_size / t
+
+
 def _row(name, stage, seconds, n_img, slowest):
     return [name, stage, C.fmt_ms(seconds), f"{n_img / seconds:.1f}", "**slowest**" if stage == slowest else ""]
 
@@ -186,6 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="shards a worker extracts at once (ExtractConfig.shards_in_flight)",
     )
     p.add_argument("--dtype", default="fp16", help="token storage dtype (fp32, fp16, bf16, int8)")
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=64,
+        help="rows per write block (StorageConfig.chunk_rows): the teacher's batches never span two blocks, "
+        "so a batch holds at most chunk_rows x views views",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--autocast", default="none", help="none, bf16 or fp16 (CUDA only)")
     p.add_argument("--ray-workers", default="1,2", help="Ray worker counts to compare ('' or 0 skips Ray)")
@@ -220,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seed=0,
             )
         )
-        storage = StorageConfig(dtype=a.dtype)
+        storage = StorageConfig(dtype=a.dtype, chunk_rows=a.chunk_rows)
         aug = AugConfig(views=a.views)
         summary_rows, stage_rows, proc_rows = [], [], []
         for name in names:
@@ -392,6 +419,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "pipeline_over_cpu_ceiling": vs_ceiling,
                 "met": met,
             }
+            if device.type == "cuda":
+                resident = _resident_forward(teacher, a, device)
+                result["teachers"][name]["resident_forward_views_per_s"] = resident
+                rep.note(
+                    f"{name}: the teacher alone on input already on the GPU, batch {a.batch_size} under "
+                    f"autocast {a.autocast}, outputs left there: **{resident:.0f} views/s** (what the GPU does "
+                    "with no host in the loop; 'bare forward' above includes the copies both ways)."
+                )
             del teacher, st
 
         result["load_average"]["end"] = os.getloadavg()

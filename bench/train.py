@@ -235,13 +235,15 @@ def step_bench(a, device, teacher, student_size: str | None = None, count_flops:
     def online():
         batch = base_batch(True)
         t0 = time.perf_counter()
-        batch.update(online_targets(teacher, batch))
+        with autocast():  # as `digpt train --online-teacher` runs it: under the run's autocast
+            batch.update(online_targets(teacher, batch))
         C.sync(device)
         teacher_in.append(time.perf_counter() - t0)
         return step(batch)
 
     def teacher_only():
-        return online_targets(teacher, base_batch(True))
+        with autocast():
+            return online_targets(teacher, base_batch(True))
 
     counted = {}
     if count_flops:

@@ -10,6 +10,7 @@ so what is trained on and what the baseline is scored on cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -82,14 +83,30 @@ def online_targets(teacher: Teacher, batch: Batch) -> Batch:
     return targets
 
 
-class OnlineTeacher:
-    """Replace the batch's cached targets with the teacher's, computed on the batch's ``teacher_images``."""
+def amp_dtype(amp: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``TrainConfig.amp`` on ``device``: ``auto`` is bf16 on CUDA, off on the CPU."""
+    on = amp == "bf16" or (amp == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if on else None
 
-    def __init__(self, teacher: Teacher):
-        self.teacher = teacher
+
+def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The run's autocast context (reusable: enter it once per step)."""
+    dtype = amp_dtype(amp, device)
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+class OnlineTeacher:
+    """Replace the batch's cached targets with the teacher's, computed on the batch's ``teacher_images``
+    under the run's autocast: the student's forward runs under it, and so would a cache extracted with
+    ``--autocast bf16`` on the same GPU; a float32 teacher beside a bf16 student would make the online
+    baseline look slower than it is (measured on an H200: BENCHMARKS.md, GPU acceptance)."""
+
+    def __init__(self, teacher: Teacher, amp: contextlib.AbstractContextManager | None = None):
+        self.teacher, self.amp = teacher, amp or contextlib.nullcontext()
 
     def __call__(self, batch: Batch) -> Batch:
-        return {**batch, **online_targets(self.teacher, batch)}
+        with self.amp:
+            return {**batch, **online_targets(self.teacher, batch)}
 
 
 def online_teacher_for(join: CacheJoin, device: torch.device | str) -> Teacher:
@@ -125,7 +142,7 @@ def build_stages(
     norm = target_norm_for(cfg, join)
     chain: list[Stage] = [ToDevice(device), DecodeTargets(join.codebook, device)]
     if teacher is not None:
-        chain.append(OnlineTeacher(teacher))
+        chain.append(OnlineTeacher(teacher, autocast(cfg.amp, device)))
     if norm is not None:
         chain.append(norm.to(device))
     return Stages(chain)

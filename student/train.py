@@ -9,7 +9,6 @@ logged in ``student/metrics.py``; the run directory's records and checks in ``st
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from .data import CachedViews, CacheJoin, DataConfig, make_loader
 from .metrics import RunLogger, TrainResult, measure_blind
 from .objectives import Objective, StudentConfig, TargetSpec, create_objective, objective_config
 from .rundir import check_resume_config, open_run, report_mismatches, write_config
-from .stages import Stages, build_stages, online_teacher_for
+from .stages import Stages, autocast, build_stages, online_teacher_for
 from .stages import online_targets as online_targets  # re-exported: tests and bench/train.py use it from here
 from .stages import target_norm_for as target_norm_for
 from .targets import NORMS, TargetNorm, TokenNorm
@@ -253,8 +252,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     run = setup(cfg, rank, world, device)
     objective, ds, stages, lrs, opt, state = run.objective, run.ds, run.stages, run.lrs, run.opt, run.state
     model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
-    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    amp = autocast(cfg.amp, device)
     total, accum, micro = len(lrs), cfg.optim.accum, 0
     log = RunLogger(cfg, total, run.global_batch, state.step, run.resumed, run.blind, rank, progress)
     while state.step < total:
@@ -265,7 +263,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             batch = stages(batch)
             for g in opt.param_groups:
                 g["lr"] = float(lrs[state.step])
-            with autocast:
+            with amp:
                 loss, metrics = model(batch)
             _check_finite(loss, state)
             (loss / accum).backward()

@@ -135,13 +135,27 @@ class DecodePool:
 class Forward:
     """The teacher on its device: ``views [n, 3, S, S] -> (tokens, cls or None)`` on the host.
 
-    On CUDA the batch is pinned and copied without blocking, and the forward may run under autocast
-    (``bf16``/``fp16``); outputs come back in the dtype the teacher produced (the store encodes them)."""
+    On CUDA the batch is pinned and copied without blocking, the forward may run under autocast
+    (``bf16``/``fp16``), and the outputs come back through pinned memory. ``store_dtype`` is the cache's
+    storage dtype: for ``fp16``/``bf16`` float outputs are narrowed to it on the device before they travel
+    (half of float32's bytes; the same bits the store's own rounding gives, so the cache is unchanged);
+    otherwise they come back in the dtype the teacher produced (the store encodes them)."""
 
-    def __init__(self, teacher: Teacher, device: torch.device, autocast: str = "none"):
+    def __init__(self, teacher: Teacher, device: torch.device, autocast: str = "none", store_dtype: str | None = None):
         self.teacher, self.device = teacher, device
         self.cuda = device.type == "cuda"
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast) if self.cuda else None
+        self.narrow = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(store_dtype or "")
+
+    def _host(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        if self.narrow is not None and x.is_floating_point():
+            x = x.to(self.narrow)
+        if not self.cuda:
+            return x
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return out.copy_(x, non_blocking=True)
 
     def __call__(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.cuda:
@@ -151,7 +165,10 @@ class Forward:
         ctx = torch.autocast("cuda", dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
         with ctx:
             out = self.teacher(views)
-        return out.tokens.cpu(), (out.cls.cpu() if out.cls is not None else None)
+        tokens, cls = self._host(out.tokens), self._host(out.cls)
+        if self.cuda:  # the copies above are queued: wait for them before the host reads the buffers
+            torch.cuda.current_stream(self.device).synchronize()
+        return tokens, cls
 
 
 class Writer:

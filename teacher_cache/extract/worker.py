@@ -95,7 +95,7 @@ def _extract_shard(
             plan.boxes,
             plan.flips,
             size,
-            Forward(teacher, device, job.autocast),
+            Forward(teacher, device, job.autocast, job.storage.dtype),
             writer.start(create),
             job.storage.chunk_rows,
             job.batch_size,
