@@ -4,10 +4,10 @@
 into the batch, per-channel target standardisation (when the trainer has it), forward under the run's
 autocast, backward, gradient clipping, AdamW — with
 
-* **cached**: the targets are the teacher's tokens as stored (``--dtype``), decoded with the store's
-  ``decode_block`` and copied to the device, as the loader hands them over;
-* **online**: ``student.train.online_targets`` runs the teacher on the batch's ``teacher_images`` first,
-  exactly what ``digpt train --online-teacher`` does.
+* **cached**: the targets are the teacher's tokens as stored (``--dtype``), copied to the device in that dtype
+  and widened to float32 there, as ``digpt train``'s loader and ``DecodeTargets`` stage do;
+* **online**: ``student.train.online_targets`` runs the teacher on the batch's ``teacher_images`` first, under
+  the run's autocast, exactly what ``digpt train --online-teacher`` does.
 
 The two interleave; the speedup is the median over rounds of ``t_online / t_cached``. The teacher forward
 and the bare student step are also timed alone.
@@ -165,9 +165,10 @@ def step_bench(a, device, teacher, student_size: str | None = None, count_flops:
     counter (untimed; it doubles as a warmup)."""
     import torch
 
+    from student.data import stored_targets, widen_targets
     from student.objectives import StudentConfig, TargetSpec, create_objective
     from student.train import online_targets, param_groups
-    from teacher_cache.store import decode_block, encode_block
+    from teacher_cache.store import encode_block
 
     student = StudentConfig(size=student_size or a.student, attn_impl=a.attn, decoder_dim=a.decoder_dim)
     target = TargetSpec.from_spec(teacher.spec.to_json())
@@ -203,17 +204,22 @@ def step_bench(a, device, teacher, student_size: str | None = None, count_flops:
     opt_s: list[float] = []  # clip + AdamW + zero_grad of each cached step: per step, whatever the batch
     teacher_in: list[float] = []  # the teacher forward inside each online step
 
+    phase = torch.profiler.record_function  # labels the profile (--profile) splits the step by
+
     def step(batch, opt_rec=None):
         if norm is not None:
-            batch = norm(batch)
-        with autocast():
+            with phase("phase: target standardisation"):
+                batch = norm(batch)
+        with phase("phase: forward"), autocast():
             loss, _ = objective(batch)
-        loss.backward()
+        with phase("phase: backward"):
+            loss.backward()
         C.sync(device)
         t0 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), 3.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with phase("phase: optimizer"):
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), 3.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         C.sync(device)
         if opt_rec is not None:
             opt_rec.append(time.perf_counter() - t0)
@@ -225,11 +231,24 @@ def step_bench(a, device, teacher, student_size: str | None = None, count_flops:
             batch["teacher_images"] = teacher_images
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
+    # The targets as `digpt train`'s loader hands them over: stacked in their stored dtype (pinned on CUDA, as
+    # the DataLoader pins), copied, then widened to float32 on the device (student/stages.py: DecodeTargets).
+    held = {"tokens": list(stored)}
+    if scale is not None:
+        held["token_scale"] = list(scale)
+    if stored_cls is not None:
+        held["cls"] = list(stored_cls)
+        if cls_scale is not None:
+            held["cls_scale"] = list(cls_scale)
+    held_t = stored_targets(held, a.dtype, codes=False)
+    if device.type == "cuda":
+        held_t = {k: v.pin_memory() for k, v in held_t.items()}
+        images, teacher_images = images.pin_memory(), teacher_images.pin_memory()
+
     def cached():
-        batch = base_batch(False)
-        batch["tokens"] = decode_block(stored, a.dtype, scale).to(device)
-        if stored_cls is not None:
-            batch["cls"] = decode_block(stored_cls, a.dtype, cls_scale).to(device)
+        with phase("phase: batch to device + target widening"):
+            batch = base_batch(False)
+            batch.update(widen_targets({k: v.to(device, non_blocking=True) for k, v in held_t.items()}, None))
         return step(batch, opt_s)
 
     def online():
@@ -269,6 +288,7 @@ def step_bench(a, device, teacher, student_size: str | None = None, count_flops:
         repeats=a.repeats,
         device=device,
     )
+    profile = profile_step(cached, a.profile, device) if getattr(a, "profile", 0) else None
     n_params = sum(p.numel() for p in objective.parameters())
     # Within-run view: each timed online step against itself minus its own teacher forward, so a neighbour's
     # load that slows the whole step cancels out (the side-by-side ratio pairs steps seconds apart).
@@ -285,7 +305,59 @@ def step_bench(a, device, teacher, student_size: str | None = None, count_flops:
         "target_norm": norm is not None,
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "amp": "bf16" if use_bf16 else "off",
+        "profile": profile,
     }
+
+
+# Op classes of the profile, first match wins (aten op names; the backward ops of each class included).
+OP_CLASSES = (
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "flex_attention")),
+    ("matmul", ("addmm", "aten::mm", "bmm", "matmul", "aten::linear", "baddbmm")),
+    ("convolution", ("conv", "mkldnn_convolution")),
+    ("norm", ("layer_norm", "batch_norm", "native_batch_norm", "group_norm")),
+    ("optimizer arithmetic", ("_foreach", "_fused_adam", "addcdiv", "addcmul", "lerp", "sqrt", "norm")),
+    ("copies and layout", ("copy_", "clone", "contiguous", "cat", "stack", "index", "gather", "scatter",
+                           "transpose", "permute", "view", "reshape", "expand", "to_copy", "empty", "zero_",
+                           "fill_", "select", "slice", "_unsafe_view", "as_strided", "t", "unbind", "split")),
+)  # fmt: skip
+
+
+def op_class(name: str) -> str:
+    for cls, keys in OP_CLASSES:
+        if any(k in name for k in keys):
+            return cls
+    return "elementwise and other"
+
+
+def profile_step(fn, steps: int, device) -> dict:
+    """``fn`` (one cached step) ``steps`` times under the torch profiler: wall time per phase of the step
+    (the ``phase:`` labels) and self time per op class, per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        C.sync(device)
+    wall = (time.perf_counter() - t0) / steps
+    phases: dict[str, float] = {}
+    classes: dict[str, float] = {}
+    ops: list[tuple[str, float, int]] = []
+    for ev in prof.key_averages():
+        if ev.key.startswith("phase: "):
+            phases[ev.key[7:]] = phases.get(ev.key[7:], 0.0) + ev.cpu_time_total / 1e6 / steps
+            continue
+        self_s = (ev.self_device_time_total if device.type == "cuda" else ev.self_cpu_time_total) / 1e6 / steps
+        if self_s <= 0:
+            continue
+        cls = op_class(ev.key)
+        classes[cls] = classes.get(cls, 0.0) + self_s
+        ops.append((ev.key, self_s, ev.count // steps))
+    ops.sort(key=lambda o: -o[1])
+    del torch
+    return {"wall_s": wall, "phases_s": phases, "classes_s": classes, "top_ops": ops[:12], "steps": steps}
 
 
 def loop_bench(a, wd: str, threads: int) -> dict:
@@ -340,6 +412,62 @@ def loop_bench(a, wd: str, threads: int) -> dict:
             C.setup_threads(threads)
             out[mode].append(res.seconds)
     return {"seconds": out, "extract_s": extract_s, "samples": n}
+
+
+def efficiency_tables(a, rep, res, cached_s: float, device, threads: int) -> dict:
+    """The cached step against the machine: its counted FLOPs, achieved FLOP/s and the matmul peak measured
+    at the same threads and dtype; then where its time goes (phases, op classes, top ops)."""
+    import torch
+
+    dtype = torch.bfloat16 if res["amp"] == "bf16" else torch.float32
+    peak = C.matmul_peak(device, dtype)
+    flops = res["counted_flops"]["student_step"] * a.batch_size
+    achieved = flops / cached_s
+    prof = res["profile"]
+    rep.table(
+        f"Step efficiency: the cached step of {a.student} at batch {a.batch_size} against this machine "
+        f"({device}, {threads} thread(s), {str(dtype).replace('torch.', '')})",
+        ["step GFLOPs (counted)", "ms / step (median)", "achieved GFLOP/s", "matmul peak GFLOP/s", "fraction of peak"],
+        [
+            [
+                f"{flops / 1e9:.2f}",
+                C.fmt_ms(cached_s),
+                f"{achieved / 1e9:.1f}",
+                f"{peak['flops'] / 1e9:.1f} ({peak['n']}³ products)",
+                f"**{achieved / peak['flops']:.2f}**",
+            ]
+        ],
+    )
+    wall = prof["wall_s"]
+    phase_rows = [[k, C.fmt_ms(v), f"{100 * v / wall:.0f}%"] for k, v in prof["phases_s"].items()]
+    rep.table(
+        f"Where the step's time goes, by phase ({prof['steps']} profiled steps, {C.fmt_ms(wall)} ms per step under "
+        "the profiler)",
+        ["phase", "ms / step", "share"],
+        phase_rows,
+        align="lrr",
+    )
+    cls = sorted(prof["classes_s"].items(), key=lambda kv: -kv[1])
+    total = sum(v for _, v in cls) or 1.0
+    rep.table(
+        "By op class (self time of the ops, forward + backward + optimizer)",
+        ["op class", "ms / step", "share"],
+        [[k, C.fmt_ms(v), f"{100 * v / total:.0f}%"] for k, v in cls],
+        align="lrr",
+    )
+    rep.table(
+        "Top ops (self time)",
+        ["op", "ms / step", "calls / step"],
+        [[name, C.fmt_ms(v), str(n)] for name, v, n in prof["top_ops"]],
+        align="lrr",
+    )
+    return {
+        "step_gflops": flops / 1e9,
+        "achieved_gflops": achieved / 1e9,
+        "peak_gflops": peak["flops"] / 1e9,
+        "fraction": achieved / peak["flops"],
+        "profile": prof,
+    }
 
 
 def _label(name: str) -> str:
@@ -472,6 +600,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), bf16 or off — as `digpt train`")
     p.add_argument("--loop-steps", type=int, default=4, help="steps of the real train() loop per mode (0 skips)")
     p.add_argument("--loop-repeats", type=int, default=1, help="train() runs per mode (alternating)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=3,
+        help="cached steps profiled for the step-efficiency tables (FLOP/s vs the measured matmul peak, time per "
+        "phase and per op class); 0 skips them",
+    )
     a = p.parse_args(argv)
     if a.paper_shapes:
         a.pairs = a.pairs or ",".join(f"{s}:{t}" for s, t in PAPER_PAIRS)
@@ -492,7 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = make_teacher(a.teacher, a.teacher_shape)
     tname = a.teacher_shape or a.teacher
     rep = C.Report("train", "Student step: cached targets vs online teacher (bench/train.py)", argv)
-    res = step_bench(a, device, teacher)
+    res = step_bench(a, device, teacher, count_flops=bool(a.profile))
     t = res["times"]
     cached, online, tf = C.median(t["cached"]), C.median(t["online"]), C.median(t["teacher forward"])
     speedup = C.paired_ratio(t["online"], t["cached"])
@@ -523,6 +658,8 @@ def main(argv: list[str] | None = None) -> dict:
             "peak": peak,
         }
     }
+    if res["profile"]:
+        result["efficiency"] = efficiency_tables(a, rep, res, cached, device, threads)
     if a.loop_steps and not a.teacher_shape:
         with C.workdir(a.workdir) as wd:
             loop = loop_bench(a, wd, threads)

@@ -320,3 +320,45 @@ def test_learning_compare_pairs_by_seed(tmp_path):
     assert rows["student"]["per_seed"] == [0.3, 0.35] and rows["student"]["gap"] == pytest.approx(0.175)
     assert 0 < rows["student"]["margin"] < 0.175 and "| student | 2 | 0.325 |" in out and "| yes |" in out
     assert "knn top-1 per variant on 200 report samples" in out  # what was probed, and on how many samples
+
+
+@pytest.mark.slow
+def test_gpu_acceptance_runs_every_section_on_the_cpu(tmp_path):
+    """bench/gpu.py at its CPU sizes: every section runs in its own process and reports, the CLI pipeline
+    resumes to the uninterrupted run's steps, and the files a GPU run brings back are written."""
+    from bench import gpu
+
+    doc = gpu.main(["--device", "cpu", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")])
+    assert {k: v["status"] for k, v in doc["sections"].items()} == {s: "ok" for s in gpu.SECTIONS}
+    assert sorted(os.listdir(tmp_path / "out")) == ["benchmarks.md", "gpu.json", "gpu.md", "log.txt"]
+    pipe = doc["sections"]["pipeline"]["result"]
+    assert pipe["resume"]["identical"] and pipe["resume"]["steps_compared"] == [3, 4]
+    assert set(pipe["verify"]) == {"cpu"} and "worst mean token cosine" in pipe["verify"]["cpu"][0]
+    tests = doc["sections"]["tests"]["result"]
+    assert tests["ok"] and "test_gpu_paths.py" in tests["files"] and tests["counts"].get("skipped", 0) >= 6
+    assert doc["derived"]["extract"]["views_per_s"] > 0 and doc["derived"]["step"]
+    md = (tmp_path / "out" / "gpu.md").read_text()
+    assert "| check" in md and "matmul peak (CPU)" in md and "train --resume" in md
+    assert json.loads((tmp_path / "out" / "gpu.json").read_text())["device"] == "cpu"
+
+
+def test_gpu_acceptance_rewind_and_compare(tmp_path):
+    """The resume check's two helpers: a run rewound to a checkpoint, and a resumed run that differs."""
+    from bench import gpu
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,loss,grad_norm\n1,3.0,1.0\n2,2.5,0.9\n3,2.0,0.8\n4,1.5,0.7\n")
+    (run / "summary.json").write_text("{}")
+    gpu.rewind(str(run), 2)
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert not (run / "checkpoints" / "step_00000004").exists() and not (run / "summary.json").exists()
+    assert [r["step"] for r in gpu._metrics(str(run))] == ["1", "2"]
+    ref = [{"step": str(s), "loss": str(x), "grad_norm": "1"} for s, x in ((3, 2.0), (4, 1.5))]
+    same = gpu.compare_resumed(ref, [dict(r) for r in ref], 2)
+    assert same["identical"] and same["steps_compared"] == [3, 4]
+    off = gpu.compare_resumed(ref, [ref[0], {**ref[1], "loss": "1.65"}], 2)
+    assert not off["identical"] and abs(off["max_rel_diff"]["loss"] - 0.1) < 1e-9
+    with pytest.raises(RuntimeError, match="step 5"):
+        gpu.compare_resumed(ref, [{"step": "5", "loss": "1", "grad_norm": "1"}], 2)

@@ -287,3 +287,41 @@ def test_a_shard_grown_past_its_manifest_fails_by_name(tmp_path):
     assert [f["shard"].rsplit("/", 1)[-1] for f in summary.failed] == [grown.rsplit("/", 1)[-1]]
     assert "more samples than the manifest" in summary.failed[0]["error"]
     assert summary.tokenizers[0].shards_done == 1 and _extract_threads() == []
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8", "fp32"])
+def test_outputs_narrowed_before_the_copy_store_the_same_bytes(dtype):
+    """``Forward`` narrows float outputs to the storage dtype where the teacher ran (half the bytes off a GPU):
+    what the store then encodes is bit-identical to encoding the float32 outputs."""
+    from teacher_cache.extract.pipeline import Forward
+    from teacher_cache.store import encode_block
+    from teacher_cache.teachers import build_teacher
+
+    teacher = build_teacher(TeacherConfig("random-vit:32/8"))
+    views = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    wide = Forward(teacher, torch.device("cpu"))(views)
+    narrow = Forward(teacher, torch.device("cpu"), store_dtype=dtype)(views)
+    assert wide[0].dtype == torch.float32
+    assert narrow[0].dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, torch.float32)
+    for w, n in zip(wide, narrow):
+        (a, sa), (b, sb) = encode_block(w, dtype), encode_block(n, dtype)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+        assert (sa is None and sb is None) or np.array_equal(sa, sb)
+
+
+def test_batches_capped_by_the_write_block_are_named(tiny_dataset, tmp_path, capsys):
+    """A batch never spans two write blocks: a batch_size above chunk_rows x views gets a note saying so."""
+    run_extract(
+        ExtractConfig(
+            shards=tiny_dataset,
+            out=str(tmp_path / "c"),
+            teachers=(TeacherConfig("pixel:32/8"),),
+            aug=AugConfig(views=2),
+            storage=StorageConfig(chunk_rows=4),
+            batch_size=32,
+            executor="local",
+        ),
+        progress=False,
+    )
+    err = capsys.readouterr().err
+    assert "at most chunk_rows x views = 4 x 2 = 8 views" in err and "raise --chunk-rows to 16" in err

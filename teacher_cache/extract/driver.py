@@ -8,6 +8,7 @@ processes whole shards; the ``local`` executor runs the same :class:`~.worker.Wo
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -33,6 +34,14 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     device = resolve_device(cfg.device)
     if cfg.autocast != "none" and device.type != "cuda":  # device "auto" on a machine without CUDA
         raise ValueError(f"autocast {cfg.autocast!r} needs a CUDA device and none is available; use autocast 'none'")
+    largest = cfg.storage.chunk_rows * cfg.aug.views
+    if cfg.batch_size > largest:  # batches never span two write blocks (a cache's bytes stay timing-free)
+        print(
+            f"note: the teacher's batches hold at most chunk_rows x views = {cfg.storage.chunk_rows} x "
+            f"{cfg.aug.views} = {largest} views, fewer than batch_size {cfg.batch_size}; raise --chunk-rows to "
+            f"{-(-cfg.batch_size // cfg.aug.views)} for full batches (BENCHMARKS.md: GPU acceptance)",
+            file=sys.stderr,
+        )
     # Every teacher (a fitted one: its base) is built before the lock: bad configuration fails first.
     teachers, bases = build_configured(cfg)
     if foreign_out(cfg.out):  # before the lock creates anything inside it
