@@ -309,24 +309,77 @@ def step_bench(a, device, teacher, student_size: str | None = None, count_flops:
     }
 
 
-# Op classes of the profile, first match wins (aten op names; the backward ops of each class included).
-OP_CLASSES = (
-    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "flex_attention")),
-    ("matmul", ("addmm", "aten::mm", "bmm", "matmul", "aten::linear", "baddbmm")),
-    ("convolution", ("conv", "mkldnn_convolution")),
-    ("norm", ("layer_norm", "batch_norm", "native_batch_norm", "group_norm")),
-    ("optimizer arithmetic", ("_foreach", "_fused_adam", "addcdiv", "addcmul", "lerp", "sqrt", "norm")),
-    ("copies and layout", ("copy_", "clone", "contiguous", "cat", "stack", "index", "gather", "scatter",
-                           "transpose", "permute", "view", "reshape", "expand", "to_copy", "empty", "zero_",
-                           "fill_", "select", "slice", "_unsafe_view", "as_strided", "t", "unbind", "split")),
-)  # fmt: skip
+# Op classes of the profile (aten op names; each class's backward ops included). Layout ops are matched by
+# their exact name: a substring test would put every op whose name holds a "t" among them.
+LAYOUT_OPS = frozenset(
+    [
+        "copy_",
+        "clone",
+        "contiguous",
+        "cat",
+        "stack",
+        "index",
+        "index_select",
+        "gather",
+        "scatter",
+        "scatter_add_",
+        "transpose",
+        "permute",
+        "view",
+        "reshape",
+        "expand",
+        "_to_copy",
+        "to",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "zeros",
+        "zeros_like",
+        "zero_",
+        "fill_",
+        "select",
+        "slice",
+        "_unsafe_view",
+        "as_strided",
+        "t",
+        "unbind",
+        "split",
+        "chunk",
+        "narrow",
+        "flip",
+        "repeat",
+        "index_put_",
+        "masked_fill",
+        "where",
+        "detach",
+        "alias",
+        "new_empty",
+        "new_zeros",
+        "unsqueeze",
+        "squeeze",
+        "lift_fresh",
+        "resolve_conj",
+        "resolve_neg",
+    ]
+)
+MATMUL_OPS = frozenset(["addmm", "mm", "bmm", "matmul", "linear", "baddbmm", "addmv", "mv"])
 
 
 def op_class(name: str) -> str:
-    for cls, keys in OP_CLASSES:
-        if any(k in name for k in keys):
-            return cls
-    return "elementwise and other"
+    base = name.split("::")[-1]
+    if any(k in base for k in ("scaled_dot_product", "flash_attention", "efficient_attention", "flex_attention")):
+        return "attention"
+    if base in MATMUL_OPS:
+        return "matmul"
+    if "conv" in base:
+        return "convolution"
+    if any(k in base for k in ("layer_norm", "batch_norm", "group_norm")):
+        return "norm"
+    if name.startswith("Optimizer.") or "_foreach" in base or "_fused_adam" in base:
+        return "optimizer (per-parameter loop and arithmetic)"
+    if base in LAYOUT_OPS:
+        return "copies and layout"
+    return "activations, elementwise, reductions"
 
 
 def profile_step(fn, steps: int, device) -> dict:
@@ -357,7 +410,7 @@ def profile_step(fn, steps: int, device) -> dict:
         ops.append((ev.key, self_s, ev.count // steps))
     ops.sort(key=lambda o: -o[1])
     del torch
-    return {"wall_s": wall, "phases_s": phases, "classes_s": classes, "top_ops": ops[:12], "steps": steps}
+    return {"wall_s": wall, "phases_s": phases, "classes_s": classes, "top_ops": ops[:20], "steps": steps}
 
 
 def loop_bench(a, wd: str, threads: int) -> dict:
