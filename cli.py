@@ -452,6 +452,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     _field(p, "--decoder-dim", doc["decoder_dim"], type=int)
     _field(p, "--probe-samples", doc["probe_samples"], type=int)
     _field(p, "--executor", doc["executor"])
+    _field(p, "--jobs", doc["jobs"], type=int)
     _field(p, "--quick", doc["quick"], action="store_true")
 
 
@@ -467,6 +468,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         base_lr=a.base_lr,
         decoder_dim=a.decoder_dim,
         probe_samples=a.probe_samples,
+        jobs=a.jobs,
         quick=a.quick,
     )
     return 0 if run_demo(cfg).ok else 1
@@ -494,6 +496,7 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
     _field(p, "--probe-shards", doc["probe_shards"])
     _field(p, "--probe-samples", doc["probe_samples"], type=int)
     _field(p, "--workers", doc["workers"], type=int)
+    _field(p, "--jobs", doc["jobs"], type=int)
     _field(p, "--executor", doc["executor"])
     p.add_argument(
         "--weights",
@@ -533,6 +536,7 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
             probe_shards=a.probe_shards,
             probe_samples=a.probe_samples,
             workers=a.workers,
+            jobs=a.jobs,
             executor=a.executor,
             weights=tuple(weights),
         )

@@ -167,14 +167,14 @@ def step_bench(a, device, teacher, student_size: str | None = None, count_flops:
 
     from student.data import stored_targets, widen_targets
     from student.objectives import StudentConfig, TargetSpec, create_objective
-    from student.train import online_targets, param_groups
+    from student.train import make_optimizer, online_targets
     from teacher_cache.store import encode_block
 
     student = StudentConfig(size=student_size or a.student, attn_impl=a.attn, decoder_dim=a.decoder_dim)
     target = TargetSpec.from_spec(teacher.spec.to_json())
     torch.manual_seed(0)
     objective = create_objective(a.objective, student, target).to(device)
-    opt = torch.optim.AdamW(param_groups(objective, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    opt = make_optimizer(objective, 0.05, 1e-4, (0.9, 0.95))
     teacher = teacher.to(device)
     b, s, ts = a.batch_size, student.encoder_config().img_size, teacher.spec.input_size
     g = torch.Generator().manual_seed(0)

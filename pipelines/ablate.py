@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from student.sizes import list_vit_sizes, vit_config
-from student.train import train
+from student.train import TrainConfig, train
 from student.vit import STEMS
 from teacher_cache.config import ExtractConfig, TeacherConfig
 from teacher_cache.dataset import load_dataset
@@ -77,6 +77,11 @@ class AblateConfig:
     """Extraction executor."""
     workers: int = 1
     """Loader workers per training run."""
+    jobs: int = 1
+    """Training runs (each with its probes) at once, each in a process of its own with cores / jobs torch
+    threads; 0: as many as there are runs, up to the cores (1 on a GPU). For a many-core machine: on the
+    project's 2 cores two demo students side by side took as long as one after the other (BENCHMARKS.md,
+    issue #21). A run's numbers depend on its thread count in the last bits only."""
     weights: tuple[tuple[str, str], ...] = ()
     """(teacher name, local weights file) pairs: headline teachers join the ``tokenizers`` recipe."""
     knn: bool = True
@@ -133,6 +138,8 @@ class AblateConfig:
             raise ValueError(f"stem must be one of {STEMS} or None (the preset's), got {self.stem!r}")
         if self.decoder_dim is not None and self.decoder_dim < 1:
             raise ValueError(f"decoder_dim must be >= 1 or None (the encoder's width), got {self.decoder_dim}")
+        if self.jobs < 0:
+            raise ValueError(f"jobs must be >= 0 (0: as many as the cores allow), got {self.jobs}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.probe_samples < 0:
@@ -260,6 +267,80 @@ def teacher_ceiling(data: str, cache: str, tokenizer: str, seed: int = 0) -> flo
     return row.top1
 
 
+@dataclass(frozen=True)
+class Job:
+    """One training run of an ablation and its probes."""
+
+    variant: str
+    seed: int
+    label: str
+    train: TrainConfig
+
+
+def train_and_probe(cfg: AblateConfig, probe_data: str, job: Job) -> RunRecord:
+    """Train ``job`` and probe its encoder (linear, and k-NN on the same features): one row of the report.
+    Module-level, so that a spawned process can run it."""
+    print(f"== {job.label}", flush=True)
+    t0 = time.perf_counter()
+    result = train(job.train)
+    lin, knn = _probe(cfg, probe_data, job.train.out, job.seed)
+    return RunRecord(
+        job.variant,
+        job.seed,
+        job.train.out,
+        time.perf_counter() - t0,
+        result.final_loss,
+        [h["loss"] for h in result.history],
+        lin["top1"],
+        lin["top5"],
+        lin["best_layer"],
+        knn["top1"] if knn else None,
+        blind_loss=next((h["blind_loss"] for h in result.history if "blind_loss" in h), None),
+        loss_steps=[int(h["step"]) for h in result.history],
+        report_correct=lin["correct"],
+        knn_correct=knn["correct"] if knn else None,
+    )
+
+
+def plan_jobs(requested: int, runs: int, cores: int, cuda: bool) -> tuple[int, int]:
+    """(runs at once, torch threads per run) for ``requested`` jobs (0: auto) on ``cores`` CPU cores: auto
+    is one at a time on a GPU (the runs would share it), else as many as the runs, up to the cores."""
+    n = requested or (1 if cuda else min(runs, cores))
+    n = max(1, min(n, runs))
+    return n, max(1, cores // n)
+
+
+def _run_jobs(cfg: AblateConfig, probe_data: str, jobs: list[Job]) -> tuple[list[RunRecord], dict]:
+    """Every job, in order of ``jobs``: here when one at a time, else in spawned processes."""
+    import torch
+
+    from teacher_cache.runtime import resolve_device, set_torch_threads, spawn_pool
+
+    cuda = any(resolve_device(j.train.device).type == "cuda" for j in jobs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n, threads = plan_jobs(cfg.jobs, len(jobs), cores, cuda)
+    info = {"jobs": n, "threads_per_run": threads if n > 1 else torch.get_num_threads()}
+    if n == 1:
+        return [train_and_probe(cfg, probe_data, j) for j in jobs], info
+    print(f"== {len(jobs)} training runs, {n} at a time with {threads} torch thread(s) each", flush=True)
+    # OpenMP sizes its pool when a process starts: set_num_threads alone left the runs 2x slower side by side.
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update({k: str(threads) for k in saved})
+    try:
+        pool = spawn_pool(n, set_torch_threads, (threads,))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        futures = [pool.submit(train_and_probe, cfg, probe_data, j) for j in jobs]
+        return [f.result() for f in futures], info
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _summary(result) -> dict:
     return {
         "top1": result.top1,
@@ -313,33 +394,14 @@ def run_ablation(cfg: AblateConfig) -> dict:
     data = _dataset(cfg)
     probe_data = _probe_dataset(cfg, data)
     cache, bytes_per_view = _extract(cfg, variants)
-    records: list[RunRecord] = []
+    jobs = []
     for v in variants:
         for seed in range(cfg.seeds):
             run = os.path.join(cfg.out, "runs", f"{slug(v.name)}_s{seed}")
             tcfg = replace(v.train, data=replace(v.train.data, tokenizer=v.tokenizer, seed=seed), out=run, seed=seed)
-            print(f"== {v.name} (seed {seed}): {tcfg.objective} on {v.teacher.name} [{v.storage.dtype}]")
-            t0 = time.perf_counter()
-            result = train(tcfg)
-            lin, knn = _probe(cfg, probe_data, run, seed)
-            records.append(
-                RunRecord(
-                    v.name,
-                    seed,
-                    run,
-                    time.perf_counter() - t0,
-                    result.final_loss,
-                    [h["loss"] for h in result.history],
-                    lin["top1"],
-                    lin["top5"],
-                    lin["best_layer"],
-                    knn["top1"] if knn else None,
-                    blind_loss=next((h["blind_loss"] for h in result.history if "blind_loss" in h), None),
-                    loss_steps=[int(h["step"]) for h in result.history],
-                    report_correct=lin["correct"],
-                    knn_correct=knn["correct"] if knn else None,
-                )
-            )
+            label = f"{v.name} (seed {seed}): {tcfg.objective} on {v.teacher.name} [{v.storage.dtype}]"
+            jobs.append(Job(v.name, seed, label, tcfg))
+    records, parallel = _run_jobs(cfg, probe_data, jobs)
     floors = []
     for seed in range(cfg.seeds):
         lin, knn = _probe(cfg, probe_data, records[0].run if records else None, seed, floor=True)
@@ -368,6 +430,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
     classes = load_dataset(data).info.get("num_classes") or cfg.num_classes
     results = results_table(cfg, variants, records, floors, bytes_per_view, time.perf_counter() - t_start, classes)
     results["ceilings"] = ceilings
+    results["parallel"] = parallel  # runs at once and torch threads per run
     results["n_report"] = lin["n_report"]  # samples every linear probe above was scored on (same split)
     results["probe_data"] = {
         "shards": probe_data,

@@ -57,6 +57,9 @@ class DemoConfig:
     §10). 0: probe on a held-out quarter of the pretraining set."""
     executor: str = "ray"
     """Extraction executor: ``ray`` or ``local``."""
+    jobs: int = 1
+    """Students trained at once, each in its own process with cores / jobs torch threads (``digpt ablate
+    --jobs``); on 2 cores side by side was no faster than one after the other (BENCHMARKS.md, #21)."""
     quick: bool = False
     """Smoke run: 512 images, 150 steps per student, 1024 probe images (every stage runs; nothing is
     expected to learn)."""
@@ -108,6 +111,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         decoder_dim=cfg.decoder_dim,
         probe_samples=cfg.probe_samples,
         executor=cfg.executor,
+        jobs=cfg.jobs,
     )
     results = run_ablation(acfg)
     report = run_verify(

@@ -202,12 +202,16 @@ class Decoder(nn.Module):
             pos = torch.cat([self.pos_embed[:1].expand(targets.shape[0], 1, -1), pos], dim=1)
         return self.query + pos
 
-    def forward(self, layers, targets, self_mask: AttnMask, cross_mask: AttnMask, with_cls: bool) -> torch.Tensor:
-        """-> ``[B, (1+)M, target_dim]`` predictions on the student grid, class row first if ``with_cls``."""
+    def features(self, layers, targets, self_mask: AttnMask, cross_mask: AttnMask, with_cls: bool) -> torch.Tensor:
+        """-> ``[B, (1+)M, D_dec]`` normed decoder outputs (what :attr:`head` reads), class row first."""
         x = self.queries(targets, with_cls)
         for block, memory in zip(self.blocks, self.memory(layers), strict=True):
             x = block(x, memory, self_mask, cross_mask)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, layers, targets, self_mask: AttnMask, cross_mask: AttnMask, with_cls: bool) -> torch.Tensor:
+        """-> ``[B, (1+)M, target_dim]`` predictions on the student grid, class row first if ``with_cls``."""
+        return self.head(self.features(layers, targets, self_mask, cross_mask, with_cls))
 
 
 class DiGPT(nn.Module):
@@ -261,6 +265,18 @@ class DiGPT(nn.Module):
         x = F.interpolate(x, size=(sh, sw), mode="bilinear", align_corners=False)
         return x.permute(0, 2, 3, 1).reshape(b, v * sh * sw, d)
 
+    def predict_on_target_grid(self, head: nn.Linear, feats: torch.Tensor) -> torch.Tensor:
+        """``head`` applied and the result resampled to the teacher grid (:meth:`to_target_grid`), in the cheaper
+        order. Both are linear and each resampled token is a convex combination (bilinear weights sum to 1),
+        so ``head(resample(x)) == resample(head(x))`` up to rounding: where the teacher's share of a cluster
+        has fewer tokens than the student's (the demo: 2x2 of 4x4), resampling first runs the head — and its
+        gradient, and the ``[B, M, target_dim]`` buffers — on 4x fewer rows; where it has more (official:
+        8x8 of 7x7), the head goes first."""
+        c, (sh, sw) = self.cfg.cluster_size, self.cfg.target_share
+        if sh * sw < c * c:
+            return head(self.to_target_grid(feats))
+        return self.to_target_grid(head(feats))
+
     def forward(self, images: torch.Tensor, order: torch.Tensor) -> dict[str, torch.Tensor]:
         """``images: [B, C, H, W]``; ``order: [B, n_clusters]`` a permutation of cluster ids (raster over the
         cluster arrangement) per sample, e.g. from :func:`random_cluster_order`.
@@ -282,10 +298,10 @@ class DiGPT(nn.Module):
         ):
             if decoder is None:
                 continue
-            pred = decoder(layers, targets, self.dec_self_mask, self.dec_cross_mask, self.cfg.predict_cls)
+            feats = decoder.features(layers, targets, self.dec_self_mask, self.dec_cross_mask, self.cfg.predict_cls)
             if self.cfg.predict_cls:
-                out[f"{name}_cls"], pred = pred[:, 0], pred[:, 1:]
-            out[name] = self.to_target_grid(pred)
+                out[f"{name}_cls"], feats = decoder.head(feats[:, 0]), feats[:, 1:]
+            out[name] = self.predict_on_target_grid(decoder.head, feats)
             out[f"{name}_index"] = self.cluster_targets[clusters].flatten(1)
         return out
 

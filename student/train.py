@@ -146,6 +146,12 @@ def lr_schedule(total: int, peak: float, warmup: float, min_lr: float) -> np.nda
     return np.where(steps < w, peak * (steps + 1) / max(1, w), cos)
 
 
+def make_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, betas: tuple[float, float]):
+    """AdamW over :func:`param_groups`, the fused implementation (one kernel over all parameters instead of
+    a Python loop of small ops per parameter: 0.96x the demo student's step on the CPU, BENCHMARKS.md #21)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True)
+
+
 def param_groups(model: Objective, weight_decay: float) -> list[dict]:
     """No decay on biases, norms and the objective's named tokens (timm convention)."""
     skip = model.no_weight_decay()
@@ -228,7 +234,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Setu
     global_batch = cfg.data.batch_size * cfg.optim.accum * world
     peak = cfg.optim.base_lr * global_batch / 256
     lrs = lr_schedule(total, peak, cfg.optim.warmup, cfg.optim.min_lr)
-    opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=peak, betas=cfg.optim.betas)
+    opt = make_optimizer(objective, cfg.optim.weight_decay, peak, cfg.optim.betas)
     loaded = load_latest(cfg.out, objective, opt) if cfg.resume else None
     if cfg.resume and loaded is None and rank == 0:
         print(f"--resume: no checkpoint in {cfg.out}; starting from scratch")

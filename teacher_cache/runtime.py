@@ -104,6 +104,13 @@ def main_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
+def set_torch_threads(n: int) -> None:
+    """``torch.set_num_threads(n)``: a pool initializer (module-level, so spawned processes can run it)."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(1.0)

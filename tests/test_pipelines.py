@@ -243,3 +243,44 @@ def test_generated_probe_set_is_held_out_from_pretraining(tmp_path):
     assert "64 labelled images held out from pretraining" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="probe_samples must be 0 or >= 4 \\* num_classes"):
         replace(cfg, probe_samples=8)
+
+
+def test_jobs_plan():
+    """``--jobs``: auto fills the cores but never past the runs, one at a time on a GPU; threads split."""
+    from pipelines.ablate import plan_jobs
+
+    assert plan_jobs(0, runs=4, cores=2, cuda=False) == (2, 1)
+    assert plan_jobs(0, runs=3, cores=16, cuda=False) == (3, 5)
+    assert plan_jobs(0, runs=4, cores=16, cuda=True) == (1, 16)
+    assert plan_jobs(1, runs=4, cores=2, cuda=False) == (1, 2)
+    assert plan_jobs(8, runs=2, cores=4, cuda=False) == (2, 2)
+    with pytest.raises(ValueError, match="jobs must be >= 0"):
+        AblateConfig(recipe="demo", out="x", jobs=-1)
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_report_like_one_after_the_other(tiny_dataset, shared_cache, tmp_path):
+    """``jobs=2``: the runs train and probe in two spawned processes, the report lists them in recipe order
+    with the same kind of numbers, and records how they ran."""
+    cfg = AblateConfig(
+        recipe="demo",
+        out=str(tmp_path),
+        shards=tiny_dataset,
+        image_size=32,
+        num_classes=4,
+        student="tiny-test",
+        steps=3,
+        batch_size=8,
+        executor="local",
+        workers=0,
+        semantic_teacher="random-vit:32/8",
+        cache=shared_cache,
+        jobs=2,
+    )
+    results = run_ablation(cfg)
+    assert results["parallel"] == {"jobs": 2, "threads_per_run": 1}
+    names = [v.name for v in RECIPES["demo"](cfg)]
+    assert [r["variant"] for r in results["rows"]] == [*names, "random-init (floor)"]
+    for run in results["runs"]:
+        if run["run"]:
+            assert os.path.exists(os.path.join(run["run"], "probe_linear.json")) and run["loss_steps"][-1] == 3

@@ -194,3 +194,21 @@ def test_config_defaults_and_errors():
         DiGPTConfig(cls_mode="prefix")
     with pytest.raises(ValueError, match="order"):
         _digpt()(_images(), torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cluster_size, target_grid", [(2, (2, 2)), (2, (6, 6)), (1, (4, 4)), (2, (4, 4))])
+def test_head_and_resampling_commute(cluster_size, target_grid):
+    """The head runs before or after the resampling to the teacher grid, whichever is cheaper: both orders
+    give the same predictions (bilinear weights sum to 1, the head is affine) and the same gradients."""
+    model = _digpt(cluster_size, target_grid).train()
+    feats = torch.randn(2, 3 * cluster_size**2, 32, requires_grad=True)
+    head = model.gen.head
+    fast = model.predict_on_target_grid(head, feats)
+    slow = model.to_target_grid(head(feats))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(fast)
+    (ga,) = torch.autograd.grad(fast, feats, g)
+    (gb,) = torch.autograd.grad(slow, feats, g)
+    torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)
+    cheaper_first = model.cfg.target_share[0] * model.cfg.target_share[1] < cluster_size**2
+    assert cheaper_first == (target_grid == (2, 2))  # 1x1 of 2x2: resample first; else the head goes first
