@@ -281,6 +281,8 @@ ABLATE_CASES = [
     (ABLATE + " --probe-samples 8", ["probe_samples"], ["num_classes"]),
     (ABLATE + " --probe-samples -1", ["probe_samples"], [">= 0"]),
     (ABLATE + " --probe-shards {tmp}/nope", ["probe_shards"], ["not found"]),
+    (ABLATE + " --jobs -1", ["jobs"], [">= 0"]),
+    (ABLATE + " --jobs two", ["--jobs"], ["invalid int value"]),
 ]
 
 DEMO = "--out {out} --executor local"
@@ -298,6 +300,7 @@ DEMO_CASES = [
     (DEMO + " --decoder-dim 0", ["decoder_dim"], [">= 1"]),
     (DEMO + " --probe-samples 8", ["probe_samples"], ["num_classes"]),
     ("--out {out} --executor dask", ["executor"], ["ray", "local"]),
+    (DEMO + " --jobs -1", ["jobs"], [">= 0"]),
 ]
 
 EXPORT_CASES = [
