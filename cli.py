@@ -147,6 +147,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     _field(p, "--codec", storage["codec"], choices=cli_docs.module_value("teacher_cache.store", "CODECS"))
     _field(p, "--batch-size", run["batch_size"], type=int)
     _field(p, "--codebook-size", teacher["codebook_size"], type=int)
+    _field(p, "--metric", teacher["metric"], choices=cli_docs.module_value("teacher_cache.config", "KMEANS_METRICS"))
     _field(p, "--pca-dim", teacher["pca_dim"], type=int)
     _field(p, "--fit-samples", teacher["fit_samples"], type=int)
     _field(p, "--codebook", teacher["codebook"])
@@ -180,6 +181,7 @@ def _extract_config(a: argparse.Namespace):
             group=g,
             codebook=a.codebook,
             codebook_size=a.codebook_size,
+            metric=a.metric,
             fit_samples=a.fit_samples,
             pca_dim=a.pca_dim,
             allow_hub=a.allow_hub,

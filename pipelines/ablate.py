@@ -23,10 +23,11 @@ from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import run_extract
 from teacher_cache.prepare import MAX_CLASSES, MIN_CLASSES, SyntheticConfig, prepare_synthetic
 from teacher_cache.store import slug
+from teacher_cache.views import AugConfig
 
 # The names below are looked up here at call time (bench/e2e.py times the stages by patching them).
 from .probe import ProbeConfig, run_probes
-from .recipes import RECIPES, SEMANTIC, Variant, cache_dir, dataset_dir
+from .recipes import COMPARISONS, RECIPES, SEMANTIC, Variant, cache_dir, dataset_dir
 from .report import RunRecord, findings, format_table, noise_margin, results_table
 from .report import write_report as _write_report
 
@@ -48,7 +49,7 @@ class AblateConfig:
     """``digpt ablate``."""
 
     recipe: str
-    """tokenizers, decoders, orders, storage or demo (see :data:`RECIPES`)."""
+    """all, tokenizers, decoders, orders, storage, views, learning or demo (see :data:`RECIPES`)."""
     out: str
     """Output directory: data/, cache/, runs/, report.md, results.json, *.png."""
     shards: str | None = None
@@ -230,11 +231,40 @@ def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int, floor: bool
     return _summary(results[0]), (_summary(results[1]) if cfg.knn else None)
 
 
-def teacher_ceiling(data: str, cache: str, tokenizer: str, seed: int = 0) -> float | None:
-    """Linear-probe top-1 of the teacher's own pooled features, read from the cache (view 0 of every
-    valid sample: the class token, else the mean of the patch tokens), with the students' protocol
-    (same splits, lr grid, refit, report split). What the targets carry about the label: an upper
-    reference for students trained on them. ``None`` for code targets."""
+PROBE_VIEW = AugConfig(views=1, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+"""The one view the teachers take of each probe image: the whole image, unflipped (what a probe sees)."""
+
+
+def fitted(t: TeacherConfig) -> bool:
+    """Whether the teacher is fitted on the data it extracts (k-means codes, PCA): run on the probe images it
+    would be fitted to them, not the tokenizer the students were trained on."""
+    return t.name.split(":", 1)[0] in ("kmeans", "pca")
+
+
+def _extract_probe_set(cfg: AblateConfig, variants: list[Variant], probe_data: str, cache: str) -> str | None:
+    """Each distinct continuous, unfitted (teacher, storage) once more, on the probe images (one whole-image
+    view each), into ``<cache>-probe``: the teachers' own features are then probed on the students' probe
+    set, split and protocol. Returns that cache (None when no variant has such a teacher)."""
+    out = f"{cache.rstrip('/')}-probe"
+    runs: dict[str, tuple[ExtractConfig, dict[str, TeacherConfig]]] = {}
+    for v in variants:
+        if fitted(v.teacher):
+            continue
+        ex = replace(v.extract, shards=probe_data, out=out, aug=PROBE_VIEW)
+        rest = json.dumps({k: x for k, x in asdict(ex).items() if k != "teachers"}, sort_keys=True, default=str)
+        runs.setdefault(rest, (ex, {}))[1][v.tokenizer] = replace(v.teacher, group=v.tokenizer)
+    for ex, teachers in runs.values():
+        print(run_extract(replace(ex, teachers=tuple(teachers.values()))).table())
+    return out if runs else None
+
+
+def teacher_ceiling(data: str, cache: str, tokenizer: str, seed: int = 0) -> dict | None:
+    """The linear probe of the teacher's own pooled features read from ``cache`` over the images of ``data``
+    (view 0 of every valid sample: the class token, else the mean of the patch tokens), with the students'
+    protocol (same splits, lr grid, refit, report split): what the targets carry about the label.
+
+    Returns ``{"linear_top1", "report_correct", "n_report"}`` (per report sample, 1 where right: paired with
+    the students' and the floor's rows when the probe set is the same); ``None`` for code targets."""
     import numpy as np
     import torch
 
@@ -264,7 +294,26 @@ def teacher_ceiling(data: str, cache: str, tokenizer: str, seed: int = 0) -> flo
     splits = make_splits(y.numpy(), 0, pcfg.holdout, pcfg.select_fraction, seed)
     num_classes = max(int(y.max()) + 1, ds.info.get("num_classes") or 0)
     row = probe_features(pcfg, x[:, None], y, splits, ["teacher"], num_classes)[0]
-    return row.top1
+    # keyed by the probe seed, as the students' rows are (``report._per_sample``): pairs with seed ``seed``
+    return {"linear_top1": row.top1, "report_correct": {str(seed): row.correct}, "n_report": len(row.correct or [])}
+
+
+def _ceilings(cfg: AblateConfig, variants: list[Variant], data: str, probe_data: str, cache: str) -> dict:
+    """The teachers' own features, probed on the students' probe set (extracted there for the purpose); a
+    teacher fitted on the pretraining images (k-means, PCA) is read from the pretraining cache instead, on a
+    held-out quarter of those images, and says so (``same_probe_set`` False)."""
+    probe_cache = _extract_probe_set(cfg, variants, probe_data, cache)
+    out: dict[str, dict] = {}
+    for v in variants:
+        if v.tokenizer in out:
+            continue
+        same = probe_cache is not None and not fitted(v.teacher)
+        row = (
+            teacher_ceiling(probe_data, probe_cache, v.tokenizer) if same else teacher_ceiling(data, cache, v.tokenizer)
+        )
+        if row is not None:
+            out[v.tokenizer] = {"teacher": v.teacher.name, "storage": v.storage.dtype, "same_probe_set": same, **row}
+    return out
 
 
 @dataclass(frozen=True)
@@ -421,15 +470,12 @@ def run_ablation(cfg: AblateConfig) -> dict:
                 knn_correct=knn["correct"] if knn else None,
             )
         )
-    ceilings = {}
-    for v in variants:
-        if v.tokenizer not in ceilings:
-            top1 = teacher_ceiling(data, cache, v.tokenizer)
-            if top1 is not None:
-                ceilings[v.tokenizer] = {"teacher": v.teacher.name, "storage": v.storage.dtype, "linear_top1": top1}
+    ceilings = _ceilings(cfg, variants, data, probe_data, cache)
     classes = load_dataset(data).info.get("num_classes") or cfg.num_classes
     results = results_table(cfg, variants, records, floors, bytes_per_view, time.perf_counter() - t_start, classes)
     results["ceilings"] = ceilings
+    if cfg.recipe == "all":  # which rows each of the paper's comparisons reads, and the paper's direction
+        results["comparisons"] = {t: {"rows": list(rows), "paper": paper} for t, (rows, paper) in COMPARISONS.items()}
     results["parallel"] = parallel  # runs at once and torch threads per run
     results["n_report"] = lin["n_report"]  # samples every linear probe above was scored on (same split)
     results["probe_data"] = {

@@ -74,6 +74,16 @@ def augment(views: torch.Tensor, size: int, min_scale: float = 0.35) -> torch.Te
     return torch.stack([tf(v) for v in views]).float().div_(255.0)  # v2 on a batch would share one crop
 
 
+def finetune_model(cfg: ProbeConfig, enc: VisionTransformer, num_classes: int) -> Classifier:
+    """A copy of ``enc`` (with the fine-tune's drop path) behind a new head, every parameter trainable."""
+    ft_enc = VisionTransformer(dataclasses.replace(enc.cfg, drop_path=cfg.drop_path))
+    ft_enc.load_state_dict(enc.state_dict())
+    # The sin-cos position embedding is fixed in pretraining and trained here, as MAE's and D-iGPT's
+    # fine-tuning load it into timm's (trainable) pos_embed; it sits in layer 0 with no weight decay.
+    ft_enc.pos_embed.requires_grad_(True)
+    return Classifier(ft_enc, num_classes, cfg.pool)
+
+
 def finetune_scores(
     cfg: ProbeConfig,
     enc: VisionTransformer,
@@ -87,9 +97,7 @@ def finetune_scores(
     from student.train import lr_schedule
 
     device = resolve_device(cfg.device, "ProbeConfig.device")
-    ft_enc = VisionTransformer(dataclasses.replace(enc.cfg, drop_path=cfg.drop_path))
-    ft_enc.load_state_dict(enc.state_dict())
-    model = Classifier(ft_enc, num_classes, cfg.pool).to(device)
+    model = finetune_model(cfg, enc, num_classes).to(device)
     groups = layer_decay_groups(model, cfg.finetune_lr, cfg.finetune_weight_decay, cfg.layer_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.finetune_lr, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING
 
 from student.data import DataConfig
@@ -37,6 +37,10 @@ class Variant:
     """A ``replace`` of the recipe's :func:`base_extract` with this variant's one teacher."""
     train: TrainConfig
     """A ``replace`` of :func:`base_train`; the runner sets its tokenizer, run directory and seed."""
+    varies: tuple[str, ...] = ()
+    """Where this variant departs from its recipe's base, as dotted config paths (``extract.teachers``,
+    ``train.objective``): what its name says is varied, and nothing else may be (``config_diff``; a test
+    checks every recipe). Empty for the base row itself."""
 
     @property
     def teacher(self) -> TeacherConfig:
@@ -50,6 +54,24 @@ class Variant:
     def tokenizer(self) -> str:
         """The cache group: teacher and storage form, so one cache holds every form side by side."""
         return f"{self.teacher.group_name}-{self.storage.dtype}"
+
+
+def config_diff(a, b, prefix: str = "") -> set[str]:
+    """Dotted paths of the fields where dataclass ``a`` and ``b`` differ, descending into nested dataclasses
+    (a tuple of them, such as ``teachers``, is one field)."""
+    out: set[str] = set()
+    for f in fields(a):
+        x, y, path = getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}"
+        if is_dataclass(x) and is_dataclass(y) and type(x) is type(y):
+            out |= config_diff(x, y, path + ".")
+        elif x != y:
+            out.add(path)
+    return out
+
+
+def variant_diff(v: Variant, base: tuple[ExtractConfig, TrainConfig]) -> set[str]:
+    """Where ``v`` departs from ``base`` (its recipe's base extract and train configs)."""
+    return config_diff(base[0], v.extract, "extract.") | config_diff(base[1], v.train, "train.")
 
 
 def dataset_dir(cfg: AblateConfig) -> str:
@@ -105,26 +127,29 @@ def student(base: TrainConfig, **changes) -> TrainConfig:
 
 
 RECIPES: dict[str, Callable[[AblateConfig], list[Variant]]] = {}
+BASES: dict[str, Callable[[AblateConfig], tuple[ExtractConfig, TrainConfig]]] = {}
+"""Each recipe's base configs, the ones its variants' ``varies`` are relative to."""
 
 
-def recipe(name: str):
+def default_base(cfg: AblateConfig) -> tuple[ExtractConfig, TrainConfig]:
+    return base_extract(cfg), base_train(cfg)
+
+
+def recipe(name: str, base: Callable[[AblateConfig], tuple[ExtractConfig, TrainConfig]] = default_base):
+    """Register a recipe; ``base``: the configs its variants are diffs of (default :func:`default_base`)."""
+
     def deco(fn):
         RECIPES[name] = fn
+        BASES[name] = base
         return fn
 
     return deco
 
 
 def _pixel(cfg: AblateConfig) -> TeacherConfig:
-    # the student's own patches, normalised (MAE norm-pix): one target token per student patch
+    # the student's own patches, normalised per patch as the teacher stores them (MAE norm-pix): one target
+    # token per student patch; trained with the same target normalisation as every other tokenizer
     return TeacherConfig(f"pixel:{cfg.image_size}/{vit_config(cfg.student).patch_size}", group="pixel")
-
-
-def _pixel_train(tr: TrainConfig) -> TrainConfig:
-    """Pixel targets are trained per-token standardised, as the teacher stores them (MAE's norm-pix), not
-    re-standardised per channel on top. On the demo the pixel student probed 0.137 with channel statistics
-    and 0.160 per token (floor 0.131; one seed each, two standard errors ±0.050: within noise; LEARNING.md §5)."""
-    return replace(tr, target_norm="token")
 
 
 def _semantic(cfg: AblateConfig) -> TeacherConfig:
@@ -141,11 +166,14 @@ def _token_dim(name: str) -> int:
         return 64
 
 
+T, OBJ, ORD, DEPTH = "extract.teachers", "train.objective", "train.order", "train.student.decoder_depth"
+
+
 @recipe("demo")
 def demo_recipe(cfg: AblateConfig) -> list[Variant]:
-    """Pixel targets (iGPT-like) vs the shipped semantic teacher, both with D-iGPT."""
+    """Pixel targets vs the shipped semantic teacher, both with D-iGPT, the tokenizer the only difference."""
     ex, tr = base_extract(cfg), base_train(cfg)
-    return [Variant("digpt/pixel", teacher(ex, _pixel(cfg)), _pixel_train(tr)), Variant("digpt/semantic", ex, tr)]
+    return [Variant("digpt/pixel", teacher(ex, _pixel(cfg)), tr, (T,)), Variant("digpt/semantic", ex, tr)]
 
 
 @recipe("learning")
@@ -154,26 +182,29 @@ def learning_recipe(cfg: AblateConfig) -> list[Variant]:
     on pixel targets, against the random-init floor (the study in LEARNING.md)."""
     ex, tr = base_extract(cfg), base_train(cfg)
     return [
-        Variant("fd/semantic", ex, replace(tr, objective="fd")),
+        Variant("fd/semantic", ex, replace(tr, objective="fd"), (OBJ,)),
         Variant("digpt/semantic", ex, tr),
-        Variant("digpt/pixel", teacher(ex, _pixel(cfg)), _pixel_train(tr)),
+        Variant("digpt/pixel", teacher(ex, _pixel(cfg)), tr, (T,)),
     ]
 
 
 @recipe("tokenizers")
 def tokenizers_recipe(cfg: AblateConfig) -> list[Variant]:
-    """Paper Tables 5/6: one objective, several tokenizers; headline teachers when weights are given."""
+    """Paper Tables 5/6: one objective (D-iGPT), one target normalisation, several tokenizers; headline
+    teachers when weights are given. ``kmeans-centroids`` regresses the centroid vectors of k-means codes of
+    the semantic teacher (codes as a storage form); DiGIT's own model over the codes is objective ``digit``."""
     ex, tr = base_extract(cfg), base_train(cfg)
     kmeans = TeacherConfig(
         f"kmeans:{cfg.semantic_teacher}", group="kmeans", codebook_size=64, fit_samples=min(256, cfg.num_samples)
     )
     out = [
-        Variant("digpt/pixel", teacher(ex, _pixel(cfg)), _pixel_train(tr)),
-        Variant("digpt/kmeans-codes", teacher(ex, kmeans), tr),
+        Variant("digpt/pixel", teacher(ex, _pixel(cfg)), tr, (T,)),
+        Variant("digpt/kmeans-centroids", teacher(ex, kmeans), tr, (T,)),
         Variant("digpt/semantic", ex, tr),
     ]
     for name, path in cfg.weights:
-        out.append(Variant(f"digpt/{name}", teacher(ex, TeacherConfig(name, weights=path, group=slug(name))), tr))
+        t = TeacherConfig(name, weights=path, group=slug(name))
+        out.append(Variant(f"digpt/{name}", teacher(ex, t), tr, (T,)))
     return out
 
 
@@ -183,18 +214,18 @@ def decoders_recipe(cfg: AblateConfig) -> list[Variant]:
     ex, tr = base_extract(cfg), base_train(cfg)
     return [
         Variant("digpt", ex, tr),
-        Variant("gen", ex, replace(tr, objective="gen")),
-        Variant("fd", ex, replace(tr, objective="fd")),
-        Variant("digpt/depth1", ex, student(tr, decoder_depth=1)),
-        Variant("digpt/depth4", ex, student(tr, decoder_depth=4)),
+        Variant("gen", ex, replace(tr, objective="gen"), (OBJ,)),
+        Variant("fd", ex, replace(tr, objective="fd"), (OBJ,)),
+        Variant("digpt/depth1", ex, student(tr, decoder_depth=1), (DEPTH,)),
+        Variant("digpt/depth4", ex, student(tr, decoder_depth=4), (DEPTH,)),
     ]
 
 
 @recipe("orders")
 def orders_recipe(cfg: AblateConfig) -> list[Variant]:
-    """iGPT's raster vs D-iGPT's random vs SemAIM's semantic order."""
+    """iGPT's raster vs D-iGPT's random vs SemAIM's published order (``semaim``), with D-iGPT."""
     ex, tr = base_extract(cfg), base_train(cfg)
-    return [Variant(f"digpt/{o}", ex, replace(tr, order=o)) for o in ("raster", "random", "semantic")]
+    return [Variant(f"digpt/{o}", ex, replace(tr, order=o), (ORD,)) for o in ("raster", "random", "semaim")]
 
 
 @recipe("storage")
@@ -204,12 +235,13 @@ def storage_recipe(cfg: AblateConfig) -> list[Variant]:
     fit, name = min(512, cfg.num_samples), cfg.semantic_teacher
     pca = TeacherConfig(f"pca:{name}", group="pca64", pca_dim=min(64, _token_dim(name)), fit_samples=fit)
     codes = TeacherConfig(f"kmeans:{name}", group="kmeans256", codebook_size=256, fit_samples=fit)
+    dtype = "extract.storage.dtype"
     return [
         Variant("fp16", ex, tr),
-        Variant("int8", teacher(ex, _semantic(cfg), dtype="int8"), tr),
-        Variant("bf16", teacher(ex, _semantic(cfg), dtype="bf16"), tr),
-        Variant("pca-64", teacher(ex, pca), tr),
-        Variant("codes-256", teacher(ex, codes), tr),
+        Variant("int8", teacher(ex, _semantic(cfg), dtype="int8"), tr, (dtype,)),
+        Variant("bf16", teacher(ex, _semantic(cfg), dtype="bf16"), tr, (dtype,)),
+        Variant("pca-64", teacher(ex, pca), tr, (T,)),
+        Variant("codes-256", teacher(ex, codes), tr, (T,)),
     ]
 
 
@@ -217,18 +249,63 @@ STORED_VIEWS = 8
 """The ``views`` recipe's cache: 8 views per sample, of which each variant trains on the first K."""
 
 
-@recipe("views")
+def views_base(cfg: AblateConfig) -> tuple[ExtractConfig, TrainConfig]:
+    """One cache of 8 views per sample (its own, unless the ablation's caches already store 8), feature
+    distillation, every stored view."""
+    cache = cache_dir(cfg) if cfg.views == STORED_VIEWS else f"{cache_dir(cfg).rstrip('/')}-{STORED_VIEWS}views"
+    ex = replace(base_extract(cfg), aug=AugConfig(views=STORED_VIEWS), out=cache)
+    tr = replace(base_train(cfg), objective="fd")
+    return ex, replace(tr, data=replace(tr.data, cache=cache))
+
+
+@recipe("views", base=views_base)
 def views_recipe(cfg: AblateConfig) -> list[Variant]:
     """How many views should a cache store? One cache of 8 views per sample; students trained on the first
     K = 1, 2, 4, 8 of them (``max_views``), against the online teacher on a new crop every epoch
     (``fresh_views``: as many views as epochs), all for the same steps. Feature distillation: its targets are
     the cached tokens themselves (the distillation literature's question, where precomputed targets are
     reported to overfit), and it is the objective that learns fastest on a CPU (LEARNING.md §2)."""
-    # A cache holds one view plan: unless the ablation's caches already store 8 views, this one is its own.
-    cache = cache_dir(cfg) if cfg.views == STORED_VIEWS else f"{cache_dir(cfg).rstrip('/')}-{STORED_VIEWS}views"
-    ex = replace(base_extract(cfg), aug=AugConfig(views=STORED_VIEWS), out=cache)
-    tr = replace(base_train(cfg), objective="fd")
-    tr = replace(tr, data=replace(tr.data, cache=cache))
-    out = [Variant(f"fd/K={k}", ex, replace(tr, data=replace(tr.data, max_views=k))) for k in (1, 2, 4, 8)]
+    ex, tr = views_base(cfg)
+    k_views = [
+        Variant(f"fd/K={k}", ex, replace(tr, data=replace(tr.data, max_views=k)), ("train.data.max_views",))
+        for k in (1, 2, 4, 8)
+    ]
     fresh = replace(tr, online_teacher=True, data=replace(tr.data, fresh_views=True))
-    return [*out, Variant("fd/online, fresh views", ex, fresh)]
+    return [*k_views, Variant("fd/online, fresh views", ex, fresh, ("train.online_teacher", "train.data.fresh_views"))]
+
+
+COMPARISONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "objectives (paper Tables 7, 9)": (
+        ("digpt", "gen", "fd", "masked"),
+        "D-iGPT 86.2 > generative decoder only > feature distillation 84.9; masked prediction (EVA-style, CLIP "
+        "targets) 85.0 at best",
+    ),
+    "decoder depth (Table 8)": (("digpt/depth1", "digpt"), "2 blocks 86.2 > 1 block 85.6"),
+    "orders": (
+        ("digpt/raster", "digpt", "digpt/semaim"),
+        "SemAIM: its semantic-aware order > random > raster (with pixel targets and its own model)",
+    ),
+    "tokenizers (Table 5)": (
+        ("digpt/pixel", "digpt/kmeans-centroids", "digpt"),
+        "semantic teacher (CLIP 86.2, DINO 84.7) > VQVAE codes 82.3 > pixels (iGPT 82.0)",
+    ),
+    "storage forms": (("digpt", "int8", "pca-64"), "— (not in the paper: the cache's own question)"),
+}
+"""The ``all`` recipe's comparisons: ``{title: (its rows, the paper's direction)}``. Each row is a variant
+of the one base (D-iGPT on the semantic teacher, fp16, random order, 2-block decoders), named ``digpt``;
+every other row varies one thing from it, so one run of the base serves every comparison."""
+
+
+@recipe("all")
+def all_recipe(cfg: AblateConfig) -> list[Variant]:
+    """The paper's comparisons in one run: one base and every row that varies one thing from it (the
+    objectives, decoder depth, orders, tokenizers and storage forms of :data:`COMPARISONS`); each row is
+    trained once however many comparisons read it. 11 students: about 75 minutes on 2 CPU cores at the
+    demo's defaults (BENCHMARKS.md)."""
+    ex, tr = base_extract(cfg), base_train(cfg)
+    pool: dict[str, Variant] = {"digpt": Variant("digpt", ex, tr)}
+    for v in decoders_recipe(cfg) + orders_recipe(cfg) + tokenizers_recipe(cfg)[:2] + storage_recipe(cfg):
+        pool.setdefault(v.name, v)
+    pool["masked"] = Variant("masked", ex, replace(tr, objective="masked"), (OBJ,))
+    wanted = list(dict.fromkeys(n for rows, _ in COMPARISONS.values() for n in rows))
+    return [pool[n] for n in wanted]

@@ -76,6 +76,9 @@ def results_table(
                 "loss_vs_blind": _mean_std([r.final_loss / r.blind_loss for r in mine if r.blind_loss])[0],
                 "report_correct": _per_sample(mine),
                 "knn_correct": _per_sample(mine, "knn_correct"),
+                "varies": list(v.varies),
+                "target_norm": v.train.target_norm,
+                "probe": probe_protocol(v.train.objective),
             }
         )
     f1, fstd = _mean_std([r.linear_top1 for r in floors])
@@ -130,6 +133,35 @@ def format_table(results: dict) -> str:
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None or x != x else f"{x:.3f}"
+
+
+def probe_protocol(objective: str) -> str:
+    """How the probe reads a student of ``objective`` (``pipelines/probe.py``): rows read differently are
+    not compared as if they were read alike."""
+    if objective == "digit":
+        return "code GPT, causal mask, mean over positions (DiGIT's probe)"
+    return "ViT, no attention mask, mean of patch tokens, best layer"
+
+
+def _protocol_lines(results: dict) -> list[str]:
+    """What every row shares and what each varies: the report's statement that the comparison is clean."""
+    trained = [r for r in results["rows"] if r["variant"] != "random-init (floor)" and "varies" in r]
+    if not trained:
+        return []
+    norms = sorted({r["target_norm"] for r in trained})
+    probes = sorted({r["probe"] for r in trained})
+    varied = sorted({a for r in trained for a in r["varies"]})
+    lines = [
+        f"Every row shares the budget, the student, the target normalisation (`{'`, `'.join(norms)}`) and the probe"
+        f" ({'; '.join(probes)}); rows differ from the recipe's base only in: {', '.join(varied) or 'nothing'}.",
+        "",
+    ]
+    if len(probes) > 1 or len(norms) > 1:
+        lines[0] = (
+            f"NOTE: rows differ in target normalisation ({', '.join(norms)}) or probe ({'; '.join(probes)}): "
+            "compare them with that in mind."
+        )
+    return lines
 
 
 def _per_sample(records: list[RunRecord], attr: str = "report_correct") -> dict[str, list[int]] | None:
@@ -209,14 +241,7 @@ def findings(results: dict) -> list[str]:
             verdict = "beat" if s > p else "did NOT beat"
             beyond = f"; beyond noise, two standard errors ±{m:.3f}{_how(sr, pr, n)}" if m is not None else ""
             out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}{beyond}).")
-    ceil = results.get("ceilings", {})
-    if ceil:
-        best_t = max(ceil.values(), key=lambda c: c["linear_top1"])
-        out.append(
-            f"The targets themselves carry the label up to {best_t['linear_top1']:.3f} linear top-1 "
-            f"({best_t['teacher']}'s pooled features); a student probe far below that has not yet learned "
-            "what its targets know (a longer schedule, more data or a larger student closes the gap)."
-        )
+    out += _teacher_findings(results, rows["random-init (floor)"], n)
     trained = [r for r in results["rows"] if r["variant"] != "random-init (floor)"]
     blindish = [r["variant"] for r in trained if (x := r.get("loss_vs_blind")) is not None and x == x and x > 0.97]
     if blindish:
@@ -241,12 +266,60 @@ def findings(results: dict) -> list[str]:
         how = _how(trained[0], frow, n)
         out.append(f"Above the floor beyond noise (gap, two standard errors{how}): {', '.join(clear)}.")
     out += _knn_findings(trained, frow, semantic, pixel)
-    below = [r["variant"] for r in trained if r["linear_top1"] <= floor]
-    if below:
+    worse = [
+        f"{r['variant']} ({r['linear_top1'] - floor:+.3f}, ±{m:.3f})"
+        for r in trained
+        if (m := margin(r, frow, n)) is not None and floor - r["linear_top1"] > m
+    ]
+    if worse:
         out.append(
-            f"At or below the random-init floor: {', '.join(below)} — too short a schedule, or a target "
-            "that carries little class information."
+            f"BELOW the random-init floor beyond noise: {', '.join(worse)} — pretraining on these targets left "
+            "features that carry less of this label than an untrained network's; more steps of the same "
+            "would not be expected to fix that."
         )
+    below = [
+        r["variant"]
+        for r in trained
+        if r["linear_top1"] <= floor and not any(w.startswith(r["variant"] + " (") for w in worse)
+    ]
+    if below:
+        out.append(f"At or below the random-init floor (by less than its error bar): {', '.join(below)}.")
+    return out
+
+
+def _teacher_findings(results: dict, frow: dict, n: int | None) -> list[str]:
+    """What the teachers' own features say, against the floor on the same probe set: a teacher that does not
+    beat a random network here cannot be expected to teach a student this label (nothing else measured
+    here says a longer schedule would help)."""
+    out = []
+    for name, c in results.get("ceilings", {}).items():
+        row = {"linear_top1": c["linear_top1"], "report_correct": c.get("report_correct")}
+        if not c.get("same_probe_set", False):
+            out.append(
+                f"{c['teacher']} ({name}): its own features reach {c['linear_top1']:.3f} linear top-1 on a held-out "
+                "quarter of the pretraining images (it is fitted to them, so it is not run on the probe set): "
+                "not comparable with the students' probe."
+            )
+            continue
+        gap, m = c["linear_top1"] - frow["linear_top1"], margin(row, frow, n)
+        bar = f"{gap:+.3f} ± {m:.3f}{_how(row, frow, n)}" if m is not None else f"{gap:+.3f}"
+        if m is not None and gap <= m:
+            out.append(
+                f"TEACHER AT THE FLOOR: {c['teacher']}'s own pooled features reach {c['linear_top1']:.3f} on the "
+                f"students' probe set, not above the random-init floor beyond noise ({bar}). This teacher, at "
+                "this input resolution, carries no more of this label than a random network does: students "
+                "trained on its targets are not expected to beat the floor here. Try another teacher or "
+                "resolution before a longer schedule."
+            )
+        else:
+            best = max(
+                (r["linear_top1"] for r in results["rows"] if r["teacher"] == c["teacher"]), default=float("nan")
+            )
+            out.append(
+                f"{c['teacher']}'s own pooled features reach {c['linear_top1']:.3f} on the students' probe set "
+                f"({bar} over the floor); its best student {best:.3f}. The gap is what the students have not "
+                "learned of their targets at this budget; whether more steps close it is not measured here."
+            )
     return out
 
 
@@ -272,20 +345,58 @@ def _knn_findings(trained: list[dict], frow: dict, semantic: list[dict], pixel: 
     return out
 
 
+def comparison_sections(results: dict) -> list[str]:
+    """One table per comparison of the ``all`` recipe: each row's linear and k-NN top-1 and its gap to the
+    base row (``digpt``) with the paired two-standard-error bar, marked beyond or within noise, beside the
+    paper's direction."""
+    comps = results.get("comparisons")
+    if not comps:
+        return []
+    rows = {r["variant"]: r for r in results["rows"]}
+    base, n = rows.get("digpt"), results.get("n_report")
+    out = ["## The paper's comparisons", ""]
+    for title, c in comps.items():
+        out += [f"### {title}", "", f"Paper: {c['paper']}.", ""]
+        out += [
+            "| row | varies | linear top-1 | gap to `digpt` | k-NN top-1 | k-NN gap |",
+            "|---|---|---:|---|---:|---|",
+        ]
+        for name in c["rows"]:
+            r = rows[name]
+            gap = knn_gap = "—"
+            if base is not None and r is not base:
+                d, m = r["linear_top1"] - base["linear_top1"], margin(r, base, n)
+                gap = f"{d:+.3f}" + (
+                    f" ± {m:.3f}, {'beyond' if abs(d) > m else 'within'} noise" if m is not None else ""
+                )
+                km = paired_margin(r.get("knn_correct"), base.get("knn_correct"))
+                if r.get("knn_top1") is not None and base.get("knn_top1") is not None:
+                    kd = r["knn_top1"] - base["knn_top1"]
+                    knn_gap = f"{kd:+.3f}" + (
+                        f" ± {km:.3f}, {'beyond' if abs(kd) > km else 'within'} noise" if km is not None else ""
+                    )
+            varies = ", ".join(r.get("varies") or []) or "the base"
+            knn = f"{r['knn_top1']:.3f}" if r.get("knn_top1") is not None else "—"
+            out.append(f"| {name} | {varies} | {r['linear_top1']:.3f} | {gap} | {knn} | {knn_gap} |")
+        out.append("")
+    return out
+
+
 def _ceiling_table(results: dict) -> list[str]:
     ceil = results.get("ceilings", {})
     if not ceil:
         return []
-    where = ""
-    if (results.get("probe_data") or {}).get("held_out"):  # the cache holds targets of pretraining images only
-        where = ", probed on a held-out quarter of the pretraining images"
     lines = [
-        f"Teacher features (the targets' own pooled features from the cache, same linear protocol{where}):",
+        "Teacher features (the targets' own pooled features, one whole-image view per probe image, the "
+        "students' linear protocol and split; a fitted tokenizer — k-means, PCA — on a held-out quarter of the "
+        "pretraining images instead):",
         "",
-        "| tokenizer | teacher | storage | linear top-1 |",
-        "|---|---|---|---:|",
+        "| tokenizer | teacher | storage | probed on | linear top-1 |",
+        "|---|---|---|---|---:|",
     ]
-    lines += [f"| {k} | {c['teacher']} | {c['storage']} | {c['linear_top1']:.3f} |" for k, c in ceil.items()]
+    for k, c in ceil.items():
+        where = "the students' probe set" if c.get("same_probe_set") else "pretraining images"
+        lines.append(f"| {k} | {c['teacher']} | {c['storage']} | {where} | {c['linear_top1']:.3f} |")
     return lines + [""]
 
 
@@ -315,9 +426,11 @@ def write_report(cfg: AblateConfig, results: dict) -> None:
         f"linear probe (best layer, selected without the report split) and k-NN; total {results['seconds']:.0f}s.",
         "",
         *_probe_data_line(results),
+        *_protocol_lines(results),
         format_table(results),
         "",
         *_ceiling_table(results),
+        *comparison_sections(results),
         "## Findings",
         "",
         *[f"- {x}" for x in findings(results)],

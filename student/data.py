@@ -481,6 +481,13 @@ def widen_targets(batch: dict[str, torch.Tensor], codebook: torch.Tensor | None)
             out[name] = out[name].float() * out.pop(scale).unsqueeze(-1)
         elif name in out and out[name].dtype != torch.float32:
             out[name] = out[name].float()
+    if "tokens" in out and "shard" in out and not bool(torch.isfinite(out["tokens"]).all()):
+        # A damaged chunk past the rows checked before training: refused before the step reads it.
+        bad = (~torch.isfinite(out["tokens"])).flatten(1).any(1).nonzero().flatten().tolist()
+        where = ", ".join(f"{out['shard'][i]}/{out['key'][i]}" for i in bad[:3])
+        raise ValueError(
+            f"non-finite stored targets (NaN/Inf) in {where}; find them with `digpt verify` and re-extract"
+        )
     return out
 
 

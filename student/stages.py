@@ -22,7 +22,7 @@ from teacher_cache.teachers import Teacher, build_teacher
 
 from .data import widen_targets
 from .targets import FILE as TARGET_NORM_FILE
-from .targets import TargetNorm, TokenNorm, estimate_target_norm
+from .targets import TargetNorm, TokenNorm, check_targets_finite, estimate_target_norm
 
 if TYPE_CHECKING:
     from .data import CacheJoin
@@ -125,7 +125,11 @@ def target_norm_for(cfg: TrainConfig, join: CacheJoin) -> TargetNorm | TokenNorm
     """The run's target standardisation: the copy in the run directory when resuming (what the run
     started with), else estimated from the cache (deterministic: every rank gets the same); ``token``
     needs no statistics."""
-    if cfg.target_norm == "none" or join.info.codes:
+    if join.info.codes:
+        return None
+    if cfg.target_norm != "channel":  # the channel estimate checks these rows itself
+        check_targets_finite(join)
+    if cfg.target_norm == "none":
         return None
     if cfg.target_norm == "token":
         return TokenNorm()

@@ -1,6 +1,7 @@
-"""Target standardisation: per-channel statistics of a tokenizer, estimated from its cache.
+"""Target standardisation (``--target-norm channel`` / ``token``; the default ``none`` trains on the targets as
+stored, as D-iGPT's published loss does): per-channel statistics of a tokenizer, estimated from its cache.
 
-Why: a teacher's tokens often share a large common direction. EfficientNet's head map (BN with
+When it helps: a teacher's tokens often share a large common direction. EfficientNet's head map (BN with
 ImageNet running statistics, seen on other data) has a mean token whose cosine with any token is
 ~0.9, and CLIP's projected tokens have the same property to a lesser degree. Under D-iGPT's cosine
 loss a student then scores well by predicting that mean and learns little else. Subtracting the
@@ -32,7 +33,7 @@ class TargetNorm(nn.Module):
     """``tokens`` (and ``cls``) -> ``(x - mean) / std`` per channel; codes are left alone.
 
     The stored tensors stay in the batch as ``raw_tokens`` (and ``raw_cls``): the loss wants the
-    standardised targets, but what reads the teacher's own geometry — SemAIM's semantic order, a
+    standardised targets, but what reads the teacher's own geometry — the ``semaim`` and ``similarity`` orders, a
     cosine to the teacher's global token — must not move when only the statistics do."""
 
     def __init__(
@@ -110,10 +111,9 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return x.sum(0), (x * x).sum(0), x.shape[0]
 
 
-def estimate_target_norm(join, max_rows: int = 512, eps: float = 1e-6) -> TargetNorm:
-    """Per-channel mean/std of the tokenizer in ``join`` (a :class:`student.data.CacheJoin`)."""
-    if join.info.codes:
-        raise ValueError("code tokenizers have no continuous targets to standardise; use target_norm 'none'")
+def _scan(join, max_rows: int) -> tuple[dict[str, list], int]:
+    """Per-channel sums and sums of squares of the tokenizer's stored targets over the first ``max_rows``
+    valid samples (all their views) in manifest order; raises, naming the check to run, on NaN/Inf."""
     acc: dict[str, list] = {}
     rows = 0
     for shard in join.ds.shards:
@@ -133,14 +133,30 @@ def estimate_target_norm(join, max_rows: int = 512, eps: float = 1e-6) -> Target
         rows += len(valid)
     if "tokens" not in acc:
         raise ValueError(f"tokenizer {join.info.name!r} has no valid samples to estimate target statistics from")
-
-    def stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        s, ss, n = acc[name]
+    for name, (s, ss, _) in acc.items():
         if not (np.isfinite(s).all() and np.isfinite(ss).all()):
             raise ValueError(
                 f"tokenizer {join.info.name!r} holds non-finite {name} (NaN/Inf) in its first "
                 f"{rows} samples; find them with `digpt verify` and re-extract"
             )
+    return acc, rows
+
+
+def check_targets_finite(join, max_rows: int = 512) -> None:
+    """Before any step, whatever the target normalisation: the first ``max_rows`` samples' targets are
+    finite (the rest are checked batch by batch as they are read: :func:`student.data.widen_targets`)."""
+    if not join.info.codes:
+        _scan(join, max_rows)
+
+
+def estimate_target_norm(join, max_rows: int = 512, eps: float = 1e-6) -> TargetNorm:
+    """Per-channel mean/std of the tokenizer in ``join`` (a :class:`student.data.CacheJoin`)."""
+    if join.info.codes:
+        raise ValueError("code tokenizers have no continuous targets to standardise; use target_norm 'none'")
+    acc, _ = _scan(join, max_rows)
+
+    def stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s, ss, n = acc[name]
         mean = s / n
         std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
         # A channel that never varies carries nothing; divide it by 1 rather than by ~0.

@@ -99,10 +99,11 @@ class TrainConfig:
     """Continue from RUN's latest checkpoint (same batches, same RNG)."""
     online_teacher: bool = False
     """Run the cache's teacher inside the step instead of reading targets (baseline and oracle)."""
-    target_norm: str = "channel"
-    """Continuous targets: ``channel`` standardises each channel with the cache's statistics
-    (``student/targets.py`` says why), ``token`` standardises each token over its own channels (MAE's
-    norm-pix), ``none`` uses them as stored. Code targets are never changed."""
+    target_norm: str = "none"
+    """Continuous targets: ``none`` uses them as stored (D-iGPT as published: its cosine loss L2-normalises
+    raw teacher tokens; pixel teachers store MAE's norm-pix patches), ``channel`` standardises each channel
+    with the cache's statistics (``student/targets.py`` says when that helps), ``token`` standardises each
+    token over its own channels. Code targets are never changed."""
     seed: int = 0
     """Seeds model initialisation."""
     blind_batches: int = 12

@@ -7,12 +7,17 @@ before any work starts (DESIGN invariant 5).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from .store import CODECS, DTYPES, slug
 from .views import AugConfig
 
 AUTOCAST = ("none", "bf16", "fp16")
+KMEANS_METRICS = ("euclidean", "cosine")
+"""``kmeans:`` distance: ``euclidean`` (DiGIT's faiss k-means on the raw features; the default of a new
+extract) or ``cosine`` (spherical k-means on L2-normalised features; what a cache recorded before the
+knob existed used)."""
 _RAY_ADDRESS = re.compile(r"auto|local|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 
 
@@ -33,6 +38,11 @@ class TeacherConfig:
     """``kmeans`` only: a codebook file (safetensors) to use instead of fitting one."""
     codebook_size: int = 512
     """``kmeans`` only: number of centroids to fit."""
+    metric: str | None = None
+    """``kmeans`` only: ``euclidean`` (DiGIT's: plain k-means on the raw features, nearest centroid by
+    squared distance) or ``cosine`` (spherical k-means on L2-normalised features). Unset: ``euclidean``
+    for a new extract (``ExtractConfig`` records the resolved value); a cache recorded before this knob
+    existed has none and reads back as ``cosine``, what made it."""
     fit_samples: int = 512
     """``kmeans`` / ``pca``: samples (first view each) whose tokens the codebook / PCA basis is fit on."""
     pca_dim: int = 64
@@ -51,6 +61,21 @@ class TeacherConfig:
             raise ValueError(f"fit_samples must be >= 1, got {self.fit_samples}")
         if self.pca_dim < 1:
             raise ValueError(f"pca_dim must be >= 1, got {self.pca_dim}")
+        if self.metric is not None and self.metric not in KMEANS_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(KMEANS_METRICS)}, got {self.metric!r}")
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> TeacherConfig:
+        """The config a tokenizer group's recorded ``teacher_config`` stands for, reading a knob the
+        record predates as the value that made it (a ``kmeans:`` record without ``metric``: ``cosine``).
+        ``TeacherConfig(**record)`` builds the same teacher (an unset ``metric`` assigns by cosine)."""
+        known = {f.name for f in fields(cls)}
+        tc = cls(**{k: v for k, v in record.items() if k in known})
+        return replace(tc, metric="cosine") if tc.metric is None and tc.is_kmeans else tc
+
+    @property
+    def is_kmeans(self) -> bool:
+        return self.name.startswith("kmeans:")
 
     @property
     def group_name(self) -> str:
@@ -155,6 +180,13 @@ class ExtractConfig:
             raise ValueError(f"shards_in_flight must be >= 1, got {self.shards_in_flight}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
+        if any(t.metric is None and t.is_kmeans for t in self.teachers):
+            # A new extract fits DiGIT's euclidean k-means unless told otherwise; the resolved metric is
+            # what the workers build and what the cache records (teacher_config.metric).
+            resolved = tuple(
+                replace(t, metric=KMEANS_METRICS[0]) if t.metric is None and t.is_kmeans else t for t in self.teachers
+            )
+            object.__setattr__(self, "teachers", resolved)
         if self.autocast != "none" and self.device == "cpu":
             raise ValueError(f"autocast {self.autocast!r} needs a CUDA device; use autocast 'none' on the CPU")
         if self.ray_address is not None and not _RAY_ADDRESS.fullmatch(self.ray_address):

@@ -17,7 +17,7 @@ from student.objectives import StudentConfig, TargetSpec, create_objective
 from student.targets import estimate_target_norm
 from student.train import OptimConfig, TrainConfig, train
 
-TOKENIZER_FOR = {"digit": "codes", "igpt": "pixel"}
+TOKENIZER_FOR = {"digit": "codes", "next-patch": "pixel"}
 
 
 def _batches(tiny_dataset, tiny_cache, tokenizer: str, n: int = 3) -> tuple[list[dict], TargetSpec]:
@@ -62,7 +62,7 @@ def _blind_model(objective, stats: BlindStats):
         objective.encoder.head = _Const(lambda h: stats.code_logp.expand(h.shape[0], -1, -1))
         return
     codes = getattr(objective, "codes", False)
-    per_pos = stats.code_logp if codes else (stats.token_mean if name == "igpt" else stats.token_unit_mean)
+    per_pos = stats.code_logp if codes else (stats.token_mean if name == "next-patch" else stats.token_unit_mean)
     for dec in (objective.model.gen, objective.model.dis):
         if dec is None:
             continue
@@ -79,7 +79,7 @@ def _blind_model(objective, stats: BlindStats):
         dec.head = nn.Identity()
 
 
-@pytest.mark.parametrize("objective", ["digpt", "gen", "fd", "masked", "igpt", "digit"])
+@pytest.mark.parametrize("objective", ["digpt", "gen", "fd", "masked", "next-patch", "digit"])
 def test_blind_loss_equals_a_model_that_outputs_the_position_mean(objective, tiny_dataset, tiny_cache):
     tokenizer = TOKENIZER_FOR.get(objective, "pixel")  # pixel: 4x4 targets on the tiny student's 4x4 grid
     batches, spec = _batches(tiny_dataset, tiny_cache, tokenizer)

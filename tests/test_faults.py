@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from safetensors.torch import load_file
 
@@ -461,16 +462,21 @@ def test_missing_shard_and_inf_targets_are_caught(tiny_dataset, clean_cache, tmp
         data=DataConfig(tiny_dataset, str(inf), PIX, 32, 8, shuffle_buffer=16),
         out=str(tmp_path / "run"),
         student=StudentConfig("tiny-test"),
-        objective="igpt",
+        objective="next-patch",
         steps=6,
         optim=OptimConfig(base_lr=3e-3),
     )
-    with pytest.raises(ValueError, match="non-finite tokens.*digpt verify"):  # refused before any step or write
-        train(cfg, progress=False)
-    assert not (tmp_path / "run").exists()
-    # Without standardisation the first step's loss is what stops it, naming the check to run.
-    with pytest.raises(FloatingPointError, match="digpt verify"):
-        train(dataclasses.replace(cfg, target_norm="none"), progress=False)
+    for norm in ("none", "token", "channel"):  # refused before any step or write, whatever the normalisation
+        with pytest.raises(ValueError, match="non-finite tokens.*digpt verify"):
+            train(dataclasses.replace(cfg, target_norm=norm), progress=False)
+        assert not (tmp_path / "run").exists(), norm
+    # Past the rows checked up front, each batch is checked as its targets are widened, the sample named.
+    from student.data import widen_targets
+
+    batch = {"tokens": torch.ones(3, 4, 2, dtype=torch.float16), "shard": ["a", "b", "c"], "key": ["x", "y", "z"]}
+    batch["tokens"][1, 2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite stored targets \(NaN/Inf\) in b/y; .*digpt verify"):
+        widen_targets(batch, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def _cfg(tiny_dataset, cache, out, tokenizer, **kw) -> TrainConfig:
 # ------------------------------------------------------------------------------------ SemAIM's order
 
 
-def _semantic_batch(seed: int = 0, b: int = 8) -> dict[str, torch.Tensor]:
+def _order_batch(seed: int = 0, b: int = 8) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
         "images": torch.rand(b, 3, 32, 32, generator=g),
@@ -54,9 +54,9 @@ def _norm(seed: int) -> TargetNorm:
     return TargetNorm(3 * torch.randn(32, generator=g), std(), torch.randn(32, generator=g), std())
 
 
-def test_semantic_order_reads_raw_tokens_not_normalisation_statistics():
-    obj = create_objective("digpt", StudentConfig("tiny-test"), TargetSpec("t", 32, (4, 4), True), "semantic")
-    batch = _semantic_batch()
+def test_similarity_order_reads_raw_tokens_not_normalisation_statistics():
+    obj = create_objective("digpt", StudentConfig("tiny-test"), TargetSpec("t", 32, (4, 4), True), "similarity")
+    batch = _order_batch()
     raw = obj.cluster_order(batch)
     # The trainer standardises the batch before the objective sees it: two runs whose caches gave
     # different statistics order every sample alike, as the raw tokens do.
@@ -66,9 +66,9 @@ def test_semantic_order_reads_raw_tokens_not_normalisation_statistics():
         obj(normed)[0].backward()  # and the loss still trains on the standardised targets
     # Teeth: the order read from the standardised tokens (what the trainer used to hand it) moves with the
     # statistics.
-    semantic = get_order("semantic")
+    similarity = get_order("similarity")
     stripped = [{k: v for k, v in _norm(s)(batch).items() if not k.startswith("raw_")} for s in (1, 2)]
-    stale = [semantic(b, 4, obj.model.cluster_targets) for b in stripped]
+    stale = [similarity(b, 4, obj.model.cluster_targets) for b in stripped]
     assert not torch.equal(stale[0], stale[1])
     # A change of the raw tokens does move it: make cluster 3 of sample 0 the one most like the global token.
     moved = dict(batch)
@@ -78,7 +78,7 @@ def test_semantic_order_reads_raw_tokens_not_normalisation_statistics():
     assert new[0, 0] == 3 and not torch.equal(new[0], raw[0]) and torch.equal(new[1:], raw[1:])
 
 
-def test_semantic_order_uses_a_global_token_in_the_tokens_space():
+def test_similarity_order_uses_a_global_token_in_the_tokens_space():
     base = {"name": "t", "dim": 32, "grid": [4, 4], "has_cls": True}
     effnet = {**base, "name": "efficientnet_lite0:128", "layer": None, "extra": {"arch": "efficientnet-lite0"}}
     assert not TargetSpec.from_spec(effnet).cls_in_token_space
@@ -91,14 +91,14 @@ def test_semantic_order_uses_a_global_token_in_the_tokens_space():
     ).cls_in_token_space
     assert TargetSpec.from_spec({**effnet, "layer": 4}).cls_in_token_space  # a stage's pool is its tokens' mean
     assert TargetSpec.from_spec({**base, "extra": {"depth": 2}}).cls_in_token_space  # ViT: same layer, same proj
-    batch = _semantic_batch(3)
+    batch = _order_batch(3)
     other_cls = {**batch, "cls": torch.randn(8, 32, generator=torch.Generator().manual_seed(9))}
     no_cls = {k: v for k, v in batch.items() if k != "cls"}
-    obj = create_objective("digpt", StudentConfig("tiny-test"), TargetSpec.from_spec(effnet), "semantic")
+    obj = create_objective("digpt", StudentConfig("tiny-test"), TargetSpec.from_spec(effnet), "similarity")
     # EfficientNet: the pooled post-ReLU6 vector plays no part; the mean patch token is the global token.
     assert torch.equal(obj.cluster_order(batch), obj.cluster_order(other_cls))
     assert torch.equal(obj.cluster_order(batch), obj.cluster_order(no_cls))
-    vit = create_objective("digpt", StudentConfig("tiny-test"), TargetSpec.from_spec(base), "semantic")
+    vit = create_objective("digpt", StudentConfig("tiny-test"), TargetSpec.from_spec(base), "similarity")
     assert not torch.equal(vit.cluster_order(batch), vit.cluster_order(other_cls))
 
 

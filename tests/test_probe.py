@@ -161,6 +161,15 @@ def test_layer_decay_scales_from_the_head_down():
     assert id(enc.pos_embed) not in scale  # frozen sin-cos positions are not optimised
     no_wd = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(enc.cls_token) in no_wd and id(model.head.bias) in no_wd and id(model.head.weight) not in no_wd
+    # ... but the fine-tune trains them (D-iGPT's and MAE's fine-tuning: timm's trainable pos_embed), in layer 0
+    from pipelines.finetune import finetune_model
+
+    cfg = ProbeConfig(shards="s", kind="finetune", random_init=True, student="tiny-test", out="o.json")
+    ft = finetune_model(cfg, enc, 3)
+    groups = layer_decay_groups(ft, 1e-3, 0.05, 0.5)
+    pos = [g for g in groups for p in g["params"] if p is ft.encoder.pos_embed]
+    assert len(pos) == 1 and pos[0]["lr_scale"] == 0.5**5 and pos[0]["weight_decay"] == 0.0
+    assert torch.equal(ft.encoder.pos_embed, enc.pos_embed) and not enc.pos_embed.requires_grad  # a copy
 
 
 def test_finetune_crop_scale_is_checked_and_reaches_the_crops():

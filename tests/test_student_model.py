@@ -1,4 +1,5 @@
-"""The ViT encoder (timm compatibility, ordering) and D-iGPT's decoders (shapes, no leak, order)."""
+"""The ViT encoder (timm compatibility, ordering), D-iGPT's decoders (shapes, no leak, order), and the
+``masked`` objective across student and teacher grids (no leak across the mask)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import timm
 import torch
 
 from student.attention import set_attn_impl
-from student.digpt_model import DiGPT, DiGPTConfig, digpt_loss, random_cluster_order
+from student.blind import BlindStats
+from student.digpt_model import DiGPT, DiGPTConfig, digpt_loss, loss_cos, random_cluster_order
+from student.objectives import StudentConfig, TargetSpec, create_objective
+from student.objectives.distill import MaskedConfig
 from student.sizes import VIT_SIZES, timm_kwargs_for, vit_config
 from student.vit import VisionTransformer, timm_conv_stem_embed
 
@@ -212,3 +216,116 @@ def test_head_and_resampling_commute(cluster_size, target_grid):
     torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)
     cheaper_first = model.cfg.target_share[0] * model.cfg.target_share[1] < cluster_size**2
     assert cheaper_first == (target_grid == (2, 2))  # 1x1 of 2x2: resample first; else the head goes first
+
+
+def _masked_objective(target_grid, ratio=0.5, size="tiny-test"):
+    torch.manual_seed(0)
+    spec = TargetSpec("t", 16, target_grid, True)
+    return create_objective("masked", StudentConfig(size), spec, knobs=MaskedConfig(ratio)).eval()
+
+
+def _masked_batch(obj, seeds=(5, 17, 123456789), gen_seed=1):
+    g = torch.Generator().manual_seed(gen_seed)
+    b, px, (h, w) = len(seeds), obj.encoder.cfg.img_size, obj.target.grid
+    return {
+        "images": torch.randn(b, 3, px, px, generator=g),
+        "tokens": torch.randn(b, h * w, 16, generator=g),
+        "cls": torch.randn(b, 16, generator=g),
+        "order_seed": torch.tensor(seeds),
+    }
+
+
+def _footprint(t: int, grid: tuple[int, int], px: int) -> tuple[slice, slice]:
+    """The pixels under teacher token ``t`` (raster on ``grid``) of a ``px``-pixel view."""
+    (h, w), (r, c) = grid, divmod(t, grid[1])
+    return slice(r * px // h, -(-(r + 1) * px // h)), slice(c * px // w, -(-(c + 1) * px // w))
+
+
+@pytest.mark.parametrize("target_grid", [(4, 4), (2, 2), (8, 8), (3, 3), (6, 6), (2, 8)])
+def test_masked_objective_no_leak_across_the_mask(target_grid):
+    """``masked`` on any teacher grid (student 4x4): the student never sees a pixel under a scored teacher
+    token, and no scored prediction is built from a visible patch's output. Black-box: the scored targets
+    are those the loss has a gradient for, the visible patches those whose pixels it has a gradient for."""
+    obj = _masked_objective(target_grid)
+    batch = _masked_batch(obj)
+    images = batch["images"].requires_grad_()
+    tokens = batch["tokens"].requires_grad_()
+    seen = {}
+    obj.head.register_forward_pre_hook(lambda m, args: seen.setdefault("feats", args[0]).retain_grad())
+    loss, _ = obj(batch)
+    loss.backward()
+    scored = tokens.grad.abs().sum(-1) > 0  # [B, T]
+    p, g = obj.encoder.cfg.patch_size, obj.encoder.cfg.grid_size
+    pix = images.grad.abs().sum(1).reshape(-1, g, p, g, p).sum((2, 4)).flatten(1)
+    visible = pix > 0  # [B, N]: masked patches are replaced by the mask token, their pixels get no gradient
+    assert scored.any(-1).all() and visible.any(-1).all() and not visible.all(-1).any()
+    # 1. Pixels under scored teacher tokens are all hidden: changing them changes nothing, bit for bit.
+    px = obj.encoder.cfg.img_size
+    x2 = images.detach().clone()
+    for b, t in scored.nonzero().tolist():
+        rows, cols = _footprint(t, target_grid, px)
+        x2[b, :, rows, cols] += 10 * torch.randn_like(x2[b, :, rows, cols])
+    with torch.no_grad():
+        after = obj({**batch, "images": x2, "tokens": tokens.detach()})[0]
+    assert float((after - loss.detach()).abs()) == 0.0
+    # 2. Scored predictions read masked positions' outputs only.
+    leak = seen["feats"].grad.abs().sum(-1)[visible]
+    assert float(leak.max()) == 0.0
+    # 3. The blind baseline scores the same teacher tokens.
+    tok = tokens.detach().clone().requires_grad_()
+    stats = BlindStats(token_unit_mean=torch.randn(tok.shape[1:]), cls_unit_mean=torch.randn(16))
+    obj.blind_loss({**batch, "tokens": tok}, stats).backward()
+    assert torch.equal(tok.grad.abs().sum(-1) > 0, scored)
+
+
+def test_masked_objective_on_equal_grids_is_unchanged():
+    """Student and teacher on one grid: the loss is bit for bit what it was before the cross-grid fix (the
+    code of that version, inlined)."""
+    obj = _masked_objective((4, 4))
+    batch = _masked_batch(obj)
+    enc, x, n = obj.encoder, batch["images"], obj.encoder.cfg.num_patches
+    k = max(1, round(obj.mask_ratio * n))
+    mask = torch.stack(
+        [
+            torch.zeros(n, dtype=torch.bool).index_fill_(
+                0, torch.randperm(n, generator=torch.Generator().manual_seed(s))[:k], True
+            )
+            for s in batch["order_seed"].tolist()
+        ]
+    )
+    with torch.no_grad():
+        t = torch.where(mask[..., None], obj.mask_token, enc.patch_embed(x))
+        t = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), t], dim=1) + enc.pos_embed
+        for blk in enc.blocks:
+            t = blk(t)
+        feats, w = enc.norm(t), mask.float()
+        tok = (loss_cos(obj.head(feats[:, 1:]), batch["tokens"]) * w).sum() / w.sum().clamp_min(1)
+        ref = tok + loss_cos(obj.cls_head(feats[:, 0]), batch["cls"]).mean()
+        loss, metrics = obj(batch)
+    assert torch.equal(loss, ref) and torch.equal(metrics["tokens"], tok)
+    got_mask, got_weight = obj.mask_and_weight(batch["order_seed"], "cpu")
+    assert torch.equal(got_mask, mask) and torch.equal(got_weight, w)
+
+
+@pytest.mark.parametrize(
+    "target_grid, masked, scored",
+    [((2, 2), 0.5, 0.5), ((8, 8), 0.5, 0.5), ((2, 8), 0.5, 0.5), ((3, 3), (0.3, 0.7), (0.1, 0.6))],
+)
+def test_masked_objective_mask_across_grids(target_grid, masked, scored):
+    """Deterministic from the seeds; close to ``mask_ratio`` of the patches masked, and all of the masked
+    area scored on an integer grid ratio; every sample has a scored token; a 1x1 teacher grid is refused."""
+    obj = _masked_objective(target_grid)
+    seeds = torch.arange(64) * 7919
+    mask, weight = obj.mask_and_weight(seeds, "cpu")
+    again, weight2 = obj.mask_and_weight(seeds, "cpu")
+    assert torch.equal(mask, again) and torch.equal(weight, weight2)
+    assert not torch.equal(mask[0], mask[1]) and (weight.sum(-1) > 0).all() and (~mask).any(-1).all()
+    if isinstance(masked, float):
+        assert float(mask.float().mean()) == masked and float(weight.mean()) == scored
+    else:
+        assert masked[0] < float(mask.float().mean()) < masked[1] and scored[0] < float(weight.mean()) < scored[1]
+
+
+def test_masked_objective_refuses_a_mask_that_hides_everything():
+    with pytest.raises(ValueError, match="nothing would stay visible"):
+        _masked_objective((1, 1))

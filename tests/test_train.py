@@ -31,7 +31,7 @@ def _cfg(tiny_dataset, cache, out, tokenizer="vit", **kw) -> TrainConfig:
     return TrainConfig(data=DataConfig(**data), out=str(out), student=StudentConfig("tiny-test"), log_every=1, **kw)
 
 
-TOKENIZER_FOR = {"digit": "codes", "igpt": "pixel"}
+TOKENIZER_FOR = {"digit": "codes", "next-patch": "pixel"}
 
 
 @pytest.mark.parametrize("objective", list_objectives())
@@ -227,7 +227,7 @@ def test_target_norm_standardises_with_cache_statistics(tiny_dataset, tiny_cache
     from student.targets import TargetNorm, estimate_target_norm
     from student.train import target_norm_for
 
-    cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / "r")
+    cfg = _cfg(tiny_dataset, tiny_cache, tmp_path / "r", target_norm="channel")
     join = CacheJoin(cfg.data)
     a, b = estimate_target_norm(join), estimate_target_norm(join)
     assert torch.equal(a.token_mean, b.token_mean) and torch.equal(a.token_std, b.token_std)
@@ -242,14 +242,15 @@ def test_target_norm_standardises_with_cache_statistics(tiny_dataset, tiny_cache
     assert z.mean(0).abs().max() < 1e-3 and (z.std(0, unbiased=False) - 1).abs().max() < 1e-3
     assert a({"tokens": x.float(), "cls": torch.zeros(2, join.spec["dim"])})["cls"].shape == (2, join.spec["dim"])
     # a run saves what it trained with, and a resume uses that copy
-    train(_cfg(tiny_dataset, tiny_cache, tmp_path / "r", steps=2), progress=False)
+    train(_cfg(tiny_dataset, tiny_cache, tmp_path / "r", steps=2, target_norm="channel"), progress=False)
     saved = TargetNorm.load(str(tmp_path / "r"))
     assert torch.equal(saved.token_mean, a.token_mean)
     cfg_json = json.load(open(tmp_path / "r" / "config.json"))
     assert cfg_json["target_norm"]["kind"] == "channel"
-    resumed = target_norm_for(_cfg(tiny_dataset, tiny_cache, tmp_path / "r", resume=True), join)
+    resumed = target_norm_for(_cfg(tiny_dataset, tiny_cache, tmp_path / "r", resume=True, target_norm="channel"), join)
     assert torch.equal(resumed.token_std, a.token_std)
-    # 'none' and code targets: nothing to standardise
+    # 'none' (the default: D-iGPT as published) and code targets: nothing to standardise
+    assert _cfg(tiny_dataset, tiny_cache, tmp_path / "d").target_norm == "none"
     assert target_norm_for(_cfg(tiny_dataset, tiny_cache, tmp_path / "n", target_norm="none"), join) is None
     codes = _cfg(tiny_dataset, tiny_cache, tmp_path / "c", tokenizer="codes")
     assert target_norm_for(codes, CacheJoin(codes.data)) is None

@@ -1,4 +1,4 @@
-"""Pretraining objectives: ``digpt``, ``gen``, ``fd``, ``masked``, ``igpt``, ``digit`` — and any module added
+"""Pretraining objectives: ``digpt``, ``gen``, ``fd``, ``masked``, ``next-patch``, ``digit`` — and any module added
 here (each registers itself with :func:`register_objective`; README "Extending: a new objective")."""
 
 from .base import (

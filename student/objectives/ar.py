@@ -1,11 +1,12 @@
-"""Autoregression in raster order: ``igpt`` (iGPT on ViT patches) and ``digit`` (DiGIT as published).
+"""Autoregression in raster order: ``next-patch`` (next-patch prediction on ViT patches) and ``digit``
+(DiGIT as published).
 
-- ``igpt`` reads *pixels*: a ViT run causally over patches with D-iGPT's generative decoder (clusters of
-  one patch), so the decoder's query for position t+1 reads the encoder's outputs up to t. It regresses
+- ``next-patch`` reads *pixels*: a ViT run causally over patches with D-iGPT's generative decoder (clusters
+  of one patch), so the decoder's query for position t+1 reads the encoder's outputs up to t. It regresses
   the next patch's normalised pixels (``pixel`` cache) or classifies the next patch's code (``kmeans:``
-  cache). The latter is the "pixels in, codes out" variant of DiGIT that ``digit`` used to be; it is kept
-  under this name because it is the same model and loss (a separate registration would train the same
-  network twice in an ablation).
+  cache: "pixels in, codes out"). It was called ``igpt`` until 2026-12-04; iGPT as published is next-*pixel*
+  cross-entropy over a 512-colour palette at 32x32 (openai/image-gpt), which this is not: patch regression
+  through a decoder is closer to AIM/SAIM, so it carries a name of its own.
 - ``digit`` reads *codes*: DiGIT's GPT over the k-means code sequence itself (code embeddings in, next
   code out, raster order, causal mask; ``student/code_gpt.py``). It never sees pixels; the probe feeds it
   the codes its tokenizer makes of the probe image.
@@ -23,9 +24,9 @@ from .base import Objective, StudentConfig, TargetSpec, register_objective
 from .digpt import build_digpt
 
 
-@register_objective("igpt")
-class IGPT(Objective):
-    """iGPT with ViT patches: regress the next patch's normalised pixels (or classify its code)."""
+@register_objective("next-patch")
+class NextPatch(Objective):
+    """Next-patch prediction in raster order: regress the next patch's normalised pixels (or classify its code)."""
 
     default_order = "raster"
 
@@ -97,7 +98,7 @@ class DiGIT(Objective):
         if order not in (None, "raster"):
             raise ValueError(
                 f"objective 'digit' reads its code sequence in raster order, as DiGIT's GPT does; drop "
-                f"--order {order} (objective igpt on a kmeans: cache takes other orders)"
+                f"--order {order} (objective next-patch on a kmeans: cache takes other orders)"
             )
         self.target, self.order_name, self.num_codes = target, order, target.num_codes
         h, w = target.grid

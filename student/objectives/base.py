@@ -45,6 +45,16 @@ class TargetSpec:
             cls_in_token_space=cls_in_token_space(spec),
         )
 
+    @property
+    def from_pixels(self) -> bool:
+        """The targets are the image's own pixels (a ``pixel:`` teacher, or a ``kmeans:``/``pca:`` fit of
+        one): there is no teacher network, so SemAIM's order reads its similarity from the student's own
+        encoder (:meth:`Objective.cluster_order`), as SemAIM does for pixel targets."""
+        name = self.name
+        while name.startswith(("kmeans:", "pca:")):
+            name = name.split(":", 1)[1]
+        return name.split(":", 1)[0] == "pixel"
+
 
 def cls_in_token_space(spec: dict[str, Any]) -> bool:
     """False for EfficientNet-Lite0's head (and ``pca:`` of it, which projects both with one basis): its
@@ -130,14 +140,47 @@ class Objective(nn.Module):
 
     def cluster_order(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, n_clusters]``: this batch's order (objectives with ``order``, ``target`` and a D-iGPT
-        ``model``); the order reads the teacher's raw tokens (``student.orders.teacher_view``)."""
-        from student.orders import teacher_view
+        ``model``); the order reads the teacher's raw tokens (``student.orders.teacher_view``). An order
+        that needs a similarity map (``semaim``) gets ``view["similarity"]`` from the teacher's tokens on
+        the teacher grid, or, for pixel targets, from :meth:`encoder_similarity` on the student grid, and
+        then the student grid's cluster index (``model.cluster_patches``) in place of the teacher's."""
+        from student.orders import needs_similarity, similarity_map, teacher_view
 
         view = teacher_view(batch, self.target.cls_in_token_space)
-        return self.order(view, self.model.cfg.n_clusters, self.model.cluster_targets)
+        clusters = self.model.cluster_targets
+        if needs_similarity(self.order):
+            if self.target.from_pixels:
+                view["similarity"] = self.encoder_similarity(batch["images"])
+                clusters = self.model.cluster_patches
+            else:
+                view["similarity"] = similarity_map(view["tokens"], view.get("cls"), self.target.grid)
+        return self.order(view, self.model.cfg.n_clusters, clusters)
+
+    def encoder_similarity(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, g, g]``: SemAIM's similarity map for pixel targets, from the model's own encoder as SemAIM's
+        ``engine_pretrain`` takes it: in eval mode (no drop path) and without gradient, one extra pass over
+        all patches with full attention, final-normed; the cosine of each patch token to the class token.
+        The encoder's train/eval mode is restored afterwards. (In D-iGPT pretraining the final norm is an
+        untrained identity LayerNorm: the model as it is.)"""
+        from student.orders import similarity_map
+
+        enc, was_training = self.encoder, self.encoder.training
+        enc.eval()
+        try:
+            with torch.no_grad():
+                x = enc.forward_features(images)[0]  # [B, 1+N, D], class token first
+        finally:
+            enc.train(was_training)
+        g = enc.cfg.grid_size
+        return similarity_map(x[:, 1:], x[:, 0], (g, g))
 
 
 _OBJECTIVES: dict[str, type[Objective]] = {}
+RETIRED = {
+    "igpt": "it ran next-patch pixel regression, not iGPT's next-pixel cross-entropy over a colour palette; "
+    "the same model and loss are now objective 'next-patch'",
+}
+"""Names that once ran something other than the method they name: asked for, they say where it went."""
 _CONFIGS: dict[str, type | None] = {}
 
 
@@ -166,6 +209,8 @@ def objective_config(name: str, knobs: Any = None) -> Any:
     """The knobs of objective ``name``: ``knobs`` checked to be its config type, or that type's defaults
     when ``knobs`` is None. None for an objective without knobs."""
     names = list_objectives()
+    if name in RETIRED:
+        raise ValueError(f"objective {name!r} was retired: {RETIRED[name]}")
     if name not in names:
         raise ValueError(f"unknown objective {name!r}; choose from {names}")
     kind = _CONFIGS[name]

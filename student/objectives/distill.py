@@ -28,6 +28,24 @@ def to_grid(tokens: torch.Tensor, grid: int, target: tuple[int, int]) -> torch.T
     return x.flatten(2).transpose(1, 2)
 
 
+def pool_grid(tokens: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], op: str = "mean") -> torch.Tensor:
+    """``[B, h*w, C]`` raster tokens on grid ``src`` -> ``[B, h'*w', C]`` on grid ``dst``, each output cell
+    reduced (``mean``, ``max`` or ``min``) over exactly the input cells its area overlaps: the cells
+    ``floor(i * n_in / n_out)`` to ``ceil((i + 1) * n_in / n_out) - 1`` along each axis (adaptive pooling's
+    bins, which are that overlap set whether ``dst`` is coarser or finer than ``src``)."""
+    b, _, c = tokens.shape
+    x = tokens.transpose(1, 2).reshape(b, c, *src)
+    if op == "mean":
+        x = F.adaptive_avg_pool2d(x, dst)
+    elif op == "max":
+        x = F.adaptive_max_pool2d(x, dst)
+    elif op == "min":
+        x = -F.adaptive_max_pool2d(-x, dst)
+    else:
+        raise ValueError(f"op must be mean, max or min, got {op!r}")
+    return x.flatten(2).transpose(1, 2)
+
+
 class _DenseObjective(Objective):
     def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None):
         super().__init__()
@@ -39,8 +57,12 @@ class _DenseObjective(Objective):
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, target.dim))
         self.cls_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, target.dim)) if target.has_cls else None
 
+    def _to_target(self, pred: torch.Tensor) -> torch.Tensor:
+        """Student-grid predictions ``[B, N, D]`` -> the teacher grid ``[B, T, D]``."""
+        return to_grid(pred, self.encoder.cfg.grid_size, self.target.grid)
+
     def _loss(self, feats: torch.Tensor, batch: dict[str, torch.Tensor], weight: torch.Tensor | None):
-        pred = to_grid(self.head(feats[:, 1:]), self.encoder.cfg.grid_size, self.target.grid)
+        pred = self._to_target(self.head(feats[:, 1:]))
         cls = self.cls_head(feats[:, 0]) if self.cls_head is not None else None
         return self._score(pred, cls, batch, weight)
 
@@ -89,7 +111,8 @@ class MaskedConfig:
     """The knobs of the ``masked`` objective."""
 
     mask_ratio: float = 0.5
-    """Fraction of patches replaced by the mask token (the loss counts those positions only)."""
+    """Fraction of patches replaced by the mask token (the loss counts those positions only); drawn in
+    whole teacher tokens where the teacher grid is coarser than the student's."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
@@ -99,7 +122,24 @@ class MaskedConfig:
 @register_objective("masked", config=MaskedConfig)
 class MaskedPrediction(_DenseObjective):
     """Replace a random ``mask_ratio`` of patches with a learned mask token; predict the teacher's
-    tokens at the masked positions (EVA / BEiT with feature targets; MAE with ``pixel`` targets)."""
+    tokens at the masked positions (EVA / BEiT with feature targets; MAE with ``pixel`` targets).
+
+    Where the teacher grid differs from the student's, a teacher token is scored only when every student
+    patch its area overlaps is masked, and its prediction is the mean of those patches' outputs
+    (:func:`pool_grid`, the same overlap sets both ways). So the student sees no pixel under a scored
+    target, and no scored prediction reads a visible patch's output. Resampling the mask and predictions
+    bilinearly, as ``fd`` does (nothing is masked there) and this objective did until the leak probe in
+    ``tests/test_student_model.py``, leaks: a teacher token on the mask's edge was scored, weighted by its
+    masked share, with visible patches under it and from their outputs, which rewards copying the input.
+
+    The mask is drawn in whole cells of the coarser of the two grids along each axis, each cell masking
+    every patch it overlaps, as many cells as bring the masked patches closest to
+    ``round(mask_ratio * N)``: where the teacher's grid is coarser, whole teacher tokens are drawn and each
+    is scored; where it is finer, patches are drawn as on equal grids and the teacher tokens wholly inside
+    the masked area are scored (all of it on an integer ratio; otherwise not the tokens straddling a masked
+    and a visible patch: ~16% of the tokens are scored on 14x14 -> 16x16 at ratio 0.5). A sample left with
+    no scored token also gets the patches under its most-masked teacher token masked. Equal grids: a
+    patch is a teacher token, exactly as before."""
 
     def __init__(self, student: StudentConfig, target: TargetSpec, order: str | None, knobs: MaskedConfig):
         super().__init__(student, target, order)
@@ -107,6 +147,13 @@ class MaskedPrediction(_DenseObjective):
         self.mask_ratio = knobs.mask_ratio
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.cfg.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        g, (h, w) = self.encoder.cfg.grid_size, self.target.grid
+        self._student_grid, self._draw_grid = (g, g), (min(h, g), min(w, g))
+        if max(1, round(self.mask_ratio * g * g)) >= g * g or self._draw_grid == (1, 1):
+            raise ValueError(
+                f"objective 'masked': mask_ratio {self.mask_ratio} on teacher grid {h}x{w} and student {g}x{g} "
+                "masks every patch: nothing would stay visible"
+            )
 
     def random_mask(self, seeds: torch.Tensor, n: int, device) -> torch.Tensor:
         """``[B, n]`` bool, exactly ``round(ratio * n)`` True per sample, from the per-sample seeds."""
@@ -117,23 +164,53 @@ class MaskedPrediction(_DenseObjective):
             rows.append(torch.zeros(n, dtype=torch.bool).index_fill_(0, idx, True))
         return torch.stack(rows).to(device)
 
+    def mask_and_weight(self, seeds: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the per-sample seeds: ``[B, N]`` bool, the student patches to mask, and ``[B, T]`` float,
+        1 for the teacher tokens the loss scores (every patch under them masked), else 0."""
+        sg, tg = self._student_grid, tuple(self.target.grid)
+        if sg == tg:
+            mask = self.random_mask(seeds, sg[0] * sg[1], device)
+            return mask, mask.float()
+        # Whole cells of the coarser grid per axis, in a seeded random order, each masking every patch it
+        # overlaps; the shortest prefix of that order whose masked patches come closest to round(ratio * N).
+        dg, n = self._draw_grid, self._draw_grid[0] * self._draw_grid[1]
+        rank = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in seeds.tolist()])
+        rank = rank.argsort(-1).float()  # [B, n]: each cell's place in its sample's order
+        first = pool_grid(rank[..., None], dg, sg, "min")[..., 0]  # [B, N]: the step that masks each patch
+        steps = torch.arange(n, dtype=first.dtype).expand(first.shape[0], -1).contiguous()
+        count = torch.searchsorted(first.sort(-1).values, steps, right=True)  # [B, n] patches masked by step
+        last = (count - round(self.mask_ratio * sg[0] * sg[1])).abs().argmin(-1, keepdim=True)
+        mask = first <= last  # on the host, as the seeds: no device sync per step
+        weight = pool_grid(mask.float()[..., None], sg, tg, "min")[..., 0]
+        empty = weight.sum(-1) == 0
+        if bool(empty.any()):  # no teacher token wholly masked: also mask the patches under the most-masked one
+            share = pool_grid(mask.float()[..., None], sg, tg, "mean")[..., 0]
+            pick = F.one_hot(share.argmax(-1), weight.shape[1]).float()
+            extra = pool_grid(pick[..., None], tg, sg, "max")[..., 0] > 0
+            mask = mask | (extra & empty[:, None])
+            weight = pool_grid(mask.float()[..., None], sg, tg, "min")[..., 0]
+        return mask.to(device), weight.to(device)
+
+    def _to_target(self, pred: torch.Tensor) -> torch.Tensor:
+        """The mean over the patches each teacher token overlaps (:func:`pool_grid`): a scored token's
+        prediction reads masked patches' outputs only. Equal grids: unchanged."""
+        if self._student_grid == tuple(self.target.grid):
+            return pred
+        return pool_grid(pred, self._student_grid, tuple(self.target.grid), "mean")
+
     def forward(self, batch):
         enc, x = self.encoder, batch["images"]
         patches = enc.patch_embed(x)  # [B, N, D], before positions: the mask token gets the position too
-        mask = self.random_mask(batch["order_seed"], patches.shape[1], x.device)
+        mask, weight = self.mask_and_weight(batch["order_seed"], x.device)
         patches = torch.where(mask[..., None], self.mask_token.to(patches.dtype), patches)
         t = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), patches], dim=1) + enc.pos_embed
         for blk in enc.blocks:
             t = blk(t)
-        return self._loss(enc.norm(t), batch, self._weight(mask))
-
-    def _weight(self, mask: torch.Tensor) -> torch.Tensor:
-        """The masked share of each teacher token (the loss counts masked positions only)."""
-        return to_grid(mask.float()[..., None], self.encoder.cfg.grid_size, self.target.grid)[..., 0]
+        return self._loss(enc.norm(t), batch, weight)
 
     def blind_loss(self, batch: dict[str, torch.Tensor], stats: BlindStats) -> torch.Tensor:
-        mask = self.random_mask(batch["order_seed"], self.encoder.cfg.num_patches, batch["tokens"].device)
-        return self._blind(batch, stats, self._weight(mask))
+        """Scores the teacher tokens :meth:`forward` scores (:meth:`mask_and_weight`), with the same weights."""
+        return self._blind(batch, stats, self.mask_and_weight(batch["order_seed"], batch["tokens"].device)[1])
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}

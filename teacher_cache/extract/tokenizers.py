@@ -105,8 +105,22 @@ def check_tokenizer(root: zarr.Group, cfg: ExtractConfig, tc: TeacherConfig, tea
         if was != now:
             raise ValueError(
                 f"cache group {name!r} holds a tokenizer with a different {field_} "
-                f"({_short(was)} != {_short(now)}); extract into another group (--group NAME) or another cache"
+                f"({_short(was)} != {_short(now)}){_config_diff(have, tc)}; extract into another group "
+                "(--group NAME) or another cache"
             )
+
+
+def _config_diff(have: dict[str, Any], tc: TeacherConfig) -> str:
+    """The config fields the group was made with that differ from ``tc``'s (a knob the record predates
+    read as what made it: ``TeacherConfig.from_record``), e.g. `` (made with metric 'cosine', asked
+    'euclidean')``; ``""`` when there is no record or nothing differs."""
+    try:
+        was = asdict(TeacherConfig.from_record(have["teacher_config"]))
+    except (KeyError, TypeError, ValueError):
+        return ""
+    now = asdict(tc)
+    diff = [f"{k} {was.get(k)!r}, asked {v!r}" for k, v in now.items() if k != "group" and was.get(k) != v]
+    return f" (made with {'; '.join(diff)})" if diff else ""
 
 
 def _short(v: Any) -> str:
