@@ -245,53 +245,14 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    run = cli_docs.config_fields("student.train", "TrainConfig")
-    optim = cli_docs.config_fields("student.train", "OptimConfig")
-    data = cli_docs.config_fields("student.data", "DataConfig")
-    student = cli_docs.config_fields("student.objectives.base", "StudentConfig")
-    _field(p, "--shards", data["shards"], required=True)
-    _field(p, "--cache", data["cache"], required=True)
-    _field(p, "--out", run["out"], required=True)
-    _field(p, "--tokenizer", data["tokenizer"])
-    _field(p, "--student", student["size"], choices=cli_docs.module_value("student.sizes", "VIT_SIZES"))
-    _field(p, "--objective", run["objective"], choices=cli_docs.registered("student.objectives", "register_objective"))
-    _field(p, "--order", run["order"], choices=cli_docs.registered("student.orders", "register_order"))
-    g = p.add_mutually_exclusive_group(required=True)
-    _field(g, "--steps", run["steps"], type=int)
-    _field(g, "--epochs", run["epochs"], type=int)
-    _field(p, "--batch-size", data["batch_size"], type=int)
-    _field(p, "--accum", optim["accum"], type=int)
-    for name in ("base_lr", "min_lr", "weight_decay", "warmup", "clip_grad"):
-        _field(p, "--" + name.replace("_", "-"), optim[name], type=float)
-    _field(p, "--cluster-size", student["cluster_size"], type=int)
-    _field(p, "--decoder-depth", student["decoder_depth"], type=int)
-    _field(p, "--decoder-dim", student["decoder_dim"], type=int)
-    _field(p, "--drop-path", student["drop_path"], type=float)
-    _field(p, "--stem", student["stem"], choices=cli_docs.module_value("student.vit", "STEMS"))
-    _field(p, "--attn", student["attn_impl"], choices=cli_docs.module_value("student.attention", "ATTN_IMPLS"))
-    # The library's default is 0 workers (in-process, what tests and notebooks want); a run from the
-    # command line decodes in 2 worker processes.
-    _field(p, "--workers", data["num_workers"], type=int, default=2)
-    _field(p, "--shuffle-buffer", data["shuffle_buffer"], type=int)
-    _field(p, "--max-views", data["max_views"], type=int)
-    _field(p, "--fresh-views", data["fresh_views"], action="store_true")
+    from pipelines.cli_table import TRAIN, add_options
+
     p.add_argument(
-        "--seed",
-        type=int,
-        default=run["seed"].default,
-        help=f"{run['seed'].help()} Also {data['seed'].help()[0].lower()}{data['seed'].help()[1:]}",
+        "--config",
+        metavar="FILE",
+        help="start from a run's config.json (or one written by hand); the flags given override its values",
     )
-    _field(p, "--log-every", run["log_every"], type=int)
-    _field(p, "--ckpt-every", run["ckpt_every"], type=int)
-    _field(p, "--amp", run["amp"])
-    _field(p, "--device", run["device"])
-    _field(p, "--resume", run["resume"], action="store_true")
-    _field(p, "--online-teacher", run["online_teacher"], action="store_true")
-    _field(p, "--on-mismatch", data["on_mismatch"], choices=cli_docs.module_value("student.data", "ON_MISMATCH"))
-    _field(p, "--blind-batches", run["blind_batches"], type=int)
-    _field(
-        p, "--target-norm", run["target_norm"], choices=cli_docs.module_value("student.targets", "NORMS"), strict=True
-    )
+    add_options(p, TRAIN)
     _add_objective_knobs(p)
 
 
@@ -351,60 +312,49 @@ def objective_knobs(a: argparse.Namespace, objective: str):
 
 
 def train_config(a: argparse.Namespace):
-    from student.data import DataConfig
-    from student.objectives import StudentConfig
-    from student.train import OptimConfig, TrainConfig
+    """The TrainConfig of ``digpt train``: the config's defaults, or ``--config FILE``'s values with only the
+    flags given on the command line (``a.given``, set by :func:`main`) over them."""
+    import json
+    from dataclasses import replace
 
-    student = StudentConfig(
-        size=a.student,
-        cluster_size=a.cluster_size,
-        decoder_depth=a.decoder_depth,
-        decoder_dim=a.decoder_dim,
-        drop_path=a.drop_path,
-        attn_impl=a.attn,
-        stem=a.stem,
-    )
-    data = DataConfig(
-        shards=a.shards,
-        cache=a.cache,
-        tokenizer=a.tokenizer,
-        img_size=student.encoder_config().img_size,
-        batch_size=a.batch_size,
-        num_workers=a.workers,
-        seed=a.seed,
-        shuffle_buffer=a.shuffle_buffer,
-        on_mismatch=a.on_mismatch,
-        max_views=a.max_views,
-        fresh_views=a.fresh_views,
-    )
-    optim = OptimConfig(
-        base_lr=a.base_lr,
-        min_lr=a.min_lr,
-        weight_decay=a.weight_decay,
-        warmup=a.warmup,
-        clip_grad=a.clip_grad,
-        accum=a.accum,
-    )
-    return TrainConfig(
-        data=data,
-        out=a.out,
-        student=student,
-        objective=a.objective,
-        order=a.order,
-        objective_knobs=objective_knobs(a, a.objective),
-        optim=optim,
-        steps=a.steps,
-        epochs=a.epochs,
-        log_every=a.log_every,
-        ckpt_every=a.ckpt_every,
-        amp=a.amp,
-        device=a.device,
-        resume=a.resume,
-        online_teacher=a.online_teacher,
-        seed=a.seed,
-        target_norm=a.target_norm,
-        blind_batches=a.blind_batches,
-    )
+    from pipelines.cli_table import TRAIN, apply, get_path, missing_required, set_path
+    from student.config import train_config_from_dict
+    from student.sizes import vit_config
+    from teacher_cache.config_io import from_dict
+
+    tree: dict = {}
+    given = None
+    if getattr(a, "config", None):
+        with open(a.config) as f:
+            tree = json.load(f)
+        tree = dict(tree.get("train", tree))
+        # What one invocation does, not what the run is: a new run from an old one's config starts fresh
+        # and keeps its own log of skipped samples.
+        tree["resume"] = False
+        set_path(tree, "data.mismatch_log", None)
+        given = getattr(a, "given", None)
+    else:
+        missing = missing_required(a, TRAIN)
+        if missing:
+            raise ValueError(f"the following arguments are required: {', '.join(missing)} (or --config FILE)")
+    file_objective, file_knobs = tree.get("objective"), tree.pop("objective_knobs", None)
+    tree = apply(a, TRAIN, tree, given)
+    if given is None or "student" in given or get_path(tree, "data.img_size") is None:
+        set_path(tree, "data.img_size", vit_config(get_path(tree, "student.size", "tiny-test")).img_size)
+    cfg = train_config_from_dict(tree)
+    knobs = objective_knobs(a, cfg.objective)  # the knob flags given, checked against the objective
+    if file_knobs is not None and file_objective == cfg.objective:  # the file's knobs, flags over them
+        flags = {k[len(_KNOB) :]: v for k, v in vars(a).items() if k.startswith(_KNOB) and v is not None}
+        knobs = from_dict(
+            type(knobs or _default_knobs(cfg.objective)), {**file_knobs, **flags}, where="objective_knobs"
+        )
+    return replace(cfg, objective_knobs=knobs)
+
+
+def _default_knobs(objective: str):
+    from student.objectives import objective_config
+
+    return objective_config(objective)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -445,7 +395,7 @@ def _cmd_teachers(a: argparse.Namespace) -> int:
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    doc = cli_docs.config_fields("pipelines.demo", "DemoConfig")
+    doc = cli_docs.config_fields("pipelines.config", "DemoConfig")
     _field(p, "--out", doc["out"])
     _field(p, "--num-samples", doc["num_samples"], type=int)
     _field(p, "--steps", doc["steps"], type=int)
@@ -477,7 +427,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _add_ablate(p: argparse.ArgumentParser) -> None:
-    doc = cli_docs.config_fields("pipelines.ablate", "AblateConfig")
+    doc = cli_docs.config_fields("pipelines.config", "AblateConfig")
     p.add_argument("recipe", help="one of: " + ", ".join(cli_docs.registered("pipelines.recipes", "recipe")))
     _field(p, "--out", doc["out"], required=True)
     _field(p, "--shards", doc["shards"])
@@ -490,9 +440,9 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
     _field(p, "--seeds", doc["seeds"], type=int)
     _field(p, "--views", doc["views"], type=int)
     _field(
-        p, "--semantic-teacher", doc["semantic_teacher"], default=cli_docs.module_value("pipelines.recipes", "SEMANTIC")
+        p, "--semantic-teacher", doc["semantic_teacher"], default=cli_docs.module_value("pipelines.config", "SEMANTIC")
     )
-    _field(p, "--stem", doc["stem"], choices=cli_docs.module_value("student.vit", "STEMS"))
+    _field(p, "--stem", doc["stem"], choices=cli_docs.module_value("student.sizes", "STEMS"))
     _field(p, "--decoder-dim", doc["decoder_dim"], type=int)
     _field(p, "--cache", doc["cache"])
     _field(p, "--probe-shards", doc["probe_shards"])
@@ -547,15 +497,15 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
 
 
 def _add_probe(p: argparse.ArgumentParser) -> None:
-    doc = cli_docs.config_fields("pipelines.probe", "ProbeConfig")
+    doc = cli_docs.config_fields("pipelines.config", "ProbeConfig")
     sizes = cli_docs.module_value("student.sizes", "VIT_SIZES")
     _field(p, "--run", doc["run"])
     _field(p, "--shards", doc["shards"], required=True)
     _field(p, "--val-shards", doc["val_shards"])
-    _field(p, "--kind", doc["kind"], choices=cli_docs.module_value("pipelines.probe", "KINDS"))
+    _field(p, "--kind", doc["kind"], choices=cli_docs.module_value("pipelines.config", "KINDS"))
     _field(p, "--random-init", doc["random_init"], action="store_true")
     _field(p, "--student", doc["student"], choices=sizes)
-    _field(p, "--pool", doc["pool"], choices=cli_docs.module_value("pipelines.probe", "POOLS"))
+    _field(p, "--pool", doc["pool"], choices=cli_docs.module_value("pipelines.config", "POOLS"))
     p.add_argument("--layers", default=None, help="0-based blocks to probe, comma-separated (default all)")
     _field(p, "--out", doc["out"])
     _field(p, "--batch-size", doc["batch_size"], type=int)
@@ -644,7 +594,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `digpt --help` or an unknown command: every command by name only, nothing else read.
-    args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)
+    only = command if command in COMMANDS else ""
+    args = build_parser(only=only).parse_args(argv)
+    if getattr(args, "config", None):  # which flags the command line gives, to lay over the file's values
+        from pipelines.cli_table import explicit
+
+        args.given = explicit(lambda: build_parser(only=only), argv)
     try:
         return COMMANDS[args.command][2](args)
     except (ValueError, OSError) as e:

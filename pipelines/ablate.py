@@ -15,19 +15,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
-from student.sizes import list_vit_sizes, vit_config
 from student.train import TrainConfig, train
-from student.vit import STEMS
 from teacher_cache.config import ExtractConfig, TeacherConfig
 from teacher_cache.dataset import load_dataset
 from teacher_cache.extract import run_extract
-from teacher_cache.prepare import MAX_CLASSES, MIN_CLASSES, SyntheticConfig, prepare_synthetic
+from teacher_cache.prepare import SyntheticConfig, prepare_synthetic
 from teacher_cache.store import slug
 from teacher_cache.views import AugConfig
 
 # The names below are looked up here at call time (bench/e2e.py times the stages by patching them).
+from .config import AblateConfig
 from .probe import ProbeConfig, run_probes
-from .recipes import COMPARISONS, RECIPES, SEMANTIC, Variant, cache_dir, dataset_dir
+from .recipes import COMPARISONS, RECIPES, Variant, cache_dir, dataset_dir
 from .report import RunRecord, findings, format_table, noise_margin, results_table
 from .report import write_report as _write_report
 
@@ -42,119 +41,6 @@ __all__ = [
     "run_ablation",
     "teacher_ceiling",
 ]
-
-
-@dataclass(frozen=True)
-class AblateConfig:
-    """``digpt ablate``."""
-
-    recipe: str
-    """all, tokenizers, decoders, orders, storage, views, learning or demo (see :data:`RECIPES`)."""
-    out: str
-    """Output directory: data/, cache/, runs/, report.md, results.json, *.png."""
-    shards: str | None = None
-    """A prepared dataset to use; default: generate a synthetic one under ``out/data``."""
-    num_samples: int = 2048
-    """Synthetic set size (when ``shards`` is not given): 2048 gives 512 report samples."""
-    num_classes: int = 8
-    """Synthetic classes."""
-    image_size: int | None = None
-    """Student input size (and the synthetic images' size); default: the student's. Given, it must match."""
-    student: str = "demo-cpu"
-    """Student encoder preset (``demo-cpu``: the convolutional stem without which a small ViT learns nothing
-    in a CPU budget, LEARNING.md §1)."""
-    steps: int = 1200
-    """Optimizer steps per student (D-iGPT needs about 1200 on a CPU to pass the floor clearly, LEARNING.md §2)."""
-    batch_size: int = 64
-    """Samples per step."""
-    base_lr: float = 8e-3
-    """Learning rate per 256 samples (peak 2e-3 at batch 64: what the study found a 4-block student needs,
-    LEARNING.md §2; ImageNet recipes use far less)."""
-    seeds: int = 1
-    """Seeds per variant (mean +- std when > 1)."""
-    views: int = 2
-    """Augmented views per sample in the cache."""
-    executor: str = "ray"
-    """Extraction executor."""
-    workers: int = 1
-    """Loader workers per training run."""
-    jobs: int = 1
-    """Training runs (each with its probes) at once, each in a process of its own with cores / jobs torch
-    threads; 0: as many as there are runs, up to the cores (1 on a GPU). For a many-core machine: on the
-    project's 2 cores two demo students side by side took as long as one after the other (BENCHMARKS.md,
-    issue #21). A run's numbers depend on its thread count in the last bits only."""
-    weights: tuple[tuple[str, str], ...] = ()
-    """(teacher name, local weights file) pairs: headline teachers join the ``tokenizers`` recipe."""
-    knn: bool = True
-    """Also report k-NN accuracy."""
-    semantic_teacher: str = SEMANTIC
-    """The semantic tokenizer the recipes vary around (needs a grid that splits into the clusters;
-    EfficientNet-Lite0 at 128 px: 4x4 tokens, one per 2x2 cluster of a 64 px / patch-8 student)."""
-    cache: str | None = None
-    """Cache location; default ``out/cache`` (point several ablations at one cache to share extraction)."""
-    stem: str | None = None
-    """Student patch embedding, ``patch`` or ``conv``; None: the preset's (``student/vit.py``)."""
-    decoder_dim: int | None = None
-    """Width of the students' decoders; None: the encoder's (``StudentConfig.decoder_dim``)."""
-    probe_shards: str | None = None
-    """A labelled dataset the probes fit and report on; None: a generated one (``probe_samples``) when the
-    pretraining data is generated, else a held-out quarter of ``shards``."""
-    probe_samples: int = 8192
-    """Size of the generated probe set: other images of the same generator, never seen in pretraining
-    (a quarter is reported on: 8192 gives 2048 report samples). A probe fit on 6144 images and scored on
-    2048 separates the pixel student from the floor (+0.030 +- 0.012 over 3 seeds) where one fit on 1536
-    and scored on 512 could not (+0.023 +- 0.023; LEARNING.md §10). 0: probe on a held-out quarter of the
-    pretraining set, as before."""
-
-    def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
-        if self.student not in list_vit_sizes():
-            raise ValueError(f"student must be one of {list_vit_sizes()}, got {self.student!r}")
-        if self.image_size is None:
-            object.__setattr__(self, "image_size", vit_config(self.student).img_size)  # frozen: resolved once
-        for name in ("num_samples", "num_classes", "image_size", "steps", "batch_size", "seeds", "views"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.base_lr <= 0:
-            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
-        if not self.out:
-            raise ValueError("out must be a non-empty directory path")
-        if not MIN_CLASSES <= self.num_classes <= MAX_CLASSES:
-            raise ValueError(f"num_classes must be in [{MIN_CLASSES}, {MAX_CLASSES}], got {self.num_classes}")
-        if self.shards is None and self.num_samples < 4 * self.num_classes:
-            # The probes split every class three ways (fit, select, report).
-            raise ValueError(f"num_samples must be >= 4 * num_classes ({4 * self.num_classes}), got {self.num_samples}")
-        if self.student not in list_vit_sizes():
-            raise ValueError(f"student must be one of {list_vit_sizes()}, got {self.student!r}")
-        if vit_config(self.student).img_size != self.image_size:
-            raise ValueError(
-                f"student {self.student!r} takes {vit_config(self.student).img_size} px images, the "
-                f"ablation's images are {self.image_size} px; choose a student of that size "
-                f"(e.g. small-cpu or demo-cpu for 64 px)"
-            )
-        if self.executor not in ("ray", "local"):
-            raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
-        if self.stem is not None and self.stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS} or None (the preset's), got {self.stem!r}")
-        if self.decoder_dim is not None and self.decoder_dim < 1:
-            raise ValueError(f"decoder_dim must be >= 1 or None (the encoder's width), got {self.decoder_dim}")
-        if self.jobs < 0:
-            raise ValueError(f"jobs must be >= 0 (0: as many as the cores allow), got {self.jobs}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.probe_samples < 0:
-            raise ValueError(
-                f"probe_samples must be >= 0 (0: a holdout of the pretraining set), got {self.probe_samples}"
-            )
-        if self.probe_samples and self.probe_samples < 4 * self.num_classes:
-            raise ValueError(
-                f"probe_samples must be 0 or >= 4 * num_classes ({4 * self.num_classes}), got {self.probe_samples}"
-            )
-        if self.weights and self.recipe != "tokenizers":
-            raise ValueError(
-                f"weights add teachers to the tokenizers recipe only; recipe {self.recipe!r} would ignore them"
-            )
 
 
 def _dataset(cfg: AblateConfig) -> str:

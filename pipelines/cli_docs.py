@@ -68,22 +68,24 @@ def _literal(node: ast.expr | None) -> Any:
 
 
 def config_fields(module: str, cls: str) -> dict[str, FieldDoc]:
-    """The fields of dataclass ``cls`` in ``module``, in order, with their literal defaults and docstrings."""
-    for node in _tree(source_path(module)).body:
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            out: dict[str, FieldDoc] = {}
-            for stmt, nxt in zip(node.body, [*node.body[1:], None]):
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                    doc = ""
-                    if (
-                        isinstance(nxt, ast.Expr)
-                        and isinstance(nxt.value, ast.Constant)
-                        and isinstance(nxt.value.value, str)
-                    ):
-                        doc = inspect.cleandoc(nxt.value.value)
-                    out[stmt.target.id] = FieldDoc(stmt.target.id, _literal(stmt.value), doc, stmt.value is None)
-            return out
-    raise LookupError(f"no class {cls} in {source_path(module)}")
+    """The fields of dataclass ``cls`` in ``module``, in order, with their literal defaults and docstrings;
+    the fields of its base classes defined in the same module first (a subclass's redeclaration wins, as
+    in ``dataclasses``)."""
+    classes = {n.name: n for n in _tree(source_path(module)).body if isinstance(n, ast.ClassDef)}
+    if cls not in classes:
+        raise LookupError(f"no class {cls} in {source_path(module)}")
+    node = classes[cls]
+    out: dict[str, FieldDoc] = {}
+    for base in node.bases:
+        if isinstance(base, ast.Name) and base.id in classes:
+            out.update(config_fields(module, base.id))
+    for stmt, nxt in zip(node.body, [*node.body[1:], None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            doc = ""
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                doc = inspect.cleandoc(nxt.value.value)
+            out[stmt.target.id] = FieldDoc(stmt.target.id, _literal(stmt.value), doc, stmt.value is None)
+    return out
 
 
 def registered(package: str, decorator: str) -> list[str]:

@@ -17,7 +17,7 @@ from teacher_cache.runtime import progress_bar, resolve_device
 from .probe_features import pool_tokens
 
 if TYPE_CHECKING:
-    from .probe import ProbeConfig
+    from .config import ProbeConfig
 
 
 class Classifier(nn.Module):

@@ -40,13 +40,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from student.sizes import list_vit_sizes
 from student.vit import VisionTransformer
 from teacher_cache.dataset import PreparedDataset, load_dataset
 from teacher_cache.io import atomic_write_text
 from teacher_cache.runtime import resolve_device
 
 # The pieces, one module each; their public names are re-exported here (callers import them from probe).
+from .config import KINDS, POOLS, ProbeConfig
 from .finetune import Classifier, augment, finetune_scores, layer_decay_groups
 from .probe_features import (
     build_encoder,
@@ -101,128 +101,6 @@ __all__ = [
     "stratified_split",
     "topk_accuracy",
 ]
-
-KINDS = ("linear", "knn", "finetune")
-POOLS = ("mean", "cls")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """``digpt probe``: which encoder, on which shards, with which protocol."""
-
-    shards: str
-    """Prepared dataset directory the probe trains on."""
-    kind: str = "linear"
-    """``linear`` (standardised features + linear classifier), ``knn`` (DINO weighted k-NN) or
-    ``finetune`` (short end-to-end fine-tune with layer-wise lr decay)."""
-    run: str | None = None
-    """Trained run directory whose encoder is probed (None: ``random_init`` with ``student``)."""
-    val_shards: str | None = None
-    """Dataset to report on; None: a stratified ``holdout`` of ``shards``."""
-    out: str | None = None
-    """Result JSON; default ``RUN/probe_<kind>[_random].json`` (required without ``run``)."""
-    random_init: bool = False
-    """Probe a seeded random encoder (the run's architecture, or the ``student`` preset): the floor."""
-    student: str | None = None
-    """Encoder preset for ``random_init`` without a run (``tiny-test``, ``small-cpu``, ...)."""
-    pool: str = "mean"
-    """Token pooling: ``mean`` of patch tokens or the ``cls`` token. Mean by default: iGPT found
-    mean-pooled (middle-layer) features best for autoregressive models. In D-iGPT pretraining (the
-    official cls rule, ``AttnMask(prefix="last")``) the class token attends to every visible cluster,
-    while of the patch tokens only the last visible cluster's attend to it; it is read by that cluster
-    and the decoders' class queries, so it is trained as a summary for one prediction, where the mean
-    carries what every patch learned. The probe itself runs the encoder with no mask (every token
-    attends to every token), as D-iGPT's fine-tuning and MAE-style probes do: a probe image has no
-    order, and a causal mask would leave the first patches almost no context."""
-    layers: tuple[int, ...] | None = None
-    """0-based blocks to probe (linear/knn); None: every block. The final norm is always added."""
-    batch_size: int = 64
-    """Images per encoder forward (and per fine-tune step)."""
-    holdout: float = 0.25
-    """Fraction of each class held out as the report set when there is no ``val_shards``."""
-    select_fraction: float = 0.25
-    """Fraction of each class of the training part used to choose layer and lr."""
-    lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
-    """Linear probe: AdamW learning rates tried (chosen on the select split)."""
-    epochs: int = 200
-    """Linear probe: full-batch AdamW steps (cosine-decayed)."""
-    weight_decay: float = 1e-4
-    """Linear probe: AdamW weight decay."""
-    k: int = 20
-    """k-NN: neighbours that vote (capped at the bank size)."""
-    temperature: float = 0.07
-    """k-NN: votes weigh ``exp(cosine / temperature)`` (DINO)."""
-    finetune_epochs: int = 10
-    """Fine-tune: epochs over the training part."""
-    finetune_lr: float = 1e-3
-    """Fine-tune: peak AdamW lr of the head; block ``i`` gets ``layer_decay ** (depth + 1 - i)`` of it."""
-    layer_decay: float = 0.75
-    """Fine-tune: per-block lr decay from the head down (MAE / D-iGPT). The same for ``random_init``, so
-    the floor differs from a trained encoder only in its weights (LEARNING.md: no decay measured no better)."""
-    crop_scale: float = 0.35
-    """Fine-tune: smallest area fraction of the random resized crop (flips too); 1.0: flips only."""
-    finetune_weight_decay: float = 0.05
-    """Fine-tune: AdamW weight decay (not on biases, norms, class/position tokens)."""
-    drop_path: float = 0.1
-    """Fine-tune: stochastic depth of the last block (MAE fine-tunes with 0.1)."""
-    warmup: float = 0.1
-    """Fine-tune: warmup as a fraction of all steps."""
-    seed: int = 0
-    """Seeds the splits, the random encoder, the fine-tune's augmentation and batch order."""
-    device: str = "auto"
-    """``auto``, ``cpu`` or ``cuda``."""
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"ProbeConfig.{name} {msg}, got {getattr(self, name)!r}")
-
-        need(self.kind in KINDS, "kind", f"must be one of {', '.join(KINDS)}")
-        need(self.pool in POOLS, "pool", f"must be one of {', '.join(POOLS)}")
-        need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-        need(bool(self.shards), "shards", "must be a dataset directory")
-        need(self.run is not None or self.random_init, "run", "is required unless random_init is set")
-        need(
-            self.run is None or self.student is None,
-            "student",
-            "only applies to random_init without a run (a run knows its encoder)",
-        )
-        need(
-            self.run is not None or self.student is not None,
-            "student",
-            "names the preset of a random_init encoder when there is no run",
-        )
-        need(
-            self.student is None or self.student in list_vit_sizes(),
-            "student",
-            f"must be one of {', '.join(list_vit_sizes())}",
-        )
-        need(self.run is not None or self.out is not None, "out", "is required when there is no run")
-        need(self.out is None or bool(self.out), "out", "must be a non-empty file path")
-        for name in ("batch_size", "epochs", "k", "finetune_epochs"):
-            need(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("holdout", "select_fraction"):
-            need(0.0 < getattr(self, name) < 1.0, name, "must be in (0, 1)")
-        need(len(self.lrs) > 0 and all(lr > 0 for lr in self.lrs), "lrs", "must be non-empty and > 0")
-        need(
-            self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 0),
-            "layers",
-            "must be None or non-empty 0-based block indices",
-        )
-        for name in ("temperature", "finetune_lr"):
-            need(getattr(self, name) > 0, name, "must be > 0")
-        need(0.0 < self.layer_decay <= 1.0, "layer_decay", "must be in (0, 1]")
-        need(0.0 < self.crop_scale <= 1.0, "crop_scale", "must be in (0, 1]")
-        for name in ("weight_decay", "finetune_weight_decay"):
-            need(getattr(self, name) >= 0, name, "must be >= 0")
-        need(0.0 <= self.drop_path < 1.0, "drop_path", "must be in [0, 1)")
-        need(0.0 <= self.warmup < 1.0, "warmup", "must be in [0, 1)")
-        need(self.seed >= 0, "seed", "must be >= 0")
-
-    def out_path(self) -> str:
-        if self.out is not None:
-            return self.out
-        return os.path.join(self.run, f"probe_{self.kind}{'_random' if self.random_init else ''}.json")
 
 
 @dataclass

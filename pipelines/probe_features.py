@@ -20,7 +20,7 @@ from teacher_cache.shards import pick_image
 from teacher_cache.views import replay_view
 
 if TYPE_CHECKING:
-    from .probe import ProbeConfig
+    from .config import ProbeConfig
 
 
 def build_encoder(cfg: ProbeConfig) -> tuple[VisionTransformer, dict]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from teacher_cache.runtime import resolve_device
 
 if TYPE_CHECKING:
-    from .probe import ProbeConfig
+    from .config import ProbeConfig
 
 
 @dataclass

@@ -21,13 +21,13 @@ from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
 from teacher_cache.store import slug
 from teacher_cache.views import AugConfig
 
+from .config import SEMANTIC as SEMANTIC  # re-exported: the recipes vary around it
+
 if TYPE_CHECKING:
-    from .ablate import AblateConfig
+    from .config import AblateConfig
+
 
 # 4x4 tokens: one per 2x2 cluster of a 64 px / patch-8 student; 4x cheaper to extract than at 256 px
-SEMANTIC = "efficientnet_lite0:128"
-
-
 @dataclass(frozen=True)
 class Variant:
     """One row of the report: what to extract (one teacher, one storage form) and how to train on it."""

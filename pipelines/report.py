@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .ablate import AblateConfig
+    from .config import AblateConfig
     from .recipes import Variant
 
 

@@ -26,10 +26,10 @@ from .rundir import write_json
 
 if TYPE_CHECKING:
     from .checkpoint import TrainState
+    from .config import TrainConfig
     from .data import CachedViews
     from .objectives import Objective
     from .stages import Stages
-    from .train import TrainConfig
 
 BLIND_FILE = "blind.json"
 BLIND_NEAR = 0.03

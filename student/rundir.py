@@ -17,9 +17,9 @@ from teacher_cache.io import atomic_write_text
 from .objectives import Objective, TargetSpec, objective_config
 
 if TYPE_CHECKING:
+    from .config import TrainConfig
     from .data import CacheJoin
     from .targets import TargetNorm, TokenNorm
-    from .train import TrainConfig
 
 MISMATCH_LOG = "skipped-mismatch.jsonl"
 

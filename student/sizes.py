@@ -1,7 +1,9 @@
-"""Named encoder sizes, each with the timm model that loads its exported weights.
+"""The encoder's architecture (:class:`ViTConfig`) and its named sizes, each with the timm model that loads
+its exported weights. No torch here: configs and ``--help`` read this table without building a model.
 
 ``timm.create_model(p.timm_name, pretrained=False, num_classes=0, **p.timm_kwargs)`` builds a model whose
-state-dict keys equal ``VisionTransformer(p.config).state_dict()`` keys (``num_classes=0``: no head).
+state-dict keys equal ``VisionTransformer(p.config).state_dict()`` keys (``num_classes=0``: no head); a
+``stem="conv"`` size also needs ``embed_layer=student.vit.timm_conv_stem_embed()``, a class that needs torch.
 """
 
 from __future__ import annotations
@@ -10,7 +12,64 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from student.vit import ViTConfig, timm_conv_stem_embed
+STEMS = ("patch", "conv")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of the encoder (named presets: :data:`VIT_SIZES` below)."""
+
+    img_size: int
+    """Square input resolution in pixels."""
+    patch_size: int
+    """Square patch side in pixels; the token grid is ``img_size // patch_size`` per side."""
+    embed_dim: int
+    """Token width ``D``."""
+    depth: int
+    """Number of transformer blocks."""
+    num_heads: int
+    """Attention heads per block; must divide ``embed_dim``."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of ``embed_dim``."""
+    qkv_bias: bool = True
+    """Bias on the qkv projection (True in timm's and D-iGPT's ViTs)."""
+    drop_path: float = 0.0
+    """Stochastic-depth rate of the last block, linearly from 0 (D-iGPT pretrains without it)."""
+    sincos_pos_embed: bool = True
+    """Fixed, frozen 2-D sin-cos position embedding as in MAE/D-iGPT pretraining; False: learned."""
+    in_chans: int = 3
+    """Input channels."""
+    stem: str = "patch"
+    """Patch embedding: ``patch``, one strided ``patch x patch`` convolution (the paper's ViTs); ``conv``,
+    ``log2(patch)`` 3x3 stride-2 convolutions with BatchNorm and ReLU, then a 1x1 projection (Xiao et al.,
+    "Early Convolutions Help Transformers See Better", 2021). The convolutional stem is the inductive bias
+    that lets a small ViT learn shapes from a CPU-sized budget (LEARNING.md measures it); same token
+    grid, same sequence, every objective and order unchanged."""
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ViTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"ViTConfig.img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.sincos_pos_embed and self.embed_dim % 4:
+            raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} must be divisible by 4 for sincos_pos_embed")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"ViTConfig.drop_path must be in [0, 1), got {self.drop_path}")
+        if self.stem not in STEMS:
+            raise ValueError(f"ViTConfig.stem must be one of {STEMS}, got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"ViTConfig.stem 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
 
 
 @dataclass(frozen=True)
@@ -32,8 +91,6 @@ def _nonstandard(cfg: ViTConfig, timm_name: str) -> ViTPreset:
         "num_heads": cfg.num_heads,
         "mlp_ratio": cfg.mlp_ratio,
     }
-    if cfg.stem == "conv":  # timm has no conv-stem ViT: the stem goes in as its patch-embedding layer
-        kwargs["embed_layer"] = timm_conv_stem_embed()
     return ViTPreset(cfg, timm_name, kwargs)
 
 

@@ -25,8 +25,8 @@ from .targets import FILE as TARGET_NORM_FILE
 from .targets import TargetNorm, TokenNorm, check_targets_finite, estimate_target_norm
 
 if TYPE_CHECKING:
+    from .config import TrainConfig
     from .data import CacheJoin
-    from .train import TrainConfig
 
 Batch = dict[str, torch.Tensor]
 Stage = Callable[[Batch], Batch]

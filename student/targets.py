@@ -25,7 +25,8 @@ from torch import nn
 from teacher_cache.io import atomic_write
 from teacher_cache.store import ShardTargets
 
-NORMS = ("channel", "token", "none")
+from .config import NORMS as NORMS  # re-exported: the names this module implements
+
 FILE = "target_norm.safetensors"
 
 

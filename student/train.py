@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,121 +22,17 @@ import torch.distributed as dist
 from teacher_cache.runtime import resolve_device
 
 from .checkpoint import TrainState, load_latest, save_checkpoint
-from .data import CachedViews, CacheJoin, DataConfig, make_loader
+from .config import OptimConfig, TrainConfig
+from .data import CachedViews, CacheJoin, make_loader
 from .metrics import RunLogger, TrainResult, measure_blind
-from .objectives import Objective, StudentConfig, TargetSpec, create_objective, objective_config
+from .objectives import Objective, TargetSpec, create_objective
 from .rundir import check_resume_config, open_run, report_mismatches, write_config
 from .stages import Stages, autocast, build_stages, online_teacher_for
 from .stages import online_targets as online_targets  # re-exported: tests and bench/train.py use it from here
 from .stages import target_norm_for as target_norm_for
-from .targets import NORMS, TargetNorm, TokenNorm
+from .targets import TargetNorm, TokenNorm
 
 __all__ = ["OptimConfig", "TrainConfig", "TrainResult", "build_run", "lr_schedule", "param_groups", "train"]
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with a linear warmup and a cosine decay (MAE / D-iGPT recipe)."""
-
-    base_lr: float = 1.5e-4
-    """Learning rate per 256 samples: the peak is ``base_lr * global_batch / 256``."""
-    min_lr: float = 0.0
-    """Floor of the cosine decay."""
-    weight_decay: float = 0.05
-    """Decoupled weight decay (not applied to biases, norms, position/class/query tokens)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    warmup: float = 0.05
-    """Warmup length: a fraction of all steps when < 1, else a number of steps."""
-    clip_grad: float | None = 3.0
-    """Clip the global gradient norm to this (None: no clipping)."""
-    accum: int = 1
-    """Micro-batches per optimizer step (gradient accumulation)."""
-
-    def __post_init__(self) -> None:
-        if self.base_lr <= 0:
-            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
-        for name in ("min_lr", "weight_decay", "warmup"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.accum < 1:
-            raise ValueError(f"accum must be >= 1, got {self.accum}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """``digpt train``."""
-
-    data: DataConfig
-    """Shards, cache, batch size, workers, seed."""
-    out: str
-    """Run directory: config.json, metrics.csv, checkpoints/, summary.json."""
-    student: StudentConfig = field(default_factory=StudentConfig)
-    """Encoder size and decoder shape."""
-    objective: str = "digpt"
-    """Pretraining objective (one module per family in ``student/objectives/``)."""
-    order: str | None = None
-    """Patch order of the autoregressive objectives (``student/orders.py``); None: the objective's default."""
-    objective_knobs: Any = None
-    """The objective's own knobs: an instance of the config it registers (``MaskedConfig`` for ``masked``);
-    None: its defaults. A run records them resolved in config.json, and ``--resume`` compares them."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer and schedule."""
-    steps: int | None = None
-    """Optimizer steps to train for (exclusive with ``epochs``)."""
-    epochs: int | None = None
-    """Epochs to train for (exclusive with ``steps``)."""
-    log_every: int = 10
-    """Steps between log lines / CSV rows."""
-    ckpt_every: int = 0
-    """Steps between checkpoints (0: only at the end)."""
-    amp: str = "auto"
-    """Autocast: auto (bf16 on CUDA, off on CPU), bf16, off."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    resume: bool = False
-    """Continue from RUN's latest checkpoint (same batches, same RNG)."""
-    online_teacher: bool = False
-    """Run the cache's teacher inside the step instead of reading targets (baseline and oracle)."""
-    target_norm: str = "none"
-    """Continuous targets: ``none`` uses them as stored (D-iGPT as published: its cosine loss L2-normalises
-    raw teacher tokens; pixel teachers store MAE's norm-pix patches), ``channel`` standardises each channel
-    with the cache's statistics (``student/targets.py`` says when that helps), ``token`` standardises each
-    token over its own channels. Code targets are never changed."""
-    seed: int = 0
-    """Seeds model initialisation."""
-    blind_batches: int = 12
-    """Batches read before training to score the input-blind baseline (``student/blind.py``): two thirds
-    fit the per-position target statistics, one third scores them. 0: no baseline."""
-
-    def __post_init__(self) -> None:
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of steps or epochs")
-        for name in ("steps", "epochs"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.out:
-            raise ValueError("out must be a non-empty run directory path")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        size = self.student.encoder_config().img_size
-        if self.data.img_size != size:
-            raise ValueError(
-                f"data.img_size {self.data.img_size} differs from student {self.student.size}'s input size {size}"
-            )
-        objective_config(self.objective, self.objective_knobs)  # an unknown objective, or another's knobs
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.target_norm not in NORMS:
-            raise ValueError(f"target_norm must be one of {', '.join(NORMS)}, got {self.target_norm!r}")
-        if self.blind_batches < 0 or self.blind_batches == 1:
-            raise ValueError(f"blind_batches must be 0 (off) or >= 2, got {self.blind_batches}")
-        if self.log_every < 1 or self.ckpt_every < 0:
-            raise ValueError(f"log_every must be >= 1 and ckpt_every >= 0, got {self.log_every} and {self.ckpt_every}")
 
 
 def lr_schedule(total: int, peak: float, warmup: float, min_lr: float) -> np.ndarray:

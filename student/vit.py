@@ -13,75 +13,16 @@ about where a patch came from is lost; the class token stays first.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from timm.layers import DropPath, Mlp
 from torch import nn
 
 from student.attention import ATTN_IMPLS, Attention, AttnMask
+from student.sizes import STEMS as STEMS  # re-exported: the encoder's stems, for callers that build one
+from student.sizes import ViTConfig
 
 LN_EPS = 1e-6  # timm's ViT (and D-iGPT's encoder/decoder blocks) use LayerNorm(eps=1e-6)
-STEMS = ("patch", "conv")
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    """Architecture of the encoder (named presets live in ``student/sizes.py``)."""
-
-    img_size: int
-    """Square input resolution in pixels."""
-    patch_size: int
-    """Square patch side in pixels; the token grid is ``img_size // patch_size`` per side."""
-    embed_dim: int
-    """Token width ``D``."""
-    depth: int
-    """Number of transformer blocks."""
-    num_heads: int
-    """Attention heads per block; must divide ``embed_dim``."""
-    mlp_ratio: float = 4.0
-    """MLP hidden width as a multiple of ``embed_dim``."""
-    qkv_bias: bool = True
-    """Bias on the qkv projection (True in timm's and D-iGPT's ViTs)."""
-    drop_path: float = 0.0
-    """Stochastic-depth rate of the last block, linearly from 0 (D-iGPT pretrains without it)."""
-    sincos_pos_embed: bool = True
-    """Fixed, frozen 2-D sin-cos position embedding as in MAE/D-iGPT pretraining; False: learned."""
-    in_chans: int = 3
-    """Input channels."""
-    stem: str = "patch"
-    """Patch embedding: ``patch``, one strided ``patch x patch`` convolution (the paper's ViTs); ``conv``,
-    ``log2(patch)`` 3x3 stride-2 convolutions with BatchNorm and ReLU, then a 1x1 projection (Xiao et al.,
-    "Early Convolutions Help Transformers See Better", 2021). The convolutional stem is the inductive bias
-    that lets a small ViT learn shapes from a CPU-sized budget (LEARNING.md measures it); same token
-    grid, same sequence, every objective and order unchanged."""
-
-    def __post_init__(self) -> None:
-        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ViTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"ViTConfig.img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.sincos_pos_embed and self.embed_dim % 4:
-            raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} must be divisible by 4 for sincos_pos_embed")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"ViTConfig.drop_path must be in [0, 1), got {self.drop_path}")
-        if self.stem not in STEMS:
-            raise ValueError(f"ViTConfig.stem must be one of {STEMS}, got {self.stem!r}")
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"ViTConfig.stem 'conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-
 def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding ``[(1 +) grid*grid, dim]``, raster order; the class row is zeros.
 

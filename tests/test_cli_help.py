@@ -68,12 +68,12 @@ def test_names_read_from_source_equal_the_registries():
     assert cli_docs.module_value("student.sizes", "VIT_SIZES") == list_vit_sizes()
     assert "demo-cpu" in cli_docs.module_value("student.sizes", "VIT_SIZES")
     for module, name, value in [
-        ("student.attention", "ATTN_IMPLS", ATTN_IMPLS),
-        ("student.targets", "NORMS", NORMS),
+        ("student.config", "ATTN_IMPLS", ATTN_IMPLS),
+        ("student.config", "NORMS", NORMS),
         ("teacher_cache.store", "DTYPES", DTYPES),
         ("teacher_cache.store", "CODECS", CODECS),
-        ("pipelines.probe", "KINDS", KINDS),
-        ("pipelines.probe", "POOLS", POOLS),
+        ("pipelines.config", "KINDS", KINDS),
+        ("pipelines.config", "POOLS", POOLS),
     ]:
         assert cli_docs.module_value(module, name) == value, f"{module}.{name}"
 
@@ -87,14 +87,14 @@ CONFIGS = [
     ("teacher_cache.config", "StorageConfig"),
     ("teacher_cache.views", "AugConfig"),
     ("teacher_cache.verify", "VerifyConfig"),
-    ("student.train", "TrainConfig"),
-    ("student.train", "OptimConfig"),
+    ("student.config", "TrainConfig"),
+    ("student.config", "OptimConfig"),
     ("student.data", "DataConfig"),
-    ("student.objectives.base", "StudentConfig"),
+    ("student.config", "StudentConfig"),
     ("student.objectives.distill", "MaskedConfig"),
-    ("pipelines.demo", "DemoConfig"),
-    ("pipelines.ablate", "AblateConfig"),
-    ("pipelines.probe", "ProbeConfig"),
+    ("pipelines.config", "DemoConfig"),
+    ("pipelines.config", "AblateConfig"),
+    ("pipelines.config", "ProbeConfig"),
 ]
 
 

@@ -58,8 +58,8 @@ def test_vit_shapes():
 def test_state_dict_keys_match_timm(name):
     preset = VIT_SIZES[name]
     with torch.device("meta"):  # shapes only: no memory, no init cost, even for ViT-L
-        ref = timm.create_model(preset.timm_name, pretrained=False, num_classes=0, **preset.timm_kwargs)
         extra = {"embed_layer": timm_conv_stem_embed()} if preset.config.stem == "conv" else {}
+        ref = timm.create_model(preset.timm_name, pretrained=False, num_classes=0, **preset.timm_kwargs, **extra)
         ref2 = timm.create_model(preset.timm_name, pretrained=False, **timm_kwargs_for(preset.config), **extra)
         ours = VisionTransformer(preset.config)
     shapes = {k: v.shape for k, v in ours.state_dict().items()}

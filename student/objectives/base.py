@@ -13,10 +13,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from student.attention import ATTN_IMPLS
 from student.blind import BlindStats
-from student.sizes import list_vit_sizes, vit_config
-from student.vit import STEMS, VisionTransformer, ViTConfig
+from student.config import StudentConfig as StudentConfig  # re-exported: objectives are built from it
+from student.vit import VisionTransformer
 
 
 @dataclass(frozen=True)
@@ -67,54 +66,6 @@ def cls_in_token_space(spec: dict[str, Any]) -> bool:
     stage outputs (``layer=k``) pool the very map they tokenise."""
     extra = spec.get("extra") or {}
     return not (extra.get("arch") == "efficientnet-lite0" and spec.get("layer") is None)
-
-
-@dataclass(frozen=True)
-class StudentConfig:
-    """The student network and the knobs objectives share (a knob of one objective lives in that
-    objective's own config: :func:`register_objective`'s ``config``)."""
-
-    size: str = "tiny-test"
-    """Encoder preset (the table in ``student/sizes.py``)."""
-    cluster_size: int | None = None
-    """Cluster side in patches; default half the patch grid (2x2 clusters, as the official 7 on 14x14)."""
-    decoder_depth: int = 2
-    """Blocks per decoder (paper Table 8: 2)."""
-    decoder_dim: int | None = None
-    """Decoder width; default 1024 for ViT-B and larger (official), else the encoder width."""
-    decoder_heads: int | None = None
-    """Decoder heads; default width / 32 (official head dim 32)."""
-    drop_path: float = 0.0
-    """Stochastic depth of the encoder."""
-    attn_impl: str = "sdpa"
-    """Attention kernel: sdpa (CPU and GPU), flex (GPU), sdpa_dense / eager (references)."""
-    stem: str | None = None
-    """Patch embedding, ``patch`` or ``conv`` (``student/vit.py``); None: the size preset's."""
-
-    def __post_init__(self) -> None:
-        if self.size not in list_vit_sizes():
-            raise ValueError(f"student size must be one of {list_vit_sizes()}, got {self.size!r}")
-        if self.cluster_size is not None and self.cluster_size < 1:
-            raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
-        if self.decoder_depth < 1:
-            raise ValueError(f"decoder_depth must be >= 1, got {self.decoder_depth}")
-        for name in ("decoder_dim", "decoder_heads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None (default), got {getattr(self, name)}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
-        if self.stem is not None and self.stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS} or None (the preset's), got {self.stem!r}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
-
-    def encoder_config(self) -> ViTConfig:
-        return vit_config(self.size, drop_path=self.drop_path, **({"stem": self.stem} if self.stem else {}))
-
-    def decoder_width(self) -> tuple[int, int]:
-        enc = self.encoder_config().embed_dim
-        dim = self.decoder_dim or (1024 if enc >= 768 else enc)
-        return dim, self.decoder_heads or max(1, dim // 32)
 
 
 class Objective(nn.Module):
