@@ -117,135 +117,47 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_extract(p: argparse.ArgumentParser) -> None:
-    run = cli_docs.config_fields("teacher_cache.config", "ExtractConfig")
-    teacher = cli_docs.config_fields("teacher_cache.config", "TeacherConfig")
-    storage = cli_docs.config_fields("teacher_cache.config", "StorageConfig")
-    aug = cli_docs.config_fields("teacher_cache.views", "AugConfig")
-    _field(p, "--shards", run["shards"], required=True)
-    _field(p, "--out", run["out"], required=True)
-    p.add_argument(
-        "--teacher",
-        action="append",
-        required=True,
-        metavar="NAME",
-        help="teacher to extract (repeatable); see `digpt teachers`",
-    )
-    p.add_argument(
-        "--weights",
-        action="append",
-        default=None,
-        metavar="FILE",
-        help="local weights file, one per --teacher in order (use '-' for none)",
-    )
-    _field(p, "--layer", teacher["layer"], type=int)
-    p.add_argument("--group", action="append", default=None, help="cache group name, one per --teacher")
-    _field(p, "--views", aug["views"], type=int)
-    _field(p, "--seed", aug["seed"], type=int)
-    _field(p, "--dtype", storage["dtype"], choices=cli_docs.module_value("teacher_cache.store", "DTYPES"))
-    _field(p, "--chunk-rows", storage["chunk_rows"], type=int)
-    _field(p, "--codec", storage["codec"], choices=cli_docs.module_value("teacher_cache.store", "CODECS"))
-    _field(p, "--batch-size", run["batch_size"], type=int)
-    _field(p, "--codebook-size", teacher["codebook_size"], type=int)
-    _field(p, "--metric", teacher["metric"], choices=cli_docs.module_value("teacher_cache.config", "KMEANS_METRICS"))
-    _field(p, "--pca-dim", teacher["pca_dim"], type=int)
-    _field(p, "--fit-samples", teacher["fit_samples"], type=int)
-    _field(p, "--codebook", teacher["codebook"])
-    _field(p, "--executor", run["executor"])
-    _field(p, "--ray-address", run["ray_address"])
-    _field(p, "--workers", run["workers"], type=int)
-    _field(p, "--threads", run["threads"], type=int)
-    _field(p, "--device", run["device"])
-    _field(p, "--decode-threads", run["decode_threads"], type=int)
-    _field(p, "--decode-processes", run["decode_processes"], type=int)
-    _field(p, "--shards-in-flight", run["shards_in_flight"], type=int)
-    _field(p, "--autocast", run["autocast"], choices=cli_docs.module_value("teacher_cache.config", "AUTOCAST"))
-    _field(p, "--allow-hub", teacher["allow_hub"], action="store_true")
+def _table(name: str):
+    from pipelines.cli_commands import COMMAND_TABLES
+
+    return COMMAND_TABLES[name]
 
 
-def _extract_config(a: argparse.Namespace):
-    from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
-    from teacher_cache.views import AugConfig
+def _add_table(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        from pipelines.cli_table import add_options
 
-    n = len(a.teacher)
-    weights = a.weights or [None] * n
-    groups = a.group or [None] * n
-    for flag, vals in (("--weights", weights), ("--group", groups)):
-        if len(vals) != n:
-            raise ValueError(f"{flag} was given {len(vals)} times for {n} --teacher(s); give one per teacher")
-    teachers = tuple(
-        TeacherConfig(
-            name=t,
-            weights=None if w in (None, "-") else w,
-            layer=a.layer,
-            group=g,
-            codebook=a.codebook,
-            codebook_size=a.codebook_size,
-            metric=a.metric,
-            fit_samples=a.fit_samples,
-            pca_dim=a.pca_dim,
-            allow_hub=a.allow_hub,
-        )
-        for t, w, g in zip(a.teacher, weights, groups)
-    )
-    return ExtractConfig(
-        shards=a.shards,
-        out=a.out,
-        teachers=teachers,
-        aug=AugConfig(views=a.views, seed=a.seed),
-        storage=StorageConfig(dtype=a.dtype, chunk_rows=a.chunk_rows, codec=a.codec),
-        batch_size=a.batch_size,
-        executor=a.executor,
-        ray_address=a.ray_address,
-        workers=a.workers,
-        threads=a.threads,
-        device=a.device,
-        decode_threads=a.decode_threads,
-        decode_processes=a.decode_processes,
-        shards_in_flight=a.shards_in_flight,
-        autocast=a.autocast,
-    )
+        add_options(p, _table(name))
+
+    return add
+
+
+def _config(a: argparse.Namespace):
+    """The config of a command whose flags are a table (``pipelines/cli_commands.py``)."""
+    from pipelines.cli_table import build_config
+
+    return build_config(a, _table(a.command))
 
 
 def _cmd_extract(a: argparse.Namespace) -> int:
     from teacher_cache.extract import run_extract
 
-    summary = run_extract(_extract_config(a))
+    summary = run_extract(_config(a))
     print(summary.table())
     return 0 if summary.ok else 1
 
 
-def _add_verify(p: argparse.ArgumentParser) -> None:
-    doc = cli_docs.config_fields("teacher_cache.verify", "VerifyConfig")
-    _field(p, "--shards", doc["shards"], required=True)
-    _field(p, "--cache", doc["cache"], required=True)
-    _field(p, "--tokenizer", doc["tokenizers"], action="append", default=None)
-    _field(p, "--spot-checks", doc["spot_checks"], type=int)
-    _field(p, "--seed", doc["seed"], type=int)
-    _field(p, "--device", doc["device"])
-    _field(p, "--full", doc["full"], action="store_true")
-
-
 def _cmd_verify(a: argparse.Namespace) -> int:
-    from teacher_cache.verify import VerifyConfig, run_verify
+    from teacher_cache.verify import run_verify
 
-    report = run_verify(
-        VerifyConfig(
-            shards=a.shards,
-            cache=a.cache,
-            tokenizers=tuple(a.tokenizer or ()),
-            spot_checks=a.spot_checks,
-            seed=a.seed,
-            device=a.device,
-            full=a.full,
-        )
-    )
+    report = run_verify(_config(a))
     print(report.table())
     return 0 if report.ok else 1
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from pipelines.cli_table import TRAIN, add_options
+    from pipelines.cli_commands import TRAIN
+    from pipelines.cli_table import add_options
 
     p.add_argument(
         "--config",
@@ -317,9 +229,9 @@ def train_config(a: argparse.Namespace):
     import json
     from dataclasses import replace
 
-    from pipelines.cli_table import TRAIN, apply, get_path, missing_required, set_path
-    from student.config import train_config_from_dict
-    from student.sizes import vit_config
+    from pipelines.cli_commands import TRAIN
+    from pipelines.cli_table import apply, get_path, missing_required, set_path
+    from student.config import StudentConfig, train_config_from_dict
     from teacher_cache.config_io import from_dict
 
     tree: dict = {}
@@ -340,7 +252,8 @@ def train_config(a: argparse.Namespace):
     file_objective, file_knobs = tree.get("objective"), tree.pop("objective_knobs", None)
     tree = apply(a, TRAIN, tree, given)
     if given is None or "student" in given or get_path(tree, "data.img_size") is None:
-        set_path(tree, "data.img_size", vit_config(get_path(tree, "student.size", "tiny-test")).img_size)
+        student = from_dict(StudentConfig, tree.get("student", {}), where="student")  # names a bad field
+        set_path(tree, "data.img_size", student.encoder_config().img_size)
     cfg = train_config_from_dict(tree)
     knobs = objective_knobs(a, cfg.objective)  # the knob flags given, checked against the objective
     if file_knobs is not None and file_objective == cfg.objective:  # the file's knobs, flags over them
@@ -394,169 +307,23 @@ def _cmd_teachers(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    doc = cli_docs.config_fields("pipelines.config", "DemoConfig")
-    _field(p, "--out", doc["out"])
-    _field(p, "--num-samples", doc["num_samples"], type=int)
-    _field(p, "--steps", doc["steps"], type=int)
-    _field(p, "--student", doc["student"], choices=cli_docs.module_value("student.sizes", "VIT_SIZES"))
-    _field(p, "--base-lr", doc["base_lr"], type=float)
-    _field(p, "--decoder-dim", doc["decoder_dim"], type=int)
-    _field(p, "--probe-samples", doc["probe_samples"], type=int)
-    _field(p, "--executor", doc["executor"])
-    _field(p, "--jobs", doc["jobs"], type=int)
-    _field(p, "--quick", doc["quick"], action="store_true")
-
-
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from pipelines.demo import DemoConfig, run_demo
+    from pipelines.demo import run_demo
 
-    cfg = DemoConfig(
-        out=a.out,
-        num_samples=a.num_samples,
-        steps=a.steps,
-        student=a.student,
-        executor=a.executor,
-        base_lr=a.base_lr,
-        decoder_dim=a.decoder_dim,
-        probe_samples=a.probe_samples,
-        jobs=a.jobs,
-        quick=a.quick,
-    )
-    return 0 if run_demo(cfg).ok else 1
-
-
-def _add_ablate(p: argparse.ArgumentParser) -> None:
-    doc = cli_docs.config_fields("pipelines.config", "AblateConfig")
-    p.add_argument("recipe", help="one of: " + ", ".join(cli_docs.registered("pipelines.recipes", "recipe")))
-    _field(p, "--out", doc["out"], required=True)
-    _field(p, "--shards", doc["shards"])
-    _field(p, "--num-samples", doc["num_samples"], type=int)
-    _field(p, "--num-classes", doc["num_classes"], type=int)
-    _field(p, "--student", doc["student"], choices=cli_docs.module_value("student.sizes", "VIT_SIZES"))
-    _field(p, "--steps", doc["steps"], type=int)
-    _field(p, "--batch-size", doc["batch_size"], type=int)
-    _field(p, "--base-lr", doc["base_lr"], type=float)
-    _field(p, "--seeds", doc["seeds"], type=int)
-    _field(p, "--views", doc["views"], type=int)
-    _field(
-        p, "--semantic-teacher", doc["semantic_teacher"], default=cli_docs.module_value("pipelines.config", "SEMANTIC")
-    )
-    _field(p, "--stem", doc["stem"], choices=cli_docs.module_value("student.sizes", "STEMS"))
-    _field(p, "--decoder-dim", doc["decoder_dim"], type=int)
-    _field(p, "--cache", doc["cache"])
-    _field(p, "--probe-shards", doc["probe_shards"])
-    _field(p, "--probe-samples", doc["probe_samples"], type=int)
-    _field(p, "--workers", doc["workers"], type=int)
-    _field(p, "--jobs", doc["jobs"], type=int)
-    _field(p, "--executor", doc["executor"])
-    p.add_argument(
-        "--weights",
-        action="append",
-        default=[],
-        metavar="TEACHER=FILE",
-        help="add a headline teacher with local weights to the tokenizers recipe (repeatable)",
-    )
+    return 0 if run_demo(_config(a)).ok else 1
 
 
 def _cmd_ablate(a: argparse.Namespace) -> int:
-    from pipelines.ablate import AblateConfig, run_ablation
+    from pipelines.ablate import run_ablation
 
-    weights = []
-    for item in a.weights:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--weights expects TEACHER=FILE, got {item!r}")
-        weights.append((name, path))
-    run_ablation(
-        AblateConfig(
-            recipe=a.recipe,
-            out=a.out,
-            shards=a.shards,
-            num_samples=a.num_samples,
-            num_classes=a.num_classes,
-            student=a.student,
-            steps=a.steps,
-            batch_size=a.batch_size,
-            base_lr=a.base_lr,
-            seeds=a.seeds,
-            views=a.views,
-            semantic_teacher=a.semantic_teacher,
-            stem=a.stem,
-            decoder_dim=a.decoder_dim,
-            cache=a.cache,
-            probe_shards=a.probe_shards,
-            probe_samples=a.probe_samples,
-            workers=a.workers,
-            jobs=a.jobs,
-            executor=a.executor,
-            weights=tuple(weights),
-        )
-    )
+    run_ablation(_config(a))
     return 0
 
 
-def _add_probe(p: argparse.ArgumentParser) -> None:
-    doc = cli_docs.config_fields("pipelines.config", "ProbeConfig")
-    sizes = cli_docs.module_value("student.sizes", "VIT_SIZES")
-    _field(p, "--run", doc["run"])
-    _field(p, "--shards", doc["shards"], required=True)
-    _field(p, "--val-shards", doc["val_shards"])
-    _field(p, "--kind", doc["kind"], choices=cli_docs.module_value("pipelines.config", "KINDS"))
-    _field(p, "--random-init", doc["random_init"], action="store_true")
-    _field(p, "--student", doc["student"], choices=sizes)
-    _field(p, "--pool", doc["pool"], choices=cli_docs.module_value("pipelines.config", "POOLS"))
-    p.add_argument("--layers", default=None, help="0-based blocks to probe, comma-separated (default all)")
-    _field(p, "--out", doc["out"])
-    _field(p, "--batch-size", doc["batch_size"], type=int)
-    _field(p, "--holdout", doc["holdout"], type=float)
-    p.add_argument(
-        "--lrs", default=",".join(map(str, doc["lrs"].default)), help=doc["lrs"].help() + " Comma-separated."
-    )
-    for name in ("epochs", "k"):
-        _field(p, "--" + name, doc[name], type=int)
-    _field(p, "--temperature", doc["temperature"], type=float)
-    _field(p, "--finetune-epochs", doc["finetune_epochs"], type=int)
-    _field(p, "--finetune-lr", doc["finetune_lr"], type=float)
-    _field(p, "--layer-decay", doc["layer_decay"], type=float)
-    _field(p, "--crop-scale", doc["crop_scale"], type=float)
-    _field(p, "--seed", doc["seed"], type=int)
-    _field(p, "--device", doc["device"])
-
-
 def _cmd_probe(a: argparse.Namespace) -> int:
-    from pipelines.probe import ProbeConfig, run_probe
+    from pipelines.probe import run_probe
 
-    def values(text: str, flag: str, kind: type) -> tuple:
-        try:
-            return tuple(kind(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise ValueError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
-
-    layers = None if a.layers is None else values(a.layers, "--layers", int)
-    cfg = ProbeConfig(
-        shards=a.shards,
-        kind=a.kind,
-        run=a.run,
-        val_shards=a.val_shards,
-        out=a.out,
-        random_init=a.random_init,
-        student=a.student,
-        pool=a.pool,
-        layers=layers,
-        batch_size=a.batch_size,
-        holdout=a.holdout,
-        lrs=values(a.lrs, "--lrs", float),
-        epochs=a.epochs,
-        k=a.k,
-        temperature=a.temperature,
-        finetune_epochs=a.finetune_epochs,
-        finetune_lr=a.finetune_lr,
-        layer_decay=a.layer_decay,
-        crop_scale=a.crop_scale,
-        seed=a.seed,
-        device=a.device,
-    )
+    cfg = _config(a)
     result = run_probe(cfg)
     print(result.table())
     print(f"wrote {cfg.out_path()}")
@@ -565,14 +332,18 @@ def _cmd_probe(a: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("turn images into webdataset shards + a Parquet manifest", _add_prepare, _cmd_prepare),
-    "extract": ("run teachers once over the shards and write the Zarr cache", _add_extract, _cmd_extract),
-    "verify": ("check a cache: complete, finite, consistent, aligned", _add_verify, _cmd_verify),
+    "extract": ("run teachers once over the shards and write the Zarr cache", _add_table("extract"), _cmd_extract),
+    "verify": ("check a cache: complete, finite, consistent, aligned", _add_table("verify"), _cmd_verify),
     "train": ("pretrain a student against a teacher cache", _add_train, _cmd_train),
     "export": ("write a run's encoder as a timm ViT checkpoint (safetensors)", _add_export, _cmd_export),
     "teachers": ("list teacher families and presets", _add_teachers, _cmd_teachers),
-    "ablate": ("train several students against several caches; one report", _add_ablate, _cmd_ablate),
-    "demo": ("the whole pipeline on a generated dataset, on a CPU, in minutes", _add_demo, _cmd_demo),
-    "probe": ("evaluate an encoder per layer: linear probe, k-NN or a short fine-tune", _add_probe, _cmd_probe),
+    "ablate": ("train several students against several caches; one report", _add_table("ablate"), _cmd_ablate),
+    "demo": ("the whole pipeline on a generated dataset, on a CPU, in minutes", _add_table("demo"), _cmd_demo),
+    "probe": (
+        "evaluate an encoder per layer: linear probe, k-NN or a short fine-tune",
+        _add_table("probe"),
+        _cmd_probe,
+    ),
 }
 
 
@@ -595,7 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     # `digpt --help` or an unknown command: every command by name only, nothing else read.
     only = command if command in COMMANDS else ""
-    args = build_parser(only=only).parse_args(argv)
+    try:
+        args = build_parser(only=only).parse_args(argv)
+    except SystemExit as e:  # argparse has said what is wrong (or printed --help); the code is the answer
+        return e.code if isinstance(e.code, int) else 2
     if getattr(args, "config", None):  # which flags the command line gives, to lay over the file's values
         from pipelines.cli_table import explicit
 

@@ -1,6 +1,6 @@
 """A command's flags as a table: each flag names the dotted path of the config field it sets.
 
-``digpt train`` is declared here as data (:data:`TRAIN`), not as code: the flag's help and default come
+Each command is declared as data (``pipelines/cli_commands.py``), not as code: the flag's help and default come
 from the field's docstring and default (read from source by :mod:`pipelines.cli_docs`, so ``--help``
 imports nothing heavy), the config is built from the paths, and every field of the config is either a
 flag or listed in ``hidden`` with the reason it has none (``tests/test_cli_table.py`` checks both ways).
@@ -45,7 +45,16 @@ class Opt:
     group: str | None = None
     """Flags with the same group are mutually exclusive."""
     required: bool = False
-    """Required unless the values come from ``--config``."""
+    """Required (unless the command reads ``--config`` and the file gives it)."""
+    append: bool = False
+    """Repeatable; the values in order (a tuple field, or a per-item list a ``finish`` step expands)."""
+    positional: bool = False
+    """A positional argument (``flag`` is its name)."""
+    invert: bool = False
+    """A switch that sets its field to False (``--no-knn``)."""
+    help: str | None = None
+    """Help of a flag that is not one field's (a per-item list); default: the field's docstring."""
+    metavar: str | None = None
 
     @property
     def dest(self) -> str:
@@ -61,6 +70,16 @@ class Command:
     opts: tuple[Opt, ...]
     hidden: dict[str, str]
     """Config fields with no flag, each with the reason (derived, set by the run, or a file's business)."""
+    finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """Turns the flags' tree into the config's where they differ (``extract``'s per-teacher lists)."""
+    from_file: bool = False
+    """The command takes ``--config FILE``: required flags may come from the file instead."""
+
+    def root(self) -> type:
+        import importlib
+
+        module, cls = self.sections[""]
+        return getattr(importlib.import_module(module), cls)
 
     def doc(self, path: str) -> cli_docs.FieldDoc:
         section, _, name = path.rpartition(".")
@@ -83,29 +102,38 @@ def add_options(p: argparse.ArgumentParser, cmd: Command) -> None:
     for o in cmd.opts:
         fd = cmd.doc(o.path)
         target = p
+        required = o.required and not cmd.from_file
         if o.group:
             if o.group not in groups:
-                groups[o.group] = p.add_mutually_exclusive_group()
-            target = groups[o.group]
-        text = fd.help()
-        kwargs: dict[str, Any] = {"dest": o.dest}
+                groups[o.group] = p.add_mutually_exclusive_group(required=required)
+            target, required = groups[o.group], False
+        text = o.help or fd.help()
+        kwargs: dict[str, Any] = {} if o.positional else {"dest": o.dest}
         if o.switch:
             kwargs["action"] = "store_true"
         elif o.type is not None:
             kwargs["type"] = o.type
+        if o.append:
+            kwargs["action"] = "append"
         if o.nargs is not None:
             kwargs.update(nargs=o.nargs, metavar=tuple(o.dest.upper() for _ in range(o.nargs)))
+        if o.metavar:
+            kwargs["metavar"] = o.metavar
         if o.choices is not None:
             choices = list(o.choices())
-            if o.strict:
+            if o.strict or o.positional:
                 kwargs["choices"] = choices
             elif not all(c in text for c in choices):
                 text = f"{text} One of: {', '.join(choices)}."
-        if o.required:
+        if required and not o.positional:
+            kwargs["required"] = True
+        if o.required and cmd.from_file:
             text += " Required unless --config gives it."
         if o.default is not _UNSET:
             kwargs["default"] = o.default
-        elif not o.switch and not fd.required:
+        elif o.switch or o.append:
+            kwargs["default"] = None
+        elif not fd.required and not o.positional:
             kwargs["default"] = None if fd.default is cli_docs.NO_DEFAULT else fd.default
         target.add_argument(o.flag, help=text.replace("%", "%%"), **kwargs)
 
@@ -148,11 +176,23 @@ def apply(a: argparse.Namespace, cmd: Command, tree: dict, given: set[str] | Non
         if given is not None and o.dest not in given:
             continue
         value = getattr(a, o.dest, None)
-        if value is None or (o.switch and not value and given is None):
+        if value is None or (o.switch and not value):
             continue
+        if o.invert:
+            value = False
         for path in (o.path, *o.also):
             set_path(tree, path, value)
     return tree
+
+
+def build_config(a: argparse.Namespace, cmd: Command, tree: dict | None = None, given: set[str] | None = None):
+    """The command's config: ``tree`` (default: nothing, so the dataclass defaults) with the flags over it."""
+    from teacher_cache.config_io import from_dict
+
+    tree = apply(a, cmd, dict(tree or {}), given)
+    if cmd.finish is not None:
+        tree = cmd.finish(tree)
+    return from_dict(cmd.root(), tree)
 
 
 def missing_required(a: argparse.Namespace, cmd: Command) -> list[str]:
@@ -170,67 +210,9 @@ def missing_required(a: argparse.Namespace, cmd: Command) -> list[str]:
     return out
 
 
-def _registered(package: str, decorator: str) -> Callable[[], list[str]]:
+def registered(package: str, decorator: str) -> Callable[[], list[str]]:
     return lambda: cli_docs.registered(package, decorator)
 
 
-def _value(module: str, name: str) -> Callable[[], Any]:
+def value(module: str, name: str) -> Callable[[], Any]:
     return lambda: cli_docs.module_value(module, name)
-
-
-TRAIN = Command(
-    sections={
-        "": ("student.config", "TrainConfig"),
-        "data": ("student.data", "DataConfig"),
-        "student": ("student.config", "StudentConfig"),
-        "optim": ("student.config", "OptimConfig"),
-    },
-    opts=(
-        Opt("--shards", "data.shards", required=True),
-        Opt("--cache", "data.cache", required=True),
-        Opt("--out", "out", required=True),
-        Opt("--tokenizer", "data.tokenizer"),
-        Opt("--student", "student.size", choices=_value("student.sizes", "VIT_SIZES")),
-        Opt("--objective", "objective", choices=_registered("student.objectives", "register_objective")),
-        Opt("--order", "order", choices=_registered("student.orders", "register_order")),
-        Opt("--steps", "steps", type=int, group="length", required=True),
-        Opt("--epochs", "epochs", type=int, group="length", required=True),
-        Opt("--batch-size", "data.batch_size", type=int),
-        Opt("--accum", "optim.accum", type=int),
-        Opt("--base-lr", "optim.base_lr", type=float),
-        Opt("--min-lr", "optim.min_lr", type=float),
-        Opt("--weight-decay", "optim.weight_decay", type=float),
-        Opt("--warmup", "optim.warmup", type=float),
-        Opt("--clip-grad", "optim.clip_grad", type=float),
-        Opt("--betas", "optim.betas", type=float, nargs=2),
-        Opt("--cluster-size", "student.cluster_size", type=int),
-        Opt("--decoder-depth", "student.decoder_depth", type=int),
-        Opt("--decoder-dim", "student.decoder_dim", type=int),
-        Opt("--decoder-heads", "student.decoder_heads", type=int),
-        Opt("--drop-path", "student.drop_path", type=float),
-        Opt("--stem", "student.stem", choices=_value("student.sizes", "STEMS")),
-        Opt("--attn", "student.attn_impl", choices=_value("student.config", "ATTN_IMPLS")),
-        # The library's default is 0 workers (in-process, what tests and notebooks want); a run from the
-        # command line decodes in 2 worker processes.
-        Opt("--workers", "data.num_workers", type=int, default=2),
-        Opt("--shuffle-buffer", "data.shuffle_buffer", type=int),
-        Opt("--max-views", "data.max_views", type=int),
-        Opt("--fresh-views", "data.fresh_views", switch=True),
-        Opt("--seed", "seed", also=("data.seed",), type=int),
-        Opt("--log-every", "log_every", type=int),
-        Opt("--ckpt-every", "ckpt_every", type=int),
-        Opt("--amp", "amp"),
-        Opt("--device", "device"),
-        Opt("--resume", "resume", switch=True),
-        Opt("--online-teacher", "online_teacher", switch=True),
-        Opt("--on-mismatch", "data.on_mismatch", choices=_value("student.data", "ON_MISMATCH")),
-        Opt("--blind-batches", "blind_batches", type=int),
-        Opt("--target-norm", "target_norm", choices=_value("student.config", "NORMS"), strict=True),
-    ),
-    hidden={
-        "data.img_size": "derived: the student's input size",
-        "data.mismatch_log": "derived: RUN/skipped-mismatch.jsonl when --on-mismatch skip",
-        "objective_knobs": "one flag per knob of each objective (the 'objective knobs' group)",
-    },
-)
-"""``digpt train``."""

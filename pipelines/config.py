@@ -83,7 +83,7 @@ class Budget:
             raise ValueError(f"jobs must be >= 0 (0: as many as the cores allow), got {self.jobs}")
         if self.probe_samples < 0 or 0 < self.probe_samples < 4 * self.num_classes:
             raise ValueError(
-                f"probe_samples must be 0 (a holdout of the pretraining set) or >= 4 * num_classes "
+                f"probe_samples must be >= 0: 0 (a holdout of the pretraining set) or >= 4 * num_classes "
                 f"({4 * self.num_classes}), got {self.probe_samples}"
             )
 

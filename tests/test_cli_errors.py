@@ -60,6 +60,7 @@ PREPARE_CASES = [
 
 EXTRACT = "--shards {ds} --out {out} --executor local"
 EXTRACT_CASES = [
+    (EXTRACT + " --teacher pixel:32/8 --clevel 12", ["clevel"], ["[0, 9]"]),
     ("--shards {tmp}/no-such-ds --out {out} --teacher pixel:32/8", ["not a prepared dataset", "dataset.json"], []),
     (EXTRACT + " --teacher nope", ["unknown teacher"], ["families are", "pixel", "random-vit"]),
     (EXTRACT + " --teacher EMPTY", ["teacher name"], []),
@@ -135,6 +136,9 @@ VERIFY_CASES = [
 
 TRAIN = "--shards {ds} --cache {cache} --out {out} --workers 0 --batch-size 8"
 TRAIN_CASES = [
+    ("--config {tmp}/no-such-config.json", ["no-such-config.json"], []),
+    (TRAIN + " --steps 1 --betas 0.9", ["--betas"], ["expected 2"]),
+    (TRAIN + " --steps 1 --decoder-heads 0", ["decoder_heads"], [">= 1"]),
     (TRAIN + " --steps 1 --max-views 0", ["max_views"], [">= 1"]),
     (TRAIN + " --steps 1 --max-views 3", ["max_views=3"], ["stores 2 per sample"]),
     (TRAIN + " --steps 1 --fresh-views", ["fresh_views"], ["--online-teacher"]),
@@ -201,6 +205,11 @@ TRAIN_CASES = [
 PROBE = "--shards {ds} --run {run}"
 RANDOM = "--shards {ds} --random-init --student tiny-test --out {out}/probe.json"
 PROBE_CASES = [
+    (RANDOM + " --select-fraction 1", ["select_fraction"], ["(0, 1)"]),
+    (RANDOM + " --weight-decay -1", ["ProbeConfig.weight_decay"], [">= 0"]),
+    (RANDOM + " --finetune-weight-decay -1", ["finetune_weight_decay"], [">= 0"]),
+    (RANDOM + " --drop-path 1", ["drop_path"], ["[0, 1)"]),
+    (RANDOM + " --warmup 1", ["warmup"], ["[0, 1)"]),
     ("--shards {ds} --run {tmp}/no-such-run", ["run"], ["not a run directory"]),
     ("--shards {ds} --run {root}", ["run"], ["not a run directory"]),
     ("--shards {ds} --run {norun}", ["no checkpoint"], []),
@@ -248,6 +257,7 @@ PROBE_CASES = [
 
 ABLATE = "demo --out {out} --executor local"
 ABLATE_CASES = [
+    (ABLATE + " --image-size 32", ["image"], ["64"]),
     ("bogus --out {out}", ["recipe"], ["demo", "tokenizers", "decoders", "orders", "storage"]),
     ("demo", ["--out"], ["required"]),
     ("demo --out EMPTY", ["out"], []),
@@ -288,6 +298,9 @@ ABLATE_CASES = [
 
 DEMO = "--out {out} --executor local"
 DEMO_CASES = [
+    (DEMO + " --num-classes 1", ["num_classes"], ["[2, 64]"]),
+    (DEMO + " --batch-size 0", ["batch_size"], [">= 1"]),
+    (DEMO + " --semantic-teacher nope:128", ["semantic_teacher"], ["unknown teacher"]),
     ("--out EMPTY", ["out"], []),
     ("--out {tmp}/w.pt", ["out"], ["not a directory"]),
     (DEMO + " --num-samples 0", ["num_samples"], [">="]),
@@ -461,7 +474,7 @@ def test_every_option_has_a_bad_value_case():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
     # Flags: no value to get wrong.
-    exempt = {"--help", "--allow-hub", "--resume", "--online-teacher", "--random-init", "--full", "--quick"}
+    exempt = {"--help", "--allow-hub", "--resume", "--online-teacher", "--random-init", "--full", "--quick", "--no-knn"}
     assert set(sub) == set(CASES) | {"teachers"}, "a new command needs a case table"
     missing = []
     for command, cases in CASES.items():

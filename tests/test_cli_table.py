@@ -10,7 +10,7 @@ from dataclasses import asdict, replace
 import pytest
 
 import cli
-from pipelines.cli_table import TRAIN
+from pipelines.cli_commands import COMMAND_TABLES, TRAIN
 
 
 def _parse(argv):
@@ -23,14 +23,16 @@ def _parse(argv):
     return args
 
 
-def test_every_train_field_is_a_flag_or_hidden_on_purpose():
-    flagged = {p for o in TRAIN.opts for p in (o.path, *o.also)}
-    fields = TRAIN.paths()
+@pytest.mark.parametrize("name", sorted(COMMAND_TABLES))
+def test_every_field_is_a_flag_or_hidden_on_purpose(name):
+    cmd = COMMAND_TABLES[name]
+    flagged = {p for o in cmd.opts for p in (o.path, *o.also)}
+    fields = cmd.paths()
     assert flagged <= fields, f"flags for fields that do not exist: {sorted(flagged - fields)}"
-    assert not flagged & set(TRAIN.hidden), f"hidden fields that have a flag: {sorted(flagged & set(TRAIN.hidden))}"
-    uncovered = fields - flagged - set(TRAIN.hidden)
-    assert not uncovered, f"TrainConfig fields with neither a flag nor a reason: {sorted(uncovered)}"
-    assert all(reason.strip() for reason in TRAIN.hidden.values())
+    assert not flagged & set(cmd.hidden), f"hidden fields that have a flag: {sorted(flagged & set(cmd.hidden))}"
+    uncovered = fields - flagged - set(cmd.hidden)
+    assert not uncovered, f"{name}: config fields with neither a flag nor a reason: {sorted(uncovered)}"
+    assert all(reason.strip() for reason in cmd.hidden.values())
 
 
 def test_a_new_field_without_a_flag_is_caught(monkeypatch):
