@@ -23,6 +23,8 @@ from student.sizes import STEMS as STEMS  # re-exported: the encoder's stems, fo
 from student.sizes import ViTConfig
 
 LN_EPS = 1e-6  # timm's ViT (and D-iGPT's encoder/decoder blocks) use LayerNorm(eps=1e-6)
+
+
 def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding ``[(1 +) grid*grid, dim]``, raster order; the class row is zeros.
 
