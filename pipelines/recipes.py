@@ -18,6 +18,7 @@ from student.objectives import StudentConfig
 from student.sizes import vit_config
 from student.train import OptimConfig, TrainConfig
 from teacher_cache.config import ExtractConfig, StorageConfig, TeacherConfig
+from teacher_cache.registry import Registry
 from teacher_cache.store import slug
 from teacher_cache.views import AugConfig
 
@@ -126,9 +127,14 @@ def student(base: TrainConfig, **changes) -> TrainConfig:
     return replace(base, student=replace(base.student, **changes))
 
 
-RECIPES: dict[str, Callable[[AblateConfig], list[Variant]]] = {}
-BASES: dict[str, Callable[[AblateConfig], tuple[ExtractConfig, TrainConfig]]] = {}
-"""Each recipe's base configs, the ones its variants' ``varies`` are relative to."""
+RECIPES: Registry[Callable[[AblateConfig], list[Variant]]] = Registry("recipe")
+"""Each recipe: ``fn(cfg) -> variants``; its ``meta["base"]``: the configs its variants' ``varies`` are
+relative to."""
+
+
+def recipe_base(name: str) -> Callable[[AblateConfig], tuple[ExtractConfig, TrainConfig]]:
+    """Recipe ``name``'s base configs (the ones its variants are diffs of)."""
+    return RECIPES.meta(name)["base"]
 
 
 def default_base(cfg: AblateConfig) -> tuple[ExtractConfig, TrainConfig]:
@@ -138,12 +144,7 @@ def default_base(cfg: AblateConfig) -> tuple[ExtractConfig, TrainConfig]:
 def recipe(name: str, base: Callable[[AblateConfig], tuple[ExtractConfig, TrainConfig]] = default_base):
     """Register a recipe; ``base``: the configs its variants are diffs of (default :func:`default_base`)."""
 
-    def deco(fn):
-        RECIPES[name] = fn
-        BASES[name] = base
-        return fn
-
-    return deco
+    return RECIPES.register(name, base=base)
 
 
 def _pixel(cfg: AblateConfig) -> TeacherConfig:

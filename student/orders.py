@@ -19,8 +19,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from teacher_cache.registry import Registry
+
 OrderFn = Callable[[dict, int, torch.Tensor], torch.Tensor]
-_ORDERS: dict[str, OrderFn] = {}
 RETIRED = {
     "semantic": "it ranked clusters by their tokens' mean cosine to the global token, which is not SemAIM's "
     "order; use 'semaim' (SemAIM's published order: outward from the patch most like the global token) or "
@@ -29,14 +30,16 @@ RETIRED = {
 """Order names that once ran something other than what they name: asked for, they say where it went."""
 
 
+ORDERS: Registry[OrderFn] = Registry("order", retired=RETIRED)
+
+
 def register_order(name: str, needs_similarity: bool = False) -> Callable[[OrderFn], OrderFn]:
     """Register ``fn`` as order ``name``. ``needs_similarity``: the order reads ``batch["similarity"]``
     (module docstring), which ``Objective.cluster_order`` then computes for it."""
 
     def deco(fn: OrderFn) -> OrderFn:
         fn.needs_similarity = needs_similarity  # type: ignore[attr-defined]
-        _ORDERS[name] = fn
-        return fn
+        return ORDERS.register(name, needs_similarity=needs_similarity)(fn)
 
     return deco
 
@@ -47,15 +50,11 @@ def needs_similarity(fn: OrderFn) -> bool:
 
 
 def list_orders() -> list[str]:
-    return sorted(_ORDERS)
+    return ORDERS.names()
 
 
 def get_order(name: str) -> OrderFn:
-    if name in RETIRED:
-        raise ValueError(f"order {name!r} was retired: {RETIRED[name]}")
-    if name not in _ORDERS:
-        raise ValueError(f"unknown order {name!r}; choose from {list_orders()}")
-    return _ORDERS[name]
+    return ORDERS.get(name)
 
 
 def teacher_view(batch: dict, cls_in_token_space: bool = True) -> dict:

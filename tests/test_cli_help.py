@@ -60,7 +60,9 @@ def test_names_read_from_source_equal_the_registries():
     from student.objectives import base
 
     knobs = cli_docs.registered_configs("student.objectives", "register_objective")
-    assert {o: c for o, (_, c) in knobs.items()} == {o: c.__name__ for o, c in base._CONFIGS.items() if c}
+    assert {o: c for o, (_, c) in knobs.items()} == {
+        o: base.OBJECTIVES.meta(o)["config"].__name__ for o in base.OBJECTIVES if base.OBJECTIVES.meta(o)["config"]
+    }
     assert "masked" in knobs
     assert cli_docs.registered("pipelines.recipes", "recipe") == sorted(RECIPES)
     assert cli_docs.module_value("student.sizes", "VIT_SIZES") == list_vit_sizes()

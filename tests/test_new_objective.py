@@ -70,12 +70,11 @@ class VisibleCos(Objective):
 
 
 @pytest.fixture
-def visible_cos(monkeypatch):
-    """``visible-cos`` in the registry for one test (copies of the registry dicts, restored after)."""
-    monkeypatch.setattr(base, "_OBJECTIVES", dict(base._OBJECTIVES))
-    monkeypatch.setattr(base, "_CONFIGS", dict(base._CONFIGS))
-    register_objective("visible-cos", config=VisibleCosConfig)(VisibleCos)
-    return "visible-cos"
+def visible_cos():
+    """``visible-cos`` in the registry for one test (gone after it)."""
+    with base.OBJECTIVES.scoped():
+        register_objective("visible-cos", config=VisibleCosConfig)(VisibleCos)
+        yield "visible-cos"
 
 
 def _cfg(tiny_dataset, tiny_cache, out, **kw) -> TrainConfig:

@@ -185,10 +185,10 @@ def test_every_variant_differs_from_its_base_in_exactly_what_it_declares(recipe)
     """No confound: each variant departs from its recipe's base configs in exactly the fields it declares
     (``Variant.varies``) — the target normalisation, probe, budget and everything else shared — and every
     row of one recipe varies along the same axis."""
-    from pipelines.recipes import BASES, variant_diff
+    from pipelines.recipes import recipe_base, variant_diff
 
     cfg = _small(recipe)
-    base = BASES[recipe](cfg)
+    base = recipe_base(recipe)(cfg)
     variants = RECIPES[recipe](cfg)
     assert len({v.name for v in variants}) == len(variants) and len({v.tokenizer for v in variants}) >= 1
     for v in variants:
@@ -226,12 +226,16 @@ def test_a_confound_is_caught():
     normalisation, once)."""
     from dataclasses import replace
 
-    from pipelines.recipes import BASES, variant_diff
+    from pipelines.recipes import recipe_base, variant_diff
 
     cfg = _small("demo")
     v = RECIPES["demo"](cfg)[0]
     hidden = replace(v, train=replace(v.train, target_norm="token"))
-    assert variant_diff(hidden, BASES["demo"](cfg)) == {"extract.teachers", "train.target_norm"} != set(hidden.varies)
+    assert (
+        variant_diff(hidden, recipe_base("demo")(cfg))
+        == {"extract.teachers", "train.target_norm"}
+        != set(hidden.varies)
+    )
 
 
 def test_a_variant_trains_with_the_config_the_runner_always_built():

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -16,6 +13,7 @@ from torch import nn
 from student.blind import BlindStats
 from student.config import StudentConfig as StudentConfig  # re-exported: objectives are built from it
 from student.vit import VisionTransformer
+from teacher_cache.registry import Registry, modules_of
 
 
 @dataclass(frozen=True)
@@ -126,13 +124,13 @@ class Objective(nn.Module):
         return similarity_map(x[:, 1:], x[:, 0], (g, g))
 
 
-_OBJECTIVES: dict[str, type[Objective]] = {}
 RETIRED = {
     "igpt": "it ran next-patch pixel regression, not iGPT's next-pixel cross-entropy over a colour palette; "
     "the same model and loss are now objective 'next-patch'",
 }
 """Names that once ran something other than the method they name: asked for, they say where it went."""
-_CONFIGS: dict[str, type | None] = {}
+# Every module of this package registers what it defines: a new objective is one new file here.
+OBJECTIVES: Registry[type[Objective]] = Registry("objective", discover=modules_of(__package__), retired=RETIRED)
 
 
 def register_objective(name: str, config: type | None = None) -> Callable[[type[Objective]], type[Objective]]:
@@ -142,29 +140,19 @@ def register_objective(name: str, config: type | None = None) -> Callable[[type[
 
     def deco(cls: type[Objective]) -> type[Objective]:
         cls.registry_name = name
-        _OBJECTIVES[name] = cls
-        _CONFIGS[name] = config
-        return cls
+        return OBJECTIVES.register(name, config=config)(cls)
 
     return deco
 
 
 def list_objectives() -> list[str]:
-    # Every module of this package registers what it defines: a new objective is one new file here.
-    for mod in pkgutil.iter_modules([os.path.dirname(__file__)]):
-        importlib.import_module(f"{__package__}.{mod.name}")
-    return sorted(_OBJECTIVES)
+    return OBJECTIVES.names()
 
 
 def objective_config(name: str, knobs: Any = None) -> Any:
     """The knobs of objective ``name``: ``knobs`` checked to be its config type, or that type's defaults
     when ``knobs`` is None. None for an objective without knobs."""
-    names = list_objectives()
-    if name in RETIRED:
-        raise ValueError(f"objective {name!r} was retired: {RETIRED[name]}")
-    if name not in names:
-        raise ValueError(f"unknown objective {name!r}; choose from {names}")
-    kind = _CONFIGS[name]
+    kind = OBJECTIVES.meta(name)["config"]
     if kind is None:
         if knobs is not None:
             raise ValueError(f"objective {name!r} has no knobs of its own; got {type(knobs).__name__} {knobs}")
@@ -182,7 +170,7 @@ def create_objective(
     """Build objective ``name`` for ``target`` (``knobs``: its own config, None for its defaults); raises
     ValueError with the reason when the combination (objective, order, target kind, grid) cannot train."""
     knobs = objective_config(name, knobs)
-    cls = _OBJECTIVES[name]
+    cls = OBJECTIVES.get(name)
     if order is not None and cls.default_order is None:
         raise ValueError(
             f"objective {name!r} predicts every token at once from one input; it has no order (drop --order {order})"
