@@ -231,7 +231,8 @@ def train_config(a: argparse.Namespace):
 
     from pipelines.cli_commands import TRAIN
     from pipelines.cli_table import apply, get_path, missing_required, set_path
-    from student.config import StudentConfig, train_config_from_dict
+    from student.config import StudentConfig
+    from student.rundir import train_config_from_dict
     from teacher_cache.config_io import from_dict
 
     tree: dict = {}

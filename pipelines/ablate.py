@@ -292,6 +292,8 @@ def check_inputs(cfg: AblateConfig) -> None:
     from teacher_cache.teachers import PRESETS, list_teachers
     from teacher_cache.teachers.registry import split_name
 
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {cfg.recipe!r}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"out {cfg.out} exists and is not a directory; choose another --out")
     runs = os.path.join(cfg.out, "runs")

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 def build_encoder(cfg: ProbeConfig) -> tuple[VisionTransformer, dict]:
     """The encoder to probe (eval mode) and a description of where it came from."""
-    from student.code_gpt import is_code_run, load_code_probe_encoder
-    from student.export import load_encoder, run_config, run_encoder_config
+    from student.code_gpt import load_code_probe_encoder
+    from student.export import is_code_run, load_encoder, run_config, run_encoder_config
     from student.sizes import vit_config
 
     if cfg.run is not None and is_code_run(run_config(cfg.run)):

@@ -122,11 +122,6 @@ class CodeFeatureEncoder(nn.Module):
         return [torch.cat([h[:, -1:], h[:, 1:]], dim=1) for h in (layers[i] for i in range(self.cfg.depth))]
 
 
-def is_code_run(run_cfg: dict) -> bool:
-    """Whether a run's config.json describes a :class:`CodeGPT` (objective ``digit``)."""
-    return run_cfg.get("train", {}).get("objective") == "digit"
-
-
 def load_code_probe_encoder(run: str, random_init: bool = False, seed: int = 0) -> CodeFeatureEncoder:
     """RUN's code model (or, with ``random_init``, a seeded random one of its shape: the probe's floor)
     behind the tokenizer its cache records. The cache must still exist; the tokenizer rebuilt from its

@@ -3,16 +3,15 @@
 
 ``TrainConfig`` holds the others: ``data`` (:class:`DataConfig`), ``student`` (:class:`StudentConfig`, whose
 encoder is a ``ViTConfig`` preset of ``student/sizes.py``), ``optim`` (:class:`OptimConfig``) and the
-objective's own knobs. A run writes it to ``RUN/config.json``; :func:`train_config_from_dict` reads it back.
-Checks that need a registry (an objective's name and knobs) import it when a config is built, not here.
+objective's own knobs. A run writes it to ``RUN/config.json``; ``student/rundir.py: train_config_from_dict``
+reads it back.
+Checks that need a registry (an objective's name and knobs) run when the run opens, not here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-from teacher_cache.config_io import from_dict
 
 from .sizes import STEMS, ViTConfig, list_vit_sizes, vit_config
 
@@ -25,7 +24,6 @@ __all__ = [
     "OptimConfig",
     "StudentConfig",
     "TrainConfig",
-    "train_config_from_dict",
 ]
 
 ATTN_IMPLS = ("eager", "sdpa_dense", "sdpa", "flex")
@@ -173,9 +171,8 @@ class TrainConfig:
             raise ValueError(
                 f"data.img_size {self.data.img_size} differs from student {self.student.size}'s input size {size}"
             )
-        from .objectives import objective_config  # the registry imports torch: only when a config is built
-
-        objective_config(self.objective, self.objective_knobs)  # an unknown objective, or another's knobs
+        # The objective's name and knobs are checked against its registry when the run opens
+        # (``student/rundir.py: open_run``), before any work: the registry imports torch and the models.  # an unknown objective, or another's knobs
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -186,25 +183,3 @@ class TrainConfig:
             raise ValueError(f"blind_batches must be 0 (off) or >= 2, got {self.blind_batches}")
         if self.log_every < 1 or self.ckpt_every < 0:
             raise ValueError(f"log_every must be >= 1 and ckpt_every >= 0, got {self.log_every} and {self.ckpt_every}")
-
-
-def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from its ``asdict`` form: the ``train`` section of a run's ``config.json``
-    (or a whole ``config.json``). Unknown keys are refused by name; the objective's knobs come back as
-    the config type that objective registers."""
-    from .data import DataConfig
-    from .objectives import objective_config
-
-    d = dict(d.get("train", d))
-    knobs = d.pop("objective_knobs", None)
-    cfg = from_dict(TrainConfig, d, types={"DataConfig": DataConfig}, where="train")
-    if knobs is not None:
-        kind = type(objective_config(cfg.objective))
-        cfg = _replace(cfg, objective_knobs=from_dict(kind, knobs, where="train.objective_knobs"))
-    return cfg
-
-
-def _replace(cfg: TrainConfig, **kw: Any) -> TrainConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **kw)

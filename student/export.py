@@ -56,9 +56,12 @@ def encoder_state_dict(run: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"checkpoint {ckpt} holds no encoder weights")
 
 
-def _refuse_code_run(run: str) -> None:
-    from .code_gpt import is_code_run
+def is_code_run(run_cfg: dict) -> bool:
+    """Whether a run's config.json describes DiGIT's code model (objective ``digit``, ``student/code_gpt.py``)."""
+    return run_cfg.get("train", {}).get("objective") == "digit"
 
+
+def _refuse_code_run(run: str) -> None:
     if is_code_run(run_config(run)):
         raise ValueError(
             f"run {run} trained DiGIT's code model (objective digit): it reads k-means codes, not "

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from teacher_cache.config_io import from_dict
 from teacher_cache.io import atomic_write_text
 
+from .config import TrainConfig
 from .objectives import Objective, TargetSpec, objective_config
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
     from .data import CacheJoin
     from .targets import TargetNorm, TokenNorm
 
@@ -173,3 +174,18 @@ def write_config(
         },
     }
     write_json(os.path.join(cfg.out, "config.json"), resolved)
+
+
+def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from its ``asdict`` form: the ``train`` section of a run's ``config.json``
+    (or a whole ``config.json``). Unknown keys are refused by name; the objective's knobs come back as
+    the config type that objective registers."""
+    from .data import DataConfig
+
+    d = dict(d.get("train", d))
+    knobs = d.pop("objective_knobs", None)
+    cfg = from_dict(TrainConfig, d, types={"DataConfig": DataConfig}, where="train")
+    if knobs is not None:
+        kind = type(objective_config(cfg.objective))
+        cfg = replace(cfg, objective_knobs=from_dict(kind, knobs, where="train.objective_knobs"))
+    return cfg

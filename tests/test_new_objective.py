@@ -120,5 +120,8 @@ def test_the_knob_reaches_the_objective_and_is_checked(visible_cos, tiny_dataset
     assert seen == [4, 16]  # of the tiny student's 4x4 patches
     with pytest.raises(ValueError, match="keep_ratio must be in"):
         VisibleCosConfig(keep_ratio=0.0)
+    # Another objective's knobs: refused when the run is built, before any step (the config module has no
+    # registry to check them against: it imports no model).
+    wrong = _cfg(tiny_dataset, tiny_cache, "unused", objective=visible_cos, objective_knobs=MaskedConfig(), steps=1)
     with pytest.raises(ValueError, match="takes its knobs as a VisibleCosConfig, got MaskedConfig"):
-        _cfg(tiny_dataset, tiny_cache, "unused", objective=visible_cos, objective_knobs=MaskedConfig(), steps=1)
+        build_run(wrong)

@@ -102,9 +102,10 @@ def test_table_has_one_line_per_row():
     assert table.count("\n") == 3 and "0.500 ± 0.100" in table
 
 
-def test_unknown_recipe_is_named():
+def test_unknown_recipe_is_named(tmp_path):
     with pytest.raises(ValueError, match="recipe must be one of"):
-        AblateConfig(recipe="nope", out="x")
+        run_ablation(AblateConfig(recipe="nope", out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_findings_do_not_call_noise_a_win():
