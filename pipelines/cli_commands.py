@@ -45,11 +45,10 @@ def _teachers(tree: dict[str, Any]) -> dict[str, Any]:
     shared = dict(tree.pop("teacher", {}))
     names = shared.pop("name", None) or []
     per = {k: shared.pop(k, None) for k in ("weights", "group")}
-    for flag, vals in per.items():
+    for key, vals in per.items():
+        flag = "--tokenizer (--group)" if key == "group" else f"--{key}"
         if vals is not None and len(vals) != len(names):
-            raise ValueError(
-                f"--{flag} was given {len(vals)} times for {len(names)} --teacher(s); give one per teacher"
-            )
+            raise ValueError(f"{flag} was given {len(vals)} times for {len(names)} --teacher(s); give one per teacher")
     tree["teachers"] = [
         {
             "name": name,
@@ -142,7 +141,13 @@ EXTRACT = Command(
             append=True,
             help="local weights file, one per --teacher in order ('-' for none)",
         ),
-        Opt("--group", "teacher.group", append=True, help="cache group name, one per --teacher ('-': the default)"),
+        Opt(
+            "--tokenizer",
+            "teacher.group",
+            append=True,
+            aliases=("--group",),
+            help="the tokenizer's name in the cache (what `train --tokenizer` reads), one per --teacher ('-': derived from the teacher's name)",
+        ),
         Opt("--layer", "teacher.layer", type=int),
         Opt("--codebook-size", "teacher.codebook_size", type=int),
         Opt("--metric", "teacher.metric", choices=value("teacher_cache.config", "KMEANS_METRICS")),

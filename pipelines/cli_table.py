@@ -55,6 +55,8 @@ class Opt:
     help: str | None = None
     """Help of a flag that is not one field's (a per-item list); default: the field's docstring."""
     metavar: str | None = None
+    aliases: tuple[str, ...] = ()
+    """Other spellings users already type (``extract --group`` for ``--tokenizer``)."""
 
     @property
     def dest(self) -> str:
@@ -135,7 +137,7 @@ def add_options(p: argparse.ArgumentParser, cmd: Command) -> None:
             kwargs["default"] = None
         elif not fd.required and not o.positional:
             kwargs["default"] = None if fd.default is cli_docs.NO_DEFAULT else fd.default
-        target.add_argument(o.flag, help=text.replace("%", "%%"), **kwargs)
+        target.add_argument(o.flag, *o.aliases, help=text.replace("%", "%%"), **kwargs)
 
 
 def explicit(build: Callable[[], argparse.ArgumentParser], argv: Sequence[str]) -> set[str]:

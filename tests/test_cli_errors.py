@@ -88,6 +88,7 @@ EXTRACT_CASES = [
     (EXTRACT + " --teacher efficientnet_lite0 --layer 8", ["layer"], ["1..7"]),
     (EXTRACT + " --teacher random-vit:32/8 --layer two", ["--layer"], ["invalid int value"]),
     (EXTRACT + " --teacher random-vit:32/8 --group a --group b", ["--group"], ["one per teacher"]),
+    (EXTRACT + " --teacher random-vit:32/8 --tokenizer a --tokenizer b", ["--tokenizer"], ["one per teacher"]),
     (EXTRACT + " --teacher random-vit:32/8 --teacher pixel:32/8 --group x --group x", ["group"], ["duplicate"]),
     (EXTRACT + " --teacher pixel:32/8 --views 0", ["views"], ["[1, 1024]"]),
     (EXTRACT + " --teacher pixel:32/8 --views 5000", ["views"], ["[1, 1024]"]),
