@@ -40,7 +40,7 @@ what this file keeps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -134,6 +134,36 @@ class DiGPTConfig:
         """0-based encoder block indices of ``memory_layers`` (official ViT-B: 5, 7, 9, 11)."""
         depth = self.encoder.depth
         return tuple(max(1, round(f * depth)) - 1 for f in self.memory_layers)
+
+
+@dataclass(frozen=True)
+class DecoderOutput:
+    """What one decoder predicts for a batch, and for which teacher tokens (``R = (n-1)*sh*sw`` rows)."""
+
+    pred: torch.Tensor
+    """``[B, R, target_dim]`` predictions on the teacher grid, cluster by cluster in the decoder's order."""
+    index: torch.Tensor
+    """``[B, R]`` raster index into the teacher tokens ``[B, h_t*w_t, D]`` of each row's target
+    (:func:`gather_targets`)."""
+    cls: torch.Tensor | None = None
+    """``[B, target_dim]`` the class-token prediction; None when the model does not predict it."""
+
+
+@dataclass(frozen=True)
+class DiGPTOutput:
+    """:meth:`DiGPT.forward`'s result: one :class:`DecoderOutput` per decoder, None for a decoder the model
+    was built without (``DiGPTConfig.decoders``)."""
+
+    gen: DecoderOutput | None = None
+    """Generative decoder: slot t predicts cluster t+1 (clusters 2..n of the order)."""
+    dis: DecoderOutput | None = None
+    """Discriminative decoder: slot t predicts cluster t itself (clusters 1..n-1)."""
+
+    def decoders(self) -> Iterator[tuple[str, DecoderOutput]]:
+        """``(name, output)`` for each decoder present, ``gen`` first; the name is what losses log it as."""
+        for name, out in (("gen", self.gen), ("dis", self.dis)):
+            if out is not None:
+                yield name, out
 
 
 def cluster_index(h: int, w: int, per_side: int) -> torch.Tensor:
@@ -277,33 +307,47 @@ class DiGPT(nn.Module):
             return head(self.to_target_grid(feats))
         return self.to_target_grid(head(feats))
 
-    def forward(self, images: torch.Tensor, order: torch.Tensor) -> dict[str, torch.Tensor]:
+    def target_index(self, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``order: [B, n_clusters]`` -> ``(gen, dis)``, each ``[B, (n-1)*sh*sw]``: the raster index into the
+        teacher tokens of each row the generative decoder (clusters 2..n) and the discriminative decoder
+        (clusters 1..n-1) predicts. The one place that says which clusters each decoder targets: the
+        objectives' blind baselines read it too, so they score exactly the rows :meth:`forward` predicts."""
+        return self.cluster_targets[order[:, 1:]].flatten(1), self.cluster_targets[order[:, :-1]].flatten(1)
+
+    def forward(self, images: torch.Tensor, order: torch.Tensor) -> DiGPTOutput:
         """``images: [B, C, H, W]``; ``order: [B, n_clusters]`` a permutation of cluster ids (raster over the
         cluster arrangement) per sample, e.g. from :func:`random_cluster_order`.
 
-        Returns ``gen``/``dis``: ``[B, (n-1)*sh*sw, target_dim]`` predictions on the teacher grid for
-        clusters 2..n (generative) and 1..n-1 (discriminative) in order; ``gen_index``/``dis_index``:
-        ``[B, (n-1)*sh*sw]`` raster indices into the teacher tokens ``[B, h_t*w_t, D]`` of each row's
-        target; with ``predict_cls`` also ``gen_cls``/``dis_cls``: ``[B, target_dim]``.
+        Returns a :class:`DiGPTOutput`: per decoder, ``[B, (n-1)*sh*sw, target_dim]`` predictions on the
+        teacher grid for clusters 2..n (generative) and 1..n-1 (discriminative) in order, the raster index of
+        each row's target (:meth:`target_index`) and, with ``predict_cls``, the class prediction.
         """
         if order.shape != (images.shape[0], self.cfg.n_clusters):
             raise ValueError(f"order must be [B, {self.cfg.n_clusters}], got {tuple(order.shape)}")
         patches = self.cluster_patches[order]  # [B, n, c*c]
         seen = patches[:, :-1].flatten(1)
         layers = self.forward_encoder(images, seen)
-        out: dict[str, torch.Tensor] = {}
-        for name, decoder, targets, clusters in (
-            ("gen", self.gen, patches[:, 1:].flatten(1), order[:, 1:]),
-            ("dis", self.dis, seen, order[:, :-1]),
-        ):
-            if decoder is None:
-                continue
-            feats = decoder.features(layers, targets, self.dec_self_mask, self.dec_cross_mask, self.cfg.predict_cls)
-            if self.cfg.predict_cls:
-                out[f"{name}_cls"], feats = decoder.head(feats[:, 0]), feats[:, 1:]
-            out[name] = self.predict_on_target_grid(decoder.head, feats)
-            out[f"{name}_index"] = self.cluster_targets[clusters].flatten(1)
-        return out
+        gen_index, dis_index = self.target_index(order)
+        return DiGPTOutput(
+            gen=self.run_decoder(self.gen, layers, patches[:, 1:].flatten(1), gen_index),
+            dis=self.run_decoder(self.dis, layers, seen, dis_index),
+        )
+
+    def run_decoder(
+        self, decoder: Decoder | None, layers: list[torch.Tensor], targets: torch.Tensor, index: torch.Tensor
+    ) -> DecoderOutput | None:
+        """One decoder on the memory ``layers``: ``targets: [B, M]`` the student-grid patches its queries
+        stand for, ``index`` their teacher-grid rows. None when the model has no such decoder.
+
+        Reads ``decoder.features`` then ``decoder.head`` (not ``decoder.forward``), so that the class row
+        and the patch rows share one decoder pass and the head can run after the resampling."""
+        if decoder is None:
+            return None
+        feats = decoder.features(layers, targets, self.dec_self_mask, self.dec_cross_mask, self.cfg.predict_cls)
+        cls = None
+        if self.cfg.predict_cls:
+            cls, feats = decoder.head(feats[:, 0]), feats[:, 1:]
+        return DecoderOutput(pred=self.predict_on_target_grid(decoder.head, feats), index=index, cls=cls)
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {f"{d}.query" for d in self.cfg.decoders}
@@ -319,18 +363,15 @@ def gather_targets(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
-def digpt_loss(
-    out: dict[str, torch.Tensor], tokens: torch.Tensor, cls: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
+def digpt_loss(out: DiGPTOutput, tokens: torch.Tensor, cls: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Official weighting: each decoder's loss is the mean of ``loss_cos`` over its rows plus, when the
-    model predicted it and ``cls: [B, D]`` is given, its class row as one more token; ``loss = gen + dis``."""
+    model predicted it and ``cls: [B, D]`` is given, its class row as one more token; ``loss = gen + dis``.
+    Returns the scalars by the name they are logged as: ``gen``/``dis`` (those present) and ``loss``."""
     losses = {}
-    for name in ("gen", "dis"):
-        if name not in out:
-            continue
-        per_token = loss_cos(out[name], gather_targets(tokens, out[f"{name}_index"]))
-        if cls is not None and f"{name}_cls" in out:
-            per_token = torch.cat([per_token, loss_cos(out[f"{name}_cls"], cls)[:, None]], dim=1)
+    for name, dec in out.decoders():
+        per_token = loss_cos(dec.pred, gather_targets(tokens, dec.index))
+        if cls is not None and dec.cls is not None:
+            per_token = torch.cat([per_token, loss_cos(dec.cls, cls)[:, None]], dim=1)
         losses[name] = per_token.mean()
     losses["loss"] = sum(losses.values())
     return losses

@@ -125,9 +125,14 @@ class VisionTransformer(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, 1+N, D]``: class token first, position embedding added to every row."""
-        x = self.patch_embed(x)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1) + self.pos_embed
+        return self.embed_patches(self.patch_embed(x))
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[B, N, D]`` patch embeddings, all ``N`` in raster order -> ``[B, 1+N, D]``: class token first,
+        position embedding added to every row. The second half of :meth:`embed`, for a caller that edits the
+        patch embeddings first (the ``masked`` objective's mask token, which so gets its patch's position)."""
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        return torch.cat([cls, patches], dim=1) + self.pos_embed
 
     @staticmethod
     def gather(tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -150,12 +155,24 @@ class VisionTransformer(nn.Module):
         token first). Returns the final tokens ``[B, 1+M, D]`` (after ``norm`` unless ``final_norm`` is
         False) and ``{i: output of blocks[i]}`` for each ``i`` in ``return_layers`` (0-based, before norm).
         """
-        wanted = set(return_layers)
-        if any(not 0 <= i < len(self.blocks) for i in wanted):
-            raise ValueError(f"return_layers {sorted(wanted)} out of range for depth {len(self.blocks)}")
         x = self.embed(x)
         if order is not None:
             x = self.gather(x, order)
+        return self.run_blocks(x, mask, return_layers, final_norm)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        mask: AttnMask | None = None,
+        return_layers: Sequence[int] = (),
+        final_norm: bool = True,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The blocks (and ``norm``) on tokens already embedded: ``x: [B, 1+M, D]``, class token first (from
+        :meth:`embed` or :meth:`embed_patches`, gathered or not). Returns what :meth:`forward_features`
+        returns, which is this after ``embed`` and ``gather``."""
+        wanted = set(return_layers)
+        if any(not 0 <= i < len(self.blocks) for i in wanted):
+            raise ValueError(f"return_layers {sorted(wanted)} out of range for depth {len(self.blocks)}")
         layers = {}
         for i, blk in enumerate(self.blocks):
             x = blk(x, mask)

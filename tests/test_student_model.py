@@ -119,10 +119,10 @@ def test_no_leak_from_later_clusters(cluster_size, target_grid, slot, attn_impl)
     assert (enc2[:, tok:] - enc[:, tok:]).abs().amax(dim=-1).min() > 1e-4  # every later row changes
     assert not torch.allclose(enc2[:, 0], enc[:, 0])  # the class token sits in the last visible cluster
     rows = slot * model.cfg.target_share[0] * model.cfg.target_share[1]
-    for name in ("gen", "dis"):  # gen row-group t predicts cluster t+1 from clusters <= t
-        torch.testing.assert_close(out2[name][:, :rows], out[name][:, :rows], atol=1e-6, rtol=0)
-        assert (out2[name][:, rows:] - out[name][:, rows:]).abs().amax(dim=-1).min() > 1e-5
-        assert not torch.allclose(out2[f"{name}_cls"], out[f"{name}_cls"])
+    for a, b in ((out.gen, out2.gen), (out.dis, out2.dis)):  # gen row-group t predicts cluster t+1 from <= t
+        torch.testing.assert_close(b.pred[:, :rows], a.pred[:, :rows], atol=1e-6, rtol=0)
+        assert (b.pred[:, rows:] - a.pred[:, rows:]).abs().amax(dim=-1).min() > 1e-5
+        assert not torch.allclose(b.cls, a.cls)
 
 
 def test_never_encoded_cluster_changes_nothing():
@@ -130,8 +130,9 @@ def test_never_encoded_cluster_changes_nothing():
     x, order = _images(), random_cluster_order(2, 4, torch.Generator().manual_seed(3))
     with torch.no_grad():
         out, out2 = model(x, order), model(_perturb_cluster(x, order, 3, model), order)
-    for k in out:
-        assert torch.equal(out[k], out2[k]), k
+    for (name, a), (_, b) in zip(out.decoders(), out2.decoders(), strict=True):
+        for field in ("pred", "index", "cls"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), (name, field)
 
 
 def test_order_matters_and_index_maps_align():
@@ -142,17 +143,18 @@ def test_order_matters_and_index_maps_align():
         out = model(x, order)
     share = model.cfg.target_share[0] * model.cfg.target_share[1]
     # Same visible prefix (clusters 0, 1): same discriminative predictions for them, at the same targets.
-    assert torch.equal(out["dis_index"][0, : 2 * share], out["dis_index"][1, : 2 * share])
-    torch.testing.assert_close(out["dis"][1, : 2 * share], out["dis"][0, : 2 * share], atol=1e-6, rtol=0)
+    dis = out.dis
+    assert torch.equal(dis.index[0, : 2 * share], dis.index[1, : 2 * share])
+    torch.testing.assert_close(dis.pred[1, : 2 * share], dis.pred[0, : 2 * share], atol=1e-6, rtol=0)
     # Different position in the order: cluster 0 seen alone vs after cluster 1.
-    first = out["dis"][0, :share]
-    other = out["dis"][2, share : 2 * share]
-    assert torch.equal(out["dis_index"][0, :share], out["dis_index"][2, share : 2 * share])
+    first = dis.pred[0, :share]
+    other = dis.pred[2, share : 2 * share]
+    assert torch.equal(dis.index[0, :share], dis.index[2, share : 2 * share])
     assert not torch.allclose(first, other, atol=1e-4)
     # Per-sample orders in one batch equal running each sample alone.
     with torch.no_grad():
         alone = model(x[:1], order[2:])
-    torch.testing.assert_close(alone["gen"][0], out["gen"][2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone.gen.pred[0], out.gen.pred[2], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cluster_size, target_grid", [(1, (4, 4)), (2, (4, 4)), (2, (6, 6)), (1, (8, 8))])
@@ -163,9 +165,9 @@ def test_forward_backward(cluster_size, target_grid, predict_cls, cls_mode):
     order = random_cluster_order(2, cfg.n_clusters, torch.Generator().manual_seed(1))
     out = model(_images(), order)
     rows = (cfg.n_clusters - 1) * cfg.target_share[0] * cfg.target_share[1]
-    assert out["gen"].shape == out["dis"].shape == (2, rows, cfg.target_dim)
-    assert out["gen_index"].shape == (2, rows) and int(out["gen_index"].max()) < target_grid[0] * target_grid[1]
-    assert ("gen_cls" in out) == predict_cls
+    assert out.gen.pred.shape == out.dis.pred.shape == (2, rows, cfg.target_dim)
+    assert out.gen.index.shape == (2, rows) and int(out.gen.index.max()) < target_grid[0] * target_grid[1]
+    assert (out.gen.cls is not None) == (out.dis.cls is not None) == predict_cls
     tokens = torch.randn(2, target_grid[0] * target_grid[1], cfg.target_dim)
     losses = digpt_loss(out, tokens, torch.randn(2, cfg.target_dim))
     losses["loss"].backward()
@@ -175,6 +177,19 @@ def test_forward_backward(cluster_size, target_grid, predict_cls, cls_mode):
     assert not model.encoder.norm.weight.requires_grad and not model.encoder.pos_embed.requires_grad
 
 
+def test_output_has_one_entry_per_built_decoder():
+    """A generative-only model (the paper's Table 9 row) returns no discriminative output; its rows are the
+    ones :meth:`DiGPT.target_index` names, and the loss logs only the decoders present."""
+    model = _digpt(decoders=("gen",), predict_cls=False, cls_mode="prefix")
+    order = random_cluster_order(2, model.cfg.n_clusters, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model(_images(), order)
+    assert out.dis is None and out.gen.cls is None and [n for n, _ in out.decoders()] == ["gen"]
+    assert torch.equal(out.gen.index, model.target_index(order)[0])
+    tokens = torch.randn(2, 36, model.cfg.target_dim)
+    assert sorted(digpt_loss(out, tokens, torch.randn(2, model.cfg.target_dim))) == ["gen", "loss"]
+
+
 def test_impls_agree_on_the_whole_model():
     model = _digpt()
     x, order = _images(), random_cluster_order(2, 4, torch.Generator().manual_seed(2))
@@ -182,8 +197,10 @@ def test_impls_agree_on_the_whole_model():
         ref = model(x, order)
         for impl in ("sdpa_dense", "sdpa"):
             out = set_attn_impl(model, impl)(x, order)
-            for k in ref:
-                torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-5)
+            for (_, a), (_, b) in zip(out.decoders(), ref.decoders(), strict=True):
+                torch.testing.assert_close(a.pred, b.pred, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(a.cls, b.cls, atol=1e-5, rtol=1e-5)
+                assert torch.equal(a.index, b.index)
 
 
 def test_config_defaults_and_errors():

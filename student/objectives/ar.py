@@ -54,8 +54,8 @@ class NextPatch(Objective):
         self.order_name, self.order = order, get_order(order or self.default_order)
 
     def forward(self, batch):
-        out = self.model(batch["images"], self.cluster_order(batch))
-        pred, index = out["gen"], out["gen_index"]
+        gen = self.model(batch["images"], self.cluster_order(batch)).gen
+        pred, index = gen.pred, gen.index
         if self.codes:
             target = batch["codes"].gather(1, index)
             loss = F.cross_entropy(pred.float().flatten(0, 1), target.flatten())
@@ -67,7 +67,7 @@ class NextPatch(Objective):
     def blind_loss(self, batch, stats):
         """Each next token predicted from its position alone: the per-position code frequencies (the
         loss is then the per-position entropy) or the per-position mean target (squared error)."""
-        index = self.model.cluster_targets[self.cluster_order(batch)[:, 1:]].flatten(1)
+        index, _ = self.model.target_index(self.cluster_order(batch))  # the generative decoder's rows
         if self.codes:
             target = batch["codes"].gather(1, index)
             return F.cross_entropy(stats.code_logp[index].flatten(0, 1), target.flatten())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from student.blind import BlindStats
-from student.digpt_model import DiGPT, DiGPTConfig, digpt_loss
+from student.digpt_model import DecoderOutput, DiGPT, DiGPTConfig, DiGPTOutput, digpt_loss
 from student.orders import get_order
 
 from .base import Objective, StudentConfig, TargetSpec, register_objective
@@ -70,14 +70,15 @@ class DiGPTObjective(Objective):
         """The official rows (clusters 2..n generative, 1..n-1 discriminative, plus the class rows), each
         predicted by the mean unit target of its position: the best image-free answer under ``2 - 2 cos``."""
         order = self.cluster_order(batch)
-        out: dict[str, torch.Tensor] = {}
-        for name, clusters in (("gen", order[:, 1:]), ("dis", order[:, :-1])):
-            if getattr(self.model, name) is None:
-                continue
-            index = self.model.cluster_targets[clusters].flatten(1)
-            out[name], out[f"{name}_index"] = stats.token_unit_mean[index], index
-            if self.model.cfg.predict_cls and stats.cls_unit_mean is not None:
-                out[f"{name}_cls"] = stats.cls_unit_mean.expand(order.shape[0], -1)
+        gen_index, dis_index = self.model.target_index(order)
+        cls = None
+        if self.model.cfg.predict_cls and stats.cls_unit_mean is not None:
+            cls = stats.cls_unit_mean.expand(order.shape[0], -1)
+
+        def rows(decoder, index: torch.Tensor) -> DecoderOutput | None:
+            return None if decoder is None else DecoderOutput(stats.token_unit_mean[index], index, cls)
+
+        out = DiGPTOutput(gen=rows(self.model.gen, gen_index), dis=rows(self.model.dis, dis_index))
         return digpt_loss(out, batch["tokens"], batch.get("cls"))["loss"]
 
     @property

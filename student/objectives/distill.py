@@ -203,10 +203,8 @@ class MaskedPrediction(_DenseObjective):
         patches = enc.patch_embed(x)  # [B, N, D], before positions: the mask token gets the position too
         mask, weight = self.mask_and_weight(batch["order_seed"], x.device)
         patches = torch.where(mask[..., None], self.mask_token.to(patches.dtype), patches)
-        t = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), patches], dim=1) + enc.pos_embed
-        for blk in enc.blocks:
-            t = blk(t)
-        return self._loss(enc.norm(t), batch, weight)
+        feats, _ = enc.run_blocks(enc.embed_patches(patches))  # full attention, final norm
+        return self._loss(feats, batch, weight)
 
     def blind_loss(self, batch: dict[str, torch.Tensor], stats: BlindStats) -> torch.Tensor:
         """Scores the teacher tokens :meth:`forward` scores (:meth:`mask_and_weight`), with the same weights."""
