@@ -25,9 +25,10 @@ from teacher_cache.views import AugConfig
 
 # The names below are looked up here at call time (bench/e2e.py times the stages by patching them).
 from .config import AblateConfig
+from .noise import noise_margin
 from .probe import ProbeConfig, run_probes
 from .recipes import COMPARISONS, RECIPES, Variant, cache_dir, dataset_dir
-from .report import RunRecord, findings, format_table, noise_margin, results_table
+from .report import RunRecord, findings, format_table, results_table
 from .report import write_report as _write_report
 
 __all__ = [

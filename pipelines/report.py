@@ -9,6 +9,9 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from .noise import how as _how
+from .noise import margin, paired_margin
+
 if TYPE_CHECKING:
     from .config import AblateConfig
     from .recipes import Variant
@@ -172,52 +175,6 @@ def _per_sample(records: list[RunRecord], attr: str = "report_correct") -> dict[
     return {str(r.seed): list(getattr(r, attr)) for r in records}
 
 
-def paired_margin(a: dict[str, list[int]] | None, b: dict[str, list[int]] | None) -> float | None:
-    """Two standard errors of the difference of two variants' accuracies, paired on the *same* report samples
-    (seed by seed: runs of one seed are probed on one split). Within a seed the standard error is
-    ``sd(a_i - b_i) / sqrt(n)`` over samples ``i`` — the binomial one (:func:`noise_margin`) treats the
-    two probes as independent samples, which they are not. Over several seeds: the larger of the pooled
-    per-sample error of the mean difference and the spread of the per-seed differences (run-to-run noise);
-    one seed cannot show the latter. None when either side lacks the vectors."""
-    if not a or not b:
-        return None
-    per = []
-    for seed in sorted(set(a) & set(b)):
-        va, vb = a[seed], b[seed]
-        if len(va) != len(vb) or len(va) < 2:
-            return None
-        d = [x - y for x, y in zip(va, vb)]
-        per.append((statistics.fmean(d), statistics.variance(d) / len(d)))
-    if not per:
-        return None
-    se = sum(v for _, v in per) ** 0.5 / len(per)
-    if len(per) > 1:
-        se = max(se, statistics.stdev(m for m, _ in per) / len(per) ** 0.5)
-    return 2 * se
-
-
-def margin(a: dict, b: dict, n: int | None) -> float | None:
-    """The error bar of ``a``'s top-1 minus ``b``'s (two result rows): paired when both rows carry their
-    per-sample correctness, else binomial on ``n`` samples."""
-    paired = paired_margin(a.get("report_correct"), b.get("report_correct"))
-    return paired if paired is not None else noise_margin(a["linear_top1"], b["linear_top1"], n)
-
-
-def noise_margin(a: float, b: float, n: int | None) -> float | None:
-    """Two standard errors of the difference of two accuracies, each on ``n`` samples (binomial,
-    at their mean): a gap smaller than this is not evidence of a difference. None without ``n``."""
-    if not n:
-        return None
-    p = min(max((a + b) / 2, 1.0 / n), 1 - 1.0 / n)
-    return 2 * (2 * p * (1 - p) / n) ** 0.5
-
-
-def _how(a: dict, b: dict, n: int | None) -> str:
-    """Which bar :func:`margin` gave: paired only where the vectors pair up (same seeds, same length)."""
-    paired = paired_margin(a.get("report_correct"), b.get("report_correct")) is not None
-    return f", paired over the same {n} report samples" if paired else f" on {n} report samples, binomial"
-
-
 def findings(results: dict) -> list[str]:
     """Plain statements the numbers support (or contradict), for the report."""
     rows = {r["variant"]: r for r in results["rows"]}
@@ -303,7 +260,15 @@ def _teacher_findings(results: dict, frow: dict, n: int | None) -> list[str]:
             continue
         gap, m = c["linear_top1"] - frow["linear_top1"], margin(row, frow, n)
         bar = f"{gap:+.3f} ± {m:.3f}{_how(row, frow, n)}" if m is not None else f"{gap:+.3f}"
-        if m is not None and gap <= m:
+        if c["teacher"].startswith("pixel:"):
+            # Each token is its patch normalised to zero mean and unit variance (MAE's norm-pix): their mean
+            # pool is near zero for every image, so its probe says nothing about what the targets carry.
+            out.append(
+                f"{c['teacher']}: its pooled tokens reach {c['linear_top1']:.3f} ({bar} over the floor), which is "
+                "no ceiling: per-patch normalised pixels pool to about zero whatever the image. The floor is the "
+                "pixel students' baseline."
+            )
+        elif m is not None and gap <= m:
             out.append(
                 f"TEACHER AT THE FLOOR: {c['teacher']}'s own pooled features reach {c['linear_top1']:.3f} on the "
                 f"students' probe set, not above the random-init floor beyond noise ({bar}). This teacher, at "

@@ -129,7 +129,8 @@ def test_findings_do_not_call_noise_a_win():
 def test_paired_error_bar_uses_the_shared_report_samples():
     """Two probes scored on one split disagree on few samples: the paired error bar sees that, the binomial
     one (independent samples) does not. 20 more right answers in 512 is beyond paired noise only."""
-    from pipelines.report import _how, margin, paired_margin
+    from pipelines.noise import how as _how
+    from pipelines.noise import margin, paired_margin
 
     n = 512
     floor = [1.0 if i < 80 else 0.0 for i in range(n)]  # 0.156
