@@ -45,6 +45,7 @@ import time
 from zarr.storage import WrapperStore
 
 from bench import _common as C
+from teacher_cache.names import TARGETS
 
 
 def _teacher_tokens(data: str, teacher, views: int, batch_size: int):
@@ -134,7 +135,7 @@ def _write_form(
 
 
 def _raw_bytes(g) -> int:
-    return sum(int(g[n].nbytes) for n in ("tokens", "token_scale", "cls", "cls_scale") if n in g)
+    return sum(int(g[n].nbytes) for n in TARGETS if n in g)
 
 
 def _cos(a, b) -> float:
@@ -236,7 +237,7 @@ def _loader_read(
     keys = keys[:limit] if limit else keys
     vs = np.array([_hash64(0, 0, shard, key) % views for key in keys], dtype=np.int64)
     reader = None if per_sample else TargetBlocks(open_view_reader(g), vs, np.ones(len(keys), bool))
-    names = [n for n in ("tokens", "token_scale", "cls", "cls_scale") if n in g]
+    names = [n for n in TARGETS if n in g]
     buf: list[dict] = []
     done = 0
     for i in range(len(keys)):

@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .store import CODECS, DTYPES, slug
+from .names import CODECS, DTYPES, slug
 from .views import AugConfig
 
 AUTOCAST = ("none", "bf16", "fp16")

@@ -45,7 +45,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-TARGETS = ("tokens", "token_scale", "cls", "cls_scale")
+from .names import TARGETS
+
 _EMPTY = np.uint64(2**64 - 1)
 
 

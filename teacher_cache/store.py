@@ -24,8 +24,8 @@ Per shard group: 1 group + A array ``zarr.json`` + ``K`` objects per target arra
 metadata chunks; features with a class token have A = 7, G = 2 (int8: 9, 4; codes: 6, 1): 17 objects at
 K = 2 for fp16 with a class token (23 int8, 14 codes), whatever the shard's row count. A training read of one sample's view fetches one byte range of that view
 (its ``T x D`` values + 4 B checksum, plus 16 B of index per row, read once per shard). Schema 1 caches
-(one object per ``chunk_rows`` rows per array, every view in it) are still read, by zarr, with the same
-checks; ``extract`` refuses to add to them.
+(one object per ``chunk_rows`` rows per array, every view in it; ``store_v1.py``) are still read, by zarr,
+with the same checks; ``extract`` refuses to add to them.
 
 Compression: float features are stored raw by default (``codec="auto"`` -> ``none``): they barely
 compress (Blosc lz4 or zstd saves 2-4% on fp16 EfficientNet tokens) and the loader pays the decode on
@@ -34,14 +34,15 @@ arrays. Every chunk (every inner chunk of a sharded array, and each shard index)
 checksum, and every chunk is written, even an all-fill one, so a missing chunk is damage rather than
 zeros (``integrity.py``; shard attribute ``integrity``).
 
-At ~460 lines this module is over the project's ~400 on purpose: it is the one place that knows the
-layout, both the write side (groups, writers) and the read side (targets, view readers) of both
-schemas, so a layout change is one file; the object format itself is in ``objects.py``.
+This module is the one place that knows the layout, the write side (groups, writers) and the read side
+(targets, view readers), so a layout change starts here. Beside it: the object format in ``objects.py``,
+schema 1's writer and reader in ``store_v1.py``, and the names (schema versions, storage forms, array and
+group names) in ``names.py``, which imports neither torch nor zarr; every name of ``names.py`` is also
+importable from here.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -52,17 +53,46 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from .integrity import INTEGRITY, checked, chunk_config, damaged_object, with_checksum
-from .objects import TARGETS, ObjectDamaged, ShardWriter, ViewReader, is_view_sharded
+from .names import CODECS, DTYPES, LAYOUT, READABLE_SCHEMAS, REPORTS_DIR, SCHEMA_VERSION, TARGETS, shard_ids, slug
+from .objects import ObjectDamaged, ShardWriter, ViewReader, is_view_sharded
+from .store_v1 import ChunkedViewReader, RowChunkWriter, rows_per_chunk
 
-SCHEMA_VERSION = 2
-"""2: target arrays sharded, one object per (array, view) per dataset shard (``objects.py``); metadata
-arrays one chunk each. 1: one object per ``chunk_rows`` rows per array, all views in it (still read)."""
-READABLE_SCHEMAS = (1, 2)
-REPORTS_DIR = "reports"  # CACHE/reports holds JSON summaries and skip lists, outside the hierarchy
+# The public interface; the names of names.py are in it because many modules import them from here.
+__all__ = [
+    "CODECS",
+    "DTYPES",
+    "LAYOUT",
+    "READABLE_SCHEMAS",
+    "REPORTS_DIR",
+    "SCHEMA_VERSION",
+    "TARGET_ARRAYS",
+    "TARGETS",
+    "ShardLayout",
+    "ShardTargets",
+    "TokenizerInfo",
+    "compressor",
+    "create_shard_group",
+    "decode_block",
+    "encode_block",
+    "is_complete",
+    "lay_dtype",
+    "list_tokenizers",
+    "open_root",
+    "open_shard",
+    "open_view_reader",
+    "open_writer",
+    "package_version",
+    "shard_ids",
+    "slug",
+    "stored_bytes",
+    "target_codec",
+    "tokenizer_info",
+    "write_rows",
+    "zarr_dtype",
+]
 
 # zarr lists every directory of a group and warns about ones that are not Zarr nodes; ours is known.
 warnings.filterwarnings("ignore", message=f"Object at {REPORTS_DIR} is not recognized")
-DTYPES = ("fp32", "fp16", "bf16", "int8")
 
 
 def package_version() -> str:
@@ -72,27 +102,6 @@ def package_version() -> str:
         return version("digpt")
     except PackageNotFoundError:  # running from a source tree without install
         return "0+unknown"
-
-
-def slug(name: str) -> str:
-    """A group-name-safe form of a teacher or shard name."""
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")
-    return s or "x"
-
-
-def shard_ids(shards: list[str]) -> dict[str, str]:
-    """Map each manifest shard name to a unique group name (its file stem, made safe)."""
-    ids: dict[str, str] = {}
-    used: set[str] = set()
-    for i, shard in enumerate(shards):
-        stem = slug(shard.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar"))
-        sid = stem if stem not in used else f"{stem}-{i:06d}"
-        used.add(sid)
-        ids[shard] = sid
-    return ids
-
-
-CODECS = ("auto", "none", "zstd", "lz4")
 
 
 def compressor(clevel: int, cname: str = "zstd") -> list[BloscCodec]:
@@ -157,10 +166,6 @@ def open_root(path: str, mode: str = "r") -> zarr.Group:
         raise FileNotFoundError(f"no teacher cache at {path} (create one with `digpt extract`)") from None
 
 
-LAYOUT = "view-objects"
-"""``attrs["shard"]["layout"]`` of a schema-2 shard group (see the module docstring)."""
-
-
 @dataclass(frozen=True)
 class ShardLayout:
     """Shapes of one shard group's arrays."""
@@ -178,7 +183,8 @@ class ShardLayout:
     num_codes: int = 0
     codec: str = "zstd"
     sharded: bool = True
-    """Schema 2's few-objects layout; ``False`` writes schema 1's (kept to test and benchmark old caches)."""
+    """Schema 2's few-objects layout; ``False`` writes schema 1's (``store_v1.py``; kept to test and benchmark
+    old caches)."""
 
     @classmethod
     def for_teacher(cls, rows: int, views: int, spec: Any, storage: Any) -> ShardLayout:
@@ -207,7 +213,7 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
     rec = {"name": shard, "rows": lay.rows, "integrity": INTEGRITY}
     g.attrs["shard"] = {**rec, "layout": LAYOUT} if lay.sharded else rec
     n, k, t, d = lay.rows, lay.views, lay.tokens, lay.dim
-    c = max(1, n if lay.sharded else min(lay.chunk_rows, lay.rows))
+    c = max(1, n) if lay.sharded else rows_per_chunk(lay.rows, lay.chunk_rows)
     comp, target_comp = compressor(lay.clevel), compressor(lay.clevel, target_codec(lay.codec, lay.codes))
 
     def arr(name: str, shape: tuple[int, ...], dtype: str, fill: Any = 0, target: bool = False) -> None:
@@ -249,36 +255,20 @@ def create_shard_group(tok: zarr.Group, sid: str, shard: str, lay: ShardLayout) 
     return g
 
 
-TARGET_ARRAYS = ("tokens", "token_scale", "cls", "cls_scale")
-"""The arrays of a shard group that hold teacher outputs (the rest is the view plan and bookkeeping)."""
+TARGET_ARRAYS = TARGETS  # the name this module gave ``names.TARGETS`` before there was one
 
 
-class _ZarrRowWriter:
-    """Schema 1's writer: each block of rows is whole chunks, written by zarr."""
-
-    def __init__(self, g: zarr.Group):
-        self.g = g
-
-    def write(self, name: str, lo: int, block: np.ndarray) -> None:
-        self.g[name][lo : lo + len(block)] = block
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
-def open_writer(g: zarr.Group) -> ShardWriter | _ZarrRowWriter:
+def open_writer(g: zarr.Group) -> ShardWriter | RowChunkWriter:
     """The writer of a new shard group's target arrays: call ``write_rows`` per block, ``close()`` before
-    marking the shard complete (and ``abort()`` on failure)."""
+    marking the shard complete (and ``abort()`` on failure). Schema 2's streaming :class:`ShardWriter`, or
+    for a group made with ``sharded=False``, schema 1's :class:`store_v1.RowChunkWriter`."""
     if "tokens" in g and is_view_sharded(g["tokens"]):
         return ShardWriter(g)
-    return _ZarrRowWriter(g)
+    return RowChunkWriter(g)
 
 
 def write_rows(
-    w: ShardWriter | _ZarrRowWriter,
+    w: ShardWriter | RowChunkWriter,
     lo: int,
     hi: int,
     idx: np.ndarray,
@@ -416,31 +406,13 @@ def open_shard(root: zarr.Group, tokenizer: str, sid: str) -> ShardTargets:
     return ShardTargets(tok[sid], info, codebook)
 
 
-class _ChunkedViewReader:
-    """:class:`ViewReader`'s interface over a schema-1 group (chunks of rows x all views, read by zarr)."""
-
-    def __init__(self, g: zarr.Group, names: tuple[str, ...] = TARGETS):
-        self.g, self.names = g, [n for n in names if n in g]
-        self.bytes_read = 0
-
-    def read(self, rows: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
-        rows, views = np.asarray(rows, dtype=np.int64), np.asarray(views, dtype=np.int64)
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        out = {}
-        for n in self.names:
-            block = checked(self.g, n, lambda n=n: self.g[n][lo:hi])
-            self.bytes_read += block.nbytes  # decoded bytes of every view of the rows spanned
-            out[n] = block[rows - lo, views]
-        return out
-
-
-def open_view_reader(g: zarr.Group) -> ViewReader | _ChunkedViewReader:
+def open_view_reader(g: zarr.Group) -> ViewReader | ChunkedViewReader:
     """A reader of chosen (row, view) targets of a complete shard group, in stored dtype: ranged reads of
     single views (schema 2), or whole chunks by zarr (schema 1). Damage raises :class:`CacheIntegrityError`
     naming array, object, row and view."""
     if "tokens" in g and is_view_sharded(g["tokens"]):
         return _CheckedViewReader(g)
-    return _ChunkedViewReader(g)
+    return ChunkedViewReader(g)
 
 
 class _CheckedViewReader(ViewReader):

@@ -16,10 +16,12 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the view plan is pure Python/NumPy: configs and planning import no torch
+    import torch
 
 PLAN_ALGORITHM = "rrc-v1"  # bump when the sampling below changes: it is part of every fingerprint
 
@@ -150,6 +152,8 @@ def replay_view(
 
     Teacher and student both call this with the same box and flip; only ``size`` differs.
     """
+    import torch.nn.functional as F  # here, not at the top: the plan above needs no torch
+
     top, left, h, w = (int(b) for b in box)
     if h <= 0 or w <= 0 or top < 0 or left < 0 or top + h > image.shape[1] or left + w > image.shape[2]:
         raise ValueError(f"crop box {tuple(box)} does not fit an image of size {tuple(image.shape[1:])}")

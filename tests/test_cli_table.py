@@ -104,3 +104,17 @@ def test_a_run_config_json_trains_again(tiny_dataset, tiny_cache, tmp_path):
     b = json.load(open(os.path.join(second, "config.json")))
     assert {**a["train"], "out": None} == {**b["train"], "out": None}
     assert a["resolved"] == b["resolved"] and a["cache"] == b["cache"]
+
+
+def test_configs_import_no_torch():
+    """The configs of every stage load without torch, timm or zarr (a fresh interpreter): ``--help``, recipes
+    and ``train --config`` read them without building a model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, teacher_cache.config, student.config, pipelines.config, pipelines.cli_commands\n"
+        "print(sorted(m for m in ('torch', 'timm', 'zarr') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
