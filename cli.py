@@ -60,59 +60,21 @@ def _field(
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> None:
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="{imagefolder,wds,parquet,synthetic}")
-    mod = "teacher_cache.prepare"
-    f = _parser(kinds, "imagefolder", "ImageNet-style class folders -> tar shards")
-    doc = cli_docs.config_fields(mod, "ImageFolderConfig")
-    _field(f, "root", doc["root"])
-    _field(f, "--out", doc["out"], required=True)
-    _field(f, "--shard-size", doc["shard_size"], type=int)
-    w = _parser(kinds, "wds", "index existing webdataset / img2dataset shards in place")
-    doc = cli_docs.config_fields(mod, "WdsConfig")
-    _field(w, "pattern", doc["pattern"])
-    _field(w, "--out", doc["out"], required=True)
-    q = _parser(kinds, "parquet", "parquet shards with an image-bytes column (Hugging Face layout) -> tar shards")
-    doc = cli_docs.config_fields(mod, "ParquetConfig")
-    _field(q, "pattern", doc["pattern"])
-    _field(q, "--out", doc["out"], required=True)
-    _field(q, "--shard-size", doc["shard_size"], type=int)
-    _field(q, "--image-column", doc["image_column"])
-    _field(q, "--label-column", doc["label_column"])
-    s = _parser(kinds, "synthetic", "generate a class-structured image set (demo, tests)")
-    doc = cli_docs.config_fields(mod, "SyntheticConfig")
-    _field(s, "--out", doc["out"], required=True)
-    for name in ("num_samples", "num_classes", "image_size", "shard_size", "seed"):
-        _field(s, "--" + name.replace("_", "-"), doc[name], type=int)
+    from pipelines.cli_commands import prepare_sources, prepare_table
+    from pipelines.cli_table import add_options
+
+    sources = prepare_sources()  # teacher_cache/prepare's registry, read from source
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{" + ",".join(sources) + "}")
+    for name, (module, cls) in sources.items():
+        add_options(_parser(kinds, name, cli_docs.class_doc(module, cls)), prepare_table(name))
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
-    from teacher_cache import prepare as P
+    from pipelines.cli_commands import prepare_table
+    from pipelines.cli_table import build_config
+    from teacher_cache.prepare import get_source
 
-    if a.kind == "synthetic":
-        ds = P.prepare_synthetic(
-            P.SyntheticConfig(
-                out=a.out,
-                num_samples=a.num_samples,
-                num_classes=a.num_classes,
-                image_size=a.image_size,
-                shard_size=a.shard_size,
-                seed=a.seed,
-            )
-        )
-    elif a.kind == "imagefolder":
-        ds = P.prepare_imagefolder(P.ImageFolderConfig(root=a.root, out=a.out, shard_size=a.shard_size))
-    elif a.kind == "parquet":
-        ds = P.prepare_parquet(
-            P.ParquetConfig(
-                pattern=a.pattern,
-                out=a.out,
-                shard_size=a.shard_size,
-                image_column=a.image_column,
-                label_column=a.label_column,
-            )
-        )
-    else:
-        ds = P.prepare_wds(P.WdsConfig(pattern=a.pattern, out=a.out))
+    ds = get_source(a.kind).prepare(build_config(a, prepare_table(a.kind)))
     print(ds.summary())
     return 0
 

@@ -274,6 +274,38 @@ PROBE = Command(
 )
 """``digpt probe``."""
 
+
+def prepare_sources() -> dict[str, tuple[str, str]]:
+    """``{source: (module, config class)}`` of ``teacher_cache/prepare``'s registry, read from source."""
+    from pipelines import cli_docs
+
+    return cli_docs.registered_configs("teacher_cache.prepare", "register_source")
+
+
+def prepare_table(source: str) -> Command:
+    """``digpt prepare SOURCE``: every field of the source's config is an option (a required one other than
+    ``out`` is the positional argument: the folder or the shard pattern), typed by its default."""
+    from pipelines import cli_docs
+
+    module, cls = prepare_sources()[source]
+    opts = []
+    for name, fd in cli_docs.config_fields(module, cls).items():
+        kind = type(fd.default) if fd.default not in (None, cli_docs.NO_DEFAULT) else str
+        positional = fd.required and name != "out"
+        flag = name if positional else "--" + name.replace("_", "-")
+        opts.append(
+            Opt(
+                flag,
+                name,
+                positional=positional,
+                required=fd.required,
+                switch=kind is bool,
+                type=None if kind is bool else kind,
+            )
+        )
+    return Command(sections={"": (module, cls)}, opts=tuple(opts), hidden={})
+
+
 COMMAND_TABLES: dict[str, Command] = {
     "extract": EXTRACT,
     "verify": VERIFY,

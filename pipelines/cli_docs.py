@@ -88,6 +88,14 @@ def config_fields(module: str, cls: str) -> dict[str, FieldDoc]:
     return out
 
 
+def class_doc(module: str, cls: str) -> str:
+    """The first line of class ``cls``'s docstring in ``module`` (a subcommand's one-line help)."""
+    for node in _tree(source_path(module)).body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return (ast.get_docstring(node) or "").strip().splitlines()[0] if ast.get_docstring(node) else ""
+    raise LookupError(f"no class {cls} in {source_path(module)}")
+
+
 def registered(package: str, decorator: str) -> list[str]:
     """Sorted names registered with ``@decorator("name")`` in the modules of ``package`` (or in one module)."""
     path = source_path(package)

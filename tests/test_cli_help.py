@@ -53,7 +53,7 @@ def test_names_read_from_source_equal_the_registries():
     from student.orders import list_orders
     from student.sizes import list_vit_sizes
     from student.targets import NORMS
-    from teacher_cache.store import CODECS, DTYPES
+    from teacher_cache.names import CODECS, DTYPES
 
     assert cli_docs.registered("student.objectives", "register_objective") == sorted(list_objectives())
     assert cli_docs.registered("student.orders", "register_order") == sorted(list_orders())
@@ -70,8 +70,8 @@ def test_names_read_from_source_equal_the_registries():
     for module, name, value in [
         ("student.config", "ATTN_IMPLS", ATTN_IMPLS),
         ("student.config", "NORMS", NORMS),
-        ("teacher_cache.store", "DTYPES", DTYPES),
-        ("teacher_cache.store", "CODECS", CODECS),
+        ("teacher_cache.names", "DTYPES", DTYPES),
+        ("teacher_cache.names", "CODECS", CODECS),
         ("pipelines.config", "KINDS", KINDS),
         ("pipelines.config", "POOLS", POOLS),
     ]:
@@ -79,9 +79,9 @@ def test_names_read_from_source_equal_the_registries():
 
 
 CONFIGS = [
-    ("teacher_cache.prepare", "SyntheticConfig"),
-    ("teacher_cache.prepare", "ImageFolderConfig"),
-    ("teacher_cache.prepare", "WdsConfig"),
+    ("teacher_cache.prepare.synthetic", "SyntheticConfig"),
+    ("teacher_cache.prepare.imagefolder", "ImageFolderConfig"),
+    ("teacher_cache.prepare.wds", "WdsConfig"),
     ("teacher_cache.config", "ExtractConfig"),
     ("teacher_cache.config", "TeacherConfig"),
     ("teacher_cache.config", "StorageConfig"),

@@ -23,9 +23,15 @@ def _parse(argv):
     return args
 
 
-@pytest.mark.parametrize("name", sorted(COMMAND_TABLES))
+def _tables():
+    from pipelines.cli_commands import prepare_sources, prepare_table
+
+    return {**COMMAND_TABLES, **{f"prepare {s}": prepare_table(s) for s in prepare_sources()}}
+
+
+@pytest.mark.parametrize("name", sorted(_tables()))
 def test_every_field_is_a_flag_or_hidden_on_purpose(name):
-    cmd = COMMAND_TABLES[name]
+    cmd = _tables()[name]
     flagged = {p for o in cmd.opts for p in (o.path, *o.also)}
     fields = cmd.paths()
     assert flagged <= fields, f"flags for fields that do not exist: {sorted(flagged - fields)}"
