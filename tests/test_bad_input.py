@@ -1,7 +1,7 @@
 """Bad input through the real commands: ``prepare imagefolder`` / ``prepare wds`` -> ``extract --executor
 local`` -> ``verify`` (DESIGN invariant 5: bad input is named, not fatal, and never silent).
 
-Policy under test (teacher_cache/images.py, prepare.py, shards.py):
+Policy under test (teacher_cache/images.py, prepare/, shards.py):
 
 * CMYK, grayscale, RGBA/LA, palette(+transparency) and 16-bit images are converted to 8-bit RGB
   (alpha composited onto white) and extracted like any other;
