@@ -155,6 +155,8 @@ def _verify_tokenizer(
     meta: dict,
     progress: bool,
 ) -> None:
+    """Every check of one tokenizer group: provenance, then each shard's group, then (when every shard is
+    there and readable) the teacher rebuilt and re-run on a few stored views."""
     name, tok, a = info.name, root[info.name], info.attrs
     report.add(
         name,
@@ -164,102 +166,140 @@ def _verify_tokenizer(
         f"grid {a['spec']['grid']}x{a['spec']['dim']}",
     )
     sids = shard_ids(ds.shards)
-    missing, incomplete, bad_keys, bad_plan, nonfinite, valid, rows = [], [], [], [], [], 0, 0
-    bad_shape: list[str] = []
-    damaged: list[str] = []  # corrupt or missing chunks, swapped groups, valid counts off the record
-    chunks_read, unchecked = 0, []
+    found = _Findings()
     for shard in progress_bar(ds.shards, desc=f"verify {name}", unit="shard", disable=not progress):
-        sid = sids[shard]
-        if sid not in tok:
-            missing.append(shard)
-            continue
-        g = tok[sid]
-        if "complete" not in g.attrs:
-            incomplete.append(shard)
-            continue
-        mrows = ds.rows(shard)
-        if not has_integrity(g):
-            unchecked.append(g)
-        try:
-            problems = check_shard_group(g, shard, list(mrows["key"]))
-            if any(p.startswith("stored keys") for p in problems):
-                bad_keys.append(shard)
-            problems = [p for p in problems if not p.startswith("stored keys")]
-            if problems:
-                damaged += [f"{shard}: {p}" for p in problems]
-                continue
-            if shard in bad_keys:
-                continue
-            plan = plan_shard(shard, mrows["key"], mrows["width"], mrows["height"], aug)
-            stored = {n: checked(g, n, lambda g=g, n=n: g[n][:]) for n in ("seeds", "boxes", "flips")}
-            if not (
-                np.array_equal(plan.seeds, stored["seeds"])
-                and np.array_equal(plan.boxes, stored["boxes"])
-                and np.array_equal(plan.flips, stored["flips"])
-            ):
-                bad_plan.append(shard)
-            shape_problem = _shape_problem(g, info, aug.views, len(mrows["key"]))
-            if shape_problem:
-                bad_shape.append(f"{shard}: {shape_problem}")
-                continue
-            if cfg.full:
-                chunks_read += read_every_chunk(g)
-            if not info.codes and not _finite(g, info.dtype):
-                nonfinite.append(shard)
-        except CacheIntegrityError as e:
-            damaged.append(str(e))
-            continue
-        except Exception as e:  # a damaged chunk in the plan arrays: zarr/Blosc's own error types
-            damaged.append(f"{shard}: {type(e).__name__}: {e}")
-            continue
-        valid += int(g["valid"][:].sum())
-        rows += len(mrows["key"])
+        _check_shard(cfg, found, tok, sids[shard], shard, ds, info, aug)
+    _report_findings(cfg, report, info, found, len(ds.shards), aug.views)
+    if cfg.spot_checks and not found.blocks_spot_check:
+        _spot_check(cfg, report, tok, info, ds, sids, aug)
+
+
+@dataclass
+class _Findings:
+    """What the per-shard checks of one tokenizer found: shard names, or problems as text."""
+
+    missing: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    bad_keys: list[str] = field(default_factory=list)
+    bad_plan: list[str] = field(default_factory=list)
+    bad_shape: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    """Corrupt or missing chunks, swapped groups, valid counts off the record."""
+    unchecked: list[zarr.Group] = field(default_factory=list)
+    """Shard groups written without checksums."""
+    valid: int = 0
+    rows: int = 0
+    chunks_read: int = 0
+
+    @property
+    def blocks_spot_check(self) -> bool:
+        """A shard is absent or unreadable: re-running the teacher on stored views would read garbage."""
+        return bool(self.missing or self.incomplete or self.bad_keys or self.bad_shape or self.damaged)
+
+
+def _check_shard(
+    cfg: VerifyConfig, found: _Findings, tok: zarr.Group, sid: str, shard: str, ds, info: TokenizerInfo, aug: AugConfig
+) -> None:
+    """Check one shard's group (present, complete, intact, keys, views, shapes, finite) into ``found``."""
+    if sid not in tok:
+        found.missing.append(shard)
+        return
+    g = tok[sid]
+    if "complete" not in g.attrs:
+        found.incomplete.append(shard)
+        return
+    mrows = ds.rows(shard)
+    if not has_integrity(g):
+        found.unchecked.append(g)
+    try:
+        problems = check_shard_group(g, shard, list(mrows["key"]))
+        if any(p.startswith("stored keys") for p in problems):
+            found.bad_keys.append(shard)
+        problems = [p for p in problems if not p.startswith("stored keys")]
+        if problems:
+            found.damaged += [f"{shard}: {p}" for p in problems]
+            return
+        if shard in found.bad_keys:
+            return
+        plan = plan_shard(shard, mrows["key"], mrows["width"], mrows["height"], aug)
+        stored = {n: checked(g, n, lambda g=g, n=n: g[n][:]) for n in ("seeds", "boxes", "flips")}
+        if not (
+            np.array_equal(plan.seeds, stored["seeds"])
+            and np.array_equal(plan.boxes, stored["boxes"])
+            and np.array_equal(plan.flips, stored["flips"])
+        ):
+            found.bad_plan.append(shard)
+        shape_problem = _shape_problem(g, info, aug.views, len(mrows["key"]))
+        if shape_problem:
+            found.bad_shape.append(f"{shard}: {shape_problem}")
+            return
+        if cfg.full:
+            found.chunks_read += read_every_chunk(g)
+        if not info.codes and not _finite(g, info.dtype):
+            found.nonfinite.append(shard)
+    except CacheIntegrityError as e:
+        found.damaged.append(str(e))
+        return
+    except Exception as e:  # a damaged chunk in the plan arrays: zarr/Blosc's own error types
+        found.damaged.append(f"{shard}: {type(e).__name__}: {e}")
+        return
+    found.valid += int(g["valid"][:].sum())
+    found.rows += len(mrows["key"])
+
+
+def _report_findings(
+    cfg: VerifyConfig, report: VerifyReport, info: TokenizerInfo, found: _Findings, shards: int, views: int
+) -> None:
+    """One report line per per-shard check of tokenizer ``info`` over its ``shards`` shards."""
+    name, f = info.name, found
     report.add(
         name,
         "complete",
-        not missing and not incomplete,
-        f"{len(ds.shards) - len(missing) - len(incomplete)}/{len(ds.shards)} shards"
-        + (f"; missing {missing[:3]}" if missing else "")
-        + (f"; incomplete {incomplete[:3]}" if incomplete else ""),
+        not f.missing and not f.incomplete,
+        f"{shards - len(f.missing) - len(f.incomplete)}/{shards} shards"
+        + (f"; missing {f.missing[:3]}" if f.missing else "")
+        + (f"; incomplete {f.incomplete[:3]}" if f.incomplete else ""),
     )
     report.add(
         name,
         "keys match manifest",
-        not bad_keys,
-        f"mismatched shards {bad_keys[:3]}" if bad_keys else f"{rows} rows, {valid} valid",
+        not f.bad_keys,
+        f"mismatched shards {f.bad_keys[:3]}" if f.bad_keys else f"{f.rows} rows, {f.valid} valid",
     )
     report.add(
-        name, "views re-derive", not bad_plan, f"differ in {bad_plan[:3]}" if bad_plan else "seeds, boxes, flips equal"
+        name,
+        "views re-derive",
+        not f.bad_plan,
+        f"differ in {f.bad_plan[:3]}" if f.bad_plan else "seeds, boxes, flips equal",
     )
     spec = info.spec
     report.add(
         name,
         "shapes match spec",
-        not bad_shape,
-        "; ".join(bad_shape[:3])
-        if bad_shape
-        else f"{aug.views} views x {spec['grid'][0]}x{spec['grid'][1]} tokens x {spec['dim']}",
+        not f.bad_shape,
+        "; ".join(f.bad_shape[:3])
+        if f.bad_shape
+        else f"{views} views x {spec['grid'][0]}x{spec['grid'][1]} tokens x {spec['dim']}",
     )
-    if unchecked:
-        warn_unchecked(cfg.cache, unchecked)
+    if f.unchecked:
+        warn_unchecked(cfg.cache, f.unchecked)
     intact = "every chunk present; " + (
-        f"{chunks_read} chunks decoded, every checksum matches"
+        f"{f.chunks_read} chunks decoded, every checksum matches"
         if cfg.full
         else "target chunks decoded with their checksums (--full: every chunk)"
     )
     report.add(
         name,
         "chunks intact",
-        not damaged,
-        "; ".join(damaged[:3])
-        if damaged
-        else f"{len(unchecked)} shard(s) written without checksums: not checkable"
-        if unchecked
+        not f.damaged,
+        "; ".join(f.damaged[:3])
+        if f.damaged
+        else f"{len(f.unchecked)} shard(s) written without checksums: not checkable"
+        if f.unchecked
         else intact,
     )
-    report.add(name, "finite", not nonfinite, f"NaN/Inf in {nonfinite[:3]}" if nonfinite else "no NaN/Inf")
-    if cfg.spot_checks and not (missing or incomplete or bad_keys or bad_shape or damaged):
-        _spot_check(cfg, report, tok, info, ds, sids, aug)
+    report.add(name, "finite", not f.nonfinite, f"NaN/Inf in {f.nonfinite[:3]}" if f.nonfinite else "no NaN/Inf")
 
 
 def _shape_problem(g: zarr.Group, info: TokenizerInfo, views: int, rows: int) -> str:

@@ -261,13 +261,115 @@ def _reader(
             _put(out, e, stop)
 
 
-def _flush(forward: Callable, pending: list[torch.Tensor], count: int, toks: list, clss: list) -> None:
-    """The teacher over the first ``count`` pending views (one batch), outputs appended."""
-    t, cl = forward(torch.stack(pending[:count]))
-    del pending[:count]
-    toks.append(t)
-    if cl is not None:
-        clss.append(cl)
+class Batches:
+    """Views to a teacher forward in batches of exactly ``batch_size``, in the order they were added, the
+    remainder last (at :meth:`finish`); the outputs concatenated. The one batching of every extraction
+    path, so the teacher sees the same batches (and the cache gets the same bytes) wherever it runs."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]], batch_size: int):
+        self.forward, self.batch_size = forward, batch_size
+        self._pending: list[torch.Tensor] = []
+        self._toks: list[torch.Tensor] = []
+        self._clss: list[torch.Tensor] = []
+
+    def add(self, views: torch.Tensor) -> None:
+        """Queue ``views [k, 3, S, S]``; every full batch runs now."""
+        self._pending.extend(views.unbind(0))
+        while len(self._pending) >= self.batch_size:
+            self._flush(self.batch_size)
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the remainder; ``(tokens, cls or None)`` of every view added since the last call, in order."""
+        if self._pending:
+            self._flush(len(self._pending))
+        toks, clss = self._toks, self._clss
+        self._toks, self._clss = [], []
+        return torch.cat(toks), (torch.cat(clss) if clss else None)
+
+    def _flush(self, count: int) -> None:
+        t, cl = self.forward(torch.stack(self._pending[:count]))
+        del self._pending[:count]
+        self._toks.append(t)
+        if cl is not None:
+            self._clss.append(cl)
+
+
+class _DecodedRows:
+    """The decode side of one shard: a reader thread queues the rows (index order) to the decode pool; the
+    forward thread takes them back with :meth:`next` in the same order. Row ``i`` is the manifest's row
+    ``i`` or the stream is refused (a tar that lost or gained samples)."""
+
+    def __init__(
+        self,
+        n: int,
+        samples: Iterator[tuple[dict[str, Any], Any]],
+        boxes: np.ndarray,
+        flips: np.ndarray,
+        size: int,
+        batch_size: int,
+        decode_threads: int,
+        decode_pool: DecodePool | None,
+    ):
+        self.n = n
+        self.stop = threading.Event()
+        self._owned = decode_pool is None  # threads started for this shard, stopped with it
+        if decode_pool is not None:
+            self.pool: Executor = decode_pool.executor
+            per_task, width = decode_pool.rows_per_task, decode_pool.processes
+        else:
+            self.pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="extract-decode")
+            per_task, width = 1, decode_threads
+        # Enough decoded rows queued to fill two teacher batches, and every decoder busy meanwhile.
+        self.decoded: queue.Queue = queue.Queue(maxsize=max(4 * width, -(-2 * batch_size // per_task)))
+        self.reader = threading.Thread(
+            target=_reader,
+            args=(samples, boxes, flips, size, self.pool, per_task, self.decoded, self.stop),
+            name="extract-reader",
+            daemon=True,
+        )
+        self._ready: list[tuple[np.ndarray | None, str]] = []  # the current task's decoded rows; the next is row `_at`
+        self._at = 0
+
+    def start(self) -> None:
+        self.reader.start()
+
+    def next(self, i: int) -> tuple[torch.Tensor | None, str]:
+        """Row ``i``'s ``(views, "")`` or ``(None, reason)``; rows are asked for in index order."""
+        if not self._ready:
+            item = self._get()
+            if item is _END or item[0] != i:  # the reader yields every manifest row, in order
+                raise RuntimeError(f"row {i} of {self.n} missing from the shard's sample stream")
+            self._ready, self._at = item[1].result(), i
+        views, reason = self._ready.pop(0)
+        if self._at != i:
+            raise RuntimeError(f"row {i} of {self.n} missing from the shard's sample stream")
+        self._at += 1
+        return (None if views is None else torch.from_numpy(views)), reason
+
+    def check_end(self) -> None:
+        """After row ``n - 1``: the stream's end is read too, so a tar with more samples than its manifest fails."""
+        tail = self._get() if not self._ready else None
+        if tail is not _END:
+            raise RuntimeError(f"the shard's sample stream holds more than its manifest's {self.n} rows")
+
+    def _get(self) -> Any:
+        item = _get(self.decoded, self.reader.is_alive)
+        if isinstance(item, BaseException):  # the reader's failure, raised on this thread
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the reader (and the decode threads this shard started); returns once it is gone."""
+        self.stop.set()
+        if self._owned:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.join()
+        # A shared pool outlives this shard: cancel what this shard queued and never used.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self.decoded.get_nowait()
+                if isinstance(item, tuple) and isinstance(item[1], Future):
+                    item[1].cancel()
 
 
 def run_rows(
@@ -291,85 +393,41 @@ def run_rows(
     ``valid`` mask and ``(index, reason)`` of every unusable row, in index order."""
     valid = np.zeros(n, dtype=bool)
     skipped: list[tuple[int, str]] = []
-    stop = threading.Event()
-    if decode_pool is not None:
-        pool: Executor = decode_pool.executor
-        per_task, width = decode_pool.rows_per_task, decode_pool.processes
-    else:
-        pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="extract-decode")
-        per_task, width = 1, decode_threads
-    # Enough decoded rows queued to fill two teacher batches, and every decoder busy meanwhile.
-    decoded: queue.Queue = queue.Queue(maxsize=max(4 * width, -(-2 * batch_size // per_task)))
-    reader = threading.Thread(
-        target=_reader,
-        args=(samples, boxes, flips, size, pool, per_task, decoded, stop),
-        name="extract-reader",
-        daemon=True,
-    )
-    ready: list[tuple[np.ndarray | None, str]] = []  # the current task's decoded rows; the next is row `at`
-    at = 0
-
-    def next_row(i: int) -> tuple[torch.Tensor | None, str]:
-        nonlocal ready, at
-        if not ready:
-            item = _get(decoded, reader.is_alive)
-            if isinstance(item, BaseException):
-                raise item
-            if item is _END or item[0] != i:  # the reader yields every manifest row, in order
-                raise RuntimeError(f"row {i} of {n} missing from the shard's sample stream")
-            ready, at = item[1].result(), i
-        views, reason = ready.pop(0)
-        if at != i:
-            raise RuntimeError(f"row {i} of {n} missing from the shard's sample stream")
-        at += 1
-        return (None if views is None else torch.from_numpy(views)), reason
-
+    rows = _DecodedRows(n, samples, boxes, flips, size, batch_size, decode_threads, decode_pool)
+    batches = Batches(forward, batch_size)
     ok = False
     try:
-        reader.start()
+        rows.start()
         c = max(1, min(chunk_rows, n))
         for lo in range(0, n, c):  # one chunk at a time: the writer gets whole chunks
-            hi = min(lo + c, n)
-            rows_ok: list[int] = []
-            pending: list[torch.Tensor] = []
-            toks: list[torch.Tensor] = []
-            clss: list[torch.Tensor] = []
-
-            for i in range(lo, hi):
-                views, reason = next_row(i)
-                if views is None:
-                    skipped.append((i, reason))
-                    continue
-                rows_ok.append(i)
-                pending.extend(views.unbind(0))
-                while len(pending) >= batch_size:
-                    _flush(forward, pending, batch_size, toks, clss)
-                writer.raise_error()
-            if pending:
-                _flush(forward, pending, len(pending), toks, clss)
-            if not rows_ok:  # no row of this chunk decoded: its target chunks are written as fill values
-                writer.put(lo, hi, np.zeros(0, dtype=np.int64), None, None)
-                continue
-            tokens = torch.cat(toks)
-            writer.put(lo, hi, np.asarray(rows_ok) - lo, tokens, torch.cat(clss) if clss else None)
-            valid[rows_ok] = True
-        # The stream's end is read too: a tar with more samples than its manifest fails there.
-        tail = _get(decoded, reader.is_alive) if not ready else None
-        if isinstance(tail, BaseException):
-            raise tail
-        if tail is not _END:
-            raise RuntimeError(f"the shard's sample stream holds more than its manifest's {n} rows")
+            rows_ok = _run_chunk(rows, lo, min(lo + c, n), batches, writer, skipped)
+            if rows_ok:
+                valid[rows_ok] = True
+        rows.check_end()
         ok = True
     finally:
-        stop.set()
-        if decode_pool is None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        reader.join()
-        # A shared pool outlives this shard: cancel what this shard queued and never used.
-        with contextlib.suppress(queue.Empty):
-            while True:
-                item = decoded.get_nowait()
-                if isinstance(item, tuple) and isinstance(item[1], Future):
-                    item[1].cancel()
+        rows.close()
         writer.close(ok)
     return valid, skipped
+
+
+def _run_chunk(
+    rows: _DecodedRows, lo: int, hi: int, batches: Batches, writer: Writer, skipped: list[tuple[int, str]]
+) -> list[int]:
+    """Rows ``[lo, hi)`` through the teacher and to ``writer`` as one block; returns the usable rows and
+    appends ``(index, reason)`` of the others to ``skipped``."""
+    rows_ok: list[int] = []
+    for i in range(lo, hi):
+        views, reason = rows.next(i)
+        if views is None:
+            skipped.append((i, reason))
+            continue
+        rows_ok.append(i)
+        batches.add(views)
+        writer.raise_error()
+    if not rows_ok:  # no row of this chunk decoded: its target chunks are written as fill values
+        writer.put(lo, hi, np.zeros(0, dtype=np.int64), None, None)
+        return rows_ok
+    tokens, cls = batches.finish()
+    writer.put(lo, hi, np.asarray(rows_ok) - lo, tokens, cls)
+    return rows_ok

@@ -25,21 +25,20 @@ from ..runtime import resolve_device
 from ..store import ShardLayout, create_shard_group, is_complete, open_writer, stored_bytes, write_rows
 from ..teachers import Teacher, build_teacher
 from ..views import plan_shard
-from .pipeline import DecodePool, Forward, Writer, run_rows
+from .pipeline import Batches, DecodePool, Forward, Writer, run_rows
 from .plan import RUN_ONLY, ShardJob, ShardResult, failed
 
 FAULT_PAUSE_ENV = "DIGPT_FAULT_PAUSE"
 
 
 def run_teacher(teacher: Teacher, views: torch.Tensor, batch_size: int, device: torch.device):
-    """The teacher over ``views`` in batches of ``batch_size``; ``(tokens, cls or None)`` on the host."""
-    toks, clss = [], []
-    for b in range(0, len(views), batch_size):
-        out = teacher(views[b : b + batch_size].to(device))
-        toks.append(out.tokens.cpu())
-        if out.cls is not None:
-            clss.append(out.cls.cpu())
-    return torch.cat(toks), (torch.cat(clss) if clss else None)
+    """The teacher over ``views`` in batches of ``batch_size``; ``(tokens, cls or None)`` on the host.
+
+    The same forward and batching as a shard's extraction (:class:`~.pipeline.Forward`,
+    :class:`~.pipeline.Batches`), without autocast or narrowing: full-precision outputs."""
+    batches = Batches(Forward(teacher, device), batch_size)
+    batches.add(views)
+    return batches.finish()
 
 
 def extract_shard(

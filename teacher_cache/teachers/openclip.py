@@ -14,15 +14,15 @@ teacher refuses unless ``allow_hub=True`` is passed, in which case open_clip dow
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from .base import CLIP_MEAN, CLIP_STD, Teacher, TeacherOutput, TeacherSpec, load_error_reason
+from .base import CLIP_MEAN, CLIP_STD, Teacher, TeacherOutput, TeacherSpec
 from .registry import register_teacher
+from .weights import load_model, seeded_init
 
 TINY_ARCH = "digpt-tiny-vit"
 """open_clip config name registered in-process for ``openclip:tiny`` (tests; random weights)."""
@@ -57,8 +57,7 @@ def build_tiny_clip(**create_kwargs: Any) -> nn.Module:
     import open_clip
 
     _register_tiny_config()
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-        torch.manual_seed(0)
+    with seeded_init():
         return open_clip.create_model(TINY_ARCH, pretrained=None, **create_kwargs)
 
 
@@ -147,21 +146,40 @@ def create_openclip_teacher(
     """
     if options:
         raise ValueError(f"openclip teacher: unknown options {sorted(options)}")
-    import open_clip
-
     arch, tag = _parse_arg(arg)
     tiny = arch == "tiny"
     if tiny:
         arch = TINY_ARCH
         _register_tiny_config()
+    arch_cfg = _arch_config(arg, arch, layer)
+    kwargs, qg = _create_kwargs(arg, arch, tag, arch_cfg, quick_gelu)
+    model = _load_clip(arg, arch, tag, weights, kwargs, tiny=tiny, allow_hub=allow_hub)
+    spec = _clip_spec(model, arg, arch, tag, layer, quick_gelu=qg)
+    teacher = OpenCLIPTeacher(model.visual, spec, weights_path=weights)
+    teacher.eval()
+    return teacher
+
+
+def _arch_config(arg: str | None, arch: str, layer: int | None) -> dict[str, Any]:
+    """open_clip's built-in config of ``arch``; ``layer`` is checked against it before any weights load
+    (possibly gigabytes of them)."""
+    import open_clip
 
     arch_cfg = open_clip.get_model_config(arch)
     if arch_cfg is None:
         raise ValueError(f"openclip:{arg}: unknown architecture {arch!r} (see open_clip.list_models())")
-    # Validate `layer` from the config, before loading possibly gigabytes of weights.
     n_blocks = arch_cfg["vision_cfg"].get("layers")
     if layer is not None and isinstance(n_blocks, int) and not 1 <= layer <= n_blocks:
         raise ValueError(f"openclip:{arg}: layer must be in 1..{n_blocks} (1-based block index), got {layer}")
+    return arch_cfg
+
+
+def _create_kwargs(
+    arg: str | None, arch: str, tag: str | None, arch_cfg: dict[str, Any], quick_gelu: bool | None
+) -> tuple[dict[str, Any], bool]:
+    """``(open_clip.create_model keywords, whether the activation is QuickGELU)``: the keywords fix the
+    activation and mean/std the ``tag`` was trained with (a weights file carries neither)."""
+    import open_clip
 
     tag_cfg: dict[str, Any] = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     if tag and not tag_cfg:
@@ -171,7 +189,7 @@ def create_openclip_teacher(
             f"openclip:{arg}: tag {tag!r} is not in open_clip's pretrained table for {arch}; "
             f"using the arch config's activation and OpenAI mean/std (known tags: "
             f"{open_clip.list_pretrained_tags_by_model(arch)})",
-            stacklevel=2,
+            stacklevel=3,  # the factory's caller
         )
     kwargs: dict[str, Any] = {}
     qg = (tag_cfg.get("quick_gelu", False) or arch_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
@@ -183,34 +201,52 @@ def create_openclip_teacher(
         kwargs["quick_gelu"] = False  # model kwarg, overrides a '-quickgelu' arch config when asked to
     if "mean" in tag_cfg and "std" in tag_cfg:
         kwargs["force_preprocess_cfg"] = {"mean": tag_cfg["mean"], "std": tag_cfg["std"]}
+    return kwargs, bool(qg)
 
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"openclip:{arg}: weights file not found: {weights}")
+
+def _load_clip(
+    arg: str | None,
+    arch: str,
+    tag: str | None,
+    weights: str | None,
+    kwargs: dict[str, Any],
+    *,
+    tiny: bool,
+    allow_hub: bool,
+) -> nn.Module:
+    """The full open_clip model: from ``weights``, else the seeded tiny model, else (``allow_hub``) the hub."""
+    import open_clip
+
+    def from_file(path: str) -> nn.Module:
         # A path as `pretrained` is loaded by open_clip's load_checkpoint (safetensors or
         # torch.load(weights_only=True)), strict; no tag lookup -> no download.
-        try:
-            model = open_clip.create_model(
-                arch, pretrained=weights, require_pretrained=True, weights_only=True, **kwargs
-            )
-        except Exception as e:  # e.g. an OpenAI TorchScript archive, which weights_only refuses
-            raise ValueError(
-                f"openclip:{arg}: could not load {weights} as an open_clip state_dict "
-                "(.safetensors/.bin/.pt state_dict). OpenAI's original TorchScript .pt archives are refused "
-                "by weights_only loading; use the open_clip conversion (e.g. open_clip_model.safetensors "
-                f"from the hub repo in open_clip's pretrained table): {load_error_reason(e)}"
-            ) from e
-    elif tiny:
-        model = build_tiny_clip(**kwargs)
-    elif allow_hub:
+        return open_clip.create_model(arch, pretrained=path, require_pretrained=True, weights_only=True, **kwargs)
+
+    def from_hub() -> nn.Module:
         if not tag:
             raise ValueError(f"openclip:{arg}: allow_hub needs a pretrained tag, e.g. openclip:{arch}@openai")
-        model = open_clip.create_model(arch, pretrained=tag, require_pretrained=True, **kwargs)
-    else:
-        raise ValueError(
-            f"openclip:{arg} needs local weights: pass --weights FILE (an open_clip checkpoint for {arch}), "
-            "or allow_hub=True to download the tag from the hub"
-        )
+        return open_clip.create_model(arch, pretrained=tag, require_pretrained=True, **kwargs)
+
+    return load_model(
+        f"openclip:{arg}",
+        weights,
+        from_file=from_file,
+        refused=f"could not load {weights} as an open_clip state_dict "
+        "(.safetensors/.bin/.pt state_dict). OpenAI's original TorchScript .pt archives are refused "
+        "by weights_only loading; use the open_clip conversion (e.g. open_clip_model.safetensors "
+        "from the hub repo in open_clip's pretrained table)",
+        tiny=(lambda: build_tiny_clip(**kwargs)) if tiny else None,
+        from_hub=from_hub if allow_hub else None,
+        needs=f"pass --weights FILE (an open_clip checkpoint for {arch}), "
+        "or allow_hub=True to download the tag from the hub",
+    )
+
+
+def _clip_spec(
+    model: nn.Module, arg: str | None, arch: str, tag: str | None, layer: int | None, quick_gelu: bool
+) -> TeacherSpec:
+    """The spec of a built model's image tower; refuses towers without a per-patch class-token layout."""
+    import open_clip
 
     visual = model.visual
     _check_supported(visual, arch)
@@ -224,7 +260,7 @@ def create_openclip_teacher(
         raise ValueError(f"openclip:{arg}: non-square input {size} is not supported")
     grid = (size[0] // patch[0], size[1] // patch[1])
     dim = visual.output_dim if visual.proj is not None else visual.conv1.out_channels
-    spec = TeacherSpec(
+    return TeacherSpec(
         name=f"openclip:{arg}",
         input_size=int(size[0]),
         grid=grid,
@@ -233,8 +269,5 @@ def create_openclip_teacher(
         std=tuple(float(s) for s in pp.get("std", CLIP_STD)),
         has_cls=True,
         layer=layer,
-        extra={"arch": arch, "pretrained": tag, "quick_gelu": bool(qg), "tokens": "ln_post+proj on every token"},
+        extra={"arch": arch, "pretrained": tag, "quick_gelu": quick_gelu, "tokens": "ln_post+proj on every token"},
     )
-    teacher = OpenCLIPTeacher(visual, spec, weights_path=weights)
-    teacher.eval()
-    return teacher

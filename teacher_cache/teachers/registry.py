@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..registry import modules_of
 from .base import Teacher
 
 if TYPE_CHECKING:
@@ -104,10 +105,20 @@ def register_teacher(
     return deco
 
 
+# Every module of this package is imported (each family module registers itself): a new family is one new
+# file. Found by listing the package rather than imported by name here, because the family modules import
+# this one (`register_teacher`): naming them would make registry and families import each other.
+_discover = modules_of(__package__)
+_loaded = False
+
+
 def _ensure_loaded() -> None:
-    # Import side effect: each module registers its family. Kept lazy so `import teacher_cache`
-    # does not pull in open_clip / timm.
-    from . import efficientnet, kmeans, openclip, pca, pixel, timm_vit, tiny  # noqa: F401
+    # Lazy, so `import teacher_cache` does not pull in open_clip / timm. Marked loaded only once every
+    # module imported: a family that failed to import fails the next lookup again instead of vanishing.
+    global _loaded
+    if not _loaded:
+        _discover()
+        _loaded = True
 
 
 def list_teachers(tiny: bool = False) -> list[str]:

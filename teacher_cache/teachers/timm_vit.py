@@ -10,14 +10,14 @@ the teacher refuses unless ``allow_hub=True`` is passed explicitly.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from .base import Teacher, TeacherOutput, TeacherSpec, load_error_reason
+from .base import Teacher, TeacherOutput, TeacherSpec
 from .registry import register_teacher
+from .weights import load_model, seeded_init
 
 DEFAULT_IMG_SIZE = 224
 """D-iGPT's teacher resolution; DINOv2 checkpoints (trained at 518) are resampled to it by timm."""
@@ -105,35 +105,41 @@ def create_timm_teacher(
         kwargs["img_size"] = img_size
     kwargs.setdefault("img_size", DEFAULT_IMG_SIZE)
 
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"timm:{arg}: weights file not found: {weights}")
-        try:  # timm reads the file with safetensors or torch.load(weights_only=True)
-            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs)
-        except Exception as e:  # a refused pickle, a damaged file, another architecture's state_dict
-            raise ValueError(f"timm:{arg}: could not load weights {weights} for {arch}: {load_error_reason(e)}") from e
-    elif tiny:
-        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-            torch.manual_seed(0)
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-    elif allow_hub:
-        model = timm.create_model(arch, pretrained=True, **kwargs)
-    else:
-        raise ValueError(
-            f"timm:{arg} needs local weights: pass --weights FILE (a .safetensors or .pth state_dict for {arch}), "
-            "or allow_hub=True to download timm's pretrained weights"
-        )
+    def from_file(path: str) -> nn.Module:  # timm reads the file with safetensors or torch.load(weights_only=True)
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
 
+    def seeded() -> nn.Module:
+        with seeded_init():
+            return timm.create_model(arch, pretrained=False, **kwargs)
+
+    model = load_model(
+        f"timm:{arg}",
+        weights,
+        from_file=from_file,
+        refused=f"could not load weights {weights} for {arch}",
+        tiny=seeded if tiny else None,
+        from_hub=(lambda: timm.create_model(arch, pretrained=True, **kwargs)) if allow_hub else None,
+        needs=f"pass --weights FILE (a .safetensors or .pth state_dict for {arch}), "
+        "or allow_hub=True to download timm's pretrained weights",
+    )
+
+    spec = _timm_spec(model, arg, arch, int(kwargs["img_size"]), layer, tiny)
+    teacher = TimmViTTeacher(model, spec, weights_path=weights)
+    teacher.eval()
+    return teacher
+
+
+def _timm_spec(model: nn.Module, arg: str, arch: str, size: int, layer: int | None, tiny: bool) -> TeacherSpec:
+    """The spec of a built timm ViT; refuses a model without prefix tokens and a ``layer`` out of range."""
     if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "forward_intermediates"):
         raise ValueError(f"timm:{arg}: {type(model).__name__} is not a ViT-style model with prefix tokens")
     n_blocks = len(model.blocks)
     if layer is not None and not 1 <= layer <= n_blocks:
         raise ValueError(f"timm:{arg}: layer must be in 1..{n_blocks} (1-based block index), got {layer}")
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    size = kwargs["img_size"]
     cfg = model.pretrained_cfg
     has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
-    spec = TeacherSpec(
+    return TeacherSpec(
         name=f"timm:{arg}",
         input_size=int(size),
         grid=(grid[0], grid[1]),
@@ -149,6 +155,3 @@ def create_timm_teacher(
             "tokens": "final norm, prefix (class/register) tokens dropped",
         },
     )
-    teacher = TimmViTTeacher(model, spec, weights_path=weights)
-    teacher.eval()
-    return teacher
