@@ -55,7 +55,7 @@ class PlainViews(IterableDataset):
 
     def _shards(self, worker: int, workers: int) -> list[str]:
         shards = list(self.ds.shards)
-        np.random.default_rng([self.seed, self.epoch]).shuffle(shards)  # as CachedViews._shards (1 rank)
+        np.random.default_rng([self.seed, self.epoch]).shuffle(shards)  # as EpochPlan.shard_order (1 rank)
         return shards[worker::workers]
 
     def __iter__(self):
@@ -217,18 +217,19 @@ def _shard_setup_seconds(join, first: bool = False) -> float:
 
 
 def _instrumented_epoch(make) -> tuple[dict[str, float], float, int]:
-    from student import data as D
+    from student import collate as K
     from student import join as J
+    from teacher_cache import dataset as DS
 
     timer = C.StageTimer()
-    timer.patch(D, "decode_image", "decode")
-    timer.patch(D, "to_uint8_chw", "decode")
-    timer.patch(D, "replay_view", "replay/crop")
-    timer.patch(D, "sample_crop", CROP)
+    timer.patch(K, "decode_image", "decode")
+    timer.patch(K, "to_uint8_chw", "decode")
+    timer.patch(K, "replay_view", "replay/crop")
+    timer.patch(K, "sample_crop", CROP)
     timer.patch(J.JoinThread, "wait", WAIT)
     timer.patch(J.TargetBlocks, "row", READ)
-    timer.patch(D, "_content_hash", HASH)
-    timer.patch(D, "stored_targets", STACK)
+    timer.patch(DS, "content_hash", HASH)  # through checked_image, the loader's content-hash check
+    timer.patch(K, "stored_targets", STACK)
     try:
         t0 = time.perf_counter()
         n = _epoch(make())

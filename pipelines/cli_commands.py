@@ -39,10 +39,23 @@ def name_file(item: str) -> tuple[str, str]:
 name_file.__name__ = "TEACHER=FILE"
 
 
+def name_value(item: str) -> tuple[str, str]:
+    """argparse ``type`` of ``NAME=VALUE`` (a teacher family's knob; its config reads the value's type)."""
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise ValueError(f"expected NAME=VALUE, got {item!r}")
+    return name.replace("-", "_"), value
+
+
+name_value.__name__ = "NAME=VALUE"
+
+
 def _teachers(tree: dict[str, Any]) -> dict[str, Any]:
     """``--teacher A --teacher B`` (with one ``--weights``/``--group`` per teacher, ``-`` for none) and the
     knobs every teacher shares -> ``teachers``: one TeacherConfig each."""
     shared = dict(tree.pop("teacher", {}))
+    if "knobs" in shared:  # --knob NAME=VALUE pairs: the family's config reads each value as its field's type
+        shared["knobs"] = dict(shared["knobs"])
     names = shared.pop("name", None) or []
     per = {k: shared.pop(k, None) for k in ("weights", "group")}
     for key, vals in per.items():
@@ -63,7 +76,7 @@ def _teachers(tree: dict[str, Any]) -> dict[str, Any]:
 TRAIN = Command(
     sections={
         "": ("student.config", "TrainConfig"),
-        "data": ("student.data", "DataConfig"),
+        "data": ("student.config", "DataConfig"),
         "student": ("student.config", "StudentConfig"),
         "optim": ("student.config", "OptimConfig"),
     },
@@ -105,7 +118,7 @@ TRAIN = Command(
         Opt("--device", "device"),
         Opt("--resume", "resume", switch=True),
         Opt("--online-teacher", "online_teacher", switch=True),
-        Opt("--on-mismatch", "data.on_mismatch", choices=value("student.data", "ON_MISMATCH")),
+        Opt("--on-mismatch", "data.on_mismatch", choices=value("student.config", "ON_MISMATCH")),
         Opt("--blind-batches", "blind_batches", type=int),
         Opt("--target-norm", "target_norm", choices=value("student.config", "NORMS"), strict=True),
     ),
@@ -155,6 +168,7 @@ EXTRACT = Command(
         Opt("--fit-samples", "teacher.fit_samples", type=int),
         Opt("--codebook", "teacher.codebook"),
         Opt("--allow-hub", "teacher.allow_hub", switch=True),
+        Opt("--knob", "teacher.knobs", append=True, type=name_value, metavar="NAME=VALUE"),
         Opt("--views", "aug.views", type=int),
         Opt("--seed", "aug.seed", type=int),
         Opt("--dtype", "storage.dtype", choices=value("teacher_cache.names", "DTYPES")),

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING
 
-from student.data import DataConfig
+from student.config import DataConfig
 from student.objectives import StudentConfig
 from student.sizes import vit_config
 from student.train import OptimConfig, TrainConfig

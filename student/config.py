@@ -11,16 +11,15 @@ Checks that need a registry (an objective's name and knobs) run when the run ope
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .sizes import STEMS, ViTConfig, list_vit_sizes, vit_config
-
-if TYPE_CHECKING:
-    from .data import DataConfig
 
 __all__ = [
     "ATTN_IMPLS",
     "NORMS",
+    "ON_MISMATCH",
+    "DataConfig",
     "OptimConfig",
     "StudentConfig",
     "TrainConfig",
@@ -29,6 +28,60 @@ __all__ = [
 ATTN_IMPLS = ("eager", "sdpa_dense", "sdpa", "flex")
 
 NORMS = ("channel", "token", "none")
+
+
+ON_MISMATCH = ("error", "skip")
+
+"""What the loader does with an image whose bytes no longer match the manifest (``DataConfig.on_mismatch``)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the student's samples and targets come from."""
+
+    shards: str
+    """Prepared dataset directory (image shards + manifest)."""
+    cache: str
+    """Teacher cache made from those shards."""
+    tokenizer: str | None = None
+    """Tokenizer group in the cache; ``None`` when the cache holds exactly one."""
+    img_size: int = 224
+    """Student input resolution (the teacher may have run at another)."""
+    batch_size: int = 64
+    """Samples per batch *per rank*."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    seed: int = 0
+    """Seeds shard order, the shuffle buffer, the per-epoch view choice and the per-sample orders."""
+    shuffle_buffer: int = 256
+    """Samples held for in-shard shuffling (0 disables)."""
+    on_mismatch: str = "error"
+    """An image whose bytes no longer match the manifest's content hash (so its cached targets were
+    computed from other pixels): ``error`` refuses naming the key; ``skip`` counts it and skips it."""
+    mismatch_log: str | None = None
+    """File that each skipped sample is appended to (one JSON line; ``on_mismatch="skip"``)."""
+    max_views: int | None = None
+    """Train on only the first N of the cache's stored views (None: all of them): what a cache that
+    stored N views would give, from one cache of more (the K-views study, LEARNING.md)."""
+    fresh_views: bool = False
+    """Draw a new crop of every sample each epoch instead of a stored view. The cache holds no targets
+    for such a view, so this needs the teacher run online (``--online-teacher``); the loader refuses it
+    otherwise. With it, a run sees as many views as it has epochs: the other end of the K-views curve."""
+
+    def __post_init__(self) -> None:
+        if self.max_views is not None and self.max_views < 1:
+            raise ValueError(f"max_views must be >= 1 (or None for all stored views), got {self.max_views}")
+        if self.on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {self.on_mismatch!r}")
+        for name in ("img_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError(
+                f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers} and {self.shuffle_buffer}"
+            )
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)

@@ -180,11 +180,9 @@ def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """A :class:`TrainConfig` from its ``asdict`` form: the ``train`` section of a run's ``config.json``
     (or a whole ``config.json``). Unknown keys are refused by name; the objective's knobs come back as
     the config type that objective registers."""
-    from .data import DataConfig
-
     d = dict(d.get("train", d))
     knobs = d.pop("objective_knobs", None)
-    cfg = from_dict(TrainConfig, d, types={"DataConfig": DataConfig}, where="train")
+    cfg = from_dict(TrainConfig, d, where="train")
     if knobs is not None:
         kind = type(objective_config(cfg.objective))
         cfg = replace(cfg, objective_knobs=from_dict(kind, knobs, where="train.objective_knobs"))

@@ -49,6 +49,9 @@ class TeacherConfig:
     """``pca`` only: principal directions kept (the stored token width; at most the base's token dim)."""
     allow_hub: bool = False
     """Let hub-backed teachers download weights when no ``weights`` file is given."""
+    knobs: dict[str, Any] | None = None
+    """Settings only this teacher's family has, by name (the family registers their config:
+    ``register_teacher(..., knobs=Config)``); checked against it before any work."""
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -50,6 +50,40 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _parse(tp: Any, text: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, _types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.lower() in ("none", "null") and len(args) < len(typing.get_args(tp)):
+            return None
+        return _parse(args[0], text, where) if args else text
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where}: expected true or false, got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ValueError(f"{where}: expected {tp.__name__}, got {text!r}") from None
+    return text
+
+
+def from_strings(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """``cls`` from ``data`` whose values may be command-line strings (``{"factor": "3"}``): each string is
+    read as its field's type (int, float, bool, str, or None for an optional field). Unknown keys are
+    refused by name, as in :func:`from_dict`."""
+    hints = _hints(cls, None)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    typed = {
+        k: _parse(hints.get(k, Any), v, f"{where}.{k}" if where else k) if isinstance(v, str) and k in names else v
+        for k, v in data.items()
+    }
+    return from_dict(cls, typed, where=where)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], types: dict[str, Any] | None = None, where: str = "") -> T:
     """``cls(**data)`` with nested dataclasses and tuples rebuilt from their JSON forms.
 

@@ -2,8 +2,11 @@
 
 Everything after ``prepare`` reads images through here — extract, verify, the probe and the student
 loader: :func:`load_dataset` opens and checks a directory, :class:`PreparedDataset` answers per-shard
-rows, :func:`iter_dataset_samples` re-reads a shard and refuses one whose keys or image bytes differ from
-the manifest (:func:`content_hash`). The writers live in :mod:`teacher_cache.prepare`.
+rows, :func:`join_shard` is the one join of a shard's tar with its manifest rows and
+:func:`checked_image` the one check of an image against the manifest's :func:`content_hash`;
+:func:`iter_dataset_samples` is the strict reader over them (it refuses a shard whose keys or image bytes
+differ from the manifest), the student loader its own lenient one (``student/samples.py``). The writers
+live in :mod:`teacher_cache.prepare`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import pyarrow as pa
@@ -174,37 +177,97 @@ class ManifestMismatch(ValueError):
     """A shard no longer matches the manifest it was indexed into."""
 
 
+def readable_index(rows: dict[str, list]) -> dict[str, int]:
+    """Row of each readable key of a shard's manifest ``rows`` (rows without an error at prepare): the rows
+    a tar sample that is not at its own position can still be joined to."""
+    return {key: i for i, key in enumerate(rows["key"]) if not rows["error"][i]}
+
+
+class Joined(NamedTuple):
+    """One step of the join of a shard's tar with its manifest rows (:func:`join_shard`).
+
+    A tar sample: ``sample`` and its ``position`` in the tar, with its manifest ``row`` (``None``: the
+    manifest has no row for it). After the stream, each row that no sample was joined to, with
+    ``sample=None`` and ``position=-1``. Where the tar is damaged, one step with its ``damage`` (which
+    ends the stream: the rows it cut off follow as rows without a sample)."""
+
+    position: int
+    row: int | None
+    sample: RawSample | None
+    damage: ShardError | None = None
+
+
+def join_shard(
+    ds: PreparedDataset, shard: str, rows: dict[str, list] | None = None, index: dict[str, int] | None = None
+) -> Iterator[Joined]:
+    """The one manifest <-> tar join, in tar order: extraction, verify, the probe and the student loader
+    all read a shard through it (each with its own policy for what does not match).
+
+    A sample's row is the one at its position when the keys agree (an unchanged shard: ``prepare`` lists
+    every sample, bad ones too, in tar order), else the readable row of its key (``index``, from
+    :func:`readable_index`; a shard with samples added or removed since). ``rows``/``index`` may be
+    passed in by a caller that keeps them across epochs. Image bytes are not checked here: see
+    :func:`checked_image`."""
+    rows = ds.rows(shard) if rows is None else rows
+    index = readable_index(rows) if index is None else index
+    keys = rows["key"]
+    n = len(keys)
+    joined = bytearray(n)
+    for position, item in enumerate(iter_tar_samples(ds.shard_url(shard))):
+        if isinstance(item, ShardError):
+            yield Joined(position, None, None, item)
+            break
+        if position < n and keys[position] == printable_key(item.key):
+            row = position
+        else:
+            row = index.get(item.key)
+        if row is not None:
+            joined[row] = 1
+        yield Joined(position, row, item)
+    for row in range(n):
+        if not joined[row]:
+            yield Joined(-1, row, None)
+
+
+def checked_image(sample: RawSample, expected_hash: str) -> bytes | None:
+    """The sample's image bytes (``b""`` when it has none) if their :func:`content_hash` is the manifest's
+    ``expected_hash`` (``""`` for a sample without an image), else ``None``: the image changed since
+    ``prepare``, so anything computed from the old bytes belongs to other pixels."""
+    picked = pick_image(sample)
+    digest = content_hash(picked[1]) if picked else ""
+    if digest != expected_hash:
+        return None
+    return picked[1] if picked else b""
+
+
 def iter_dataset_samples(ds: PreparedDataset, shard: str) -> Iterator[tuple[dict[str, Any], RawSample | None]]:
     """Re-read ``shard`` and pair each manifest row with its raw sample, in index order.
 
     Rows whose sample is gone (the shard now ends early) come with ``None``. A shard whose keys or
     image bytes differ from the manifest raises :class:`ManifestMismatch`: its rows describe
-    another file, and targets computed from it would be silently misaligned.
+    another file, and targets computed from it would be silently misaligned. (The strict policy over
+    :func:`join_shard`: every sample must sit at its own row.)
     """
     rows = ds.rows(shard)
     names = list(rows)
     n = len(rows["key"])
-    index = 0
-    for item in iter_tar_samples(ds.shard_url(shard)):
-        if isinstance(item, ShardError):
-            break
-        if index >= n:
+    for step in join_shard(ds, shard, rows):
+        if step.damage is not None:
+            continue  # the rows it cut off follow, without samples
+        row = {name: rows[name][step.row] for name in names} if step.row is not None else None
+        if step.sample is None:
+            yield row, None
+            continue
+        p = step.position
+        if p >= n:
             raise ManifestMismatch(f"{shard}: has more samples than the manifest's {n}")
-        row = {name: rows[name][index] for name in names}
-        _check_same_sample(shard, row, item)
-        yield row, item
-        index += 1
-    for rest in range(index, n):
-        yield {name: rows[name][rest] for name in names}, None
-
-
-def _check_same_sample(shard: str, row: dict[str, Any], sample: RawSample) -> None:
-    if printable_key(sample.key) != row["key"]:
-        raise ManifestMismatch(f"{shard}: index {row['index']} has key {sample.key!r}, manifest says {row['key']!r}")
-    picked = pick_image(sample)
-    digest = content_hash(picked[1]) if picked else ""
-    if digest != row["hash"]:
-        raise ManifestMismatch(f"{shard}: image of key {row['key']!r} changed since prepare (hash differs)")
+        if step.row != p:
+            raise ManifestMismatch(
+                f"{shard}: index {rows['index'][p]} has key {step.sample.key!r}, manifest says {rows['key'][p]!r}"
+            )
+        if checked_image(step.sample, row["hash"]) is None:
+            raise ManifestMismatch(f"{shard}: image of key {row['key']!r} changed since prepare (hash differs)")
+        yield row, step.sample
 
 
 def content_hash(data: bytes) -> str:

@@ -48,6 +48,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
         self._discover = discover
         self._discovered = discover is None
+        self._loading = False
         self.retired: dict[str, str] = dict(retired or {})
         """Names that once ran something other than what they name, with where it went."""
 
@@ -74,10 +75,17 @@ class Registry(Generic[T]):
         self._entries[name] = Entry(name, obj, dict(meta))
 
     def _load(self) -> None:
-        if not self._discovered:
-            self._discovered = True  # before importing: a module that asks for names while loading must not recurse
+        # A module that asks for names while discovery imports it must not recurse; a module that failed
+        # to import fails the next lookup again instead of vanishing (discovered only once all imported).
+        if self._discovered or self._loading:
+            return
+        self._loading = True
+        try:
             assert self._discover is not None
             self._discover()
+            self._discovered = True
+        finally:
+            self._loading = False
 
     @contextlib.contextmanager
     def scoped(self) -> Iterator[Registry[T]]:

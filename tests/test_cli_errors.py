@@ -60,6 +60,8 @@ PREPARE_CASES = [
 
 EXTRACT = "--shards {ds} --out {out} --executor local"
 EXTRACT_CASES = [
+    (EXTRACT + " --teacher pixel:32/8 --knob depth=3", ["pixel:32/8"], ["takes no knobs", "depth"]),
+    (EXTRACT + " --teacher pixel:32/8 --knob depth", ["--knob"], ["NAME=VALUE"]),
     (EXTRACT + " --teacher pixel:32/8 --clevel 12", ["clevel"], ["[0, 9]"]),
     ("--shards {tmp}/no-such-ds --out {out} --teacher pixel:32/8", ["not a prepared dataset", "dataset.json"], []),
     (EXTRACT + " --teacher nope", ["unknown teacher"], ["families are", "pixel", "random-vit"]),

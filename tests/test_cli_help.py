@@ -89,7 +89,7 @@ CONFIGS = [
     ("teacher_cache.verify", "VerifyConfig"),
     ("student.config", "TrainConfig"),
     ("student.config", "OptimConfig"),
-    ("student.data", "DataConfig"),
+    ("student.config", "DataConfig"),
     ("student.config", "StudentConfig"),
     ("student.objectives.distill", "MaskedConfig"),
     ("pipelines.config", "DemoConfig"),

@@ -76,3 +76,22 @@ def test_each_sample_is_read_once_per_epoch(world, workers, tiny_dataset, pixel_
         if 3 % (world * workers) == 0:  # whole shards per slot: the trainer itself drops nothing either
             assert steps[0] * world * BATCH == 48
     assert orders[0] != orders[1], "two epochs read the samples in the same order"
+
+
+# (ranks, loader workers, resume point): 2 workers get 4 and 2 batches (worker 1 runs out first).
+@pytest.mark.parametrize("world,workers,skip", [(1, 2, 0), (1, 2, 3), (1, 2, 5), (2, 1, 1), (1, 3, 2)])
+def test_the_loader_yields_its_epoch_plan(world, workers, skip, tiny_dataset, pixel_cache):
+    """The epoch plan (``student/epoch_plan.py``, tested alone in test_epoch_plan.py) says exactly which
+    samples each batch holds, in which order, through real DataLoader workers and from a resume point."""
+    cfg = DataConfig(
+        tiny_dataset, pixel_cache, img_size=32, batch_size=BATCH, num_workers=workers, seed=SEED, shuffle_buffer=11
+    )
+    join = CacheJoin(cfg)
+    keys = {s: [k for k, ok in zip(join.rows(s)["key"], join.valid[s]) if ok] for s in join.ds.shards}
+    for rank in range(world):
+        views = CachedViews(cfg, rank=rank, world=world, join=join)
+        views.set_epoch(1, skip)
+        plan = views.epoch_plan(1)
+        expected = [[plan.order_seed(s, k) for s, k in b] for b in plan.rank_batches(rank, keys, skip)]
+        got = [b["order_seed"].tolist() for b in make_loader(views)]
+        assert got == expected and len(got) == sum(views.batches_per_worker(1, rank)) - skip

@@ -54,16 +54,12 @@ class TargetSpec:
 
 
 def cls_in_token_space(spec: dict[str, Any]) -> bool:
-    """False for EfficientNet-Lite0's head (and ``pca:`` of it, which projects both with one basis): its
-    tokens are the conv+BN map *before* ReLU6 (signed, so a cosine loss has content to fit), while its
-    global token is the average pool of the map *after* ReLU6 (what the ImageNet classifier reads). The
-    two live in different spaces: on 128 generated images (256 px, 2 views) the mean cosine between a
-    view's global token and its own patch tokens is -0.03, against 0.92 for their mean — so a similarity
-    to that global token ranks nothing. ViT teachers (timm, OpenCLIP,
-    random-vit) take the class token from the same layer and projection as the patch tokens; MBConv
-    stage outputs (``layer=k``) pool the very map they tokenise."""
-    extra = spec.get("extra") or {}
-    return not (extra.get("arch") == "efficientnet-lite0" and spec.get("layer") is None)
+    """Whether the teacher's global token lives in its patch tokens' space, as its family declares
+    (``register_teacher(..., cls_in_token_space=...)``: EfficientNet-Lite0's head pools another map than
+    it tokenises; ViT teachers take both from one layer and projection)."""
+    from teacher_cache.teachers import global_token_in_token_space
+
+    return global_token_in_token_space(spec)
 
 
 class Objective(nn.Module):

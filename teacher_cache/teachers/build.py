@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .base import Teacher
-from .registry import create_teacher, family_fit, fitted_arrays, resolve_name, split_name
+from .registry import create_teacher, family_fit, family_knobs, fitted_arrays, resolve_name, split_name
 
 if TYPE_CHECKING:
     from ..config import TeacherConfig
@@ -26,6 +26,9 @@ def build_teacher(tc: TeacherConfig, fitted: Any = None, **stored: Any) -> Teach
     the name they are stored under in the cache group (as :func:`load_fitted` returns them) — the one
     this family stores wins over ``fitted``. Families that fit nothing ignore both."""
     opts = tc.options()
+    knobs = family_knobs(tc.name, tc.knobs)
+    if knobs is not None:
+        opts["knobs"] = knobs
     fit = family_fit(tc.name)
     if fit is not None:
         opts.update(fit.options(tc) if fit.options else {})

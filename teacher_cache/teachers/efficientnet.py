@@ -131,7 +131,16 @@ class EfficientNetLite0Teacher(Teacher):
         return self.net._fc(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
 
 
-@register_teacher("efficientnet_lite0")
+def _head_cls_outside_tokens(spec: dict[str, Any]) -> bool:
+    """The head's tokens are the conv+BN map *before* ReLU6 (signed, so a cosine loss has content to fit);
+    its global token is the average pool of the map *after* ReLU6 (what the ImageNet classifier reads).
+    The two live in different spaces: on 128 generated images (256 px, 2 views) the mean cosine between a
+    view's global token and its own patch tokens is -0.03, against 0.92 for their mean, so a similarity to
+    that global token ranks nothing. A stage's output (``layer=k``) pools the very map it tokenises."""
+    return spec.get("layer") is not None
+
+
+@register_teacher("efficientnet_lite0", cls_in_token_space=_head_cls_outside_tokens)
 def create_efficientnet_lite0_teacher(
     arg: str | None, *, weights: str | None = None, layer: int | None = None, **options: Any
 ) -> EfficientNetLite0Teacher:

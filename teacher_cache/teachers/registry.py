@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..registry import modules_of
+from ..registry import Registry, modules_of
 from .base import Teacher
 
 if TYPE_CHECKING:
@@ -59,10 +59,9 @@ class Fit:
     """The array a built teacher holds (needed with :attr:`given`)."""
 
 
-_FAMILIES: dict[str, TeacherFactory] = {}
-_FITS: dict[str, Fit] = {}
-_DOCS: dict[str, str] = {}
-_TINY: dict[str, str] = {}
+# Every module of this package is imported the first time a name is asked for (each family module
+# registers itself): a new family is one new file. Lazy, so `import teacher_cache` pulls in no open_clip/timm.
+TEACHERS: Registry[TeacherFactory] = Registry("teacher family", discover=modules_of(__package__))
 
 # Headline teachers. They need a hub or a local --weights file; nothing here downloads on import.
 PRESETS: dict[str, str] = {
@@ -79,59 +78,47 @@ PRESETS: dict[str, str] = {
 
 
 def register_teacher(
-    family: str, *, tiny: str | None = None, fit: Fit | None = None
+    family: str,
+    *,
+    tiny: str | None = None,
+    fit: Fit | None = None,
+    knobs: type | None = None,
+    cls_in_token_space: bool | Callable[[dict[str, Any]], bool] = True,
 ) -> Callable[[TeacherFactory], TeacherFactory]:
     """Register ``factory(arg, *, weights=None, layer=None, **options) -> Teacher`` under ``family``.
 
     ``tiny`` names a variant of this family that builds offline in well under a second on a CPU;
     tests parametrize over those. ``fit``: the family wraps a base teacher (``family:<base>``) and fits
-    something on the data (see :class:`Fit`).
+    something on the data (see :class:`Fit`). ``knobs``: the frozen dataclass of the settings only this
+    family has (``TeacherConfig.knobs``, ``digpt extract --knob NAME=VALUE``); the factory then receives
+    an instance as ``knobs=``, and the cache records the values. ``cls_in_token_space``: whether the
+    family's global token lives in its patch tokens' space (or a rule on the recorded spec), which the
+    similarity orders need to know (:func:`global_token_in_token_space`).
     """
 
     if fit is not None and fit.given is not None and fit.stored is None:
         raise ValueError(f"teacher family {family!r}: a Fit with `given` needs `stored` (the array to keep)")
 
     def deco(fn: TeacherFactory) -> TeacherFactory:
-        if family in _FAMILIES:
+        if family in TEACHERS:
             raise ValueError(f"teacher family {family!r} registered twice")
-        _FAMILIES[family] = fn
-        if fit is not None:
-            _FITS[family] = fit
-        _DOCS[family] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        if tiny is not None:
-            _TINY[family] = tiny
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        TEACHERS.add(family, fn, fit=fit, doc=doc, tiny=tiny, knobs=knobs, cls_in_token_space=cls_in_token_space)
         return fn
 
     return deco
 
 
-# Every module of this package is imported (each family module registers itself): a new family is one new
-# file. Found by listing the package rather than imported by name here, because the family modules import
-# this one (`register_teacher`): naming them would make registry and families import each other.
-_discover = modules_of(__package__)
-_loaded = False
-
-
-def _ensure_loaded() -> None:
-    # Lazy, so `import teacher_cache` does not pull in open_clip / timm. Marked loaded only once every
-    # module imported: a family that failed to import fails the next lookup again instead of vanishing.
-    global _loaded
-    if not _loaded:
-        _discover()
-        _loaded = True
-
-
 def list_teachers(tiny: bool = False) -> list[str]:
     """Registered family names, or (``tiny=True``) one offline test-sized name per family."""
-    _ensure_loaded()
+    names = TEACHERS.names()
     if tiny:
-        return [_TINY[f] for f in sorted(_TINY)]
-    return sorted(_FAMILIES)
+        return [TEACHERS.meta(f)["tiny"] for f in names if TEACHERS.meta(f)["tiny"]]
+    return names
 
 
 def describe_teachers() -> dict[str, str]:
-    _ensure_loaded()
-    return dict(sorted(_DOCS.items()))
+    return {f: TEACHERS.meta(f)["doc"] for f in TEACHERS.names()}
 
 
 def split_name(name: str) -> tuple[str, str | None]:
@@ -146,24 +133,51 @@ def resolve_name(name: str) -> str:
 
 def family_fit(name: str) -> Fit | None:
     """The :class:`Fit` of ``name``'s family (a teacher name or preset), or ``None``."""
-    _ensure_loaded()
-    return _FITS.get(split_name(name)[0])
+    family = split_name(name)[0]
+    return TEACHERS.meta(family)["fit"] if family in TEACHERS else None
 
 
 def fitted_arrays() -> tuple[str, ...]:
     """Names of every array a registered family stores in its tokenizer group."""
-    _ensure_loaded()
-    return tuple(sorted({f.array for f in _FITS.values()}))
+    return tuple(sorted({TEACHERS.meta(f)["fit"].array for f in TEACHERS.names() if TEACHERS.meta(f)["fit"]}))
+
+
+def family_knobs(name: str, values: dict[str, Any] | None) -> Any:
+    """The knobs of ``name``'s family built from ``values`` (``TeacherConfig.knobs``; strings from the
+    command line are read as each field's type): an instance of the config the family registered, or
+    None for a family without knobs (which refuses any value, naming it)."""
+    from ..config_io import from_strings
+
+    family = split_name(name)[0]
+    kind = TEACHERS.meta(family)["knobs"] if family in TEACHERS else None
+    if kind is None:
+        if values:
+            raise ValueError(f"teacher {name!r} takes no knobs; got {', '.join(sorted(values))}")
+        return None
+    return from_strings(kind, dict(values or {}), where=f"teacher {name!r} knobs")
+
+
+def global_token_in_token_space(spec: dict[str, Any]) -> bool:
+    """Whether the global token a cache recorded (``spec``: a tokenizer's recorded spec) lives in its patch
+    tokens' space, as its family declared at registration. A fitted family (``pca:<base>``) projects both
+    with one transform, so its base decides; an unregistered name: True (a ViT's class token)."""
+    family = split_name(str(spec.get("name", "")))[0]
+    if family not in TEACHERS:
+        return True
+    base = (spec.get("extra") or {}).get("base")
+    if TEACHERS.meta(family)["fit"] is not None and base:
+        return global_token_in_token_space({**spec, "name": base})
+    rule = TEACHERS.meta(family)["cls_in_token_space"]
+    return bool(rule(spec)) if callable(rule) else bool(rule)
 
 
 def create_teacher(name: str, *, weights: str | None = None, layer: int | None = None, **options: Any) -> Teacher:
     """Build a teacher by registry name. ``weights``: a local file (no network); ``layer``: block index."""
-    _ensure_loaded()
     family, arg = split_name(name)
-    if family not in _FAMILIES:
-        raise ValueError(f"unknown teacher {name!r}: families are {sorted(_FAMILIES)}, presets are {sorted(PRESETS)}")
+    if family not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}: families are {TEACHERS.names()}, presets are {sorted(PRESETS)}")
     try:
-        teacher = _FAMILIES[family](arg, weights=weights, layer=layer, **options)
+        teacher = TEACHERS.get(family)(arg, weights=weights, layer=layer, **options)
     except ValueError as e:  # name the teacher in configuration errors that do not already
         if name in str(e) or f"{family}:" in str(e) or str(e).startswith(f"{family} "):
             raise
