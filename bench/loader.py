@@ -218,7 +218,7 @@ def _shard_setup_seconds(join, first: bool = False) -> float:
 
 def _instrumented_epoch(make) -> tuple[dict[str, float], float, int]:
     from student import collate as K
-    from student import join as J
+    from student import prefetch as J
     from teacher_cache import dataset as DS
 
     timer = C.StageTimer()

@@ -21,7 +21,7 @@ side by side: files per shard group (also for a shard of ``--objects-rows`` rows
 loader epoch reads per sample, counted through a zarr store wrapper (:class:`CountingStore`).
 
 Read speed replays what ``CachedViews`` does for one shard: rows in stream (index) order, one view per
-sample chosen by the same hash, through ``student.join.TargetBlocks`` (blocks of 64 rows, each row's view
+sample chosen by the same hash, through ``student.prefetch.TargetBlocks`` (blocks of 64 rows, each row's view
 by byte range), then ``decode_block`` per batch (codes: codebook lookup). For contrast, the same rows read
 with one Zarr call per sample. The files were just written, so this measures decoding + read overhead
 from the page cache, not the disk.
@@ -195,7 +195,7 @@ def objects_and_bytes(path: str, tok: str, sid: str, keys: list[str], shard: str
     from zarr.storage import LocalStore
 
     from student.data import _hash64
-    from student.join import TargetBlocks
+    from student.prefetch import TargetBlocks
     from teacher_cache.store import open_view_reader
 
     files = sum(len(f) for _, _, f in os.walk(os.path.join(path, tok, sid)))
@@ -231,7 +231,7 @@ def _loader_read(
     import torch
 
     from student.data import _hash64
-    from student.join import TargetBlocks
+    from student.prefetch import TargetBlocks
     from teacher_cache.store import decode_block, open_view_reader
 
     keys = keys[:limit] if limit else keys

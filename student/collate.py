@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from teacher_cache.images import BadImage, decode_image, to_uint8_chw
+from teacher_cache.names import TARGETS
 from teacher_cache.store import TokenizerInfo
 from teacher_cache.views import AugConfig, replay_view, sample_crop
 
@@ -71,7 +72,7 @@ def stored_targets(t: dict[str, list[np.ndarray]], dtype: str, codes: bool) -> d
     if codes:
         return {"codes": torch.from_numpy(np.stack(t["tokens"]).astype(np.int64))}
     out = {}
-    for name in ("tokens", "token_scale", "cls", "cls_scale"):
+    for name in TARGETS:
         if name in t:
             x = torch.from_numpy(np.stack(t[name]))
             out[name] = x.view(torch.bfloat16) if dtype == "bf16" and not name.endswith("scale") else x

@@ -10,7 +10,7 @@ It is a pipeline of small stages, each in its own module and testable alone:
 * ``student/samples.py`` — per shard: read the tar and join the manifest (through
   ``teacher_cache.dataset.join_shard``, the join extraction uses) with content-hash checks → pick the view
   → read its stored targets;
-* ``student/join.py`` — the thread that runs those a few dozen samples ahead of decoding, and the target
+* ``student/prefetch.py`` — the thread that runs those a few dozen samples ahead of decoding, and the target
   blocks (one byte range per run of adjacent rows sharing a view, ``teacher_cache/objects.py``);
 * ``student/collate.py`` — after batching: replay each crop (checked against its seed) and collate.
 
@@ -31,7 +31,7 @@ from student.collate import Collate, stored_targets, widen_targets
 from student.config import ON_MISMATCH, DataConfig
 from student.epoch_plan import EpochPlan, shuffled_batches
 from student.epoch_plan import hash64 as _hash64  # a sample's per-epoch hashes (bench and tests use it)
-from student.join import JoinThread
+from student.prefetch import JoinThread
 from student.samples import Mismatches, shard_samples
 
 __all__ = [

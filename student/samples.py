@@ -4,7 +4,7 @@
 each image's content hash) → ``with_views`` (the view this epoch trains on: a stored one, or a fresh crop)
 → ``with_targets`` (that view's stored targets, read a block of rows at a time).
 
-They run in the loader's join thread (``student/join.py``), ahead of decoding; the crop is replayed after
+They run in the loader's join thread (``student/prefetch.py``), ahead of decoding; the crop is replayed after
 batching (``student/collate.py``), so a batch skipped on resume is never decoded.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from student.cache_join import CacheJoin
 from student.epoch_plan import EpochPlan
-from student.join import TargetBlocks
+from student.prefetch import TargetBlocks
 from teacher_cache.dataset import checked_image, join_shard
 from teacher_cache.integrity import CacheIntegrityError
 from teacher_cache.shards import printable_key
