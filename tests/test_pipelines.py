@@ -279,7 +279,9 @@ def test_generated_probe_set_is_held_out_from_pretraining(tmp_path):
     hashes = [set(pq.read_table(tmp_path / d / "manifest.parquet")["hash"].to_pylist()) for d in ("data", "probe")]
     assert len(hashes[0]) == 32 and len(hashes[1]) == 64 and not hashes[0] & hashes[1]
     assert "64 labelled images held out from pretraining" in (tmp_path / "report.md").read_text()
-    with pytest.raises(ValueError, match="probe_samples must be 0 or >= 4 \\* num_classes"):
+    with pytest.raises(
+        ValueError, match=r"probe_samples must be >= 0: 0 \(a holdout of the pretraining set\) or >= 4 \* num_classes"
+    ):
         replace(cfg, probe_samples=8)
 
 
