@@ -60,6 +60,7 @@ class PlainViews(IterableDataset):
 
     def __iter__(self):
         from student.data import _hash64
+        from student.epoch_plan import take_batch
         from teacher_cache.images import decode_image, to_uint8_chw
         from teacher_cache.shards import iter_tar_samples, pick_image
         from teacher_cache.views import replay_view, sample_crop, view_seed
@@ -70,13 +71,8 @@ class PlainViews(IterableDataset):
         bs, sb = self.batch_size, self.shuffle_buffer
         buf: list[dict] = []
 
-        def take():
-            if sb:
-                idx = sorted(rng.choice(len(buf), size=bs, replace=False).tolist(), reverse=True)
-                return [buf.pop(i) for i in idx]
-            out = buf[:bs]
-            del buf[:bs]
-            return out
+        def take():  # the loader's own draw, so the bench times the same batches
+            return take_batch(buf, bs, sb > 0, rng)
 
         def collate(batch):
             images = []

@@ -52,7 +52,8 @@ def resume_point(batches: Sequence[int], skip: int) -> tuple[list[int], int]:
     return skips, w
 
 
-def _take(buf: list[T], batch_size: int, shuffle: bool, rng: np.random.Generator) -> list[T]:
+def take_batch(buf: list[T], batch_size: int, shuffle: bool, rng: np.random.Generator) -> list[T]:
+    """One batch out of the shuffle buffer ``buf`` (removed from it): a random draw, or the first ones."""
     if shuffle:
         idx = sorted(rng.choice(len(buf), size=batch_size, replace=False).tolist(), reverse=True)
         return [buf.pop(i) for i in idx]
@@ -80,14 +81,14 @@ def shuffled_batches(
         buf.append(item)
         if len(buf) < fill:
             continue
-        batch = _take(buf, batch_size, shuffle_buffer > 0, rng)
+        batch = take_batch(buf, batch_size, shuffle_buffer > 0, rng)
         if made >= n_batches:
             return
         if made >= skip:
             yield batch
         made += 1
     while len(buf) >= batch_size and made < n_batches:
-        batch = _take(buf, batch_size, shuffle_buffer > 0, rng)
+        batch = take_batch(buf, batch_size, shuffle_buffer > 0, rng)
         if made >= skip:
             yield batch
         made += 1
