@@ -333,8 +333,9 @@ def run_ablation(cfg: AblateConfig) -> dict:
     probe_data = _probe_dataset(cfg, data)
     cache, bytes_per_view = _extract(cfg, variants)
     jobs = []
-    for v in variants:
-        for seed in range(cfg.seeds):
+    # seed-major: an ablation cut short has whole seeds of every row, not every seed of the first rows
+    for seed in range(cfg.seeds):
+        for v in variants:
             run = os.path.join(cfg.out, "runs", f"{slug(v.name)}_s{seed}")
             tcfg = replace(v.train, data=replace(v.train.data, tokenizer=v.tokenizer, seed=seed), out=run, seed=seed)
             label = f"{v.name} (seed {seed}): {tcfg.objective} on {v.teacher.name} [{v.storage.dtype}]"
