@@ -30,6 +30,7 @@ from .probe import ProbeConfig, run_probes
 from .recipes import COMPARISONS, RECIPES, Variant, cache_dir, dataset_dir
 from .report import RunRecord, findings, format_table, results_table
 from .report import write_report as _write_report
+from .rerun import check_earlier_runs, finished_summary, probe_record, read_history, resumable
 
 __all__ = [
     "RECIPES",
@@ -96,25 +97,30 @@ def _extract(cfg: AblateConfig, variants: list[Variant]) -> tuple[str, dict[str,
 def _probe(cfg: AblateConfig, data: str, run: str | None, seed: int, floor: bool = False) -> tuple[dict, dict | None]:
     """Probe ``run``'s encoder (linear, and k-NN on the same features); ``floor``: a seeded random encoder
     of ``run``'s architecture (of the ``student`` preset when there is no run), so the floor is the same
-    network, untrained."""
+    network, untrained. Probes an earlier ablation in this directory already wrote for this very config,
+    encoder and probe set are read back instead (``pipelines/rerun.py``)."""
     out = os.path.join(cfg.out, "runs", f"random-init_s{seed}") if floor else None
     if out:
         os.makedirs(out, exist_ok=True)
     kinds = ("linear", "knn") if cfg.knn else ("linear",)
-    results = run_probes(
-        [
-            ProbeConfig(
-                shards=data,
-                run=run,
-                kind=kind,
-                random_init=floor,
-                out=os.path.join(out, f"probe_{kind}.json") if out else None,
-                seed=seed,
-                student=None if run else cfg.student,
-            )
-            for kind in kinds
-        ]
-    )
+    cfgs = [
+        ProbeConfig(
+            shards=data,
+            run=run,
+            kind=kind,
+            random_init=floor,
+            out=os.path.join(out, f"probe_{kind}.json") if out else None,
+            seed=seed,
+            student=None if run else cfg.student,
+        )
+        for kind in kinds
+    ]
+    after = [os.path.join(data, "dataset.json")] + ([os.path.join(run, "summary.json")] if run else [])
+    earlier = [probe_record(c.out_path(), asdict(c), after) for c in cfgs]
+    if all(earlier):
+        print(f"   probes of {run or 'the random-init floor'}: read back (written by an earlier run)", flush=True)
+        return _summary_of(earlier[0]), (_summary_of(earlier[1]) if cfg.knn else None)
+    results = run_probes(cfgs)
     return _summary(results[0]), (_summary(results[1]) if cfg.knn else None)
 
 
@@ -215,26 +221,38 @@ class Job:
 
 def train_and_probe(cfg: AblateConfig, probe_data: str, job: Job) -> RunRecord:
     """Train ``job`` and probe its encoder (linear, and k-NN on the same features): one row of the report.
-    Module-level, so that a spawned process can run it."""
+    A run an earlier ablation finished with this very config and cache is not trained again, and one it
+    left unfinished resumes from its last checkpoint (``pipelines/rerun.py``). Module-level, so that a
+    spawned process can run it."""
     print(f"== {job.label}", flush=True)
     t0 = time.perf_counter()
-    result = train(job.train)
+    done = finished_summary(job.train)
+    if done is not None:
+        print(f"   {job.train.out}: finished earlier with this config and cache; not trained again", flush=True)
+        final_loss, history = float(done["final_loss"]), read_history(job.train.out)
+    else:
+        resume = resumable(job.train)
+        if resume:
+            print(f"   {job.train.out}: unfinished with this config and cache; resuming", flush=True)
+        result = train(replace(job.train, resume=True) if resume else job.train)
+        final_loss, history = result.final_loss, result.history
     lin, knn = _probe(cfg, probe_data, job.train.out, job.seed)
     return RunRecord(
         job.variant,
         job.seed,
         job.train.out,
-        time.perf_counter() - t0,
-        result.final_loss,
-        [h["loss"] for h in result.history],
+        float(done["seconds"]) if done is not None else time.perf_counter() - t0,
+        final_loss,
+        [h["loss"] for h in history],
         lin["top1"],
         lin["top5"],
         lin["best_layer"],
         knn["top1"] if knn else None,
-        blind_loss=next((h["blind_loss"] for h in result.history if "blind_loss" in h), None),
-        loss_steps=[int(h["step"]) for h in result.history],
+        blind_loss=next((h["blind_loss"] for h in history if "blind_loss" in h), None),
+        loss_steps=[int(h["step"]) for h in history],
         report_correct=lin["correct"],
         knn_correct=knn["correct"] if knn else None,
+        reused=done is not None,
     )
 
 
@@ -287,6 +305,11 @@ def _summary(result) -> dict:
     }
 
 
+def _summary_of(record: dict) -> dict:
+    """:func:`_summary` of a probe result read back from its JSON."""
+    return {k: record[k] for k in ("top1", "top5", "best_layer", "n_report")} | {"correct": record["report_correct"]}
+
+
 def check_inputs(cfg: AblateConfig) -> None:
     """What the config alone cannot tell, checked before anything is written: the output location,
     the dataset and the weights files (and their teachers' names)."""
@@ -297,10 +320,6 @@ def check_inputs(cfg: AblateConfig) -> None:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {cfg.recipe!r}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"out {cfg.out} exists and is not a directory; choose another --out")
-    runs = os.path.join(cfg.out, "runs")
-    if os.path.isdir(runs) and any(os.path.exists(os.path.join(runs, d, "config.json")) for d in os.listdir(runs)):
-        # Runs are never overwritten (train refuses too, but only after the extraction): say so up front.
-        raise ValueError(f"out {cfg.out} already holds the runs of an ablation; choose another --out")
     for name in ("shards", "probe_shards"):
         if getattr(cfg, name):
             try:
@@ -329,9 +348,6 @@ def run_ablation(cfg: AblateConfig) -> dict:
     check_inputs(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     variants = RECIPES[cfg.recipe](cfg)
-    data = _dataset(cfg)
-    probe_data = _probe_dataset(cfg, data)
-    cache, bytes_per_view = _extract(cfg, variants)
     jobs = []
     # seed-major: an ablation cut short has whole seeds of every row, not every seed of the first rows
     for seed in range(cfg.seeds):
@@ -340,6 +356,10 @@ def run_ablation(cfg: AblateConfig) -> dict:
             tcfg = replace(v.train, data=replace(v.train.data, tokenizer=v.tokenizer, seed=seed), out=run, seed=seed)
             label = f"{v.name} (seed {seed}): {tcfg.objective} on {v.teacher.name} [{v.storage.dtype}]"
             jobs.append(Job(v.name, seed, label, tcfg))
+    check_earlier_runs([j.train for j in jobs])
+    data = _dataset(cfg)
+    probe_data = _probe_dataset(cfg, data)
+    cache, bytes_per_view = _extract(cfg, variants)
     records, parallel = _run_jobs(cfg, probe_data, jobs)
     floors = []
     for seed in range(cfg.seeds):

@@ -99,7 +99,9 @@ class AblateConfig(Budget):
     recipe: str
     """all, tokenizers, decoders, orders, storage, views, learning or demo (see ``pipelines/recipes.py``)."""
     out: str
-    """Output directory: data/, cache/, runs/, report.md, results.json, *.png."""
+    """Output directory: data/, cache/, runs/, report.md, results.json, *.png. Run again with the same
+    flags, an ablation reads back the runs it finished and resumes the one it left unfinished, so more
+    ``--seeds`` train only the new seeds (``pipelines/rerun.py``); a run of another config there is refused."""
     shards: str | None = None
     """A prepared dataset to use; default: generate a synthetic one under ``out/data``."""
     image_size: int | None = None

@@ -38,6 +38,9 @@ class RunRecord:
     the other runs of the same seed (probed on the same split)."""
     knn_correct: list[int] | None = None
     """The same for the k-NN probe."""
+    reused: bool = False
+    """Trained by an earlier ablation in the same directory (same config, same cache) and read back:
+    ``train_seconds`` is then that run's training time (``pipelines/rerun.py``)."""
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -377,6 +380,19 @@ def _probe_data_line(results: dict) -> list[str]:
     return [f"Probes fit and report on {where}: {n} report samples.", ""]
 
 
+def _reused_line(results: dict) -> list[str]:
+    reused = [r for r in results["runs"] if r.get("reused")]
+    if not reused:
+        return []
+    names = ", ".join(f"`{r['variant']}` seed {r['seed']}" for r in reused)
+    return [
+        f"{len(reused)} of {len(results['runs']) - results['config']['seeds']} training runs were finished by an "
+        f"earlier ablation in this directory with the same config and cache, and read back, not retrained "
+        f"({names}); the total time above does not include their training.",
+        "",
+    ]
+
+
 def write_report(cfg: AblateConfig, results: dict) -> None:
     from . import plots
 
@@ -390,6 +406,7 @@ def write_report(cfg: AblateConfig, results: dict) -> None:
         f"Student `{c['student']}`, {c['steps']} steps x batch {c['batch_size']}, {c['seeds']} seed(s); "
         f"linear probe (best layer, selected without the report split) and k-NN; total {results['seconds']:.0f}s.",
         "",
+        *_reused_line(results),
         *_probe_data_line(results),
         *_protocol_lines(results),
         format_table(results),

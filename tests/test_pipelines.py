@@ -356,3 +356,60 @@ def test_report_flags_a_teacher_at_the_floor_and_a_student_below_it():
     ceil["semantic-fp16"] |= {"linear_top1": sum(good) / n, "report_correct": {"0": good}}
     text = " ".join(findings({"rows": rows, "chance": 0.5, "ceilings": ceil, "n_report": n}))
     assert "TEACHER AT THE FLOOR" not in text and "over the floor); its best student" in text
+
+
+@pytest.mark.slow
+def test_an_ablation_run_again_reuses_finished_runs_and_resumes_unfinished_ones(
+    tiny_dataset, shared_cache, tmp_path, monkeypatch
+):
+    """Run again in its directory, an ablation reads back every run and probe it finished with the same
+    config and cache (nothing trained or probed; same numbers), resumes a run that has a checkpoint but no
+    summary, and retrains one whose config changed."""
+    import pipelines.ablate as ablate
+
+    cfg = AblateConfig(
+        recipe="demo",
+        out=str(tmp_path),
+        shards=tiny_dataset,
+        image_size=32,
+        num_classes=4,
+        student="tiny-test",
+        steps=3,
+        batch_size=8,
+        executor="local",
+        workers=0,
+        semantic_teacher="random-vit:32/8",
+        cache=shared_cache,
+    )
+    first = run_ablation(cfg)
+    assert not any(r["reused"] for r in first["runs"])
+
+    def refuse(*a, **k):
+        raise AssertionError("trained or probed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(ablate, "train", refuse)
+        m.setattr(ablate, "run_probes", refuse)
+        again = run_ablation(cfg)
+    key = ("variant", "linear_top1", "knn_top1", "report_correct", "knn_correct", "loss_vs_blind")
+    same = [json.dumps({k: r[k] for k in key}) for r in again["rows"]]  # as text: the floor's nan equals itself
+    assert same == [json.dumps({k: r[k] for k in key}) for r in first["rows"]]
+    assert [r["losses"] for r in again["runs"]] == [r["losses"] for r in first["runs"]]
+    assert [r["reused"] for r in again["runs"]] == [True, True, False]  # the floor is no training run
+    assert "2 of 2 training runs were finished by an earlier ablation" in (tmp_path / "report.md").read_text()
+
+    # Killed after its last checkpoint, before its summary: resumed (not restarted), then probed anew.
+    run = first["runs"][0]["run"]
+    os.remove(os.path.join(run, "summary.json"))
+    calls = []
+    real_train = ablate.train
+    monkeypatch.setattr(ablate, "train", lambda c: calls.append(c) or real_train(c))
+    resumed = run_ablation(cfg)
+    assert [(c.out, c.resume) for c in calls] == [(run, True)]
+    assert resumed["runs"][0]["linear_top1"] == first["runs"][0]["linear_top1"]
+
+    # Another config in the same directory: refused before any work, naming the run and what differs.
+    calls.clear()
+    with pytest.raises(ValueError, match=r"digpt_pixel_s0 holds a run of another config \(steps: run has 3, now 4\)"):
+        run_ablation(replace(cfg, steps=4))
+    assert calls == []

@@ -1,0 +1,120 @@
+"""An ablation run again in the same directory picks up where the earlier one stopped.
+
+A comparison over seeds costs hours on a CPU (``digpt ablate all``: ~75 minutes a seed on 2 cores), so
+``--seeds 2`` after ``--seeds 1`` trains only the new seed, and an ablation cut short (a killed job, a
+session's end) resumes instead of starting over. Nothing is reused on trust:
+
+- a training run is **finished** when its ``config.json`` holds this very train config (``resume`` aside)
+  and was trained against this very cache (teacher, manifest and view-plan fingerprints, as ``--resume``
+  checks them), and its ``summary.json`` says it reached the config's last step;
+- it is **resumable** when the config and cache match but no finished summary exists: it continues from
+  its last checkpoint with ``resume=True`` (the loader replays exactly; ``student/train.py``);
+- a probe's JSON is reused when it records this very probe config and is newer than both the encoder it
+  probed (the run's ``summary.json``) and the probe set (its ``dataset.json``).
+
+A run directory that holds a run of another config is refused before any work (``check_earlier_runs``);
+an empty one trains from scratch, as in a first run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict
+
+from student.config import TrainConfig
+
+__all__ = ["check_earlier_runs", "finished_summary", "probe_record", "read_history", "resumable", "same_run"]
+
+
+def _jsonable(obj) -> object:
+    """``obj`` as its JSON form (tuples as lists, paths as strings): how run and probe records store it."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _read(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # absent or torn: not reusable, the run starts over
+
+
+def _train_diff(cfg: TrainConfig, have: dict) -> dict[str, tuple]:
+    """Top-level fields of ``cfg`` (``resume`` aside) that differ from a recorded ``config.json``:
+    ``{field: (recorded, now)}``."""
+    want = _jsonable(asdict(cfg))
+    before = have.get("train", {})
+    keys = (set(want) | set(before)) - {"resume"}
+    return {k: (before.get(k), want.get(k)) for k in sorted(keys) if before.get(k) != want.get(k)}
+
+
+def same_run(cfg: TrainConfig) -> bool:
+    """``cfg.out`` holds a run of exactly ``cfg`` (``resume`` aside) against the cache ``cfg`` names now."""
+    have = _read(os.path.join(cfg.out, "config.json"))
+    if not have or _train_diff(cfg, have):
+        return False
+    from student.cache_join import CacheJoin
+    from student.rundir import cache_record
+
+    try:
+        now = cache_record(CacheJoin(cfg.data))
+    except (OSError, ValueError, KeyError):
+        return False
+    return have.get("cache") == now
+
+
+def check_earlier_runs(cfgs: list[TrainConfig]) -> None:
+    """Refuse, before any work, an output directory whose run directories hold runs of other configs (a run
+    is never overwritten), naming the run and what differs; runs of these very configs are reused."""
+    for cfg in cfgs:
+        have = _read(os.path.join(cfg.out, "config.json"))
+        if have is None:
+            if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+                raise ValueError(f"{cfg.out} holds files but no readable config.json; choose another --out")
+            continue
+        diff = _train_diff(cfg, have)
+        if diff:
+            shown = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in list(diff.items())[:3])
+            raise ValueError(
+                f"{cfg.out} holds a run of another config ({shown}); an ablation reuses only runs of its own "
+                f"configs: choose another --out, or run the ablation that made it again"
+            )
+
+
+def finished_summary(cfg: TrainConfig) -> dict | None:
+    """The run's ``summary.json`` when ``cfg.out`` holds a finished run of ``cfg`` (see the module), else None."""
+    summary = _read(os.path.join(cfg.out, "summary.json"))
+    if not summary or summary.get("steps") != cfg.steps or cfg.epochs is not None:
+        return None  # an epoch-bounded run records its steps only after the fact: retrain it
+    return summary if same_run(cfg) else None
+
+
+def resumable(cfg: TrainConfig) -> bool:
+    """``cfg.out`` holds an unfinished run of ``cfg`` (killed before its summary): continue it from its last
+    checkpoint, if it wrote one, else from scratch."""
+    return finished_summary(cfg) is None and same_run(cfg)
+
+
+def read_history(run: str) -> list[dict]:
+    """The logged rows of ``run``'s ``metrics.csv`` as floats, one per step (a resumed run's repeated steps
+    keep their last row), in step order: what ``train()`` returns as its history."""
+    rows: dict[int, dict] = {}
+    with open(os.path.join(run, "metrics.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            rec = {k: float(v) for k, v in row.items() if v not in ("", None)}
+            rows[int(rec["step"])] = rec
+    return [rows[s] for s in sorted(rows)]
+
+
+def probe_record(path: str, want: dict, after: list[str]) -> dict | None:
+    """The probe result at ``path`` when it records the probe config ``want`` (``asdict`` of a
+    :class:`~pipelines.config.ProbeConfig`) and is newer than every file in ``after`` that exists."""
+    got = _read(path)
+    if not got or got.get("config") != _jsonable(want):
+        return None
+    mtime = os.path.getmtime(path)
+    if any(os.path.exists(p) and os.path.getmtime(p) > mtime for p in after):
+        return None
+    return got
