@@ -30,7 +30,7 @@ from .probe import ProbeConfig, run_probes
 from .recipes import COMPARISONS, RECIPES, Variant, cache_dir, dataset_dir
 from .report import RunRecord, findings, format_table, results_table
 from .report import write_report as _write_report
-from .rerun import check_earlier_runs, finished_summary, probe_record, read_history, resumable
+from .rerun import ablation_lock, check_earlier_runs, finished_summary, probe_record, read_history, resumable
 
 __all__ = [
     "RECIPES",
@@ -344,9 +344,15 @@ def check_inputs(cfg: AblateConfig) -> None:
 
 
 def run_ablation(cfg: AblateConfig) -> dict:
-    t_start = time.perf_counter()
+    """Extract every variant's cache, train and probe each variant for each seed, probe the random-init
+    floor and the teachers, and write the report; see the module docstring."""
     check_inputs(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
+    with ablation_lock(cfg.out):
+        return _run_ablation(cfg)
+
+
+def _run_ablation(cfg: AblateConfig) -> dict:
+    t_start = time.perf_counter()
     variants = RECIPES[cfg.recipe](cfg)
     jobs = []
     # seed-major: an ablation cut short has whole seeds of every row, not every seed of the first rows

@@ -12,20 +12,32 @@ session's end) resumes instead of starting over. Nothing is reused on trust:
 - a probe's JSON is reused when it records this very probe config and is newer than both the encoder it
   probed (the run's ``summary.json``) and the probe set (its ``dataset.json``).
 
-A run directory that holds a run of another config is refused before any work (``check_earlier_runs``);
+Two ablations at once in one directory would train the same runs side by side: :func:`ablation_lock` refuses
+the second. A run directory that holds a run of another config is refused before any work (``check_earlier_runs``);
 an empty one trains from scratch, as in a first run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict
 
 from student.config import TrainConfig
 
-__all__ = ["check_earlier_runs", "finished_summary", "probe_record", "read_history", "resumable", "same_run"]
+__all__ = [
+    "ablation_lock",
+    "check_earlier_runs",
+    "finished_summary",
+    "probe_record",
+    "read_history",
+    "resumable",
+    "same_run",
+]
 
 
 def _jsonable(obj) -> object:
@@ -118,3 +130,30 @@ def probe_record(path: str, want: dict, after: list[str]) -> dict | None:
     if any(os.path.exists(p) and os.path.getmtime(p) > mtime for p in after):
         return None
     return got
+
+
+@contextlib.contextmanager
+def ablation_lock(out: str) -> Iterator[None]:
+    """Hold ``out/ablate.lock`` while an ablation runs there; refuse, naming its pid, a second one started in
+    the same directory (it would train the same runs at once). An advisory ``flock``: released when the
+    process exits, however it ends (a killed ablation leaves no stale lock)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "ablate.lock")
+    f = open(path, "a+")  # noqa: SIM115 -- held open for the block
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise ValueError(
+                f"{out}: another ablation is running in this directory (pid {pid}); wait for it, or choose "
+                f"another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()

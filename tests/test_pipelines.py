@@ -413,3 +413,17 @@ def test_an_ablation_run_again_reuses_finished_runs_and_resumes_unfinished_ones(
     with pytest.raises(ValueError, match=r"digpt_pixel_s0 holds a run of another config \(steps: run has 3, now 4\)"):
         run_ablation(replace(cfg, steps=4))
     assert calls == []
+
+
+def test_a_second_ablation_in_the_same_directory_is_refused(tmp_path):
+    """Two ablations in one directory would train the same runs at once: the second is refused with the
+    first one's pid, before any work; the lock goes with the first (here: its block ends)."""
+    from pipelines.rerun import ablation_lock
+
+    cfg = AblateConfig(recipe="demo", out=str(tmp_path / "a"), steps=1, num_samples=32, probe_samples=0)
+    with ablation_lock(cfg.out):
+        with pytest.raises(ValueError, match=rf"another ablation is running in this directory \(pid {os.getpid()}\)"):
+            run_ablation(cfg)
+        assert not os.path.exists(tmp_path / "a" / "data")
+    with ablation_lock(cfg.out):  # released: taken again
+        pass
