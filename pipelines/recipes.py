@@ -302,8 +302,8 @@ def all_recipe(cfg: AblateConfig) -> list[Variant]:
     """The paper's comparisons in one run: one base and every row that varies one thing from it (the
     objectives, decoder depth, orders, tokenizers and storage forms of :data:`COMPARISONS`); each row is
     trained once however many comparisons read it. 11 students at the demo's defaults: ~380-400 s of
-    training each on 2 quiet CPU cores (BENCHMARKS.md #21.3), ~75 minutes with extraction and probes —
-    an estimate from those parts, not yet timed end to end."""
+    training each on 2 quiet CPU cores (BENCHMARKS.md #21.3), measured end to end: 8726 s for two
+    seeds at ``--decoder-dim 48`` (~73 min a seed; LEARNING.md §14)."""
     ex, tr = base_extract(cfg), base_train(cfg)
     pool: dict[str, Variant] = {"digpt": Variant("digpt", ex, tr)}
     for v in decoders_recipe(cfg) + orders_recipe(cfg) + tokenizers_recipe(cfg)[:2] + storage_recipe(cfg):
