@@ -30,7 +30,7 @@ from .probe import ProbeConfig, run_probes
 from .recipes import COMPARISONS, RECIPES, Variant, cache_dir, dataset_dir
 from .report import RunRecord, findings, format_table, results_table
 from .report import write_report as _write_report
-from .rerun import ablation_lock, check_earlier_runs, finished_summary, probe_record, read_history, resumable
+from .rerun import ablation_lock, check_earlier_runs, earlier_run, probe_record, read_history
 
 __all__ = [
     "RECIPES",
@@ -226,15 +226,14 @@ def train_and_probe(cfg: AblateConfig, probe_data: str, job: Job) -> RunRecord:
     spawned process can run it."""
     print(f"== {job.label}", flush=True)
     t0 = time.perf_counter()
-    done = finished_summary(job.train)
+    same, done = earlier_run(job.train)
     if done is not None:
         print(f"   {job.train.out}: finished earlier with this config and cache; not trained again", flush=True)
         final_loss, history = float(done["final_loss"]), read_history(job.train.out)
     else:
-        resume = resumable(job.train)
-        if resume:
+        if same:
             print(f"   {job.train.out}: unfinished with this config and cache; resuming", flush=True)
-        result = train(replace(job.train, resume=True) if resume else job.train)
+        result = train(replace(job.train, resume=True) if same else job.train)
         final_loss, history = result.final_loss, result.history
     lin, knn = _probe(cfg, probe_data, job.train.out, job.seed)
     return RunRecord(

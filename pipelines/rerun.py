@@ -1,12 +1,12 @@
 """An ablation run again in the same directory picks up where the earlier one stopped.
 
-A comparison over seeds costs hours on a CPU (``digpt ablate all``: ~75 minutes a seed on 2 cores), so
+A comparison over seeds costs hours on a CPU (``digpt ablate all``: ~73 minutes a seed on 2 cores, LEARNING.md §14), so
 ``--seeds 2`` after ``--seeds 1`` trains only the new seed, and an ablation cut short (a killed job, a
 session's end) resumes instead of starting over. Nothing is reused on trust:
 
 - a training run is **finished** when its ``config.json`` holds this very train config (``resume`` aside)
-  and was trained against this very cache (teacher, manifest and view-plan fingerprints, as ``--resume``
-  checks them), and its ``summary.json`` says it reached the config's last step;
+  and was trained against this very cache (teacher, manifest and view-plan fingerprints: the comparison
+  ``--resume`` makes, ``student/rundir.py``), and its ``summary.json`` says it reached the config's last step;
 - it is **resumable** when the config and cache match but no finished summary exists: it continues from
   its last checkpoint with ``resume=True`` (the loader replays exactly; ``student/train.py``);
 - a probe's JSON is reused when it records this very probe config and is newer than both the encoder it
@@ -25,19 +25,10 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict
 
 from student.config import TrainConfig
 
-__all__ = [
-    "ablation_lock",
-    "check_earlier_runs",
-    "finished_summary",
-    "probe_record",
-    "read_history",
-    "resumable",
-    "same_run",
-]
+__all__ = ["ablation_lock", "check_earlier_runs", "earlier_run", "probe_record", "read_history"]
 
 
 def _jsonable(obj) -> object:
@@ -53,60 +44,44 @@ def _read(path: str) -> dict | None:
         return None  # absent or torn: not reusable, the run starts over
 
 
-def _train_diff(cfg: TrainConfig, have: dict) -> dict[str, tuple]:
-    """Top-level fields of ``cfg`` (``resume`` aside) that differ from a recorded ``config.json``:
-    ``{field: (recorded, now)}``."""
-    want = _jsonable(asdict(cfg))
-    before = have.get("train", {})
-    keys = (set(want) | set(before)) - {"resume"}
-    return {k: (before.get(k), want.get(k)) for k in sorted(keys) if before.get(k) != want.get(k)}
-
-
-def same_run(cfg: TrainConfig) -> bool:
-    """``cfg.out`` holds a run of exactly ``cfg`` (``resume`` aside) against the cache ``cfg`` names now."""
-    have = _read(os.path.join(cfg.out, "config.json"))
-    if not have or _train_diff(cfg, have):
-        return False
+def earlier_run(cfg: TrainConfig) -> tuple[bool, dict | None]:
+    """``(same, summary)``: whether ``cfg.out`` holds a run of exactly ``cfg`` (``resume`` aside) against the
+    cache ``cfg`` names now, and that run's ``summary.json`` when it also reached ``cfg.steps`` (finished)."""
     from student.cache_join import CacheJoin
-    from student.rundir import cache_record
+    from student.rundir import cache_diff, recorded_diff
 
+    have = _read(os.path.join(cfg.out, "config.json"))
+    if not have or recorded_diff(cfg, have):
+        return False, None
     try:
-        now = cache_record(CacheJoin(cfg.data))
+        if cache_diff(have, CacheJoin(cfg.data)):
+            return False, None
     except (OSError, ValueError, KeyError):
-        return False
-    return have.get("cache") == now
+        return False, None
+    summary = _read(os.path.join(cfg.out, "summary.json"))
+    # an epoch-bounded run knows its steps only after the fact: never counted as finished here
+    finished = summary is not None and cfg.epochs is None and summary.get("steps") == cfg.steps
+    return True, summary if finished else None
 
 
 def check_earlier_runs(cfgs: list[TrainConfig]) -> None:
     """Refuse, before any work, an output directory whose run directories hold runs of other configs (a run
     is never overwritten), naming the run and what differs; runs of these very configs are reused."""
+    from student.rundir import recorded_diff
+
     for cfg in cfgs:
         have = _read(os.path.join(cfg.out, "config.json"))
         if have is None:
             if os.path.isdir(cfg.out) and os.listdir(cfg.out):
                 raise ValueError(f"{cfg.out} holds files but no readable config.json; choose another --out")
             continue
-        diff = _train_diff(cfg, have)
+        diff = recorded_diff(cfg, have)
         if diff:
             shown = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in list(diff.items())[:3])
             raise ValueError(
                 f"{cfg.out} holds a run of another config ({shown}); an ablation reuses only runs of its own "
                 f"configs: choose another --out, or run the ablation that made it again"
             )
-
-
-def finished_summary(cfg: TrainConfig) -> dict | None:
-    """The run's ``summary.json`` when ``cfg.out`` holds a finished run of ``cfg`` (see the module), else None."""
-    summary = _read(os.path.join(cfg.out, "summary.json"))
-    if not summary or summary.get("steps") != cfg.steps or cfg.epochs is not None:
-        return None  # an epoch-bounded run records its steps only after the fact: retrain it
-    return summary if same_run(cfg) else None
-
-
-def resumable(cfg: TrainConfig) -> bool:
-    """``cfg.out`` holds an unfinished run of ``cfg`` (killed before its summary): continue it from its last
-    checkpoint, if it wrote one, else from scratch."""
-    return finished_summary(cfg) is None and same_run(cfg)
 
 
 def read_history(run: str) -> list[dict]:

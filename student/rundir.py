@@ -116,6 +116,30 @@ def cache_record(join: CacheJoin) -> dict:
     }
 
 
+def recorded_diff(cfg: TrainConfig, have: dict, may_change: frozenset[str] = frozenset({"resume"})) -> dict[str, tuple]:
+    """Where ``cfg`` departs from the ``train`` section of a run's recorded ``config.json`` ``have``, as
+    ``{dotted field: (recorded, now)}``, leaving out the fields in ``may_change`` (``--resume`` passes
+    :data:`RESUME_MAY_CHANGE`; an ablation reusing a finished run, only ``resume``)."""
+    now = _flat(json.loads(json.dumps(asdict(cfg), default=str)))
+    before = _flat(have.get("train", {}))
+    # Runs written before each objective owned its knobs kept ``mask_ratio`` in the student config.
+    legacy = before.pop("student.mask_ratio", None)
+    if legacy is not None and before.get("objective") == "masked":
+        before.setdefault("objective_knobs.mask_ratio", legacy)
+        before.pop("objective_knobs", None)
+    return {
+        k: (before.get(k), now.get(k))
+        for k in sorted(set(now) | set(before))
+        if k not in may_change and before.get(k) != now.get(k)
+    }
+
+
+def cache_diff(have: dict, join: CacheJoin) -> dict[str, tuple]:
+    """Where the cache ``join`` opens departs from the one a run's ``config.json`` ``have`` recorded."""
+    was = have.get("cache", {})
+    return {f"cache.{k}": (was.get(k), v) for k, v in cache_record(join).items() if was.get(k) != v}
+
+
 def check_resume_config(cfg: TrainConfig, join: CacheJoin) -> None:
     """``--resume`` continues the same run: refuse another cache (teacher fingerprint, shards, view plan,
     tokenizer), student, objective (and its knobs), optimizer or data config, naming every differing field."""
@@ -124,22 +148,7 @@ def check_resume_config(cfg: TrainConfig, join: CacheJoin) -> None:
         return
     with open(path) as f:
         have = json.load(f)
-    now = _flat(json.loads(json.dumps(asdict(cfg), default=str)))
-    before = _flat(have.get("train", {}))
-    # Runs written before each objective owned its knobs kept ``mask_ratio`` in the student config.
-    legacy = before.pop("student.mask_ratio", None)
-    if legacy is not None and before.get("objective") == "masked":
-        before.setdefault("objective_knobs.mask_ratio", legacy)
-        before.pop("objective_knobs", None)
-    diff = {
-        k: (before.get(k), now.get(k))
-        for k in sorted(set(now) | set(before))
-        if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k)
-    }
-    cache = cache_record(join)
-    diff.update(
-        {f"cache.{k}": (have.get("cache", {}).get(k), v) for k, v in cache.items() if have.get("cache", {}).get(k) != v}
-    )
+    diff = recorded_diff(cfg, have, RESUME_MAY_CHANGE) | cache_diff(have, join)
     if diff:
         shown = "; ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in list(diff.items())[:6])
         raise ValueError(

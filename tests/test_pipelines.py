@@ -18,13 +18,12 @@ def shared_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("ablate") / "cache")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_recipe_writes_a_report(recipe, tiny_dataset, shared_cache, tmp_path):
-    cfg = AblateConfig(
+def _on_tiny(recipe: str, tmp_path, dataset: str, cache: str, **changes) -> AblateConfig:
+    """An ablation of ``recipe`` on the tiny shared dataset and cache: 3 steps of the tiny student."""
+    return AblateConfig(
         recipe=recipe,
         out=str(tmp_path),
-        shards=tiny_dataset,
+        shards=dataset,
         image_size=32,
         num_classes=4,
         student="tiny-test",
@@ -33,8 +32,15 @@ def test_recipe_writes_a_report(recipe, tiny_dataset, shared_cache, tmp_path):
         executor="local",
         workers=0,
         semantic_teacher="random-vit:32/8",
-        cache=shared_cache,
+        cache=cache,
+        **changes,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipe_writes_a_report(recipe, tiny_dataset, shared_cache, tmp_path):
+    cfg = _on_tiny(recipe, tmp_path, tiny_dataset, shared_cache)
     results = run_ablation(cfg)
     variants = RECIPES[recipe](cfg)
     rows = results["rows"]
@@ -302,21 +308,7 @@ def test_jobs_plan():
 def test_runs_side_by_side_report_like_one_after_the_other(tiny_dataset, shared_cache, tmp_path):
     """``jobs=2``: the runs train and probe in two spawned processes, the report lists them in recipe order
     with the same kind of numbers, and records how they ran."""
-    cfg = AblateConfig(
-        recipe="demo",
-        out=str(tmp_path),
-        shards=tiny_dataset,
-        image_size=32,
-        num_classes=4,
-        student="tiny-test",
-        steps=3,
-        batch_size=8,
-        executor="local",
-        workers=0,
-        semantic_teacher="random-vit:32/8",
-        cache=shared_cache,
-        jobs=2,
-    )
+    cfg = _on_tiny("demo", tmp_path, tiny_dataset, shared_cache, jobs=2)
     results = run_ablation(cfg)
     assert results["parallel"] == {"jobs": 2, "threads_per_run": 1}
     names = [v.name for v in RECIPES["demo"](cfg)]
@@ -367,20 +359,7 @@ def test_an_ablation_run_again_reuses_finished_runs_and_resumes_unfinished_ones(
     summary, and retrains one whose config changed."""
     import pipelines.ablate as ablate
 
-    cfg = AblateConfig(
-        recipe="demo",
-        out=str(tmp_path),
-        shards=tiny_dataset,
-        image_size=32,
-        num_classes=4,
-        student="tiny-test",
-        steps=3,
-        batch_size=8,
-        executor="local",
-        workers=0,
-        semantic_teacher="random-vit:32/8",
-        cache=shared_cache,
-    )
+    cfg = _on_tiny("demo", tmp_path, tiny_dataset, shared_cache)
     first = run_ablation(cfg)
     assert not any(r["reused"] for r in first["runs"])
 
