@@ -178,6 +178,22 @@ def _per_sample(records: list[RunRecord], attr: str = "report_correct") -> dict[
     return {str(r.seed): list(getattr(r, attr)) for r in records}
 
 
+# What a row records besides its teacher; two rows equal in all of these differ only in the targets.
+_NOT_TEACHER = ("objective", "order", "storage", "decoder_depth", "max_views", "fresh_views", "target_norm", "probe")
+_DERIVED = ("pixel:", "kmeans:", "pca:")
+
+
+def teacher_pair(rows: list[dict]) -> tuple[dict, dict] | None:
+    """The (semantic teacher, pixel) rows to compare targets by: equal in everything but the teacher, so the
+    gap is the tokenizer's alone (the best semantic row against the best pixel row would set, say, feature
+    distillation against D-iGPT on pixels). Among such pairs the semantic row that varies least from its
+    recipe's base (the base itself, where it has a pixel twin). None when no pair differs only in the teacher."""
+    pixel = [r for r in rows if r["teacher"].startswith("pixel:")]
+    semantic = [r for r in rows if r["teacher"] != "-" and not r["teacher"].startswith(_DERIVED)]
+    pairs = [(s, p) for s in semantic for p in pixel if all(s.get(k) == p.get(k) for k in _NOT_TEACHER)]
+    return min(pairs, key=lambda sp: len(sp[0].get("varies") or [])) if pairs else None
+
+
 def findings(results: dict) -> list[str]:
     """Plain statements the numbers support (or contradict), for the report."""
     rows = {r["variant"]: r for r in results["rows"]}
@@ -185,22 +201,22 @@ def findings(results: dict) -> list[str]:
     out = [f"Chance is {results['chance']:.3f}; the random-init floor reaches {floor:.3f}."]
     best = max((r for r in results["rows"] if r["variant"] != "random-init (floor)"), key=lambda r: r["linear_top1"])
     out.append(f"Best variant: {best['variant']} at {best['linear_top1']:.3f} linear top-1.")
-    pixel = [r for r in results["rows"] if r["teacher"].startswith("pixel")]
-    semantic = [r for r in results["rows"] if r["teacher"] not in ("-",) and not r["teacher"].startswith("pixel")]
+    pair = teacher_pair(results["rows"])
     n = results.get("n_report")
-    if pixel and semantic:
-        pr, sr = max(pixel, key=lambda x: x["linear_top1"]), max(semantic, key=lambda x: x["linear_top1"])
+    if pair:
+        sr, pr = pair
         p, s = pr["linear_top1"], sr["linear_top1"]
+        names = f"`{sr['variant']}` vs `{pr['variant']}`, which differ only in the teacher"
         m = margin(sr, pr, n)
         if m is not None and abs(s - p) <= m:
             out.append(
-                f"Semantic vs pixel targets: {s:.3f} vs {p:.3f}, a difference within noise (±{m:.3f}: two "
-                f"standard errors{_how(sr, pr, n)}); this run does not separate them."
+                f"Semantic vs pixel targets ({names}): {s:.3f} vs {p:.3f}, a difference within noise (±{m:.3f}: "
+                f"two standard errors{_how(sr, pr, n)}); this run does not separate them."
             )
         else:
             verdict = "beat" if s > p else "did NOT beat"
             beyond = f"; beyond noise, two standard errors ±{m:.3f}{_how(sr, pr, n)}" if m is not None else ""
-            out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}{beyond}).")
+            out.append(f"Semantic teacher targets {verdict} pixel targets ({s:.3f} vs {p:.3f}{beyond}; {names}).")
     out += _teacher_findings(results, rows["random-init (floor)"], n)
     trained = [r for r in results["rows"] if r["variant"] != "random-init (floor)"]
     blindish = [r["variant"] for r in trained if (x := r.get("loss_vs_blind")) is not None and x == x and x > 0.97]
@@ -225,7 +241,7 @@ def findings(results: dict) -> list[str]:
     if clear:
         how = _how(trained[0], frow, n)
         out.append(f"Above the floor beyond noise (gap, two standard errors{how}): {', '.join(clear)}.")
-    out += _knn_findings(trained, frow, semantic, pixel)
+    out += _knn_findings(trained, frow, pair)
     worse = [
         f"{r['variant']} ({r['linear_top1'] - floor:+.3f}, ±{m:.3f})"
         for r in trained
@@ -252,8 +268,12 @@ def _teacher_findings(results: dict, frow: dict, n: int | None) -> list[str]:
     beat a random network here cannot be expected to teach a student this label (nothing else measured
     here says a longer schedule would help)."""
     out = []
-    for name, c in results.get("ceilings", {}).items():
+    ceilings = results.get("ceilings", {})
+    for name, c in ceilings.items():
         row = {"linear_top1": c["linear_top1"], "report_correct": c.get("report_correct")}
+        # One teacher stored two ways (fp16 and int8) is two ceilings: name the storage, or the lines read alike.
+        twin = sum(x["teacher"] == c["teacher"] for x in ceilings.values()) > 1
+        who = f"{c['teacher']} ({c['storage']})" if twin else c["teacher"]
         if not c.get("same_probe_set", False):
             out.append(
                 f"{c['teacher']} ({name}): its own features reach {c['linear_top1']:.3f} linear top-1 on a held-out "
@@ -273,7 +293,7 @@ def _teacher_findings(results: dict, frow: dict, n: int | None) -> list[str]:
             )
         elif m is not None and gap <= m:
             out.append(
-                f"TEACHER AT THE FLOOR: {c['teacher']}'s own pooled features reach {c['linear_top1']:.3f} on the "
+                f"TEACHER AT THE FLOOR: {who}'s own pooled features reach {c['linear_top1']:.3f} on the "
                 f"students' probe set, not above the random-init floor beyond noise ({bar}). This teacher, at "
                 "this input resolution, carries no more of this label than a random network does: students "
                 "trained on its targets are not expected to beat the floor here. Try another teacher or "
@@ -281,17 +301,22 @@ def _teacher_findings(results: dict, frow: dict, n: int | None) -> list[str]:
             )
         else:
             best = max(
-                (r["linear_top1"] for r in results["rows"] if r["teacher"] == c["teacher"]), default=float("nan")
+                (
+                    r["linear_top1"]
+                    for r in results["rows"]
+                    if r["teacher"] == c["teacher"] and r.get("storage", c["storage"]) == c["storage"]
+                ),
+                default=float("nan"),
             )
             out.append(
-                f"{c['teacher']}'s own pooled features reach {c['linear_top1']:.3f} on the students' probe set "
+                f"{who}'s own pooled features reach {c['linear_top1']:.3f} on the students' probe set "
                 f"({bar} over the floor); its best student {best:.3f}. The gap is what the students have not "
                 "learned of their targets at this budget; whether more steps close it is not measured here."
             )
     return out
 
 
-def _knn_findings(trained: list[dict], frow: dict, semantic: list[dict], pixel: list[dict]) -> list[str]:
+def _knn_findings(trained: list[dict], frow: dict, pair: tuple[dict, dict] | None) -> list[str]:
     """The second probe's view of the same comparisons (k-NN on the same report samples, paired bars):
     where the linear probe and k-NN agree, a ranking is firmer than either alone."""
 
@@ -306,10 +331,8 @@ def _knn_findings(trained: list[dict], frow: dict, semantic: list[dict], pixel: 
     if not parts:
         return []
     out = [f"k-NN, gap to the floor on the same report samples (paired two standard errors): {'; '.join(parts)}."]
-    if semantic and pixel:
-        sr, pr = max(semantic, key=lambda x: x["knn_top1"]), max(pixel, key=lambda x: x["knn_top1"])
-        if g := gap(sr, pr):
-            out.append(f"k-NN, semantic minus pixel targets: {g}.")
+    if pair and (g := gap(*pair)):
+        out.append(f"k-NN, semantic minus pixel targets (`{pair[0]['variant']}` − `{pair[1]['variant']}`): {g}.")
     return out
 
 

@@ -89,6 +89,43 @@ def test_findings_state_the_comparison_honestly():
     assert "beat pixel targets (0.900 vs 0.400" in " ".join(findings({"rows": rows, "chance": 0.25}))
 
 
+def test_semantic_vs_pixel_compares_rows_that_differ_only_in_the_teacher():
+    """The best semantic row (here feature distillation) against the pixel D-iGPT row would credit the
+    tokenizer with the objective's gap: the finding pairs the rows equal in all but the teacher, and says
+    nothing when no such pair exists."""
+    common = {"order": "default", "storage": "fp16", "decoder_depth": 2, "target_norm": "none", "probe": "ViT"}
+    rows = [
+        {"variant": "digpt", "teacher": "efficientnet_lite0:128", "objective": "digpt", "linear_top1": 0.20},
+        {"variant": "fd", "teacher": "efficientnet_lite0:128", "objective": "fd", "linear_top1": 0.90},
+        {"variant": "pca-64", "teacher": "pca:efficientnet_lite0:128", "objective": "digpt", "linear_top1": 0.95},
+        {"variant": "digpt/pixel", "teacher": "pixel:64/8", "objective": "digpt", "linear_top1": 0.40},
+        {"variant": "random-init (floor)", "teacher": "-", "linear_top1": 0.10},
+    ]
+    for r in rows[:4]:
+        r |= common | {"varies": [] if r["variant"] == "digpt" else ["x"]}
+    text = " ".join(findings({"rows": rows, "chance": 0.1}))
+    assert "did NOT beat pixel targets (0.200 vs 0.400; `digpt` vs `digpt/pixel`, which differ only in" in text
+    assert "0.900 vs" not in text and "0.950 vs" not in text
+    rows[3]["objective"] = "fd"  # now the pixel row's twin is fd, not the base
+    assert "beat pixel targets (0.900 vs 0.400; `fd` vs `digpt/pixel`" in " ".join(
+        findings({"rows": rows, "chance": 0.1})
+    )
+    rows[3]["storage"] = "int8"  # no row differs from it only in the teacher: no verdict at all
+    assert "pixel targets" not in " ".join(findings({"rows": rows, "chance": 0.1}))
+
+
+def test_one_teacher_stored_twice_is_reported_once_per_storage():
+    rows = [
+        {"variant": "digpt", "teacher": "t:128", "storage": "fp16", "linear_top1": 0.3},
+        {"variant": "int8", "teacher": "t:128", "storage": "int8", "linear_top1": 0.5},
+        {"variant": "random-init (floor)", "teacher": "-", "linear_top1": 0.1},
+    ]
+    ceil = {k: {"teacher": "t:128", "storage": k, "same_probe_set": True, "linear_top1": 0.9} for k in ("fp16", "int8")}
+    text = findings({"rows": rows, "chance": 0.1, "ceilings": ceil, "n_report": 1000})
+    assert any("t:128 (fp16)'s own pooled features" in x and "best student 0.300" in x for x in text)
+    assert any("t:128 (int8)'s own pooled features" in x and "best student 0.500" in x for x in text)
+
+
 def test_table_has_one_line_per_row():
     row = {
         "variant": "v",
