@@ -253,11 +253,19 @@ def compare(args: argparse.Namespace) -> list[dict]:
         if not files:
             raise SystemExit(f"compare: {pattern!r} matches no probe result")
         groups[name] = {}
+        where: dict[str, str] = {}
         for f in files:
             r = json.load(open(f))
             if r.get("report_correct") is None:
                 raise SystemExit(f"compare: {f} has no per-sample results (probed before they were recorded)")
-            groups[name][str(r["config"]["seed"])] = r
+            seed = str(r["config"]["seed"])
+            if seed in where:  # e.g. 'digpt_s*' also matches 'digpt_semaim_s0': one would silently replace the other
+                raise SystemExit(
+                    f"compare: {name}={pattern!r} matches two probes of seed {seed}: {where[seed]} and {f}; "
+                    "narrow the pattern (e.g. NAME_s[0-9]/...)"
+                )
+            where[seed] = f
+            groups[name][seed] = r
     if args.ref not in groups:
         raise SystemExit(f"compare: --ref {args.ref!r} is not one of {list(groups)}")
     ref = groups[args.ref]

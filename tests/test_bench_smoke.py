@@ -320,6 +320,16 @@ def test_learning_compare_pairs_by_seed(tmp_path):
     assert rows["student"]["per_seed"] == [0.3, 0.35] and rows["student"]["gap"] == pytest.approx(0.175)
     assert 0 < rows["student"]["margin"] < 0.175 and "| student | 2 | 0.325 |" in out and "| yes |" in out
     assert "knn top-1 per variant on 200 report samples" in out  # what was probed, and on how many samples
+    # A pattern that catches another variant's probe of the same seed is refused, naming both files.
+    probe("student_semaim", 0, 90)
+    bad = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "learning.py"), "compare", "--out", str(tmp_path / "o")]
+        + ["--ref", "floor", f"floor={tmp_path}/floor_s*/probe_linear.json"]
+        + [f"student={tmp_path}/student_s*/probe_linear.json"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "matches two probes of seed 0" in bad.stderr and "student_semaim_s0" in bad.stderr
 
 
 @pytest.mark.slow
