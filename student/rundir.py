@@ -119,7 +119,9 @@ def cache_record(join: CacheJoin) -> dict:
 def recorded_diff(cfg: TrainConfig, have: dict, may_change: frozenset[str] = frozenset({"resume"})) -> dict[str, tuple]:
     """Where ``cfg`` departs from the ``train`` section of a run's recorded ``config.json`` ``have``, as
     ``{dotted field: (recorded, now)}``, leaving out the fields in ``may_change`` (``--resume`` passes
-    :data:`RESUME_MAY_CHANGE`; an ablation reusing a finished run, only ``resume``)."""
+    :data:`RESUME_MAY_CHANGE`; an ablation reusing a finished run, only ``resume``). The objective's knobs
+    are compared resolved, as :func:`open_run` records them: knobs left to defaults equal the defaults."""
+    cfg = replace(cfg, objective_knobs=objective_config(cfg.objective, cfg.objective_knobs))
     now = _flat(json.loads(json.dumps(asdict(cfg), default=str)))
     before = _flat(have.get("train", {}))
     # Runs written before each objective owned its knobs kept ``mask_ratio`` in the student config.

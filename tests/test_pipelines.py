@@ -431,6 +431,30 @@ def test_an_ablation_run_again_reuses_finished_runs_and_resumes_unfinished_ones(
     assert calls == []
 
 
+@pytest.mark.parametrize("objective", ["digpt", "masked", "fd"])
+def test_a_run_recorded_with_resolved_knobs_is_one_of_its_own_configs(objective, tmp_path):
+    """A run records its objective's knobs resolved (``open_run``); the ablation's config leaves them to
+    defaults. Run again, that run is the ablation's own (was: every ``masked`` run refused as "another
+    config", ``mask_ratio`` 0.5 vs None); a knob that really changed is still refused by name."""
+    from dataclasses import asdict
+
+    from pipelines.rerun import check_earlier_runs
+    from student.config import DataConfig, TrainConfig
+    from student.objectives import objective_config
+
+    cfg = TrainConfig(
+        data=DataConfig(shards="s", cache="c", img_size=32), out=str(tmp_path / "run"), objective=objective, steps=5
+    )
+    recorded = replace(cfg, objective_knobs=objective_config(objective, None))
+    os.makedirs(cfg.out)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": asdict(recorded)}, default=str))
+    check_earlier_runs([cfg])
+    if recorded.objective_knobs is not None:
+        changed = replace(cfg, objective_knobs=replace(recorded.objective_knobs, mask_ratio=0.3))
+        with pytest.raises(ValueError, match=r"objective_knobs.mask_ratio: run has 0.5, now 0.3"):
+            check_earlier_runs([changed])
+
+
 def test_a_second_ablation_in_the_same_directory_is_refused(tmp_path):
     """Two ablations in one directory would train the same runs at once: the second is refused with the
     first one's pid, before any work; the lock goes with the first (here: its block ends)."""
