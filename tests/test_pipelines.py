@@ -379,6 +379,7 @@ def test_report_flags_a_teacher_at_the_floor_and_a_student_below_it():
     text = " ".join(findings({"rows": rows, "chance": 0.5, "ceilings": ceil, "n_report": n}))
     assert "TEACHER AT THE FLOOR: efficientnet_lite0:128" in text and "cannot" not in text.split("TEACHER")[0]
     assert "BELOW the random-init floor beyond noise: digpt/semantic" in text
+    assert "whether more steps lift them is not measured here" in text  # no guess either way
     assert "longer schedule" not in text.replace("before a longer schedule", "")
     # A teacher clearly above the floor is reported with its gap, not flagged.
     good = [1 if rng.random() < 0.9 else x for x in floor]
