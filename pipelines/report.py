@@ -251,7 +251,8 @@ def findings(results: dict) -> list[str]:
         out.append(
             f"BELOW the random-init floor beyond noise: {', '.join(worse)} — pretraining on these targets left "
             "features that carry less of this label than an untrained network's at this budget; whether "
-            "more steps lift them is not measured here (on Fashion-MNIST 4x the steps did not: LEARNING.md §15)."
+            "more steps lift them is not measured here (on Fashion-MNIST 4x the steps left the base row below "
+            "the floor: LEARNING.md §15)."
         )
     below = [
         r["variant"]

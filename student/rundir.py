@@ -79,8 +79,12 @@ def open_run(cfg: TrainConfig) -> TrainConfig:
     the objective's knobs (so config.json and ``--resume`` compare them) and the mismatch log."""
     check_out(cfg.out)
     guard_run_dir(cfg)
-    cfg = replace(cfg, objective_knobs=objective_config(cfg.objective, cfg.objective_knobs))
-    return with_mismatch_log(cfg)
+    return with_mismatch_log(with_resolved_knobs(cfg))
+
+
+def with_resolved_knobs(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its objective's knobs resolved (its defaults when left None): the form a run records."""
+    return replace(cfg, objective_knobs=objective_config(cfg.objective, cfg.objective_knobs))
 
 
 def report_mismatches(cfg: TrainConfig) -> int:
@@ -121,8 +125,7 @@ def recorded_diff(cfg: TrainConfig, have: dict, may_change: frozenset[str] = fro
     ``{dotted field: (recorded, now)}``, leaving out the fields in ``may_change`` (``--resume`` passes
     :data:`RESUME_MAY_CHANGE`; an ablation reusing a finished run, only ``resume``). The objective's knobs
     are compared resolved, as :func:`open_run` records them: knobs left to defaults equal the defaults."""
-    cfg = replace(cfg, objective_knobs=objective_config(cfg.objective, cfg.objective_knobs))
-    now = _flat(json.loads(json.dumps(asdict(cfg), default=str)))
+    now = _flat(json.loads(json.dumps(asdict(with_resolved_knobs(cfg)), default=str)))
     before = _flat(have.get("train", {}))
     # Runs written before each objective owned its knobs kept ``mask_ratio`` in the student config.
     legacy = before.pop("student.mask_ratio", None)
